@@ -1,0 +1,17 @@
+//! Generated protocol code for Zebu, and the small conventions every Zebu
+//! program shares.
+//!
+//! - [`replica`]: the replica's data-path stream and control calls.
+//! - [`size`]: parsing of human-readable sizes.
+
+pub mod size;
+
+/// `zebu.replica.v1`: the replica API.
+#[allow(missing_docs, clippy::all)]
+pub mod replica {
+    tonic::include_proto!("zebu.replica.v1");
+}
+
+/// Largest gRPC message any Zebu endpoint sends or accepts (a batch of
+/// requests or one 32 MiB I/O with headroom).
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;

@@ -1,0 +1,342 @@
+//! Block I/O backends: io_uring (default) and a pread/pwrite thread pool.
+//!
+//! Both take the same [`Op`]s and answer on a oneshot channel, so the store
+//! does not know which one runs. The thread pool exists for hosts where
+//! io_uring cannot be set up (seccomp profiles answer EPERM, old kernels
+//! ENOSYS); [`IoEngine::start`] falls back to it with a warning.
+
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::sync::{Arc, Mutex, mpsc};
+
+use tokio::sync::oneshot;
+
+use crate::uring::{AlignedBuf, Ring};
+
+/// A write payload: aligned for O_DIRECT files, plain for buffered ones.
+pub enum Buf {
+    /// Aligned to 4096 bytes, for O_DIRECT.
+    Aligned(AlignedBuf),
+    /// Any alignment, for buffered files.
+    Plain(Vec<u8>),
+}
+
+impl Buf {
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Buf::Aligned(b) => b.as_slice(),
+            Buf::Plain(v) => v.as_slice(),
+        }
+    }
+}
+
+/// One I/O operation on a file.
+pub enum Op {
+    /// Fill `buf` from `offset`.
+    Read {
+        /// File to read.
+        file: Arc<File>,
+        /// Byte offset.
+        offset: u64,
+        /// Destination; its length is the read length.
+        buf: AlignedBuf,
+    },
+    /// Write `buf` at `offset`.
+    Write {
+        /// File to write.
+        file: Arc<File>,
+        /// Byte offset.
+        offset: u64,
+        /// Payload.
+        buf: Buf,
+    },
+    /// fdatasync the file.
+    Fsync {
+        /// File to sync.
+        file: Arc<File>,
+    },
+}
+
+/// Result of a completed [`Op`].
+#[derive(Debug)]
+pub enum Completion {
+    /// The filled read buffer.
+    Read(AlignedBuf),
+    /// A write completed in full.
+    Write,
+    /// The file's data is durable.
+    Fsync,
+}
+
+/// An operation and where to send its result.
+pub struct Request {
+    /// The operation.
+    pub op: Op,
+    /// Receives the result.
+    pub done: oneshot::Sender<io::Result<Completion>>,
+}
+
+/// Which backend to use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum EngineKind {
+    /// io_uring on a dedicated ring thread.
+    Uring,
+    /// pread/pwrite on a small thread pool.
+    Threads,
+}
+
+impl std::fmt::Display for EngineKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            EngineKind::Uring => "uring",
+            EngineKind::Threads => "threads",
+        })
+    }
+}
+
+/// A running I/O backend.
+pub enum IoEngine {
+    /// io_uring.
+    Uring(Ring),
+    /// Thread pool.
+    Threads(Pool),
+}
+
+impl IoEngine {
+    /// Starts the requested backend; io_uring falls back to threads with a
+    /// warning when the kernel or a seccomp profile refuses it.
+    pub fn start(kind: EngineKind) -> io::Result<Self> {
+        match kind {
+            EngineKind::Uring => match Ring::new() {
+                Ok(r) => Ok(IoEngine::Uring(r)),
+                Err(e) => {
+                    tracing::warn!(
+                        error = %e,
+                        "io_uring is unavailable (seccomp profile or old kernel?); \
+                         falling back to the pread/pwrite thread pool, which is slower"
+                    );
+                    Ok(IoEngine::Threads(Pool::new(THREADS)?))
+                }
+            },
+            EngineKind::Threads => Ok(IoEngine::Threads(Pool::new(THREADS)?)),
+        }
+    }
+
+    /// The backend actually running.
+    pub fn kind(&self) -> EngineKind {
+        match self {
+            IoEngine::Uring(_) => EngineKind::Uring,
+            IoEngine::Threads(_) => EngineKind::Threads,
+        }
+    }
+
+    /// Queues a batch of operations and returns their result receivers in order.
+    pub fn submit(
+        &self,
+        ops: impl IntoIterator<Item = Op>,
+    ) -> Vec<oneshot::Receiver<io::Result<Completion>>> {
+        let mut rxs = Vec::new();
+        let reqs: Vec<Request> = ops
+            .into_iter()
+            .map(|op| {
+                let (done, rx) = oneshot::channel();
+                rxs.push(rx);
+                Request { op, done }
+            })
+            .collect();
+        match self {
+            IoEngine::Uring(r) => r.submit(reqs),
+            IoEngine::Threads(p) => p.submit(reqs),
+        }
+        rxs
+    }
+
+    /// Runs a batch and waits for every result; the first error wins, but
+    /// only after every operation of the batch has finished.
+    pub async fn run(&self, ops: impl IntoIterator<Item = Op>) -> io::Result<Vec<Completion>> {
+        let rxs = self.submit(ops);
+        let mut out = Vec::with_capacity(rxs.len());
+        let mut first_err = None;
+        for rx in rxs {
+            match rx.await {
+                Ok(Ok(c)) => out.push(c),
+                Ok(Err(e)) => {
+                    first_err.get_or_insert(e);
+                }
+                Err(_) => {
+                    first_err.get_or_insert(io::Error::other("I/O backend dropped a request"));
+                }
+            }
+        }
+        match first_err {
+            Some(e) => Err(e),
+            None => Ok(out),
+        }
+    }
+}
+
+const THREADS: usize = 4;
+
+/// pread/pwrite thread pool.
+pub struct Pool {
+    tx: Option<mpsc::Sender<Request>>,
+    threads: Vec<std::thread::JoinHandle<()>>,
+}
+
+impl Pool {
+    fn new(n: usize) -> io::Result<Self> {
+        let (tx, rx) = mpsc::channel::<Request>();
+        let rx = Arc::new(Mutex::new(rx));
+        let mut threads = Vec::with_capacity(n);
+        for i in 0..n {
+            let rx = rx.clone();
+            threads.push(
+                std::thread::Builder::new()
+                    .name(format!("zebu-io-{i}"))
+                    .spawn(move || {
+                        loop {
+                            let req = match rx.lock() {
+                                Ok(guard) => match guard.recv() {
+                                    Ok(r) => r,
+                                    Err(_) => return,
+                                },
+                                Err(_) => return,
+                            };
+                            let Request { op, done } = req;
+                            let _ = done.send(run_blocking(op));
+                        }
+                    })?,
+            );
+        }
+        Ok(Pool {
+            tx: Some(tx),
+            threads,
+        })
+    }
+
+    fn submit(&self, reqs: Vec<Request>) {
+        let Some(tx) = &self.tx else { return };
+        for req in reqs {
+            if let Err(mpsc::SendError(req)) = tx.send(req) {
+                let _ = req
+                    .done
+                    .send(Err(io::Error::other("the I/O threads have stopped")));
+            }
+        }
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.tx.take();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+fn run_blocking(op: Op) -> io::Result<Completion> {
+    match op {
+        Op::Read {
+            file,
+            offset,
+            mut buf,
+        } => {
+            file.read_exact_at(buf.as_mut_slice(), offset)?;
+            Ok(Completion::Read(buf))
+        }
+        Op::Write { file, offset, buf } => {
+            let data = buf.as_slice();
+            let mut done = 0;
+            while done < data.len() {
+                match file.write_at(&data[done..], offset + done as u64) {
+                    Ok(0) => return Err(io::Error::from_raw_os_error(libc::ENOSPC)),
+                    Ok(n) => done += n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+            Ok(Completion::Write)
+        }
+        Op::Fsync { file } => {
+            file.sync_data()?;
+            Ok(Completion::Fsync)
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::OpenOptionsExt;
+
+    async fn roundtrip(kind: EngineKind) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("f");
+        let file = Arc::new(
+            std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .custom_flags(libc::O_DIRECT)
+                .open(&path)
+                .unwrap(),
+        );
+        file.set_len(1 << 20).unwrap();
+        let io = IoEngine::start(kind).unwrap();
+        assert_eq!(io.kind(), kind, "backend fell back");
+        let mut ops = Vec::new();
+        for i in 0..64u64 {
+            let data = vec![i as u8; 4096];
+            ops.push(Op::Write {
+                file: file.clone(),
+                offset: i * 4096,
+                buf: Buf::Aligned(AlignedBuf::copy_from(&data)),
+            });
+        }
+        io.run(ops).await.unwrap();
+        io.run([Op::Fsync { file: file.clone() }]).await.unwrap();
+        let reads = (0..64u64).map(|i| Op::Read {
+            file: file.clone(),
+            offset: i * 4096,
+            buf: AlignedBuf::zeroed(4096),
+        });
+        let done = io.run(reads).await.unwrap();
+        for (i, c) in done.into_iter().enumerate() {
+            let Completion::Read(b) = c else {
+                panic!("expected a read")
+            };
+            assert!(b.as_slice().iter().all(|&x| x == i as u8), "block {i}");
+        }
+        // Reading past the end of the file is a short read, reported as an error.
+        let err = io
+            .run([Op::Read {
+                file: file.clone(),
+                offset: 1 << 20,
+                buf: AlignedBuf::zeroed(4096),
+            }])
+            .await
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[tokio::test]
+    async fn uring_roundtrip() {
+        roundtrip(EngineKind::Uring).await;
+    }
+
+    #[tokio::test]
+    async fn threads_roundtrip() {
+        roundtrip(EngineKind::Threads).await;
+    }
+
+    #[test]
+    fn aligned_buf_is_aligned() {
+        for len in [0, 1, 4095, 4096, 12345] {
+            let b = AlignedBuf::zeroed(len);
+            assert_eq!(b.as_slice().as_ptr() as usize % crate::uring::ALIGN, 0);
+            assert_eq!(b.len(), len);
+        }
+    }
+}

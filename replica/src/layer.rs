@@ -1,0 +1,220 @@
+//! One layer of a replica: a sparse data file, its per-block CRC file, and
+//! the in-memory index of the blocks it holds.
+//!
+//! Files: `layers/<id>.img` holds block `b` at byte `b * block_size`;
+//! `layers/<id>.crc` holds the crc32 of block `b` as 4 little-endian bytes at
+//! `b * 4`. The data file is opened with O_DIRECT where the filesystem allows
+//! it; the CRC file is buffered (its entries are 4 bytes) and is synced with
+//! the data file on every flush.
+//!
+//! Invariant: a block is present in the index iff the data file holds data
+//! there (SEEK_DATA agrees), so the index can always be rebuilt from the file.
+//! The CRC entry of a present block matches its data once the layer was
+//! flushed; after an unclean stop the store recomputes the CRCs of the
+//! layers that may have been written.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsFd;
+use std::os::unix::fs::{FileExt, MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
+
+use nix::fcntl::{FallocateFlags, fallocate};
+use nix::unistd::{Whence, lseek};
+
+use crate::extent::ExtentIndex;
+use crate::uring::AlignedBuf;
+
+/// A layer's files and index.
+#[derive(Debug)]
+pub struct Layer {
+    /// File id.
+    pub id: u64,
+    /// Data file.
+    pub data: Arc<File>,
+    /// CRC file.
+    pub crc: Arc<File>,
+    index: RwLock<ExtentIndex>,
+}
+
+/// Paths of a layer's data and CRC files.
+pub fn paths(dir: &Path, id: u64) -> (PathBuf, PathBuf) {
+    let layers = dir.join("layers");
+    (
+        layers.join(format!("{id}.img")),
+        layers.join(format!("{id}.crc")),
+    )
+}
+
+fn open_data(path: &Path, create: bool) -> io::Result<File> {
+    let mut opts = OpenOptions::new();
+    opts.read(true).write(true).create(create);
+    match opts.clone().custom_flags(libc::O_DIRECT).open(path) {
+        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+            tracing::warn!(
+                path = %path.display(),
+                "the filesystem does not support O_DIRECT; using buffered I/O (data is still synced on flush)"
+            );
+            opts.open(path)
+        }
+        other => other,
+    }
+}
+
+impl Layer {
+    /// Creates the empty files of layer `id`, sized for `size` bytes.
+    pub fn create(dir: &Path, id: u64, size: u64, block_size: u32) -> io::Result<Layer> {
+        let (data_path, crc_path) = paths(dir, id);
+        let data = open_data(&data_path, true)?;
+        data.set_len(size)?;
+        let crc = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&crc_path)?;
+        Ok(Layer {
+            id,
+            data: Arc::new(data),
+            crc: Arc::new(crc),
+            index: RwLock::new(ExtentIndex::new(size / block_size as u64)),
+        })
+    }
+
+    /// Opens layer `id` and rebuilds its index with SEEK_DATA/SEEK_HOLE.
+    pub fn open(dir: &Path, id: u64, size: u64, block_size: u32) -> io::Result<Layer> {
+        let (data_path, crc_path) = paths(dir, id);
+        let data = open_data(&data_path, false).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("opening layer file {}: {e}", data_path.display()),
+            )
+        })?;
+        let crc = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&crc_path)
+            .map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("opening CRC file {}: {e}", crc_path.display()),
+                )
+            })?;
+        let bs = block_size as u64;
+        let mut index = ExtentIndex::new(size / bs);
+        let file_len = data.metadata()?.len();
+        let mut pos: i64 = 0;
+        while (pos as u64) < file_len {
+            let start = match lseek(data.as_fd(), pos, Whence::SeekData) {
+                Ok(s) => s,
+                Err(nix::errno::Errno::ENXIO) => break,
+                Err(e) => return Err(e.into()),
+            };
+            let end = match lseek(data.as_fd(), start, Whence::SeekHole) {
+                Ok(e) => e,
+                Err(nix::errno::Errno::ENXIO) => file_len as i64,
+                Err(e) => return Err(e.into()),
+            };
+            let first = start as u64 / bs;
+            let last = (end as u64).div_ceil(bs);
+            index.insert(first, last - first);
+            pos = end;
+        }
+        Ok(Layer {
+            id,
+            data: Arc::new(data),
+            crc: Arc::new(crc),
+            index: RwLock::new(index),
+        })
+    }
+
+    /// Deletes the files of layer `id` (missing files are fine).
+    pub fn remove_files(dir: &Path, id: u64) {
+        let (d, c) = paths(dir, id);
+        for p in [d, c] {
+            if let Err(e) = std::fs::remove_file(&p)
+                && e.kind() != io::ErrorKind::NotFound
+            {
+                tracing::warn!(path = %p.display(), error = %e, "could not delete a dropped layer file");
+            }
+        }
+    }
+
+    /// Shared access to the index.
+    pub fn index(&self) -> RwLockReadGuard<'_, ExtentIndex> {
+        self.index.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Exclusive access to the index.
+    pub fn index_mut(&self) -> RwLockWriteGuard<'_, ExtentIndex> {
+        self.index.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Bytes the data file occupies on disk.
+    pub fn allocated_bytes(&self) -> u64 {
+        self.data.metadata().map(|m| m.blocks() * 512).unwrap_or(0)
+    }
+
+    /// Deallocates `[offset, offset + len)` of the data file.
+    pub fn punch(&self, offset: u64, len: u64) -> io::Result<()> {
+        fallocate(
+            self.data.as_fd(),
+            FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE,
+            offset as i64,
+            len as i64,
+        )?;
+        Ok(())
+    }
+
+    /// CRCs of blocks `[first, first + count)` as stored in the CRC file.
+    pub fn read_crcs(&self, first: u64, count: u64) -> io::Result<Vec<u32>> {
+        let mut raw = vec![0u8; count as usize * 4];
+        let mut done = 0;
+        while done < raw.len() {
+            let n = self
+                .crc
+                .read_at(&mut raw[done..], first * 4 + done as u64)?;
+            if n == 0 {
+                break; // Past the end of the CRC file: entries never written read as 0.
+            }
+            done += n;
+        }
+        Ok(raw
+            .chunks_exact(4)
+            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    }
+
+    /// Recomputes the CRC entries of every present block from the data
+    /// (after an unclean stop). Blocking; used at startup only.
+    pub fn recompute_crcs(&self, block_size: u32) -> io::Result<u64> {
+        let bs = block_size as u64;
+        let runs = self.index().runs(0, u64::MAX);
+        let mut blocks = 0;
+        const STEP: u64 = 256;
+        for (s, e) in runs {
+            let mut b = s;
+            while b < e {
+                let n = STEP.min(e - b);
+                let mut buf = AlignedBuf::zeroed((n * bs) as usize);
+                self.data.read_exact_at(buf.as_mut_slice(), b * bs)?;
+                let crcs = block_crcs(buf.as_slice(), bs as usize);
+                self.crc.write_all_at(&crcs, b * 4)?;
+                blocks += n;
+                b += n;
+            }
+        }
+        self.crc.sync_data()?;
+        Ok(blocks)
+    }
+}
+
+/// The crc32 of each `block_size` block of `data`, as CRC-file bytes.
+pub fn block_crcs(data: &[u8], block_size: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(data.len() / block_size * 4);
+    for blk in data.chunks(block_size) {
+        out.extend_from_slice(&crc32fast::hash(blk).to_le_bytes());
+    }
+    out
+}

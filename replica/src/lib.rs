@@ -1,0 +1,16 @@
+//! Zebu replica: a layered, checksummed sparse block store on io_uring,
+//! served over gRPC.
+//!
+//! - [`store`]: the layer chain and every operation on it.
+//! - [`layer`]: one layer's files and index; [`extent`]: the index.
+//! - [`io`]: the I/O backends; [`uring`]: the io_uring ring (all `unsafe`).
+//! - [`meta`]: the metadata record in sled.
+//! - [`server`]: the gRPC service.
+
+pub mod extent;
+pub mod io;
+pub mod layer;
+pub mod meta;
+pub mod server;
+pub mod store;
+pub mod uring;
