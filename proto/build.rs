@@ -8,6 +8,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .filter(|p| p.extension().is_some_and(|e| e == "proto"))
         .collect();
     protos.sort();
+    println!("cargo:rerun-if-changed=proto");
     for p in &protos {
         println!("cargo:rerun-if-changed={}", p.display());
     }

@@ -2,6 +2,7 @@
 //! program shares.
 //!
 //! - [`replica`]: the replica's data-path stream and control calls.
+//! - [`engine`]: the engine's control calls.
 //! - [`size`]: parsing of human-readable sizes.
 
 pub mod size;
@@ -10,6 +11,12 @@ pub mod size;
 #[allow(missing_docs, clippy::all)]
 pub mod replica {
     tonic::include_proto!("zebu.replica.v1");
+}
+
+/// `zebu.engine.v1`: the engine control API.
+#[allow(missing_docs, clippy::all)]
+pub mod engine {
+    tonic::include_proto!("zebu.engine.v1");
 }
 
 /// Largest gRPC message any Zebu endpoint sends or accepts (a batch of

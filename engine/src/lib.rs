@@ -1,0 +1,19 @@
+//! Zebu engine: the per-volume replication core and its NBD frontend.
+//!
+//! - [`replication`]: the sans-IO state machine (modes, in-flight table,
+//!   revisions, ejection rules).
+//! - [`volume`]: the async layer around it: replica links, the block device
+//!   the frontend serves, snapshots, expansion, replica admission.
+//! - [`link`]: control connection and data stream to one replica.
+//! - [`rebuild`]: CRC-diff layer copy between replicas (rebuild, resync).
+//! - [`frontend`]: the NBD server.
+//! - [`control`]: the control gRPC service and status rendering.
+//! - [`stats`]: I/O counters and latency percentiles.
+
+pub mod control;
+pub mod frontend;
+pub mod link;
+pub mod rebuild;
+pub mod replication;
+pub mod stats;
+pub mod volume;

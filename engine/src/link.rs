@@ -1,0 +1,260 @@
+//! Connections from the engine to one replica: a gRPC channel for control
+//! calls and one long-lived bidirectional data stream.
+//!
+//! Requests handed to a [`DataLink`] are queued without blocking; a sender
+//! task gathers whatever is queued into one `IoBatch` message, so a burst of
+//! requests costs one HTTP/2 message. Replies are handed to a callback in the
+//! order the replica completes them.
+//!
+//! Invariant: when the stream ends or breaks, the callback's `broken` is
+//! called exactly once, after the last reply was delivered.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::{Channel, Endpoint};
+
+use zebu_proto::replica as pb;
+use zebu_proto::replica::replica_client::ReplicaClient;
+
+/// Most requests in one batch message.
+const MAX_BATCH: usize = 256;
+
+/// Errors of replica connections.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The address is not usable.
+    #[error("invalid replica address {addr:?}: {reason}")]
+    Address {
+        /// The address given.
+        addr: String,
+        /// Why it is invalid.
+        reason: String,
+    },
+    /// The replica could not be reached.
+    #[error("cannot reach replica {addr}: {source}")]
+    Connect {
+        /// The address.
+        addr: String,
+        /// What failed.
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// A call failed.
+    #[error("replica {addr}: {what}: {status}")]
+    Call {
+        /// The address.
+        addr: String,
+        /// What was being done.
+        what: String,
+        /// The replica's answer.
+        status: tonic::Status,
+    },
+    /// A call did not answer in time.
+    #[error("replica {addr}: {what}: no answer within {timeout:?}")]
+    Timeout {
+        /// The address.
+        addr: String,
+        /// What was being done.
+        what: String,
+        /// The limit.
+        timeout: Duration,
+    },
+}
+
+/// A control connection to one replica.
+#[derive(Clone, Debug)]
+pub struct Control {
+    /// `HOST:PORT`.
+    pub addr: String,
+    /// The gRPC client.
+    pub client: ReplicaClient<Channel>,
+    /// Limit for each control call.
+    pub timeout: Duration,
+}
+
+impl Control {
+    /// Connects to `addr` (`HOST:PORT`).
+    pub async fn connect(addr: &str, timeout: Duration) -> Result<Control, LinkError> {
+        if addr.contains("://") || !addr.contains(':') {
+            return Err(LinkError::Address {
+                addr: addr.into(),
+                reason: "expected HOST:PORT".into(),
+            });
+        }
+        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| LinkError::Address {
+                addr: addr.into(),
+                reason: e.to_string(),
+            })?
+            .connect_timeout(timeout)
+            .tcp_nodelay(true)
+            .initial_stream_window_size(Some(8 << 20))
+            .initial_connection_window_size(Some(32 << 20))
+            .http2_adaptive_window(false);
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|source| LinkError::Connect {
+                addr: addr.into(),
+                source,
+            })?;
+        let client = ReplicaClient::new(channel)
+            .max_decoding_message_size(zebu_proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(zebu_proto::MAX_MESSAGE_BYTES);
+        Ok(Control {
+            addr: addr.into(),
+            client,
+            timeout,
+        })
+    }
+
+    /// Runs a unary call with the control timeout and turns failures into
+    /// [`LinkError`]s naming the replica and `what`.
+    pub async fn call<T, F>(
+        &self,
+        what: &str,
+        f: impl FnOnce(ReplicaClient<Channel>) -> F,
+    ) -> Result<T, LinkError>
+    where
+        F: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        match tokio::time::timeout(self.timeout, f(self.client.clone())).await {
+            Ok(Ok(r)) => Ok(r.into_inner()),
+            Ok(Err(status)) => Err(LinkError::Call {
+                addr: self.addr.clone(),
+                what: what.into(),
+                status,
+            }),
+            Err(_) => Err(LinkError::Timeout {
+                addr: self.addr.clone(),
+                what: what.into(),
+                timeout: self.timeout,
+            }),
+        }
+    }
+
+    /// The replica's state.
+    pub async fn info(&self) -> Result<pb::ReplicaInfo, LinkError> {
+        self.call("reading replica info", |mut c| async move {
+            c.info(pb::InfoRequest {}).await
+        })
+        .await
+    }
+}
+
+/// Receives what a data stream delivers.
+pub trait ReplyHandler: Send + Sync + 'static {
+    /// A batch of replies arrived.
+    fn replies(&self, responses: Vec<pb::IoResponse>);
+    /// The stream ended or broke; no more replies will come.
+    fn broken(&self, why: String);
+}
+
+/// The sending half of a data stream.
+pub struct DataLink {
+    tx: mpsc::UnboundedSender<pb::IoRequest>,
+    /// Requests sent and not answered.
+    in_flight: Arc<AtomicU64>,
+    /// Milliseconds since `start` when the stream last made progress.
+    progress_ms: Arc<AtomicU64>,
+    start: Instant,
+}
+
+impl DataLink {
+    /// Opens the data stream on `control`'s channel; replies go to `handler`.
+    pub async fn open<H: ReplyHandler>(
+        control: &Control,
+        handler: Arc<H>,
+    ) -> Result<DataLink, LinkError> {
+        let (btx, brx) = mpsc::channel::<pb::IoBatch>(64);
+        let mut client = control.client.clone();
+        let call = client.io(ReceiverStream::new(brx));
+        let mut inbound = match tokio::time::timeout(control.timeout, call).await {
+            Ok(Ok(r)) => r.into_inner(),
+            Ok(Err(status)) => {
+                return Err(LinkError::Call {
+                    addr: control.addr.clone(),
+                    what: "opening the data stream".into(),
+                    status,
+                });
+            }
+            Err(_) => {
+                return Err(LinkError::Timeout {
+                    addr: control.addr.clone(),
+                    what: "opening the data stream".into(),
+                    timeout: control.timeout,
+                });
+            }
+        };
+        let (tx, mut rx) = mpsc::unbounded_channel::<pb::IoRequest>();
+        let in_flight = Arc::new(AtomicU64::new(0));
+        let progress_ms = Arc::new(AtomicU64::new(0));
+        let start = Instant::now();
+        // Sender: batch whatever is queued.
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut requests = Vec::with_capacity(16);
+                requests.push(first);
+                while requests.len() < MAX_BATCH {
+                    match rx.try_recv() {
+                        Ok(r) => requests.push(r),
+                        Err(_) => break,
+                    }
+                }
+                if btx.send(pb::IoBatch { requests }).await.is_err() {
+                    break;
+                }
+            }
+        });
+        // Receiver: hand replies over; report the end once.
+        let (fl, pr) = (in_flight.clone(), progress_ms.clone());
+        tokio::spawn(async move {
+            let why = loop {
+                match inbound.message().await {
+                    Ok(Some(batch)) => {
+                        fl.fetch_sub(batch.responses.len() as u64, Ordering::AcqRel);
+                        pr.store(start.elapsed().as_millis() as u64, Ordering::Release);
+                        handler.replies(batch.responses);
+                    }
+                    Ok(None) => break "the replica closed the data stream".to_string(),
+                    Err(status) => break format!("data stream failed: {status}"),
+                }
+            };
+            handler.broken(why);
+        });
+        Ok(DataLink {
+            tx,
+            in_flight,
+            progress_ms,
+            start,
+        })
+    }
+
+    /// Queues one request; false when the stream is gone.
+    pub fn send(&self, req: pb::IoRequest) -> bool {
+        if self.in_flight.fetch_add(1, Ordering::AcqRel) == 0 {
+            self.progress_ms
+                .store(self.start.elapsed().as_millis() as u64, Ordering::Release);
+        }
+        self.tx.send(req).is_ok()
+    }
+
+    /// True when requests are outstanding and nothing came back for `limit`.
+    pub fn stalled(&self, limit: Duration) -> bool {
+        if self.in_flight.load(Ordering::Acquire) == 0 {
+            return false;
+        }
+        let last = self.progress_ms.load(Ordering::Acquire);
+        let now = self.start.elapsed().as_millis() as u64;
+        now.saturating_sub(last) > limit.as_millis() as u64
+    }
+
+    /// Requests outstanding.
+    pub fn in_flight(&self) -> u64 {
+        self.in_flight.load(Ordering::Acquire)
+    }
+}

@@ -1,0 +1,405 @@
+//! `zebu-engine`: serves one replicated volume over NBD, and `zebu-engine
+//! ctl` talks to a running engine's control API.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::{Args, Parser, Subcommand};
+use tokio_stream::wrappers::TcpListenerStream;
+
+use zebu_engine::control::{EngineService, status_json, status_table};
+use zebu_engine::frontend::nbd;
+use zebu_engine::volume::{Device, Volume, VolumeOptions};
+use zebu_proto::engine as epb;
+use zebu_proto::engine::engine_client::EngineClient;
+
+/// Serve a replicated Zebu volume over NBD, or control a running engine.
+#[derive(Parser, Debug)]
+#[command(name = "zebu-engine", version, args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(flatten)]
+    serve: Option<ServeArgs>,
+    #[command(subcommand)]
+    command: Option<Command>,
+}
+
+#[derive(Args, Debug)]
+struct ServeArgs {
+    /// Volume name (also the NBD export name).
+    #[arg(long)]
+    volume: String,
+    /// Volume size (bytes or 512M, 10G, ...).
+    #[arg(long, value_parser = zebu_proto::size::parse)]
+    size: u64,
+    /// Replica address HOST:PORT (repeat for each replica).
+    #[arg(long = "replica", required = true)]
+    replicas: Vec<String>,
+    /// NBD listen address: unix:PATH or tcp:HOST:PORT (repeatable).
+    #[arg(long = "nbd", required = true)]
+    nbd: Vec<String>,
+    /// Control API listen address HOST:PORT (port 0 picks a free port).
+    #[arg(long)]
+    listen: String,
+    /// A replica that does not answer within this time is ejected (e.g. 8s, 500ms).
+    #[arg(long, default_value = "8s", value_parser = parse_duration)]
+    io_timeout: Duration,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Talk to a running engine.
+    Ctl {
+        /// The engine's control address HOST:PORT.
+        #[arg(long)]
+        engine: String,
+        #[command(subcommand)]
+        op: CtlOp,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum CtlOp {
+    /// Volume state, replicas, rebuild progress, I/O latencies.
+    Status {
+        /// Output format: table or json.
+        #[arg(short = 'o', long, default_value = "table")]
+        output: String,
+    },
+    /// Replica membership.
+    Replica {
+        #[command(subcommand)]
+        op: ReplicaOp,
+    },
+    /// Snapshots.
+    Snapshot {
+        #[command(subcommand)]
+        op: SnapshotOp,
+    },
+    /// Revert the volume to a snapshot (no NBD client may be connected).
+    Revert {
+        /// Snapshot name.
+        name: String,
+    },
+    /// Grow the volume.
+    Expand {
+        /// New size (bytes or 512M, 10G, ...).
+        #[arg(value_parser = zebu_proto::size::parse)]
+        size: u64,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ReplicaOp {
+    /// Add a replica; it is rebuilt from a healthy one.
+    Add {
+        /// Replica address HOST:PORT.
+        address: String,
+        /// Wait until the rebuild finished (exit non-zero if it failed).
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Remove a replica by address or id.
+    Remove {
+        /// Address or replica id.
+        replica: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum SnapshotOp {
+    /// Take a crash-consistent snapshot.
+    Create {
+        /// Snapshot name.
+        name: String,
+    },
+    /// List snapshots.
+    List {
+        /// Output format: table or json.
+        #[arg(short = 'o', long, default_value = "table")]
+        output: String,
+    },
+    /// Delete a snapshot.
+    Delete {
+        /// Snapshot name.
+        name: String,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let (num, mul) = if let Some(n) = s.strip_suffix("ms") {
+        (n, 0.001)
+    } else if let Some(n) = s.strip_suffix('s') {
+        (n, 1.0)
+    } else if let Some(n) = s.strip_suffix('m') {
+        (n, 60.0)
+    } else {
+        (s, 1.0)
+    };
+    let v: f64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: use e.g. 8s, 500ms or 1m"))?;
+    if !(v > 0.0) {
+        return Err(format!("invalid duration {s:?}: must be positive"));
+    }
+    Ok(Duration::from_secs_f64(v * mul))
+}
+
+fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("zebu-engine: cannot start the runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async {
+        match (cli.serve, cli.command) {
+            (_, Some(Command::Ctl { engine, op })) => ctl(&engine, op).await,
+            (Some(args), None) => serve(args).await,
+            (None, None) => {
+                bail!("nothing to do: give the serve flags (see --help) or a subcommand")
+            }
+        }
+    });
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("zebu-engine: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let mut listeners = Vec::new();
+    for addr in &args.nbd {
+        listeners.push(
+            nbd::bind(addr)
+                .await
+                .with_context(|| format!("binding the NBD listener {addr}"))?,
+        );
+    }
+    let control = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .with_context(|| format!("binding the control listener {}", args.listen))?;
+    let control_addr = control.local_addr()?;
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
+
+    let volume = Volume::start(VolumeOptions {
+        name: args.volume.clone(),
+        size: args.size,
+        replicas: args.replicas.clone(),
+        io_timeout: args.io_timeout,
+    })
+    .await
+    .context("starting the volume")?;
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let device = Arc::new(Device(volume.clone()));
+    let mut servers = tokio::task::JoinSet::new();
+    let mut shown = Vec::new();
+    for listener in listeners {
+        shown.push(
+            listener
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| "?".into()),
+        );
+        let mut stop = stop_rx.clone();
+        let (dev, name) = (device.clone(), args.volume.clone());
+        servers.spawn(async move {
+            let shutdown = async move {
+                let _ = stop.wait_for(|s| *s).await;
+            };
+            nbd::serve(listener, name, dev, shutdown).await
+        });
+    }
+    let mut stop = stop_rx.clone();
+    let grpc = tonic::transport::Server::builder()
+        .add_service(zebu_proto::engine::engine_server::EngineServer::new(
+            EngineService::new(volume.clone()),
+        ))
+        .serve_with_incoming_shutdown(TcpListenerStream::new(control), async move {
+            let _ = stop.wait_for(|s| *s).await;
+        });
+    let grpc = tokio::spawn(grpc);
+
+    let line = format!(
+        "zebu-engine volume {} ready: nbd {}; control {control_addr}; epoch {}",
+        args.volume,
+        shown.join(", "),
+        volume.epoch()
+    );
+    tracing::info!("{line}");
+    println!("{line}");
+
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+        Some(r) = servers.join_next() => {
+            if let Ok(Err(e)) = r {
+                tracing::error!(error = %e, "an NBD server stopped");
+            }
+        }
+    }
+    tracing::info!("stopping: draining NBD clients and flushing every replica");
+    let _ = stop_tx.send(true);
+    while servers.join_next().await.is_some() {}
+    volume
+        .shutdown()
+        .await
+        .context("flushing the replicas on shutdown")?;
+    grpc.abort();
+    tracing::info!("stopped cleanly");
+    Ok(())
+}
+
+async fn connect(engine: &str) -> anyhow::Result<EngineClient<tonic::transport::Channel>> {
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{engine}"))
+        .with_context(|| format!("invalid engine address {engine:?}: expected HOST:PORT"))?
+        .connect_timeout(Duration::from_secs(5));
+    let channel = endpoint
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the engine at {engine}; is it running?"))?;
+    Ok(EngineClient::new(channel))
+}
+
+fn grpc_err(what: &str) -> impl FnOnce(tonic::Status) -> anyhow::Error + '_ {
+    move |s| anyhow::anyhow!("{what}: {}", s.message())
+}
+
+async fn ctl(engine: &str, op: CtlOp) -> anyhow::Result<()> {
+    let mut c = connect(engine).await?;
+    match op {
+        CtlOp::Status { output } => {
+            let s = c
+                .status(epb::StatusRequest {})
+                .await
+                .map_err(grpc_err("reading the status"))?
+                .into_inner();
+            print_status(&s, &output)?;
+        }
+        CtlOp::Replica {
+            op: ReplicaOp::Add { address, wait },
+        } => {
+            c.add_replica(epb::AddReplicaRequest {
+                address: address.clone(),
+            })
+            .await
+            .map_err(grpc_err("adding the replica"))?;
+            if wait {
+                loop {
+                    let s = c
+                        .status(epb::StatusRequest {})
+                        .await
+                        .map_err(grpc_err("reading the status"))?
+                        .into_inner();
+                    let r = s.replicas.iter().find(|r| r.address == address);
+                    let state = r
+                        .and_then(|r| r.rebuild.as_ref())
+                        .map(|p| (p.state.clone(), p.error.clone()));
+                    match state {
+                        Some((st, _)) if st == "done" && r.is_some_and(|r| r.mode == "RW") => {
+                            println!("{}", status_json(&s));
+                            break;
+                        }
+                        Some((st, err)) if st == "failed" => {
+                            bail!("rebuild of {address} failed: {err}")
+                        }
+                        None if r.is_none() => {
+                            bail!("replica {address} is no longer part of the volume")
+                        }
+                        _ => tokio::time::sleep(Duration::from_millis(200)).await,
+                    }
+                }
+            } else {
+                println!("replica {address} added; rebuilding (see `status`)");
+            }
+        }
+        CtlOp::Replica {
+            op: ReplicaOp::Remove { replica },
+        } => {
+            c.remove_replica(epb::RemoveReplicaRequest {
+                replica: replica.clone(),
+            })
+            .await
+            .map_err(grpc_err("removing the replica"))?;
+            println!("replica {replica} removed");
+        }
+        CtlOp::Snapshot {
+            op: SnapshotOp::Create { name },
+        } => {
+            c.create_snapshot(epb::CreateSnapshotRequest { name: name.clone() })
+                .await
+                .map_err(grpc_err("creating the snapshot"))?;
+            println!("snapshot {name} created");
+        }
+        CtlOp::Snapshot {
+            op: SnapshotOp::List { output },
+        } => {
+            let list = c
+                .list_snapshots(epb::ListSnapshotsRequest {})
+                .await
+                .map_err(grpc_err("listing snapshots"))?
+                .into_inner()
+                .snapshots;
+            if output == "json" {
+                let v: Vec<_> = list
+                    .iter()
+                    .map(|s| {
+                        serde_json::json!({"name": s.name, "created_unix": s.created_unix, "user_created": s.user_created})
+                    })
+                    .collect();
+                println!("{}", serde_json::Value::Array(v));
+            } else {
+                println!("{:<32} {:<12} CREATED", "NAME", "KIND");
+                for s in list {
+                    let kind = if s.user_created { "user" } else { "system" };
+                    println!("{:<32} {:<12} {}", s.name, kind, s.created_unix);
+                }
+            }
+        }
+        CtlOp::Snapshot {
+            op: SnapshotOp::Delete { name },
+        } => {
+            c.delete_snapshot(epb::DeleteSnapshotRequest { name: name.clone() })
+                .await
+                .map_err(grpc_err("deleting the snapshot"))?;
+            println!("snapshot {name} deleted");
+        }
+        CtlOp::Revert { name } => {
+            c.revert(epb::RevertRequest { name: name.clone() })
+                .await
+                .map_err(grpc_err("reverting"))?;
+            println!("volume reverted to {name}");
+        }
+        CtlOp::Expand { size } => {
+            c.expand(epb::ExpandRequest { size })
+                .await
+                .map_err(grpc_err("expanding"))?;
+            println!("volume expanded to {size} bytes");
+        }
+    }
+    Ok(())
+}
+
+fn print_status(s: &epb::VolumeStatus, output: &str) -> anyhow::Result<()> {
+    match output {
+        "json" => println!("{}", status_json(s)),
+        "table" => print!("{}", status_table(s)),
+        other => bail!("unknown output format {other:?}: use table or json"),
+    }
+    Ok(())
+}

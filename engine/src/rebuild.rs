@@ -1,0 +1,346 @@
+//! Copying layers from a healthy replica to one that must catch up.
+//!
+//! Both replicas list the CRC of every block a layer holds (in block order);
+//! a merge of the two lists gives the blocks to copy (missing or different on
+//! the target) and the blocks to deallocate (held by the target only). Only
+//! those move: a replica that was away briefly resyncs just what changed.
+//!
+//! Invariant: a layer is only written on a target that was prepared with
+//! `PrepareSync` (the replica enforces it), and the target is not trusted for
+//! reads until `FinishSync` succeeded and the engine promoted it.
+
+use std::sync::Mutex;
+use std::time::Instant;
+
+use futures::StreamExt;
+
+use zebu_proto::replica as pb;
+
+use crate::link::{Control, LinkError};
+
+/// Errors of a layer sync.
+#[derive(Debug, thiserror::Error)]
+pub enum RebuildError {
+    /// A replica call failed.
+    #[error(transparent)]
+    Link(#[from] LinkError),
+    /// A stream broke midway.
+    #[error("{what} on replica {addr}: {status}")]
+    Stream {
+        /// What was being done.
+        what: String,
+        /// The replica.
+        addr: String,
+        /// The error.
+        status: tonic::Status,
+    },
+}
+
+/// Progress of one rebuild, shared with status readers.
+#[derive(Debug, Default)]
+pub struct Progress {
+    inner: Mutex<ProgressState>,
+}
+
+/// A snapshot of [`Progress`].
+#[derive(Clone, Debug, Default)]
+pub struct ProgressState {
+    /// running, done or failed.
+    pub state: String,
+    /// Bytes copied so far.
+    pub bytes_done: u64,
+    /// Bytes to copy in all.
+    pub bytes_total: u64,
+    /// Blocks copied.
+    pub blocks_copied: u64,
+    /// Blocks deallocated on the target.
+    pub blocks_punched: u64,
+    /// Why it failed.
+    pub error: String,
+    /// When it started.
+    pub started: Option<Instant>,
+    /// When it ended.
+    pub finished: Option<Instant>,
+}
+
+impl ProgressState {
+    /// Average copy rate so far.
+    pub fn rate_bytes_per_sec(&self) -> f64 {
+        let Some(start) = self.started else {
+            return 0.0;
+        };
+        let secs = self
+            .finished
+            .unwrap_or_else(Instant::now)
+            .duration_since(start)
+            .as_secs_f64();
+        if secs > 0.0 {
+            self.bytes_done as f64 / secs
+        } else {
+            0.0
+        }
+    }
+}
+
+impl Progress {
+    /// A rebuild that is starting now.
+    pub fn started() -> Self {
+        Progress {
+            inner: Mutex::new(ProgressState {
+                state: "running".into(),
+                started: Some(Instant::now()),
+                ..Default::default()
+            }),
+        }
+    }
+
+    fn update(&self, f: impl FnOnce(&mut ProgressState)) {
+        f(&mut self.inner.lock().unwrap_or_else(|p| p.into_inner()));
+    }
+
+    /// The current state.
+    pub fn get(&self) -> ProgressState {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Marks the end.
+    pub fn finish(&self, result: &Result<(), String>) {
+        self.update(|p| {
+            p.finished = Some(Instant::now());
+            match result {
+                Ok(()) => p.state = "done".into(),
+                Err(e) => {
+                    p.state = "failed".into();
+                    p.error = e.clone();
+                }
+            }
+        });
+    }
+}
+
+async fn block_crcs(c: &Control, layer: &str) -> Result<Vec<(u64, u32)>, RebuildError> {
+    let layer_owned = layer.to_owned();
+    let mut stream = c
+        .call("listing block CRCs", |mut cl| async move {
+            cl.block_crcs(pb::BlockCrcsRequest { layer: layer_owned })
+                .await
+        })
+        .await?;
+    let mut out = Vec::new();
+    while let Some(chunk) = stream.next().await {
+        let chunk = chunk.map_err(|status| RebuildError::Stream {
+            what: format!("listing block CRCs of layer {layer:?}"),
+            addr: c.addr.clone(),
+            status,
+        })?;
+        out.extend(chunk.blocks.into_iter().zip(chunk.crcs));
+    }
+    Ok(out)
+}
+
+/// The plan for one layer: byte extents to copy and to deallocate.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct LayerPlan {
+    /// `(offset, length)` ranges to copy.
+    pub copy: Vec<(u64, u64)>,
+    /// `(offset, length)` ranges to deallocate on the target.
+    pub punch: Vec<(u64, u64)>,
+    /// Blocks to copy.
+    pub copy_blocks: u64,
+    /// Blocks to deallocate.
+    pub punch_blocks: u64,
+}
+
+fn push_run(runs: &mut Vec<(u64, u64)>, block: u64, bs: u64) {
+    match runs.last_mut() {
+        Some((off, len)) if *off + *len == block * bs && *len < (1 << 20) => *len += bs,
+        _ => runs.push((block * bs, bs)),
+    }
+}
+
+/// Merges two sorted CRC lists into a [`LayerPlan`].
+pub fn plan(src: &[(u64, u32)], dst: &[(u64, u32)], bs: u64) -> LayerPlan {
+    let mut p = LayerPlan::default();
+    let (mut i, mut j) = (0, 0);
+    while i < src.len() || j < dst.len() {
+        match (src.get(i), dst.get(j)) {
+            (Some(&(sb, sc)), Some(&(db, dc))) if sb == db => {
+                if sc != dc {
+                    push_run(&mut p.copy, sb, bs);
+                    p.copy_blocks += 1;
+                }
+                i += 1;
+                j += 1;
+            }
+            (Some(&(sb, _)), Some(&(db, _))) if sb < db => {
+                push_run(&mut p.copy, sb, bs);
+                p.copy_blocks += 1;
+                i += 1;
+            }
+            (Some(&(sb, _)), None) => {
+                push_run(&mut p.copy, sb, bs);
+                p.copy_blocks += 1;
+                i += 1;
+            }
+            (_, Some(&(db, _))) => {
+                push_run(&mut p.punch, db, bs);
+                p.punch_blocks += 1;
+                j += 1;
+            }
+            (None, None) => break,
+        }
+    }
+    p
+}
+
+/// Makes layers `layers` (names; "" is the head) of `dst` equal to those of
+/// `src`. The target must have been prepared with `PrepareSync`.
+pub async fn sync_layers(
+    src: &Control,
+    dst: &Control,
+    layers: &[String],
+    epoch: u64,
+    block_size: u64,
+    progress: &Progress,
+) -> Result<(), RebuildError> {
+    // Plan every layer first so the total is known before copying.
+    let mut plans = Vec::with_capacity(layers.len());
+    for layer in layers {
+        let (s, d) = (block_crcs(src, layer).await?, block_crcs(dst, layer).await?);
+        let p = plan(&s, &d, block_size);
+        progress.update(|st| st.bytes_total += p.copy_blocks * block_size);
+        plans.push((layer.clone(), p, d.is_empty()));
+    }
+    for (layer, p, dst_empty) in plans {
+        if p.copy.is_empty() && p.punch.is_empty() {
+            continue;
+        }
+        let punches: Vec<pb::LayerData> = p
+            .punch
+            .iter()
+            .map(|&(offset, len)| pb::LayerData {
+                layer: layer.clone(),
+                offset,
+                punch_length: len,
+                epoch,
+                ..Default::default()
+            })
+            .collect();
+        let copies = if p.copy.is_empty() {
+            None
+        } else {
+            // A target that holds nothing of this layer gets all of it.
+            let extents = if dst_empty {
+                vec![]
+            } else {
+                p.copy
+                    .iter()
+                    .map(|&(offset, length)| pb::Extent { offset, length })
+                    .collect()
+            };
+            let layer_owned = layer.clone();
+            Some(
+                src.call("reading a layer", |mut c| async move {
+                    c.read_layer(pb::ReadLayerRequest {
+                        layer: layer_owned,
+                        extents,
+                    })
+                    .await
+                })
+                .await?,
+            )
+        };
+        let (err_tx, mut err_rx) = tokio::sync::mpsc::unbounded_channel();
+        let layer_for_stream = layer.clone();
+        let copy_stream = futures::stream::iter(copies)
+            .flatten()
+            .filter_map(move |m| {
+                let layer = layer_for_stream.clone();
+                let err_tx = err_tx.clone();
+                async move {
+                    match m {
+                        Ok(mut m) => {
+                            progress.update(|st| st.bytes_done += m.data.len() as u64);
+                            m.layer = layer;
+                            m.epoch = epoch;
+                            Some(m)
+                        }
+                        Err(status) => {
+                            let _ = err_tx.send(status);
+                            None
+                        }
+                    }
+                }
+            });
+        let outbound = futures::stream::iter(punches).chain(copy_stream);
+        // WriteLayer needs a 'static stream: buffer through a channel.
+        let (tx, rx) = tokio::sync::mpsc::channel::<pb::LayerData>(16);
+        let dst_call = {
+            let dst = dst.clone();
+            tokio::spawn(async move {
+                let mut client = dst.client.clone();
+                client
+                    .write_layer(tokio_stream::wrappers::ReceiverStream::new(rx))
+                    .await
+            })
+        };
+        let mut outbound = std::pin::pin!(outbound);
+        while let Some(m) = outbound.next().await {
+            if tx.send(m).await.is_err() {
+                break;
+            }
+        }
+        drop(tx);
+        let written = dst_call
+            .await
+            .map_err(|e| RebuildError::Stream {
+                what: "writing a layer".into(),
+                addr: dst.addr.clone(),
+                status: tonic::Status::internal(e.to_string()),
+            })?
+            .map_err(|status| RebuildError::Stream {
+                what: format!("writing layer {layer:?}"),
+                addr: dst.addr.clone(),
+                status,
+            })?
+            .into_inner();
+        if let Ok(status) = err_rx.try_recv() {
+            return Err(RebuildError::Stream {
+                what: format!("reading layer {layer:?}"),
+                addr: src.addr.clone(),
+                status,
+            });
+        }
+        progress.update(|st| {
+            st.blocks_copied += written.blocks_written;
+            st.blocks_punched += written.blocks_punched;
+        });
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn plan_copies_differences_and_punches_extras() {
+        let src = [(0, 1), (1, 2), (2, 3), (10, 9)];
+        let dst = [(1, 2), (2, 4), (5, 5), (6, 6)];
+        let p = plan(&src, &dst, 4096);
+        assert_eq!(p.copy, vec![(0, 4096), (2 * 4096, 4096), (10 * 4096, 4096)]);
+        assert_eq!(p.punch, vec![(5 * 4096, 2 * 4096)]);
+        assert_eq!((p.copy_blocks, p.punch_blocks), (3, 2));
+        assert_eq!(plan(&src, &src, 4096), LayerPlan::default());
+    }
+
+    #[test]
+    fn runs_are_capped_at_one_mib() {
+        let src: Vec<(u64, u32)> = (0..600).map(|b| (b, 0)).collect();
+        let p = plan(&src, &[], 4096);
+        assert_eq!(
+            p.copy,
+            vec![(0, 1 << 20), (1 << 20, 1 << 20), (2 << 20, 88 * 4096)]
+        );
+    }
+}
