@@ -56,6 +56,9 @@ async fn main() -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding the gRPC listener on {}", args.listen))?;
     let addr = listener.local_addr()?;
+    // Signal handlers go in before the serving line announces readiness.
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
     let status = store.status().await;
     let line = format!(
         "zebu-replica serving {} on {addr} (id {}, size {} bytes, block size {}, io engine {}, previous stop {})",
@@ -69,9 +72,7 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!("{line}");
     println!("{line}");
 
-    let shutdown = async {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-            .expect("installing the SIGTERM handler");
+    let shutdown = async move {
         tokio::select! {
             _ = term.recv() => {}
             _ = tokio::signal::ctrl_c() => {}
@@ -79,14 +80,19 @@ async fn main() -> anyhow::Result<()> {
         tracing::info!("shutting down: flushing and marking the replica clean");
     };
     let incoming = TcpListenerStream::new(listener);
-    tonic::transport::Server::builder()
+    let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(32 << 20))
         .add_service(ReplicaService::new(store.clone()).into_server())
-        .serve_with_incoming_shutdown(incoming, shutdown)
-        .await
-        .context("serving gRPC")?;
+        .serve_with_incoming(incoming);
+    // Not a graceful gRPC shutdown: an engine keeps its stream open for as
+    // long as it lives, so waiting for clients would never end. The store
+    // itself refuses new I/O and drains what is in flight.
+    tokio::select! {
+        r = server => r.context("serving gRPC")?,
+        _ = shutdown => {}
+    }
     store.shutdown().await.context("flushing on shutdown")?;
     tracing::info!("stopped cleanly");
     Ok(())

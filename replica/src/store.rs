@@ -266,6 +266,7 @@ pub struct Store {
     revision: AtomicU64,
     was_clean: bool,
     streams: AtomicUsize,
+    closed: std::sync::atomic::AtomicBool,
 }
 
 /// Parameters to open or create a store.
@@ -452,6 +453,7 @@ impl Store {
             dirty: Mutex::new(HashMap::new()),
             was_clean,
             streams: AtomicUsize::new(0),
+            closed: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -488,6 +490,11 @@ impl Store {
     }
 
     fn check_epoch(&self, epoch: u64) -> Result<()> {
+        if self.closed.load(Ordering::Acquire) {
+            return Err(StoreError::FailedPrecondition(
+                "the replica is shutting down; reconnect when it is back".into(),
+            ));
+        }
         let current = self.epoch.load(Ordering::Acquire);
         if epoch < current {
             Err(StoreError::StaleEpoch {
@@ -726,6 +733,18 @@ impl Store {
             let mut d = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
             d.drain().map(|(_, l)| l).collect()
         };
+        self.sync_layers(&layers).await?;
+        let rev = self.revision.load(Ordering::Acquire);
+        if rev > self.meta().revision {
+            self.update_meta(|m| m.revision = m.revision.max(rev))
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// fdatasyncs the data and CRC files of `layers`; on failure they stay
+    /// dirty so the next flush tries again.
+    async fn sync_layers(&self, layers: &[Arc<Layer>]) -> Result<()> {
         let ops = layers.iter().flat_map(|l| {
             [
                 Op::Fsync {
@@ -737,16 +756,10 @@ impl Store {
             ]
         });
         if let Err(e) = self.io.run(ops).await {
-            // Keep them dirty so the next flush tries again.
-            for l in &layers {
+            for l in layers {
                 self.mark_dirty(l);
             }
             return Err(io_err("syncing layer files")(e));
-        }
-        let rev = self.revision.load(Ordering::Acquire);
-        if rev > self.meta().revision {
-            self.update_meta(|m| m.revision = m.revision.max(rev))
-                .await?;
         }
         Ok(())
     }
@@ -1278,16 +1291,24 @@ impl Store {
         }
     }
 
-    /// Flushes everything and marks the replica cleanly stopped.
+    /// Stops accepting I/O, waits for the I/O in flight, flushes every
+    /// layer and marks the replica cleanly stopped. Clients need not have
+    /// disconnected: whatever they send afterwards is refused.
     pub async fn shutdown(&self) -> Result<()> {
         let _c = self.control.lock().await;
-        self.flush_all(true).await?;
+        self.closed.store(true, Ordering::Release);
+        // The exclusive lock waits for every I/O that passed the check.
+        let chain = self.chain.write().await;
+        let layers: Vec<Arc<Layer>> = chain.entries.iter().map(|e| e.layer.clone()).collect();
+        self.sync_layers(&layers).await?;
         let rev = self.revision.load(Ordering::Acquire);
         self.update_meta(|m| {
             m.clean = true;
             m.revision = m.revision.max(rev);
         })
-        .await
+        .await?;
+        drop(chain);
+        Ok(())
     }
 
     /// The replica directory.

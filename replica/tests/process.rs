@@ -1,0 +1,669 @@
+//! Integration tests that start the real `zebu-replica` binary on loopback
+//! and talk to it over gRPC, for both I/O backends.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio_stream::StreamExt;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::Channel;
+use zebu_proto::replica as pb;
+use zebu_proto::replica::replica_client::ReplicaClient;
+
+const BS: u64 = 4096;
+
+/// A running replica process; killed when dropped.
+struct Replica {
+    child: Child,
+    addr: String,
+}
+
+impl Replica {
+    fn start(dir: &Path, size: Option<&str>, engine: &str) -> Replica {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_zebu-replica"));
+        cmd.arg("--dir")
+            .arg(dir)
+            .args(["--listen", "127.0.0.1:0", "--io-engine", engine]);
+        if let Some(s) = size {
+            cmd.args(["--size", s]);
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn zebu-replica");
+        let stdout = child.stdout.take().unwrap();
+        let mut line = String::new();
+        BufReader::new(stdout).read_line(&mut line).unwrap();
+        let addr = line
+            .split(" on ")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no serving line from zebu-replica: {line:?}"))
+            .to_owned();
+        assert!(line.contains(&format!("io engine {engine}")), "{line}");
+        Replica { child, addr }
+    }
+
+    async fn client(&self) -> ReplicaClient<Channel> {
+        ReplicaClient::connect(format!("http://{}", self.addr))
+            .await
+            .unwrap()
+            .max_decoding_message_size(zebu_proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(zebu_proto::MAX_MESSAGE_BYTES)
+    }
+
+    fn kill9(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+
+    fn terminate(mut self) -> std::process::ExitStatus {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        )
+        .unwrap();
+        self.child.wait().unwrap()
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One data stream with a request/response helper.
+struct Io {
+    tx: mpsc::Sender<pb::IoBatch>,
+    rx: tonic::Streaming<pb::IoReplyBatch>,
+    next_id: u64,
+    epoch: u64,
+}
+
+impl Io {
+    async fn open(client: &mut ReplicaClient<Channel>, epoch: u64) -> Io {
+        let (tx, rx) = mpsc::channel(16);
+        let resp = client.io(ReceiverStream::new(rx)).await.unwrap();
+        Io {
+            tx,
+            rx: resp.into_inner(),
+            next_id: 1,
+            epoch,
+        }
+    }
+
+    /// Sends the requests in one batch and returns the responses by id order.
+    async fn batch(&mut self, mut reqs: Vec<pb::IoRequest>) -> Vec<pb::IoResponse> {
+        let mut ids = Vec::new();
+        for r in &mut reqs {
+            r.id = self.next_id;
+            self.next_id += 1;
+            if r.epoch == 0 {
+                r.epoch = self.epoch;
+            }
+            ids.push(r.id);
+        }
+        self.tx.send(pb::IoBatch { requests: reqs }).await.unwrap();
+        let mut got: HashMap<u64, pb::IoResponse> = HashMap::new();
+        while got.len() < ids.len() {
+            let b = self
+                .rx
+                .next()
+                .await
+                .expect("stream ended")
+                .expect("stream error");
+            for r in b.responses {
+                got.insert(r.id, r);
+            }
+        }
+        ids.iter().map(|id| got.remove(id).unwrap()).collect()
+    }
+
+    async fn one(&mut self, r: pb::IoRequest) -> pb::IoResponse {
+        self.batch(vec![r]).await.remove(0)
+    }
+}
+
+fn write_req(offset: u64, data: Vec<u8>) -> pb::IoRequest {
+    pb::IoRequest {
+        op: pb::Op::Write as i32,
+        offset,
+        length: data.len() as u32,
+        crc32: crc32fast::hash(&data),
+        payload: Bytes::from(data),
+        revision: 1,
+        ..Default::default()
+    }
+}
+
+fn read_req(offset: u64, length: u64) -> pb::IoRequest {
+    pb::IoRequest {
+        op: pb::Op::Read as i32,
+        offset,
+        length: length as u32,
+        ..Default::default()
+    }
+}
+
+fn flush_req() -> pb::IoRequest {
+    pb::IoRequest {
+        op: pb::Op::Flush as i32,
+        ..Default::default()
+    }
+}
+
+fn status(r: &pb::IoResponse) -> pb::IoStatus {
+    pb::IoStatus::try_from(r.status).unwrap()
+}
+
+fn pattern(seed: u64, len: usize) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn tempdir() -> tempfile::TempDir {
+    tempfile::tempdir().unwrap()
+}
+
+async fn flushed_data_survives_sigkill(engine: &str) {
+    let tmp = tempdir();
+    let dir = tmp.path().join("r");
+    let r = Replica::start(&dir, Some("64M"), engine);
+    let mut c = r.client().await;
+    c.open(pb::OpenRequest { epoch: 1 }).await.unwrap();
+    let mut io = Io::open(&mut c, 1).await;
+    // 300 writes of 1-8 blocks at scattered offsets, in batches of 30.
+    let mut written: HashMap<u64, Vec<u8>> = HashMap::new();
+    for b in 0..10u64 {
+        let mut reqs = Vec::new();
+        for i in 0..30u64 {
+            let n = 1 + (b * 30 + i) % 8;
+            let block = ((b * 30 + i) * 7919) % (16384 - 8);
+            let data = pattern(b * 1000 + i, (n * BS) as usize);
+            for k in 0..n {
+                written.insert(
+                    block + k,
+                    data[(k * BS) as usize..((k + 1) * BS) as usize].to_vec(),
+                );
+            }
+            reqs.push(write_req(block * BS, data));
+        }
+        // Overlapping writes within one batch have no defined order: skip them.
+        for resp in io.batch(reqs).await {
+            assert_eq!(status(&resp), pb::IoStatus::IoOk, "{}", resp.message);
+        }
+    }
+    assert_eq!(status(&io.one(flush_req()).await), pb::IoStatus::IoOk);
+    // Re-read everything from the running replica to know the final content
+    // (overlapping writes of one batch have no defined order).
+    let mut expect: HashMap<u64, Bytes> = HashMap::new();
+    for &block in written.keys() {
+        let resp = io.one(read_req(block * BS, BS)).await;
+        assert_eq!(status(&resp), pb::IoStatus::IoOk);
+        assert_eq!(resp.crc32, crc32fast::hash(&resp.payload));
+        expect.insert(block, resp.payload);
+    }
+    drop(io);
+    r.kill9();
+
+    let r = Replica::start(&dir, None, engine);
+    let mut c = r.client().await;
+    let info = c.info(pb::InfoRequest {}).await.unwrap().into_inner();
+    assert!(
+        !info.clean,
+        "a SIGKILLed replica must report an unclean stop"
+    );
+    assert_eq!(info.size, 64 << 20);
+    c.open(pb::OpenRequest { epoch: 2 }).await.unwrap();
+    let mut io = Io::open(&mut c, 2).await;
+    for (block, data) in &expect {
+        let resp = io.one(read_req(block * BS, BS)).await;
+        assert_eq!(status(&resp), pb::IoStatus::IoOk);
+        assert_eq!(
+            &resp.payload, data,
+            "block {block} differs after SIGKILL + restart"
+        );
+    }
+    // Unwritten blocks read as zeros.
+    let resp = io.one(read_req(16383 * BS, BS)).await;
+    assert!(resp.payload.iter().all(|&b| b == 0));
+    drop(io);
+    // A clean stop is recorded as such.
+    assert!(r.terminate().success());
+    let r = Replica::start(&dir, Some("64M"), engine);
+    let mut c = r.client().await;
+    assert!(c.info(pb::InfoRequest {}).await.unwrap().into_inner().clean);
+}
+
+#[tokio::test]
+async fn flushed_data_survives_sigkill_uring() {
+    flushed_data_survives_sigkill("uring").await;
+}
+
+#[tokio::test]
+async fn flushed_data_survives_sigkill_threads() {
+    flushed_data_survives_sigkill("threads").await;
+}
+
+async fn bad_requests_are_rejected(engine: &str) {
+    let tmp = tempdir();
+    let r = Replica::start(&tmp.path().join("r"), Some("8M"), engine);
+    let mut c = r.client().await;
+    // I/O before Open is refused.
+    let mut io = Io::open(&mut c, 1).await;
+    let resp = io.one(write_req(0, vec![1; BS as usize])).await;
+    assert_eq!(status(&resp), pb::IoStatus::IoNotOpen, "{}", resp.message);
+    c.open(pb::OpenRequest { epoch: 5 }).await.unwrap();
+    let mut io = Io::open(&mut c, 5).await;
+    io.one(write_req(0, vec![7; BS as usize])).await;
+
+    // Wrong CRC: rejected, nothing written.
+    let mut bad = write_req(0, vec![9; BS as usize]);
+    bad.crc32 ^= 1;
+    let resp = io.one(bad).await;
+    assert_eq!(status(&resp), pb::IoStatus::IoCrcMismatch);
+    assert!(
+        resp.message.contains("nothing was written"),
+        "{}",
+        resp.message
+    );
+    let resp = io.one(read_req(0, BS)).await;
+    assert!(
+        resp.payload.iter().all(|&b| b == 7),
+        "a rejected write changed data"
+    );
+
+    // Misaligned, out of range, length mismatch, unknown op.
+    let resp = io.one(write_req(100, vec![1; BS as usize])).await;
+    assert_eq!(status(&resp), pb::IoStatus::IoInvalidArgument);
+    assert!(
+        resp.message.contains("multiples of the block size"),
+        "{}",
+        resp.message
+    );
+    let resp = io.one(read_req(8 << 20, BS)).await;
+    assert_eq!(status(&resp), pb::IoStatus::IoOutOfRange);
+    let mut short = write_req(0, vec![1; BS as usize]);
+    short.length = 2 * BS as u32;
+    assert_eq!(
+        status(&io.one(short).await),
+        pb::IoStatus::IoInvalidArgument
+    );
+    let resp = io
+        .one(pb::IoRequest {
+            op: 42,
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(status(&resp), pb::IoStatus::IoInvalidArgument);
+
+    // A stale epoch is fenced off, for I/O and for Open.
+    let mut stale = write_req(0, vec![3; BS as usize]);
+    stale.epoch = 4;
+    let resp = io.one(stale).await;
+    assert_eq!(status(&resp), pb::IoStatus::IoStaleEpoch);
+    assert!(resp.message.contains("fenced"), "{}", resp.message);
+    let err = c.open(pb::OpenRequest { epoch: 4 }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    // Newer engine takes over: the old epoch's writes fail from now on.
+    c.open(pb::OpenRequest { epoch: 6 }).await.unwrap();
+    let resp = io.one(write_req(0, vec![3; BS as usize])).await;
+    assert_eq!(status(&resp), pb::IoStatus::IoStaleEpoch);
+    let mut io6 = Io::open(&mut c, 6).await;
+    let resp = io6.one(read_req(0, BS)).await;
+    assert!(resp.payload.iter().all(|&b| b == 7));
+
+    // Control-plane errors.
+    let err = c
+        .delete_snapshot(pb::DeleteSnapshotRequest {
+            name: "nope".into(),
+            epoch: 6,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    let err = c
+        .expand(pb::ExpandRequest {
+            size: 4 << 20,
+            epoch: 6,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("shrink"), "{}", err.message());
+    let err = c
+        .create_snapshot(pb::CreateSnapshotRequest {
+            name: "bad name!".into(),
+            epoch: 6,
+            user_created: true,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    c.create_snapshot(pb::CreateSnapshotRequest {
+        name: "s1".into(),
+        epoch: 6,
+        user_created: true,
+    })
+    .await
+    .unwrap();
+    let err = c
+        .create_snapshot(pb::CreateSnapshotRequest {
+            name: "s1".into(),
+            epoch: 6,
+            user_created: true,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::AlreadyExists);
+    // Revert while a data stream is open is refused.
+    let err = c
+        .revert(pb::RevertRequest {
+            name: "s1".into(),
+            epoch: 6,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    // The replica still serves after all of that.
+    let resp = io6.one(read_req(0, BS)).await;
+    assert_eq!(status(&resp), pb::IoStatus::IoOk);
+}
+
+#[tokio::test]
+async fn bad_requests_are_rejected_uring() {
+    bad_requests_are_rejected("uring").await;
+}
+
+#[tokio::test]
+async fn bad_requests_are_rejected_threads() {
+    bad_requests_are_rejected("threads").await;
+}
+
+fn run_replica_expect_failure(args: &[&str]) -> String {
+    let out = Command::new(env!("CARGO_BIN_EXE_zebu-replica"))
+        .args(args)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "zebu-replica {args:?} should fail");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+#[test]
+fn bad_directories_and_flags_fail_clearly() {
+    let tmp = tempdir();
+    let other = tmp.path().join("other");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::write(other.join("important.txt"), b"keep me").unwrap();
+    let err = run_replica_expect_failure(&[
+        "--dir",
+        other.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--size",
+        "8M",
+    ]);
+    assert!(err.contains("holds no replica"), "{err}");
+    assert_eq!(
+        std::fs::read(other.join("important.txt")).unwrap(),
+        b"keep me"
+    );
+
+    let fresh = tmp.path().join("fresh");
+    let err =
+        run_replica_expect_failure(&["--dir", fresh.to_str().unwrap(), "--listen", "127.0.0.1:0"]);
+    assert!(err.contains("--size is required"), "{err}");
+    let err = run_replica_expect_failure(&[
+        "--dir",
+        fresh.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--size",
+        "12Q",
+    ]);
+    assert!(err.contains("unknown unit"), "{err}");
+    let err = run_replica_expect_failure(&[
+        "--dir",
+        fresh.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--size",
+        "1000",
+    ]);
+    assert!(err.contains("multiple of the block size"), "{err}");
+
+    // Size mismatch with an existing replica.
+    let dir = tmp.path().join("r");
+    drop(Replica::start(&dir, Some("8M"), "threads"));
+    let err = run_replica_expect_failure(&[
+        "--dir",
+        dir.to_str().unwrap(),
+        "--listen",
+        "127.0.0.1:0",
+        "--size",
+        "16M",
+    ]);
+    assert!(err.contains("does not match"), "{err}");
+}
+
+#[test]
+fn corrupt_metadata_is_refused() {
+    let tmp = tempdir();
+    let dir = tmp.path().join("r");
+    let r = Replica::start(&dir, Some("8M"), "threads");
+    assert!(r.terminate().success());
+    // Overwrite the metadata record through sled itself with garbage.
+    {
+        let db = sled::open(dir.join("meta")).unwrap();
+        db.insert(b"replica", b"\x00garbage".to_vec()).unwrap();
+        db.flush().unwrap();
+    }
+    let err =
+        run_replica_expect_failure(&["--dir", dir.to_str().unwrap(), "--listen", "127.0.0.1:0"]);
+    assert!(err.contains("corrupt"), "{err}");
+    // A layer file gone missing is reported, not papered over.
+    let dir2 = tmp.path().join("r2");
+    let r = Replica::start(&dir2, Some("8M"), "threads");
+    assert!(r.terminate().success());
+    std::fs::remove_file(dir2.join("layers/0.img")).unwrap();
+    let err =
+        run_replica_expect_failure(&["--dir", dir2.to_str().unwrap(), "--listen", "127.0.0.1:0"]);
+    assert!(err.contains("damaged"), "{err}");
+}
+
+/// Layer copy between two replicas, as a rebuild does it: CRC listing,
+/// streaming read of a frozen layer, streaming write into the target.
+#[tokio::test]
+async fn layers_copy_between_replicas() {
+    let tmp = tempdir();
+    let a = Replica::start(&tmp.path().join("a"), Some("16M"), "uring");
+    let b = Replica::start(&tmp.path().join("b"), Some("16M"), "uring");
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    ca.open(pb::OpenRequest { epoch: 1 }).await.unwrap();
+    cb.open(pb::OpenRequest { epoch: 1 }).await.unwrap();
+    let mut io = Io::open(&mut ca, 1).await;
+    for i in 0..64u64 {
+        io.one(write_req(i * 5 * BS, pattern(i, BS as usize))).await;
+    }
+    ca.create_snapshot(pb::CreateSnapshotRequest {
+        name: "base".into(),
+        epoch: 1,
+        user_created: false,
+    })
+    .await
+    .unwrap();
+    // b has stale data in a block a does not hold: the sync must punch it.
+    let mut iob = Io::open(&mut cb, 1).await;
+    iob.one(write_req(3 * BS, vec![0xEE; BS as usize])).await;
+    drop(iob);
+
+    cb.prepare_sync(pb::PrepareSyncRequest {
+        layers: vec!["base".into()],
+        epoch: 1,
+        include_head: true,
+    })
+    .await
+    .unwrap();
+    // Head of b: punch everything a's head does not hold (a's head is empty).
+    let punch = pb::LayerData {
+        layer: String::new(),
+        offset: 0,
+        punch_length: 16 << 20,
+        epoch: 1,
+        ..Default::default()
+    };
+    cb.write_layer(tokio_stream::iter(vec![punch]))
+        .await
+        .unwrap();
+    let src = ca
+        .read_layer(pb::ReadLayerRequest {
+            layer: "base".into(),
+            extents: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let stream = src.map(|m| {
+        let mut m = m.unwrap();
+        m.layer = "base".into();
+        m.epoch = 1;
+        m
+    });
+    let counts = cb.write_layer(stream).await.unwrap().into_inner();
+    assert_eq!(counts.blocks_written, 64);
+    cb.finish_sync(pb::FinishSyncRequest { epoch: 1 })
+        .await
+        .unwrap();
+
+    let crcs = |mut c: ReplicaClient<Channel>, layer: &'static str| async move {
+        let mut s = c
+            .block_crcs(pb::BlockCrcsRequest {
+                layer: layer.into(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let mut all = Vec::new();
+        while let Some(chunk) = s.next().await {
+            let chunk = chunk.unwrap();
+            all.extend(chunk.blocks.into_iter().zip(chunk.crcs));
+        }
+        all
+    };
+    let (ka, kb) = (
+        crcs(ca.clone(), "base").await,
+        crcs(cb.clone(), "base").await,
+    );
+    assert_eq!(ka.len(), 64);
+    assert_eq!(ka, kb);
+    // Whole-volume reads agree.
+    let mut iob = Io::open(&mut cb, 1).await;
+    for off in (0..(16u64 << 20)).step_by(1 << 20) {
+        let x = io.one(read_req(off, 1 << 20)).await;
+        let y = iob.one(read_req(off, 1 << 20)).await;
+        assert_eq!(x.payload, y.payload, "data differs at {off}");
+    }
+    // Writing a layer when no sync was prepared is refused.
+    let stray = pb::LayerData {
+        layer: "base".into(),
+        offset: 0,
+        data: Bytes::from(vec![0; 4096]),
+        crc32: crc32fast::hash(&[0u8; 4096]),
+        epoch: 1,
+        ..Default::default()
+    };
+    let err = cb
+        .write_layer(tokio_stream::iter(vec![stray]))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+}
+
+/// Unmounts and removes the loop-mounted filesystem when dropped.
+struct LoopMount {
+    mnt: PathBuf,
+}
+
+impl Drop for LoopMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.mnt).status();
+    }
+}
+
+fn must_run(cmd: &mut Command) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// ENOSPC on a small filesystem: the write fails with a clear status, the
+/// replica keeps serving, earlier data reads back intact.
+#[tokio::test]
+async fn full_disk_returns_no_space_and_keeps_serving() {
+    let tmp = tempdir();
+    let img = tmp.path().join("fs.img");
+    let mnt = tmp.path().join("mnt");
+    std::fs::create_dir(&mnt).unwrap();
+    must_run(Command::new("truncate").args(["-s", "24M"]).arg(&img));
+    must_run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img));
+    must_run(
+        Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&img)
+            .arg(&mnt),
+    );
+    let _mount = LoopMount { mnt: mnt.clone() };
+
+    let r = Replica::start(&mnt.join("r"), Some("64M"), "uring");
+    let mut c = r.client().await;
+    c.open(pb::OpenRequest { epoch: 1 }).await.unwrap();
+    let mut io = Io::open(&mut c, 1).await;
+    let first = pattern(1, 1 << 20);
+    assert_eq!(
+        status(&io.one(write_req(0, first.clone())).await),
+        pb::IoStatus::IoOk
+    );
+    let mut no_space = None;
+    for i in 1..64u64 {
+        let resp = io.one(write_req(i << 20, pattern(i + 1, 1 << 20))).await;
+        match status(&resp) {
+            pb::IoStatus::IoOk => continue,
+            s => {
+                no_space = Some((s, resp.message));
+                break;
+            }
+        }
+    }
+    let (s, msg) = no_space.expect("a 24 MiB filesystem cannot hold 64 MiB");
+    assert_eq!(s, pb::IoStatus::IoNoSpace, "{msg}");
+    assert!(msg.contains("no space left"), "{msg}");
+    // Still serving: earlier data reads back, info answers.
+    let resp = io.one(read_req(0, 1 << 20)).await;
+    assert_eq!(status(&resp), pb::IoStatus::IoOk);
+    assert_eq!(&resp.payload[..], &first[..]);
+    c.info(pb::InfoRequest {}).await.unwrap();
+    drop(io);
+    drop(c);
+    drop(r);
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
