@@ -6,7 +6,6 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
-use tokio_stream::wrappers::TcpListenerStream;
 
 use zebu_engine::control::{EngineService, status_json, status_table};
 use zebu_engine::frontend::nbd;
@@ -230,9 +229,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .add_service(zebu_proto::engine::engine_server::EngineServer::new(
             EngineService::new(volume.clone()),
         ))
-        .serve_with_incoming_shutdown(TcpListenerStream::new(control), async move {
-            let _ = stop.wait_for(|s| *s).await;
-        });
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(control).with_nodelay(Some(true)),
+            async move {
+                let _ = stop.wait_for(|s| *s).await;
+            },
+        );
     let grpc = tokio::spawn(grpc);
 
     let line = format!(

@@ -9,7 +9,7 @@
 //! Invariant: memory is bounded by 1 bit per block (plus 32 bytes per chunk),
 //! 32× below one byte per block, and scales with the number of runs for sparse
 //! or sequential data (a 1 TiB volume with 1 GiB written at random costs about
-//! 1.5 MiB; see the `memory_of_sparse_random_1tib` test).
+//! 1.64 MiB; see the `memory_of_sparse_random_1tib` test).
 //!
 //! Invariant: run lists are sorted, non-overlapping and non-adjacent, and
 //! `present` equals the number of blocks set.

@@ -176,7 +176,8 @@ impl IoEngine {
     }
 }
 
-const THREADS: usize = 4;
+/// Enough threads for a queue depth of 32 without queueing behind each other.
+const THREADS: usize = 16;
 
 /// pread/pwrite thread pool.
 pub struct Pool {

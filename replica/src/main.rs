@@ -5,7 +5,6 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use clap::Parser;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use zebu_replica::io::EngineKind;
 use zebu_replica::server::ReplicaService;
@@ -79,9 +78,10 @@ async fn main() -> anyhow::Result<()> {
         }
         tracing::info!("shutting down: flushing and marking the replica clean");
     };
-    let incoming = TcpListenerStream::new(listener);
+    // tcp_nodelay on the builder does not apply to a caller-supplied
+    // listener: set it on the incoming stream, or Nagle delays small replies.
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let server = tonic::transport::Server::builder()
-        .tcp_nodelay(true)
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(32 << 20))
         .add_service(ReplicaService::new(store.clone()).into_server())
