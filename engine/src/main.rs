@@ -139,7 +139,7 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
     let v: f64 = num
         .parse()
         .map_err(|_| format!("invalid duration {s:?}: use e.g. 8s, 500ms or 1m"))?;
-    if !(v > 0.0) {
+    if v.is_nan() || v <= 0.0 {
         return Err(format!("invalid duration {s:?}: must be positive"));
     }
     Ok(Duration::from_secs_f64(v * mul))
