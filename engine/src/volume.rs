@@ -249,8 +249,12 @@ impl Volume {
                 members.push((c, info));
                 continue;
             }
+            // A replica still attached to a previous engine may hold writes
+            // the others lack (the engine stopped without closing).
             let in_sync = info.clean
                 && src_info.clean
+                && !info.attached
+                && !src_info.attached
                 && info.revision == src_info.revision
                 && frozen_names(&info) == names
                 && trusted(&info);
@@ -667,10 +671,22 @@ impl Volume {
             .map(|_| ())
     }
 
-    /// Waits for in-flight I/O and flushes every replica (clean stop).
+    /// Waits for in-flight I/O, flushes every replica and detaches from
+    /// them cleanly, so the next engine needs no resync.
     pub async fn shutdown(&self) -> Result<(), DeviceError> {
         self.flush_all().await?;
         let _quiet = self.gate.write().await;
+        for (_, c) in self.live_members() {
+            let epoch = self.epoch;
+            if let Err(e) = c
+                .call("closing", |mut cl| async move {
+                    cl.close(pb::CloseRequest { epoch }).await
+                })
+                .await
+            {
+                tracing::warn!(error = %e, "could not close a replica cleanly; the next engine will resync it");
+            }
+        }
         Ok(())
     }
 

@@ -86,6 +86,9 @@ pub struct Meta {
     pub syncing: bool,
     /// A snapshot deletion (merge) that has not finished.
     pub merging: Option<MergeMeta>,
+    /// An engine opened the replica and has not closed it cleanly.
+    #[serde(default)]
+    pub attached: bool,
 }
 
 /// Current [`Meta::format`].
@@ -196,6 +199,7 @@ mod tests {
             next_layer_id: 1,
             syncing: false,
             merging: None,
+            attached: false,
         };
         store.save(&meta).unwrap();
         assert_eq!(store.load().unwrap().unwrap(), meta);

@@ -161,6 +161,7 @@ pub fn info_of(s: &ReplicaStatus) -> pb::ReplicaInfo {
         io_engine: s.io_engine.to_string(),
         syncing: s.syncing,
         extent_index_bytes: s.extent_index_bytes,
+        attached: s.attached,
     }
 }
 
@@ -232,6 +233,13 @@ impl Replica for ReplicaService {
     ) -> Result<Response<pb::ReplicaInfo>, Status> {
         let epoch = request.into_inner().epoch;
         reply(self.store.open_epoch(epoch).await)
+    }
+
+    async fn close(
+        &self,
+        request: Request<pb::CloseRequest>,
+    ) -> Result<Response<pb::ReplicaInfo>, Status> {
+        reply(self.store.close(request.into_inner().epoch).await)
     }
 
     async fn info(

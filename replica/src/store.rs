@@ -249,6 +249,8 @@ pub struct ReplicaStatus {
     pub syncing: bool,
     /// Heap bytes of all extent indexes.
     pub extent_index_bytes: u64,
+    /// An engine opened the replica and has not closed it cleanly.
+    pub attached: bool,
 }
 
 /// The replica's storage.
@@ -369,6 +371,7 @@ impl Store {
                     next_layer_id: 1,
                     syncing: false,
                     merging: None,
+                    attached: false,
                 };
                 meta_store.save(&meta)?;
                 (
@@ -548,10 +551,25 @@ impl Store {
                 current,
             });
         }
-        if epoch > current {
-            self.update_meta(|m| m.epoch = epoch).await?;
+        if epoch > current || !self.meta().attached {
+            self.update_meta(|m| {
+                m.epoch = epoch;
+                m.attached = true;
+            })
+            .await?;
             self.epoch.store(epoch, Ordering::Release);
         }
+        drop(_c);
+        Ok(self.status().await)
+    }
+
+    /// Clean detach of the engine holding `epoch`: flushes every layer and
+    /// records that no write of that engine is outstanding.
+    pub async fn close(&self, epoch: u64) -> Result<ReplicaStatus> {
+        self.check_epoch(epoch)?;
+        let _c = self.control.lock().await;
+        self.flush_all(true).await?;
+        self.update_meta(|m| m.attached = false).await?;
         drop(_c);
         Ok(self.status().await)
     }
@@ -1288,6 +1306,7 @@ impl Store {
                 .iter()
                 .map(|e| e.layer.index().memory_bytes() as u64)
                 .sum(),
+            attached: meta.attached,
         }
     }
 

@@ -243,6 +243,15 @@ async fn flushed_data_survives_sigkill(engine: &str) {
     let resp = io.one(read_req(16383 * BS, BS)).await;
     assert!(resp.payload.iter().all(|&b| b == 0));
     drop(io);
+    // A clean detach is recorded; a stale epoch cannot detach.
+    let err = c.close(pb::CloseRequest { epoch: 1 }).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+    let info = c
+        .close(pb::CloseRequest { epoch: 2 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!info.attached);
     // A clean stop is recorded as such.
     assert!(r.terminate().success());
     let r = Replica::start(&dir, Some("64M"), engine);
