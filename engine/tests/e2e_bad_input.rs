@@ -1,0 +1,152 @@
+//! End to end: bad input to `zebu-engine` and `zebu-engine ctl` fails with a
+//! non-zero exit and a message, and leaves a running engine unharmed.
+
+mod common;
+
+use common::*;
+use std::process::Command;
+
+/// A loopback port with nothing listening on it.
+fn closed_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    drop(l);
+    port
+}
+
+fn mentions_any(msg: &str, words: &[&str]) -> bool {
+    let m = msg.to_lowercase();
+    words.iter().any(|w| m.contains(w))
+}
+
+#[test]
+fn ctl_against_nothing_fails() {
+    let addr = format!("127.0.0.1:{}", closed_port());
+    let r = ctl(&addr, &["status", "-o", "json"], SHORT).expect_fail();
+    eprintln!("ctl status against a closed port: {}", r.stderr.trim());
+    assert!(
+        r.stderr.contains(&addr) || mentions_any(&r.stderr, &["connect", "refused", "unreachable"]),
+        "unclear message: {}",
+        r.stderr
+    );
+}
+
+#[test]
+fn engine_refuses_bad_command_lines() {
+    let tmp = tempdir();
+    let sock = tmp.path().join("nbd.sock");
+    let nbd = format!("unix:{}", sock.display());
+    // No replica at all.
+    let r = run(
+        Command::new(engine_bin()).args([
+            "--volume",
+            "v",
+            "--size",
+            "64M",
+            "--nbd",
+            &nbd,
+            "--listen",
+            "127.0.0.1:0",
+        ]),
+        SHORT,
+    )
+    .expect_fail();
+    eprintln!("no --replica: {}", r.stderr.trim());
+    assert!(
+        mentions_any(&r.stderr, &["replica"]),
+        "unclear message: {}",
+        r.stderr
+    );
+
+    // A bad --nbd form (needs a replica to get that far; a real one).
+    let rep = Replica::start(&tmp.path().join("r0"), Some("64M"));
+    for bad in ["bogus:/tmp/x.sock", "unix:", "tcp:nohostport"] {
+        let r = run(
+            Command::new(engine_bin()).args([
+                "--volume",
+                "v",
+                "--size",
+                "64M",
+                "--replica",
+                &rep.addr,
+                "--nbd",
+                bad,
+                "--listen",
+                "127.0.0.1:0",
+            ]),
+            SHORT,
+        )
+        .expect_fail();
+        eprintln!("--nbd {bad}: {}", r.stderr.trim());
+        assert!(
+            mentions_any(&r.stderr, &["nbd"]),
+            "unclear message for --nbd {bad}: {}",
+            r.stderr
+        );
+    }
+}
+
+#[test]
+fn ctl_bad_requests_fail_and_engine_keeps_serving() {
+    let _serial = serial();
+    require_tool("nbdinfo", "libnbd-bin");
+    let tmp = tempdir();
+    let replicas = start_replicas(tmp.path(), 2, "64M");
+    let addrs: Vec<&str> = replicas.iter().map(|r| r.addr.as_str()).collect();
+    let mut engine = Engine::start(tmp.path(), "badvol", "64M", &addrs);
+    let before = engine.wait_healthy(2);
+
+    // Unreachable replica.
+    let unreachable = format!("127.0.0.1:{}", closed_port());
+    let r = engine
+        .ctl_timeout(&["replica", "add", &unreachable, "--wait"], LONG)
+        .expect_fail();
+    eprintln!("replica add {unreachable}: {}", r.stderr.trim());
+    assert!(
+        r.stderr.contains(&unreachable)
+            || mentions_any(&r.stderr, &["connect", "unreachable", "refused"]),
+        "unclear message: {}",
+        r.stderr
+    );
+    // Unknown snapshot.
+    let r = engine.ctl(&["revert", "nope"]).expect_fail();
+    eprintln!("revert nope: {}", r.stderr.trim());
+    assert!(
+        mentions_any(&r.stderr, &["nope", "not found", "no such", "unknown"]),
+        "unclear message: {}",
+        r.stderr
+    );
+    engine.ctl(&["snapshot", "delete", "nope"]).expect_fail();
+    // Shrinking.
+    let r = engine.ctl(&["expand", "32M"]).expect_fail();
+    eprintln!("expand 32M: {}", r.stderr.trim());
+    engine.ctl(&["expand", "12Q"]).expect_fail();
+    // Removing a replica that is not there.
+    engine
+        .ctl(&["replica", "remove", &unreachable])
+        .expect_fail();
+    // Unknown command.
+    engine.ctl(&["frobnicate"]).expect_fail();
+
+    // Nothing changed.
+    let st = engine.wait_healthy(2);
+    assert_eq!(st["size"], before["size"], "{st}");
+    assert_eq!(st["size"].as_u64(), Some(64 * MIB), "{st}");
+    assert_eq!(
+        nbdinfo(&engine.uri())["export-size"].as_u64(),
+        Some(64 * MIB)
+    );
+
+    // A valid expand works and new connections see the new size.
+    engine.ctl_ok(&["expand", "96M"]);
+    let st = engine.status();
+    assert_eq!(st["size"].as_u64(), Some(96 * MIB), "{st}");
+    assert_eq!(
+        nbdinfo(&engine.uri())["export-size"].as_u64(),
+        Some(96 * MIB)
+    );
+
+    engine.stop();
+    let data = assert_replicas_identical(&addrs);
+    assert_eq!(data.len() as u64, 96 * MIB);
+}
