@@ -1,0 +1,455 @@
+#!/usr/bin/env bash
+# Side-by-side fio comparison: the raw disk, nbdkit's file plugin, and Zebu
+# with 1 and 3 replicas, all on files under /var/tmp (one disk).
+#
+#   benches/fio_compare.sh [--quick] [--runs N] [--size 2G] [--seconds S]
+#                          [--systems raw,nbdkit-file,zebu-1,zebu-3] [--bin-dir DIR]
+#
+# Every system is started once and prefilled once (sequential 1 MiB writes
+# over the whole volume, so reads hit real data). Then, for each run round,
+# every scenario runs on every system before the next round starts (the order
+# of the systems rotates from round to round), so the machine's noise hits all
+# systems alike; ratios are taken pair by pair within a round, then the median.
+#
+# Scenarios: 4 KiB randwrite QD1, 4 KiB randwrite QD32, 4 KiB randread QD32,
+# 1 MiB sequential write QD8. Results: benches/results/fio-compare-<date>.json
+# (per-run figures, medians, ratios, exact commands) and .md (tables); the
+# tables are printed at the end. --quick (1 run, 3 s, 512M volume) writes
+# fio-compare-<date>-quick.{json,md} so a smoke test never replaces a full run.
+#
+# Only processes this script started are stopped (by recorded pid), and its
+# work directory is removed on exit, whatever the exit path.
+set -euo pipefail
+
+orig_args=("$@")
+here=$(cd "$(dirname "$0")" && pwd)
+root=$(cd "$here/.." && pwd)
+
+usage() { # exit status; the text goes to stderr when it is an error
+  if [[ ${1:-0} == 0 ]]; then
+    sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'
+  else
+    sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//' >&2
+  fi
+  exit "${1:-0}"
+}
+die() { echo "fio_compare: $*" >&2; exit 1; }
+
+# ---------------------------------------------------------------- options --
+runs=3 size_arg=2G seconds=8 quick=0 bin_dir="" systems_arg="raw,nbdkit-file,zebu-1,zebu-3"
+runs_set=0 size_set=0 seconds_set=0
+while (($#)); do
+  case $1 in
+    --quick) quick=1 ;;
+    --runs) [[ $# -ge 2 ]] || die "--runs needs a value"; runs=$2; runs_set=1; shift ;;
+    --runs=*) runs=${1#*=}; runs_set=1 ;;
+    --size) [[ $# -ge 2 ]] || die "--size needs a value"; size_arg=$2; size_set=1; shift ;;
+    --size=*) size_arg=${1#*=}; size_set=1 ;;
+    --seconds) [[ $# -ge 2 ]] || die "--seconds needs a value"; seconds=$2; seconds_set=1; shift ;;
+    --seconds=*) seconds=${1#*=}; seconds_set=1 ;;
+    --systems) [[ $# -ge 2 ]] || die "--systems needs a value"; systems_arg=$2; shift ;;
+    --systems=*) systems_arg=${1#*=} ;;
+    --bin-dir) [[ $# -ge 2 ]] || die "--bin-dir needs a value"; bin_dir=$2; shift ;;
+    --bin-dir=*) bin_dir=${1#*=} ;;
+    -h | --help) usage 0 ;;
+    *) echo "fio_compare: unknown argument: $1" >&2; usage 2 ;;
+  esac
+  shift
+done
+if ((quick)); then # explicit options still win over --quick's defaults
+  ((runs_set)) || runs=1
+  ((seconds_set)) || seconds=3
+  ((size_set)) || size_arg=512M
+fi
+[[ $runs =~ ^[1-9][0-9]*$ ]] || die "--runs must be a positive integer (got '$runs')"
+[[ $seconds =~ ^[1-9][0-9]*$ ]] || die "--seconds must be a positive integer (got '$seconds')"
+
+# Same rules as zebu_proto::size::parse (binary units), so every tool gets bytes.
+to_bytes() {
+  local s=${1^^} n unit
+  [[ $s =~ ^([0-9]+)\ *([A-Z]*)$ ]] || return 1
+  n=${BASH_REMATCH[1]} unit=${BASH_REMATCH[2]}
+  case $unit in
+    "" | B) echo $((n)) ;;
+    K | KI | KB | KIB) echo $((n << 10)) ;;
+    M | MI | MB | MIB) echo $((n << 20)) ;;
+    G | GI | GB | GIB) echo $((n << 30)) ;;
+    T | TI | TB | TIB) echo $((n << 40)) ;;
+    *) return 1 ;;
+  esac
+}
+size=$(to_bytes "$size_arg") || die "invalid --size '$size_arg' (use e.g. 512M, 2G)"
+((size >= (64 << 20))) || die "--size must be at least 64M"
+((size % (1 << 20) == 0)) || die "--size must be a multiple of 1 MiB"
+
+all_systems=(raw nbdkit-file zebu-1 zebu-3)
+IFS=, read -r -a systems <<<"$systems_arg"
+((${#systems[@]})) || die "--systems is empty"
+for s in "${systems[@]}"; do
+  [[ " ${all_systems[*]} " == *" $s "* ]] || die "unknown system '$s' (known: ${all_systems[*]})"
+done
+has_system() { [[ " ${systems[*]} " == *" $1 "* ]]; }
+
+# ---------------------------------------------------------- prerequisites --
+missing=()
+command -v fio >/dev/null || missing+=("fio (apt-get install fio)")
+has_system nbdkit-file && ! command -v nbdkit >/dev/null && missing+=("nbdkit (apt-get install nbdkit)")
+[[ -n $bin_dir ]] || command -v cargo >/dev/null || missing+=("cargo (the Rust toolchain)")
+for t in python3 timeout fallocate sha256sum; do command -v "$t" >/dev/null || missing+=("$t"); done
+if ((${#missing[@]})); then
+  printf 'fio_compare: missing prerequisite: %s\n' "${missing[@]}" >&2
+  exit 1
+fi
+if [[ " ${systems[*]} " =~ " "(nbdkit-file|zebu-1|zebu-3)" " ]] && ! fio --enghelp=nbd >/dev/null 2>&1; then
+  die "this fio ($(fio --version)) has no nbd ioengine (Debian's fio >= 3.33 has it)"
+fi
+if has_system nbdkit-file && ! nbdkit file --version >/dev/null 2>&1; then
+  die "nbdkit has no file plugin (apt-get install nbdkit)"
+fi
+base=${FIO_COMPARE_TMP:-/var/tmp}
+[[ -d $base && -w $base ]] || die "$base is not a writable directory"
+nfiles=0
+for s in "${systems[@]}"; do
+  case $s in raw | nbdkit-file | zebu-1) nfiles=$((nfiles + 1)) ;; zebu-3) nfiles=$((nfiles + 3)) ;; esac
+done
+need_kb=$(((size * nfiles + (1 << 30)) / 1024))
+avail_kb=$(df -Pk "$base" | awk 'NR == 2 {print $4}')
+((avail_kb >= need_kb)) || die "$base has $((avail_kb >> 20)) GiB free; this run needs about $((need_kb >> 20)) GiB"
+
+# ------------------------------------------------------------------ build --
+t_start=$(date +%s)
+date_tag=$(date +%F)
+if [[ -z $bin_dir ]]; then
+  echo "== building zebu-replica and zebu-engine (release)"
+  build=(cargo build --release -p zebu-replica -p zebu-engine)
+  if ! (cd "$root" && "${build[@]}"); then
+    die "the release build failed: '${build[*]}' in $root"
+  fi
+  tdir=$(cd "$root" && cargo metadata --format-version 1 --no-deps 2>/dev/null |
+    python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])' 2>/dev/null) || tdir=$root/target
+  bin_dir=$tdir/release
+fi
+for b in zebu-replica zebu-engine; do
+  [[ -x $bin_dir/$b ]] || die "no executable $bin_dir/$b"
+done
+
+# --------------------------------------------------------------- work dir --
+work=$(mktemp -d "$base/zebu-fio-compare.XXXXXX")
+declare -A pid_of=()     # label -> pid, for every long-running process we start
+declare -a pid_order=()  # labels in start order
+fio_pid=""
+stop_notes=()
+
+alive() { # pid: running (not a zombie)
+  local st
+  [[ -r /proc/$1/stat ]] || return 1
+  st=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | cut -d' ' -f1) || return 1
+  [[ -n $st && $st != Z ]]
+}
+stop_pid() { # label pid grace_seconds
+  local label=$1 pid=$2 grace=${3:-30} i rc=0
+  if alive "$pid"; then
+    kill -TERM "$pid" 2>/dev/null || true
+    for ((i = 0; i < grace * 10; i++)); do alive "$pid" || break; sleep 0.1; done
+    if alive "$pid"; then
+      stop_notes+=("$label (pid $pid) did not stop within ${grace}s of SIGTERM; sent SIGKILL")
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+  fi
+  wait "$pid" 2>/dev/null || rc=$?
+  case $rc in
+    0) ;;
+    *) stop_notes+=("$label (pid $pid) exited with status $rc") ;;
+  esac
+}
+stop_all() {
+  local l
+  # the engines first (they flush to their replicas), then replicas and nbdkit
+  for l in "${pid_order[@]}"; do
+    [[ $l == engine-* && -n ${pid_of[$l]:-} ]] && { stop_pid "$l" "${pid_of[$l]}" 60; unset "pid_of[$l]"; }
+  done
+  for l in "${pid_order[@]}"; do
+    [[ -n ${pid_of[$l]:-} ]] && { stop_pid "$l" "${pid_of[$l]}" 60; unset "pid_of[$l]"; }
+  done
+  return 0
+}
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  set +e
+  if [[ -n $fio_pid ]]; then
+    kill -TERM "$fio_pid" 2>/dev/null
+    wait "$fio_pid" 2>/dev/null
+  fi
+  stop_all
+  if ((${#stop_notes[@]})); then printf 'fio_compare: note: %s\n' "${stop_notes[@]}" >&2; fi
+  rm -rf "$work"
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'echo "fio_compare: interrupted" >&2; exit 130' INT TERM
+
+# Copy the binaries so a concurrent rebuild cannot swap them mid-run.
+mkdir -p "$work/bin" "$work/out" "$work/logs"
+cp "$bin_dir/zebu-replica" "$bin_dir/zebu-engine" "$work/bin/"
+bin=$work/bin
+manifest=$work/manifest.tsv
+meta=$work/meta.tsv
+: >"$manifest"
+: >"$meta"
+q() { local s; printf -v s '%q ' "$@"; printf '%s' "${s% }"; }
+meta_put() { printf '%s\t%s\n' "$1" "$2" >>"$meta"; }
+# kind system scenario run position rc json log t0 t1 sync_s cmd
+man_put() { local IFS=$'\t'; printf '%s\n' "$*" >>"$manifest"; }
+
+meta_put date "$date_tag"
+meta_put started "$(date -Is)"
+meta_put host "$(hostname)"
+meta_put kernel "$(uname -r)"
+meta_put cpus "$(nproc)"
+meta_put mem_total_kb "$(awk '/MemTotal/ {print $2}' /proc/meminfo)"
+meta_put loadavg_start "$(cut -d' ' -f1-3 /proc/loadavg)"
+meta_put fio_version "$(fio --version)"
+has_system nbdkit-file && meta_put nbdkit_version "$(nbdkit --version 2>&1 | head -1)"
+meta_put fs "$(df -PT "$base" | awk 'NR == 2 {print $1" "$2}') at $base"
+meta_put git_commit "$(git -C "$root" rev-parse HEAD 2>/dev/null || echo unknown)"
+meta_put git_dirty_files "$(git -C "$root" --no-optional-locks status --porcelain 2>/dev/null | wc -l)"
+meta_put bin_dir "$bin_dir"
+meta_put zebu_replica_sha256 "$(sha256sum "$bin/zebu-replica" | cut -d' ' -f1)"
+meta_put zebu_engine_sha256 "$(sha256sum "$bin/zebu-engine" | cut -d' ' -f1)"
+meta_put script_command "$(q "$0" ${orig_args[@]+"${orig_args[@]}"}) (parsed: --runs $runs --size $size_arg --seconds $seconds --systems ${systems[*]}$( ((quick)) && echo ' --quick'))"
+meta_put runs "$runs"
+meta_put seconds "$seconds"
+meta_put ramp_seconds 1
+meta_put size_bytes "$size"
+meta_put size_arg "$size_arg"
+meta_put quick "$quick"
+meta_put systems "${systems[*]}"
+meta_put workdir "$work"
+meta_put between_runs "sync -f on the work dir's filesystem before every fio run, so one system's dirty page cache is not written back during another's run"
+
+# ---------------------------------------------------------------- systems --
+declare -A uri_of=() target_of=()
+
+start_proc() { # label ready_regex timeout_s cmd... ; logs in $work/logs/label.{out,err}
+  local label=$1 ready=$2 limit=$3 i
+  shift 3
+  man_put setup "$label" - - - - - - - - - "$(q "$@")"
+  "$@" >"$work/logs/$label.out" 2>"$work/logs/$label.err" &
+  pid_of[$label]=$!
+  pid_order+=("$label")
+  for ((i = 0; i < limit * 10; i++)); do
+    grep -Eq "$ready" "$work/logs/$label.out" 2>/dev/null && return 0
+    alive "${pid_of[$label]}" || break
+    sleep 0.1
+  done
+  echo "fio_compare: $label did not become ready within ${limit}s; its stderr:" >&2
+  tail -n 20 "$work/logs/$label.err" >&2
+  exit 1
+}
+
+start_zebu() { # system nreplicas
+  local sys=$1 n=$2 i addrs=() a
+  mkdir -p "$work/$sys"
+  for ((i = 1; i <= n; i++)); do
+    start_proc "replica-$sys-r$i" ' on [0-9.]+:[0-9]+ ' 120 \
+      "$bin/zebu-replica" --dir "$work/$sys/r$i" --listen 127.0.0.1:0 --size "$size"
+    a=$(sed -n 's/^zebu-replica serving .* on \([0-9.]*:[0-9]*\) .*/\1/p' "$work/logs/replica-$sys-r$i.out" | head -1)
+    [[ -n $a ]] || die "cannot read replica-$sys-r$i's address from: $(cat "$work/logs/replica-$sys-r$i.out")"
+    addrs+=(--replica "$a")
+  done
+  local vol=${sys//-/}
+  start_proc "engine-$sys" "^zebu-engine volume $vol ready" 300 \
+    "$bin/zebu-engine" --volume "$vol" --size "$size" "${addrs[@]}" \
+    --nbd "unix:$work/$sys/nbd.sock" --listen 127.0.0.1:0
+  uri_of[$sys]="nbd+unix:///$vol?socket=$work/$sys/nbd.sock"
+}
+
+start_system() {
+  case $1 in
+    raw)
+      fallocate -l "$size" "$work/raw.img"
+      man_put setup raw - - - - - - - - - "$(q fallocate -l "$size" "$work/raw.img")"
+      target_of[raw]=$work/raw.img
+      ;;
+    nbdkit-file)
+      fallocate -l "$size" "$work/nbdkit.img"
+      man_put setup nbdkit-file - - - - - - - - - "$(q fallocate -l "$size" "$work/nbdkit.img")"
+      # nbdkit prints nothing when ready: wait for its socket instead.
+      man_put setup nbdkit-file - - - - - - - - - "$(q nbdkit file "$work/nbdkit.img" --unix "$work/nbdkit.sock" --foreground)"
+      nbdkit file "$work/nbdkit.img" --unix "$work/nbdkit.sock" --foreground \
+        >"$work/logs/nbdkit.out" 2>"$work/logs/nbdkit.err" &
+      pid_of[nbdkit]=$!
+      pid_order+=(nbdkit)
+      local i
+      for ((i = 0; i < 300; i++)); do
+        [[ -S $work/nbdkit.sock ]] && break
+        alive "${pid_of[nbdkit]}" || break
+        sleep 0.1
+      done
+      [[ -S $work/nbdkit.sock ]] || { cat "$work/logs/nbdkit.err" >&2; die "nbdkit did not start"; }
+      uri_of[nbdkit-file]="nbd+unix:///?socket=$work/nbdkit.sock"
+      ;;
+    zebu-1) start_zebu zebu-1 1 ;;
+    zebu-3) start_zebu zebu-3 3 ;;
+  esac
+}
+
+procs_of() { # system -> labels of its processes
+  case $1 in
+    raw) ;;
+    nbdkit-file) echo nbdkit ;;
+    zebu-1) echo replica-zebu-1-r1 engine-zebu-1 ;;
+    zebu-3) echo replica-zebu-3-r1 replica-zebu-3-r2 replica-zebu-3-r3 engine-zebu-3 ;;
+  esac
+}
+system_alive() {
+  local l
+  for l in $(procs_of "$1"); do
+    alive "${pid_of[$l]}" || { dead_label=$l; return 1; }
+  done
+  return 0
+}
+
+fio_target_args() { # system -> fio engine/target options
+  if [[ $1 == raw ]]; then
+    printf '%s\n' --ioengine=io_uring --direct=1 "--filename=${target_of[raw]}"
+  else
+    printf '%s\n' --ioengine=nbd "--uri=${uri_of[$1]}"
+  fi
+}
+
+# Runs fio under a hard time limit; sets fio_rc. The pid is recorded for cleanup.
+run_fio() { # limit_s json log fio-args...
+  local limit=$1 json=$2 log=$3
+  shift 3
+  fio_rc=0
+  timeout -k 15 "$limit" fio "$@" --output-format=json "--output=$json" >"$log" 2>&1 &
+  fio_pid=$!
+  wait "$fio_pid" || fio_rc=$?
+  fio_pid=""
+}
+
+sync_fs() { # prints seconds taken
+  local t0 t1
+  t0=$(date +%s.%N)
+  sync -f "$work" 2>/dev/null || sync
+  t1=$(date +%s.%N)
+  python3 -c "print(f'{$t1 - $t0:.2f}')"
+}
+
+echo "== work dir $work; volume $size_arg ($size bytes); ${seconds}s per run (+1s ramp); $runs run(s); systems: ${systems[*]}"
+for s in "${systems[@]}"; do
+  echo "== starting $s"
+  start_system "$s"
+done
+
+# --------------------------------------------------------------- prefill --
+for s in "${systems[@]}"; do
+  mapfile -t targs < <(fio_target_args "$s")
+  args=(fio --name=prefill-seq-1m --rw=write --bs=1M --iodepth=8 --numjobs=1 "--size=$size"
+    --group_reporting "${targs[@]}")
+  sync_s=$(sync_fs)
+  echo "== prefill $s: sequential 1 MiB writes over the whole $size_arg volume"
+  json=$work/out/prefill-$s.json log=$work/out/prefill-$s.log
+  t0=$(date +%s.%N)
+  run_fio $((size / (1 << 20) + 600)) "$json" "$log" "${args[@]:1}"
+  t1=$(date +%s.%N)
+  man_put prefill "$s" prefill-seq-1m 0 0 "$fio_rc" "$json" "$log" "$t0" "$t1" "$sync_s" \
+    "$(q "${args[@]}" --output-format=json "--output=$json")"
+  if ((fio_rc != 0)); then
+    echo "fio_compare: prefill of $s failed (fio exit $fio_rc):" >&2
+    tail -n 20 "$log" >&2
+    exit 1
+  fi
+  python3 - "$json" <<'EOF'
+import json, sys
+w = json.load(open(sys.argv[1]))["jobs"][0]["write"]
+print(f"   {w['bw_bytes'] / 2**20:.1f} MiB/s, {w['runtime'] / 1000:.1f} s")
+EOF
+done
+
+# ------------------------------------------------------------ the rounds --
+# name rw bs iodepth
+scenarios=(
+  "randwrite-4k-qd1 randwrite 4k 1"
+  "randwrite-4k-qd32 randwrite 4k 32"
+  "randread-4k-qd32 randread 4k 32"
+  "write-1m-qd8 write 1M 8"
+)
+nsys=${#systems[@]}
+total=$((runs * ${#scenarios[@]} * nsys))
+n=0 failed=0
+declare -A skip=()
+for ((r = 1; r <= runs; r++)); do
+  for sc in "${scenarios[@]}"; do
+    read -r name rw bs qd <<<"$sc"
+    for ((k = 0; k < nsys; k++)); do
+      s=${systems[$(((k + r - 1) % nsys))]} # rotate the order each round
+      n=$((n + 1))
+      json=$work/out/$s-$name-run$r.json log=$work/out/$s-$name-run$r.log
+      mapfile -t targs < <(fio_target_args "$s")
+      args=(fio "--name=$name" "--rw=$rw" "--bs=$bs" "--iodepth=$qd" --numjobs=1 "--size=$size"
+        --time_based "--runtime=$seconds" --ramp_time=1 --group_reporting "${targs[@]}")
+      fullcmd=$(q "${args[@]}" --output-format=json "--output=$json")
+      if [[ -n ${skip[$s]:-} ]]; then
+        echo "[$n/$total] $s $name run $r: skipped (${skip[$s]})"
+        man_put run "$s" "$name" "$r" "$k" skipped "$json" "$log" - - - "$fullcmd"
+        failed=$((failed + 1))
+        continue
+      fi
+      if ! system_alive "$s"; then
+        skip[$s]="$dead_label exited"
+        echo "fio_compare: $s: $dead_label is no longer running; its last log lines:" >&2
+        tail -n 20 "$work/logs/$dead_label.err" >&2
+        echo "[$n/$total] $s $name run $r: skipped (${skip[$s]})"
+        man_put run "$s" "$name" "$r" "$k" skipped "$json" "$log" - - - "$fullcmd"
+        failed=$((failed + 1))
+        continue
+      fi
+      sync_s=$(sync_fs)
+      echo "[$n/$total] $s $name run $r"
+      t0=$(date +%s.%N)
+      run_fio $((seconds + 120)) "$json" "$log" "${args[@]:1}"
+      t1=$(date +%s.%N)
+      man_put run "$s" "$name" "$r" "$k" "$fio_rc" "$json" "$log" "$t0" "$t1" "$sync_s" "$fullcmd"
+      if ((fio_rc != 0)); then
+        failed=$((failed + 1))
+        echo "fio_compare: fio failed on $s $name run $r (exit $fio_rc$( ((fio_rc == 124)) && echo ', timed out')):" >&2
+        tail -n 10 "$log" >&2
+      fi
+    done
+  done
+done
+
+# ------------------------------------------------------------ shut down --
+meta_put loadavg_end "$(cut -d' ' -f1-3 /proc/loadavg)"
+echo "== stopping every system"
+stop_all
+for note in "${stop_notes[@]}"; do meta_put stop_note "$note"; done
+for l in "${pid_order[@]}"; do
+  # zebu's stderr: keep warnings and errors for the report
+  sed 's/\x1b\[[0-9;]*m//g' "$work/logs/$l.err" 2>/dev/null | grep -E ' (WARN|ERROR) ' | tail -n 5 | while IFS= read -r line; do
+    meta_put "log_$l" "$line"
+  done || true
+done
+t_end=$(date +%s)
+meta_put duration_seconds $((t_end - t_start))
+meta_put finished "$(date -Is)"
+
+# ---------------------------------------------------------------- report --
+mkdir -p "$here/results"
+suffix=""
+((quick)) && suffix="-quick"
+out_json=$here/results/fio-compare-$date_tag$suffix.json
+out_md=$here/results/fio-compare-$date_tag$suffix.md
+python3 "$here/fio_compare.py" --manifest "$manifest" --meta "$meta" \
+  --json "$out_json" --md "$out_md"
+echo
+echo "results: $out_json"
+echo "         $out_md"
+echo "total duration: $((t_end - t_start)) s"
+if ((failed)); then
+  echo "fio_compare: $failed of $total fio runs failed or were skipped (see the results)" >&2
+  exit 2
+fi
