@@ -810,9 +810,27 @@ impl Volume {
             .collect())
     }
 
+    /// Refuses operations that would disturb a rebuild in progress.
+    fn check_no_rebuild(&self, what: &str) -> Result<(), VolumeError> {
+        let inner = self.lock();
+        let running = inner.members.values().find(|m| {
+            m.rebuild
+                .as_ref()
+                .is_some_and(|p| p.get().state == "running")
+        });
+        match running {
+            Some(m) => Err(VolumeError::Precondition(format!(
+                "cannot {what} while replica {} is rebuilding; retry when `status` shows it RW",
+                m.control.addr
+            ))),
+            None => Ok(()),
+        }
+    }
+
     /// Deletes a snapshot on every replica (merging it into its child).
     pub async fn delete_snapshot(&self, name: &str) -> Result<(), VolumeError> {
         let _c = self.control_lock.lock().await;
+        self.check_no_rebuild("delete a snapshot")?;
         let mut found = false;
         for (rid, c) in self.live_members() {
             let (n, epoch) = (name.to_owned(), self.epoch);
@@ -839,6 +857,7 @@ impl Volume {
     /// are connected.
     pub async fn revert(&self, name: &str) -> Result<(), VolumeError> {
         let _c = self.control_lock.lock().await;
+        self.check_no_rebuild("revert")?;
         let clients = self.nbd_clients.load(Ordering::Acquire);
         if clients > 0 {
             return Err(VolumeError::Precondition(format!(
