@@ -3,6 +3,7 @@
 //!
 //! - [`replica`]: the replica's data-path stream and control calls.
 //! - [`engine`]: the engine's control calls.
+//! - [`csi`]: the Container Storage Interface the CSI driver serves.
 //! - [`size`]: parsing of human-readable sizes.
 
 pub mod size;
@@ -17,6 +18,13 @@ pub mod replica {
 #[allow(missing_docs, clippy::all)]
 pub mod engine {
     tonic::include_proto!("zebu.engine.v1");
+}
+
+/// `csi.v1`: the Container Storage Interface (spec v1.12) that Kubernetes
+/// uses to talk to the Zebu CSI driver.
+#[allow(missing_docs, clippy::all)]
+pub mod csi {
+    tonic::include_proto!("csi.v1");
 }
 
 /// Largest gRPC message any Zebu endpoint sends or accepts (a batch of

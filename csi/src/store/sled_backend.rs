@@ -1,0 +1,291 @@
+//! [`Store`] on an embedded sled database.
+//!
+//! One tree per kind (`volumes`, `snapshots`, `nodes`), keyed by the record's
+//! id. Each value is the JSON envelope `{"version": N, "record": {...}}`.
+//! Version checks and the write they guard are one sled `compare_and_swap`,
+//! so two writers racing on the same object cannot both win. Versions come
+//! from sled's `generate_id`, which is unique and monotonic across restarts.
+//! Every write flushes the database before returning.
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use super::{
+    Kind, NodeRecord, Record, Result, SnapshotRecord, Store, StoreError, Versioned, VolumeRecord,
+};
+
+/// [`Store`] on sled. Cheap to share: wrap it in an `Arc`.
+pub struct SledStore {
+    db: sled::Db,
+    volumes: sled::Tree,
+    snapshots: sled::Tree,
+    nodes: sled::Tree,
+    /// Where the database lives, for error messages.
+    location: String,
+}
+
+#[derive(Serialize)]
+struct EnvelopeOut<'a, R> {
+    version: u64,
+    record: &'a R,
+}
+
+#[derive(Deserialize)]
+struct EnvelopeIn<R> {
+    version: u64,
+    record: R,
+}
+
+#[derive(Deserialize)]
+struct VersionOnly {
+    version: u64,
+}
+
+impl SledStore {
+    /// Opens (or creates) the store in directory `path`. Only one process may
+    /// have it open at a time.
+    pub fn open(path: &Path) -> Result<Self> {
+        let location = path.display().to_string();
+        let db = sled::Config::new()
+            .path(path)
+            .open()
+            .map_err(|e| backend(&location, "open", e))?;
+        Self::from_db(db, location)
+    }
+
+    /// A store in a temporary location, removed when dropped (for tests and
+    /// experiments).
+    pub fn temporary() -> Result<Self> {
+        let location = "<temporary>".to_owned();
+        let db = sled::Config::new()
+            .temporary(true)
+            .open()
+            .map_err(|e| backend(&location, "open", e))?;
+        Self::from_db(db, location)
+    }
+
+    fn from_db(db: sled::Db, location: String) -> Result<Self> {
+        let tree = |kind: Kind| {
+            db.open_tree(kind.collection())
+                .map_err(|e| backend(&location, "open tree", e))
+        };
+        Ok(SledStore {
+            volumes: tree(Kind::Volume)?,
+            snapshots: tree(Kind::Snapshot)?,
+            nodes: tree(Kind::Node)?,
+            db,
+            location,
+        })
+    }
+
+    fn tree(&self, kind: Kind) -> &sled::Tree {
+        match kind {
+            Kind::Volume => &self.volumes,
+            Kind::Snapshot => &self.snapshots,
+            Kind::Node => &self.nodes,
+        }
+    }
+
+    fn err(&self, op: &str, e: sled::Error) -> StoreError {
+        backend(&self.location, op, e)
+    }
+
+    fn flush(&self) -> Result<()> {
+        self.db.flush().map_err(|e| self.err("flush", e))?;
+        Ok(())
+    }
+
+    fn get<R: Record>(&self, key: &str) -> Result<Option<Versioned<R>>> {
+        check_key(R::KIND, key)?;
+        let raw = self
+            .tree(R::KIND)
+            .get(key)
+            .map_err(|e| self.err("read", e))?;
+        raw.map(|raw| decode::<R>(key, &raw)).transpose()
+    }
+
+    fn put<R: Record>(&self, rec: &R, expected: Option<u64>) -> Result<u64> {
+        let key = rec.key();
+        check_key(R::KIND, key)?;
+        let tree = self.tree(R::KIND);
+        let current = tree.get(key).map_err(|e| self.err("read", e))?;
+        let actual = current
+            .as_ref()
+            .map(|raw| decode_version(R::KIND, key, raw))
+            .transpose()?;
+        if actual != expected {
+            return Err(conflict(R::KIND, key, expected, actual));
+        }
+        let version = self
+            .db
+            .generate_id()
+            .map_err(|e| self.err("generate version", e))?
+            + 1;
+        let value = serde_json::to_vec(&EnvelopeOut {
+            version,
+            record: rec,
+        })
+        .map_err(|e| StoreError::Invalid(format!("cannot encode {} {key:?}: {e}", R::KIND)))?;
+        let swapped = tree
+            .compare_and_swap(key, current.as_ref(), Some(value))
+            .map_err(|e| self.err("write", e))?;
+        if let Err(lost) = swapped {
+            // Someone wrote between our read and our swap.
+            let actual = lost
+                .current
+                .as_ref()
+                .map(|raw| decode_version(R::KIND, key, raw))
+                .transpose()?;
+            return Err(conflict(R::KIND, key, expected, actual));
+        }
+        self.flush()?;
+        tracing::debug!(kind = %R::KIND, key, version, "stored");
+        Ok(version)
+    }
+
+    fn delete<R: Record>(&self, key: &str, expected: Option<u64>) -> Result<()> {
+        check_key(R::KIND, key)?;
+        let tree = self.tree(R::KIND);
+        let not_found = || StoreError::NotFound {
+            kind: R::KIND,
+            key: key.to_owned(),
+        };
+        match expected {
+            None => {
+                // Unconditional: also the way to clear a corrupt entry.
+                tree.remove(key)
+                    .map_err(|e| self.err("delete", e))?
+                    .ok_or_else(not_found)?;
+            }
+            Some(expected_v) => {
+                let current = tree
+                    .get(key)
+                    .map_err(|e| self.err("read", e))?
+                    .ok_or_else(not_found)?;
+                let actual = decode_version(R::KIND, key, &current)?;
+                if actual != expected_v {
+                    return Err(conflict(R::KIND, key, expected, Some(actual)));
+                }
+                let swapped = tree
+                    .compare_and_swap(key, Some(&current), None::<sled::IVec>)
+                    .map_err(|e| self.err("delete", e))?;
+                if let Err(lost) = swapped {
+                    let actual = lost
+                        .current
+                        .as_ref()
+                        .map(|raw| decode_version(R::KIND, key, raw))
+                        .transpose()?;
+                    return Err(conflict(R::KIND, key, expected, actual));
+                }
+            }
+        }
+        self.flush()?;
+        tracing::debug!(kind = %R::KIND, key, "deleted");
+        Ok(())
+    }
+
+    fn list<R: Record>(&self) -> Result<Vec<Versioned<R>>> {
+        self.tree(R::KIND)
+            .iter()
+            .map(|entry| {
+                let (k, raw) = entry.map_err(|e| self.err("list", e))?;
+                let key = String::from_utf8_lossy(&k);
+                decode::<R>(&key, &raw)
+            })
+            .collect()
+    }
+}
+
+fn backend(location: &str, op: &str, e: sled::Error) -> StoreError {
+    StoreError::Backend(format!("sled database at {location}: {op}: {e}"))
+}
+
+fn conflict(kind: Kind, key: &str, expected: Option<u64>, actual: Option<u64>) -> StoreError {
+    StoreError::Conflict {
+        kind,
+        key: key.to_owned(),
+        expected,
+        actual,
+    }
+}
+
+fn check_key(kind: Kind, key: &str) -> Result<()> {
+    if key.is_empty() {
+        return Err(StoreError::Invalid(format!("{kind} key is empty")));
+    }
+    Ok(())
+}
+
+fn corrupt(kind: Kind, key: &str, reason: impl Into<String>) -> StoreError {
+    StoreError::Corrupt {
+        key: format!("{}/{key}", kind.collection()),
+        reason: reason.into(),
+    }
+}
+
+fn decode<R: Record>(key: &str, raw: &[u8]) -> Result<Versioned<R>> {
+    let env: EnvelopeIn<R> = serde_json::from_slice(raw)
+        .map_err(|e| corrupt(R::KIND, key, format!("undecodable JSON: {e}")))?;
+    if env.record.key() != key {
+        return Err(corrupt(
+            R::KIND,
+            key,
+            format!("the record inside says its id is {:?}", env.record.key()),
+        ));
+    }
+    Ok(Versioned {
+        version: env.version,
+        value: env.record,
+    })
+}
+
+fn decode_version(kind: Kind, key: &str, raw: &[u8]) -> Result<u64> {
+    let v: VersionOnly = serde_json::from_slice(raw)
+        .map_err(|e| corrupt(kind, key, format!("no readable version: {e}")))?;
+    Ok(v.version)
+}
+
+impl Store for SledStore {
+    fn get_volume(&self, id: &str) -> Result<Option<Versioned<VolumeRecord>>> {
+        self.get(id)
+    }
+    fn put_volume(&self, rec: &VolumeRecord, expected_version: Option<u64>) -> Result<u64> {
+        self.put(rec, expected_version)
+    }
+    fn delete_volume(&self, id: &str, expected_version: Option<u64>) -> Result<()> {
+        self.delete::<VolumeRecord>(id, expected_version)
+    }
+    fn list_volumes(&self) -> Result<Vec<Versioned<VolumeRecord>>> {
+        self.list()
+    }
+
+    fn get_snapshot(&self, id: &str) -> Result<Option<Versioned<SnapshotRecord>>> {
+        self.get(id)
+    }
+    fn put_snapshot(&self, rec: &SnapshotRecord, expected_version: Option<u64>) -> Result<u64> {
+        self.put(rec, expected_version)
+    }
+    fn delete_snapshot(&self, id: &str, expected_version: Option<u64>) -> Result<()> {
+        self.delete::<SnapshotRecord>(id, expected_version)
+    }
+    fn list_snapshots(&self) -> Result<Vec<Versioned<SnapshotRecord>>> {
+        self.list()
+    }
+
+    fn get_node(&self, node_id: &str) -> Result<Option<Versioned<NodeRecord>>> {
+        self.get(node_id)
+    }
+    fn put_node(&self, rec: &NodeRecord, expected_version: Option<u64>) -> Result<u64> {
+        self.put(rec, expected_version)
+    }
+    fn delete_node(&self, node_id: &str, expected_version: Option<u64>) -> Result<()> {
+        self.delete::<NodeRecord>(node_id, expected_version)
+    }
+    fn list_nodes(&self) -> Result<Vec<Versioned<NodeRecord>>> {
+        self.list()
+    }
+}
+
+#[cfg(test)]
+mod tests;
