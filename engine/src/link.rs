@@ -1,10 +1,12 @@
 //! Connections from the engine to one replica: a gRPC channel for control
 //! calls and one long-lived bidirectional data stream.
 //!
-//! Requests handed to a [`DataLink`] are queued without blocking; a sender
-//! task gathers whatever is queued into one `IoBatch` message, so a burst of
-//! requests costs one HTTP/2 message. Replies are handed to a callback in the
-//! order the replica completes them.
+//! Requests handed to a [`DataLink`] are queued without blocking; the
+//! request stream given to tonic gathers whatever is queued into one
+//! `IoBatch` message when the HTTP/2 connection polls it, so a burst of
+//! requests costs one HTTP/2 message and no task sits between the caller and
+//! the connection. Replies are handed to a callback in the order the replica
+//! completes them.
 //!
 //! Invariant: when the stream ends or breaks, the callback's `broken` is
 //! called exactly once, after the last reply was delivered.
@@ -13,8 +15,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use futures::Stream;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::{Channel, Endpoint};
 
 use zebu_proto::replica as pb;
@@ -154,6 +159,34 @@ pub trait ReplyHandler: Send + Sync + 'static {
     fn broken(&self, why: String);
 }
 
+/// The request stream of a data link: each poll turns whatever is queued
+/// (up to [`MAX_BATCH`] requests) into one `IoBatch`. It ends when every
+/// [`DataLink`] sender is gone.
+struct Batches {
+    rx: mpsc::UnboundedReceiver<pb::IoRequest>,
+}
+
+impl Stream for Batches {
+    type Item = pb::IoBatch;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<pb::IoBatch>> {
+        let first = match self.rx.poll_recv(cx) {
+            Poll::Ready(Some(r)) => r,
+            Poll::Ready(None) => return Poll::Ready(None),
+            Poll::Pending => return Poll::Pending,
+        };
+        let mut requests = Vec::with_capacity(self.rx.len().min(MAX_BATCH - 1) + 1);
+        requests.push(first);
+        while requests.len() < MAX_BATCH {
+            match self.rx.try_recv() {
+                Ok(r) => requests.push(r),
+                Err(_) => break,
+            }
+        }
+        Poll::Ready(Some(pb::IoBatch { requests }))
+    }
+}
+
 /// The sending half of a data stream.
 pub struct DataLink {
     tx: mpsc::UnboundedSender<pb::IoRequest>,
@@ -170,9 +203,9 @@ impl DataLink {
         control: &Control,
         handler: Arc<H>,
     ) -> Result<DataLink, LinkError> {
-        let (btx, brx) = mpsc::channel::<pb::IoBatch>(64);
+        let (tx, rx) = mpsc::unbounded_channel::<pb::IoRequest>();
         let mut client = control.client.clone();
-        let call = client.io(ReceiverStream::new(brx));
+        let call = client.io(Batches { rx });
         let mut inbound = match tokio::time::timeout(control.timeout, call).await {
             Ok(Ok(r)) => r.into_inner(),
             Ok(Err(status)) => {
@@ -190,26 +223,9 @@ impl DataLink {
                 });
             }
         };
-        let (tx, mut rx) = mpsc::unbounded_channel::<pb::IoRequest>();
         let in_flight = Arc::new(AtomicU64::new(0));
         let progress_ms = Arc::new(AtomicU64::new(0));
         let start = Instant::now();
-        // Sender: batch whatever is queued.
-        tokio::spawn(async move {
-            while let Some(first) = rx.recv().await {
-                let mut requests = Vec::with_capacity(16);
-                requests.push(first);
-                while requests.len() < MAX_BATCH {
-                    match rx.try_recv() {
-                        Ok(r) => requests.push(r),
-                        Err(_) => break,
-                    }
-                }
-                if btx.send(pb::IoBatch { requests }).await.is_err() {
-                    break;
-                }
-            }
-        });
         // Receiver: hand replies over; report the end once.
         let (fl, pr) = (in_flight.clone(), progress_ms.clone());
         tokio::spawn(async move {

@@ -155,7 +155,14 @@ impl IoEngine {
     /// Runs a batch and waits for every result; the first error wins, but
     /// only after every operation of the batch has finished.
     pub async fn run(&self, ops: impl IntoIterator<Item = Op>) -> io::Result<Vec<Completion>> {
-        let rxs = self.submit(ops);
+        Self::wait(self.submit(ops)).await
+    }
+
+    /// Waits for every result of a [`Self::submit`]; the first error wins,
+    /// but only after every operation has finished.
+    pub async fn wait(
+        rxs: Vec<oneshot::Receiver<io::Result<Completion>>>,
+    ) -> io::Result<Vec<Completion>> {
         let mut out = Vec::with_capacity(rxs.len());
         let mut first_err = None;
         for rx in rxs {

@@ -28,6 +28,7 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -36,7 +37,7 @@ use bytes::Bytes;
 use tokio::sync::{RwLock, mpsc};
 
 use crate::io::{Buf, Completion, EngineKind, IoEngine, Op};
-use crate::layer::{Layer, block_crcs};
+use crate::layer::{Layer, block_crcs, block_crcs_and_total};
 use crate::meta::{FORMAT, LayerMeta, MergeMeta, Meta, MetaError, MetaStore, SledMeta};
 use crate::uring::AlignedBuf;
 
@@ -595,7 +596,7 @@ impl Store {
         revision: u64,
     ) -> Result<()> {
         self.check_epoch(epoch)?;
-        let actual = crc32fast::hash(&payload);
+        let (crcs, actual) = block_crcs_and_total(&payload, self.block_size as usize);
         if actual != crc {
             return Err(StoreError::CrcMismatch {
                 expected: crc,
@@ -605,31 +606,42 @@ impl Store {
         let chain = self.chain.read().await;
         self.check_range(&chain, offset, payload.len() as u64)?;
         let head = chain.head().clone();
-        self.write_layer_blocks(&head, offset, &payload).await?;
+        self.write_blocks_with_crcs(&head, offset, &payload, crcs)
+            .await?;
         self.revision.fetch_max(revision, Ordering::AcqRel);
         Ok(())
     }
 
     /// Writes whole blocks into `layer` (data, then CRCs, then the index).
     async fn write_layer_blocks(&self, layer: &Arc<Layer>, offset: u64, data: &[u8]) -> Result<()> {
+        let crcs = block_crcs(data, self.block_size as usize);
+        self.write_blocks_with_crcs(layer, offset, data, crcs).await
+    }
+
+    /// [`Self::write_layer_blocks`] with the CRC-file bytes of `data` already
+    /// computed. The data write goes to the I/O backend; while it runs, the
+    /// CRC entries are written with a plain `pwrite` into the page cache (see
+    /// `layer`'s docs for why not through io_uring). Both have finished
+    /// before the index is updated, so the durability invariant is unchanged.
+    async fn write_blocks_with_crcs(
+        &self,
+        layer: &Arc<Layer>,
+        offset: u64,
+        data: &[u8],
+        crcs: Vec<u8>,
+    ) -> Result<()> {
         let bs = self.block_size as u64;
         let first = offset / bs;
-        let crcs = block_crcs(data, bs as usize);
-        self.io
-            .run([
-                Op::Write {
-                    file: layer.data.clone(),
-                    offset,
-                    buf: Buf::Aligned(AlignedBuf::copy_from(data)),
-                },
-                Op::Write {
-                    file: layer.crc.clone(),
-                    offset: first * 4,
-                    buf: Buf::Plain(crcs),
-                },
-            ])
-            .await
-            .map_err(io_err(format!("writing {} bytes at {offset}", data.len())))?;
+        let context = || format!("writing {} bytes at {offset}", data.len());
+        let pending = self.io.submit([Op::Write {
+            file: layer.data.clone(),
+            offset,
+            buf: Buf::Aligned(AlignedBuf::copy_from(data)),
+        }]);
+        let crc_written = layer.crc.write_all_at(&crcs, first * 4);
+        // Wait for the data write even when the CRC write failed.
+        IoEngine::wait(pending).await.map_err(io_err(context()))?;
+        crc_written.map_err(io_err(context()))?;
         layer.index_mut().insert(first, data.len() as u64 / bs);
         self.mark_dirty(layer);
         Ok(())
@@ -1151,7 +1163,7 @@ impl Store {
         crc: u32,
         epoch: u64,
     ) -> Result<()> {
-        let actual = crc32fast::hash(&data);
+        let (crcs, actual) = block_crcs_and_total(&data, self.block_size as usize);
         if actual != crc {
             return Err(StoreError::CrcMismatch {
                 expected: crc,
@@ -1160,7 +1172,8 @@ impl Store {
         }
         let (chain, layer) = self.sync_target(name, epoch).await?;
         self.check_range(&chain, offset, data.len() as u64)?;
-        self.write_layer_blocks(&layer, offset, &data).await
+        self.write_blocks_with_crcs(&layer, offset, &data, crcs)
+            .await
     }
 
     /// Deallocates `[offset, offset + len)` of layer `name` during a sync.
