@@ -25,6 +25,9 @@ use tonic::transport::{Channel, Endpoint};
 use zebu_proto::replica as pb;
 use zebu_proto::replica::replica_client::ReplicaClient;
 
+/// Limit for control calls whose work grows with the data (merge, sync).
+pub const LONG_CALL_TIMEOUT: Duration = Duration::from_secs(3600);
+
 /// Most requests in one batch message.
 const MAX_BATCH: usize = 256;
 
@@ -127,7 +130,35 @@ impl Control {
     where
         F: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        match tokio::time::timeout(self.timeout, f(self.client.clone())).await {
+        self.call_within(self.timeout, what, f).await
+    }
+
+    /// [`Self::call`] for operations whose duration grows with the data
+    /// (merging a snapshot, syncing every layer): bounded by
+    /// [`LONG_CALL_TIMEOUT`] instead of the I/O timeout, so a large volume
+    /// does not get a healthy replica ejected.
+    pub async fn call_long<T, F>(
+        &self,
+        what: &str,
+        f: impl FnOnce(ReplicaClient<Channel>) -> F,
+    ) -> Result<T, LinkError>
+    where
+        F: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        self.call_within(LONG_CALL_TIMEOUT.max(self.timeout), what, f)
+            .await
+    }
+
+    async fn call_within<T, F>(
+        &self,
+        timeout: Duration,
+        what: &str,
+        f: impl FnOnce(ReplicaClient<Channel>) -> F,
+    ) -> Result<T, LinkError>
+    where
+        F: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        match tokio::time::timeout(timeout, f(self.client.clone())).await {
             Ok(Ok(r)) => Ok(r.into_inner()),
             Ok(Err(status)) => Err(LinkError::Call {
                 addr: self.addr.clone(),
@@ -137,7 +168,7 @@ impl Control {
             Err(_) => Err(LinkError::Timeout {
                 addr: self.addr.clone(),
                 what: what.into(),
-                timeout: self.timeout,
+                timeout,
             }),
         }
     }

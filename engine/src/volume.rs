@@ -679,7 +679,7 @@ impl Volume {
         for (_, c) in self.live_members() {
             let epoch = self.epoch;
             if let Err(e) = c
-                .call("closing", |mut cl| async move {
+                .call_long("closing", |mut cl| async move {
                     cl.close(pb::CloseRequest { epoch }).await
                 })
                 .await
@@ -835,7 +835,7 @@ impl Volume {
         for (rid, c) in self.live_members() {
             let (n, epoch) = (name.to_owned(), self.epoch);
             let r = c
-                .call("deleting a snapshot", |mut cl| async move {
+                .call_long("deleting a snapshot", |mut cl| async move {
                     cl.delete_snapshot(pb::DeleteSnapshotRequest { name: n, epoch })
                         .await
                 })
@@ -1114,7 +1114,7 @@ impl Volume {
         for (_, c) in self.live_members() {
             let (n, epoch) = (snap.to_owned(), self.epoch);
             if let Err(e) = c
-                .call("deleting the rebuild snapshot", |mut cl| async move {
+                .call_long("deleting the rebuild snapshot", |mut cl| async move {
                     cl.delete_snapshot(pb::DeleteSnapshotRequest { name: n, epoch })
                         .await
                 })
@@ -1242,7 +1242,7 @@ async fn resync(
     progress: &Progress,
 ) -> Result<(), VolumeError> {
     let layers = names.to_vec();
-    dst.call("preparing a sync", |mut c| async move {
+    dst.call_long("preparing a sync", |mut c| async move {
         c.prepare_sync(pb::PrepareSyncRequest {
             layers,
             epoch,
@@ -1256,7 +1256,7 @@ async fn resync(
         all.push(String::new());
     }
     rebuild::sync_layers(src, dst, &all, epoch, BLOCK_SIZE as u64, progress).await?;
-    dst.call("finishing a sync", |mut c| async move {
+    dst.call_long("finishing a sync", |mut c| async move {
         c.finish_sync(pb::FinishSyncRequest { epoch }).await
     })
     .await?;
