@@ -21,12 +21,17 @@ SCENARIOS = [
     # name, fio data direction, description
     ("randwrite-4k-qd1", "write", "4 KiB random write, QD1"),
     ("randwrite-4k-qd32", "write", "4 KiB random write, QD32"),
+    ("randread-4k-qd1", "read", "4 KiB random read, QD1"),
     ("randread-4k-qd32", "read", "4 KiB random read, QD32"),
     ("write-1m-qd8", "write", "1 MiB sequential write, QD8"),
+    ("read-1m-qd8", "read", "1 MiB sequential read, QD8"),
+    # "mixed": IOPS and MiB/s are read + write; p50/p99 are the reads' (the
+    # writes' are in write_p50_us/write_p99_us)
+    ("randrw70-4k-qd16", "mixed", "4 KiB random 70% read / 30% write, QD16"),
 ]
 DIRECTION = {name: d for name, d, _ in SCENARIOS}
 DESCRIPTION = {name: t for name, _, t in SCENARIOS}
-METRICS = ["iops", "mib_s", "p50_us", "p99_us"]
+METRICS = ["iops", "mib_s", "p50_us", "p99_us", "read_p50_us", "read_p99_us", "write_p50_us", "write_p99_us"]
 
 # (key, numerator system, denominator system, metric, denominator divisor, scenarios or None = all)
 RATIOS = [
@@ -70,7 +75,7 @@ def read_meta(path):
                 meta[k].append(v)
             else:
                 meta[k] = v
-    for k in ("runs", "seconds", "ramp_seconds", "size_bytes", "quick", "cpus",
+    for k in ("runs", "seconds", "ramp_seconds", "size_bytes", "quick", "cpus", "clk_tck",
               "duration_seconds", "git_dirty_files", "mem_total_kb"):
         if isinstance(meta.get(k), str) and meta[k].lstrip("-").isdigit():
             meta[k] = int(meta[k])
@@ -98,15 +103,38 @@ def fio_figures(path, direction):
         raise ValueError("fio output holds no JSON")
     doc = json.loads(text[start:])
     job = doc["jobs"][0]
-    d = job[direction]
     if job.get("error"):
         raise ValueError(f"fio job error {job['error']}")
+
+    def pct_of(d, key):
+        v = d.get("clat_ns", {}).get("percentile", {}).get(key)
+        return None if v is None else v / 1000.0
+
+    if direction == "mixed":
+        rd, wr = job["read"], job["write"]
+        return {
+            "iops": rd["iops"] + wr["iops"],
+            "mib_s": (rd["bw_bytes"] + wr["bw_bytes"]) / 2**20,
+            "p50_us": pct_of(rd, "50.000000"),
+            "p99_us": pct_of(rd, "99.000000"),
+            "read_iops": rd["iops"],
+            "write_iops": wr["iops"],
+            "read_p50_us": pct_of(rd, "50.000000"),
+            "read_p99_us": pct_of(rd, "99.000000"),
+            "write_p50_us": pct_of(wr, "50.000000"),
+            "write_p99_us": pct_of(wr, "99.000000"),
+            "total_ios": (rd.get("total_ios") or 0) + (wr.get("total_ios") or 0),
+            "io_mib": (rd.get("io_bytes", 0) + wr.get("io_bytes", 0)) / 2**20,
+            "runtime_ms": max(rd.get("runtime") or 0, wr.get("runtime") or 0),
+            "usr_cpu_pct": job.get("usr_cpu"),
+            "sys_cpu_pct": job.get("sys_cpu"),
+            "fio_version": doc.get("fio version"),
+        }
+    d = job[direction]
     clat = d.get("clat_ns", {})
-    pct = clat.get("percentile", {})
 
     def p(key):
-        v = pct.get(key)
-        return None if v is None else v / 1000.0
+        return pct_of(d, key)
 
     return {
         "iops": d["iops"],
@@ -150,6 +178,8 @@ def main():
     ap.add_argument("--meta", required=True)
     ap.add_argument("--json", required=True, help="results JSON to write")
     ap.add_argument("--md", required=True, help="Markdown report to write")
+    ap.add_argument("--cpu", help="per-run CPU ticks and VmHWM of the systems' processes (tsv)")
+    ap.add_argument("--rebuild", help="the rebuild section's key/value tsv")
     a = ap.parse_args()
 
     meta = read_meta(a.meta)
@@ -211,7 +241,7 @@ def main():
         for s in systems:
             figs = [fig(s, sc, r) for r in range(1, runs + 1)]
             ok = [f for f in figs if f]
-            medians[sc][s] = {m: median([f[m] for f in ok]) for m in METRICS}
+            medians[sc][s] = {m: median([f.get(m) for f in ok]) for m in METRICS}
             medians[sc][s]["runs_ok"] = len(ok)
 
     ratios = {}
@@ -239,6 +269,11 @@ def main():
                 "ratio_of_medians": (mn / (md / div)) if mn is not None and md else None,
             }
 
+    cpu = cpu_usage(a.cpu, meta, per_run, systems, runs) if a.cpu else None
+    rebuild = read_rebuild(a.rebuild) if a.rebuild else None
+    if rebuild and rebuild.get("error"):
+        errors.append(f"rebuild section: {rebuild['error']}")
+
     result = {
         "benchmark": "fio_compare",
         "meta": meta,
@@ -256,19 +291,136 @@ def main():
         "runs": per_run,
         "medians": medians,
         "ratios": ratios,
+        "cpu_and_memory": cpu,
+        "rebuild": rebuild,
         "errors": errors,
     }
     with open(a.json, "w", encoding="utf-8") as f:
         json.dump(result, f, indent=2, ensure_ascii=False)
         f.write("\n")
 
-    md = render_md(meta, systems, medians, ratios, prefill, errors, runs)
+    md = render_md(meta, systems, medians, ratios, prefill, errors, runs, cpu, rebuild)
     with open(a.md, "w", encoding="utf-8") as f:
         f.write(md)
     sys.stdout.write(md)
 
 
-def render_md(meta, systems, medians, ratios, prefill, errors, runs):
+def cpu_usage(path, meta, per_run, systems, runs):
+    """CPU µs per I/O (per process group, per run, median) and peak RSS."""
+    tck = int(meta.get("clk_tck") or 100)
+    ramp, secs = float(meta.get("ramp_seconds", 1) or 0), float(meta.get("seconds", 1) or 1)
+    rows = []
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                p = line.rstrip("\n").split("\t")
+                if len(p) == 7:
+                    rows.append(p)
+    except OSError:
+        return None
+    fig = {(e["system"], e["scenario"], e["run"]): e.get("figures") for e in per_run}
+    per = {}   # (system, scenario, run) -> {"engine": s, "replicas": s, ...}
+    hwm = {}   # (system, process) -> max VmHWM kB
+    for system, scenario, run, proc, before, after, vm in rows:
+        key = (system, scenario, int(run))
+        if before.isdigit() and after.isdigit():
+            group = "engine" if proc.startswith("engine-") else "replicas" if proc.startswith("replica-") else "server"
+            d = per.setdefault(key, {})
+            d[group] = d.get(group, 0.0) + (int(after) - int(before)) / tck
+        if vm.isdigit():
+            hwm[(system, proc)] = max(hwm.get((system, proc), 0), int(vm))
+    runs_out = []
+    for (system, scenario, run), d in sorted(per.items()):
+        f = fig.get((system, scenario, run))
+        ios = f.get("total_ios") if f else None
+        e = {"system": system, "scenario": scenario, "run": run,
+             "cpu_s": {k: round(v, 3) for k, v in d.items()}, "total_ios": ios}
+        if ios:
+            total = sum(d.values())
+            e["cpu_us_per_io"] = {k: v * 1e6 / ios for k, v in d.items()}
+            e["cpu_us_per_io"]["total"] = total * 1e6 / ios
+            # the CPU window also holds the ramp (fio does not count its I/Os)
+            e["cpu_us_per_io_ramp_adjusted_total"] = total * 1e6 / (ios * (secs + ramp) / secs)
+        runs_out.append(e)
+    med = {}
+    for sc, _, _ in SCENARIOS:
+        for s in systems:
+            ok = [e["cpu_us_per_io"] for e in runs_out
+                  if e["system"] == s and e["scenario"] == sc and "cpu_us_per_io" in e]
+            if ok:
+                med.setdefault(sc, {})[s] = {k: median([o.get(k) for o in ok])
+                                             for k in ("engine", "replicas", "server", "total")}
+    peak = {}
+    for (s, proc), kb in sorted(hwm.items()):
+        peak.setdefault(s, {})[proc] = round(kb / 1024, 1)
+    return {
+        "definition": "CPU = utime+stime (/proc/PID/stat fields 14+15) of the system's processes, read before "
+                      "and after each fio run (the window includes fio's 1 s ramp and setup); CPU µs per I/O = "
+                      "that delta / fio's total I/Os of the run (reads + writes); peak RSS = VmHWM after the last run",
+        "clk_tck": tck,
+        "per_run": runs_out,
+        "median_us_per_io": med,
+        "peak_rss_mib": peak,
+    }
+
+
+def read_rebuild(path):
+    kv = {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if "\t" in line:
+                    k, v = line.rstrip("\n").split("\t", 1)
+                    kv[k] = v
+    except OSError:
+        return None
+    if not kv:
+        return None
+    out = {"size_bytes": int(kv["size_bytes"]) if "size_bytes" in kv else None}
+    if "fill_bytes" in kv:
+        out["fill_bytes"] = int(kv["fill_bytes"])
+    for k in ("error", "note"):
+        if k in kv:
+            out[k] = kv[k]
+
+    def progress(status_path, address):
+        try:
+            with open(status_path, encoding="utf-8") as f:
+                st = json.loads(f.read())
+        except (OSError, ValueError):
+            return None
+        for r in st.get("replicas", []):
+            if r.get("address") == address:
+                return r.get("rebuild")
+        return None
+
+    for phase in ("full", "delta"):
+        if f"{phase}_wall_s" not in kv:
+            continue
+        wall = float(kv[f"{phase}_wall_s"])
+        p = progress(kv.get(f"{phase}_status_json", ""), kv.get(f"{phase}_address")) or {}
+        e = {"address": kv.get(f"{phase}_address"), "wall_s": wall, "engine_progress": p}
+        bd = p.get("bytes_done")
+        if bd is not None:
+            e["mib_s_wall"] = bd / 2**20 / wall if wall else None
+        if p.get("rate_bytes_per_sec") is not None:
+            e["mib_s_engine"] = p["rate_bytes_per_sec"] / 2**20
+        e["blocks_copied"] = p.get("blocks_copied")
+        out[phase] = e
+    if "delta_blocks_target" in kv:
+        out.setdefault("delta_writes", {})["blocks_target"] = int(kv["delta_blocks_target"])
+        try:
+            w = fio_figures(kv.get("delta_writes_json", ""), "write")
+            out.setdefault("delta_writes", {}).update(
+                {"total_ios": w["total_ios"], "io_mib": w["io_mib"], "runtime_ms": w["runtime_ms"]})
+        except (ValueError, KeyError, IndexError, json.JSONDecodeError):
+            pass
+    if "full" in out and "delta" in out and out["full"]["wall_s"]:
+        out["delta_over_full_time"] = out["delta"]["wall_s"] / out["full"]["wall_s"]
+    return out
+
+
+def render_md(meta, systems, medians, ratios, prefill, errors, runs, cpu=None, rebuild=None):
     out = []
     w = out.append
     size_gib = meta.get("size_bytes", 0) / 2**30
@@ -292,9 +444,17 @@ def render_md(meta, systems, medians, ratios, prefill, errors, runs):
     for sc, _, _ in SCENARIOS:
         for s in systems:
             m = medians[sc][s]
+            if DIRECTION[sc] == "mixed":
+                p50 = f"r {fmt(m['read_p50_us'], 'p50_us')} / w {fmt(m['write_p50_us'], 'p50_us')}"
+                p99 = f"r {fmt(m['read_p99_us'], 'p99_us')} / w {fmt(m['write_p99_us'], 'p99_us')}"
+            else:
+                p50, p99 = fmt(m['p50_us'], 'p50_us'), fmt(m['p99_us'], 'p99_us')
             w(f"| {sc} | {s} | {fmt(m['iops'], 'iops')} | {fmt(m['mib_s'], 'mib_s')} | "
-              f"{fmt(m['p50_us'], 'p50_us')} | {fmt(m['p99_us'], 'p99_us')} | {m['runs_ok']}/{runs} |")
+              f"{p50} | {p99} | {m['runs_ok']}/{runs} |")
     w("")
+    if any(DIRECTION[sc] == "mixed" for sc, _, _ in SCENARIOS):
+        w("Mixed scenarios: IOPS and MiB/s are reads + writes; latencies are given for reads (r) and writes (w); "
+          "their p50 ratios below use the reads' p50.\n")
 
     keys = [k for k, *_ in RATIOS if any(k in ratios[sc] for sc, _, _ in SCENARIOS)]
     if keys:
@@ -328,6 +488,56 @@ def render_md(meta, systems, medians, ratios, prefill, errors, runs):
                 w(f"| {s} | {fmt(f['mib_s'], 'mib_s')} | {f['runtime_ms'] / 1000:.1f} |")
             else:
                 w(f"| {s} | {e.get('error', 'missing')} | |")
+        w("")
+
+    if cpu and cpu.get("median_us_per_io"):
+        w(f"## CPU time per I/O (median over runs, µs; utime+stime of the system's processes)\n")
+        w("Measured around each whole fio run (including its 1 s ramp, whose I/Os fio does not count), "
+          "divided by the run's I/Os; an upper bound. replicas = sum over the replicas; "
+          "nbdkit-file's server is nbdkit, for reference.\n")
+        w("| scenario | system | engine | replicas | server | total |")
+        w("|---|---|---:|---:|---:|---:|")
+        for sc, _, _ in SCENARIOS:
+            for s in systems:
+                m = cpu["median_us_per_io"].get(sc, {}).get(s)
+                if not m:
+                    continue
+                cells = [("—" if m.get(k) is None else f"{m[k]:.1f}") for k in ("engine", "replicas", "server", "total")]
+                w(f"| {sc} | {s} | " + " | ".join(cells) + " |")
+        w("")
+    if cpu and cpu.get("peak_rss_mib"):
+        w("## Peak RSS (VmHWM after the last run, MiB)\n")
+        w("| system | process | peak RSS MiB |")
+        w("|---|---|---:|")
+        for s in systems:
+            for proc, mib in cpu["peak_rss_mib"].get(s, {}).items():
+                w(f"| {s} | {proc} | {mib:,.1f} |")
+        w("")
+    if rebuild:
+        sz = (rebuild.get("size_bytes") or 0) / 2**20
+        w(f"## Rebuild (zebu-3, fresh {sz:g} MiB volume, {(rebuild.get('fill_bytes') or 0) / 2**20:g} MiB written)\n")
+        w("full = SIGKILL a replica, `replica add` of a fresh one; delta = SIGKILL a replica, random 4 KiB "
+          "writes over 1% of the blocks, restart it on its old dir, `replica add`. Seconds = wall clock around "
+          "`replica add --wait`; MiB/s (wall) = the engine's bytes_done / those seconds.\n")
+        w("| phase | seconds | MiB/s (wall) | MiB/s (engine) | bytes done | blocks copied |")
+        w("|---|---:|---:|---:|---:|---:|")
+        for ph in ("full", "delta"):
+            e = rebuild.get(ph)
+            if not e:
+                w(f"| {ph} | — | — | — | — | — |")
+                continue
+            p = e.get("engine_progress") or {}
+            w(f"| {ph} | {e['wall_s']:.2f} | {fmt(e.get('mib_s_wall'), 'mib_s')} | {fmt(e.get('mib_s_engine'), 'mib_s')} | "
+              f"{p.get('bytes_done', '—')} | {p.get('blocks_copied', '—')} |")
+        w("")
+        dw = rebuild.get("delta_writes")
+        if dw:
+            w(f"- delta writes: {dw.get('total_ios', '?')} I/Os of 4 KiB (target {dw.get('blocks_target', '?')} blocks = 1%)")
+        if rebuild.get("delta_over_full_time") is not None:
+            w(f"- delta_time / full_rebuild_time = **{rebuild['delta_over_full_time']:.3f}**")
+        for k in ("note", "error"):
+            if rebuild.get(k):
+                w(f"- {k}: {rebuild[k]}")
         w("")
 
     notes = []

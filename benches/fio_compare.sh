@@ -4,6 +4,7 @@
 #
 #   benches/fio_compare.sh [--quick] [--runs N] [--size 2G] [--seconds S]
 #                          [--systems raw,nbdkit-file,zebu-1,zebu-3] [--bin-dir DIR]
+#                          [--no-rebuild]
 #
 # Every system is started once and prefilled once (sequential 1 MiB writes
 # over the whole volume, so reads hit real data). Then, for each run round,
@@ -11,10 +12,21 @@
 # of the systems rotates from round to round), so the machine's noise hits all
 # systems alike; ratios are taken pair by pair within a round, then the median.
 #
-# Scenarios: 4 KiB randwrite QD1, 4 KiB randwrite QD32, 4 KiB randread QD32,
-# 1 MiB sequential write QD8. Results: benches/results/fio-compare-<date>.json
+# Scenarios: 4 KiB randwrite QD1, 4 KiB randwrite QD32, 4 KiB randread QD1,
+# 4 KiB randread QD32, 1 MiB sequential write QD8, 1 MiB sequential read QD8,
+# 70/30 4 KiB random read/write mix QD16. For every Zebu run the CPU time
+# (utime+stime) of the engine and each replica is read before and after fio,
+# giving CPU µs per I/O, and VmHWM (peak RSS) after it.
+#
+# Then, if zebu-3 is among the systems, a rebuild section on a fresh volume
+# (1 GiB, or --size if smaller; 3 replicas): write half of it, SIGKILL a
+# replica, add a fresh one (full rebuild, timed); then SIGKILL another, write
+# 1% of the blocks at random, restart it on its old dir and add it back
+# (delta resync, timed). --no-rebuild skips it.
+#
+# Results: benches/results/fio-compare-<date>.json
 # (per-run figures, medians, ratios, exact commands) and .md (tables); the
-# tables are printed at the end. --quick (1 run, 3 s, 512M volume) writes
+# tables are printed at the end. --quick (1 run, 2 s, 512M volume) writes
 # fio-compare-<date>-quick.{json,md} so a smoke test never replaces a full run.
 #
 # Only processes this script started are stopped (by recorded pid), and its
@@ -36,11 +48,12 @@ usage() { # exit status; the text goes to stderr when it is an error
 die() { echo "fio_compare: $*" >&2; exit 1; }
 
 # ---------------------------------------------------------------- options --
-runs=3 size_arg=2G seconds=8 quick=0 bin_dir="" systems_arg="raw,nbdkit-file,zebu-1,zebu-3"
+runs=3 size_arg=2G seconds=5 quick=0 rebuild=1 bin_dir="" systems_arg="raw,nbdkit-file,zebu-1,zebu-3"
 runs_set=0 size_set=0 seconds_set=0
 while (($#)); do
   case $1 in
     --quick) quick=1 ;;
+    --no-rebuild) rebuild=0 ;;
     --runs) [[ $# -ge 2 ]] || die "--runs needs a value"; runs=$2; runs_set=1; shift ;;
     --runs=*) runs=${1#*=}; runs_set=1 ;;
     --size) [[ $# -ge 2 ]] || die "--size needs a value"; size_arg=$2; size_set=1; shift ;;
@@ -58,7 +71,7 @@ while (($#)); do
 done
 if ((quick)); then # explicit options still win over --quick's defaults
   ((runs_set)) || runs=1
-  ((seconds_set)) || seconds=3
+  ((seconds_set)) || seconds=2
   ((size_set)) || size_arg=512M
 fi
 [[ $runs =~ ^[1-9][0-9]*$ ]] || die "--runs must be a positive integer (got '$runs')"
@@ -112,6 +125,8 @@ nfiles=0
 for s in "${systems[@]}"; do
   case $s in raw | nbdkit-file | zebu-1) nfiles=$((nfiles + 1)) ;; zebu-3) nfiles=$((nfiles + 3)) ;; esac
 done
+rb_size=$((size < (1 << 30) ? size : (1 << 30))) # the rebuild section's volume
+has_system zebu-3 && ((rebuild)) && nfiles=$((nfiles + 4 * rb_size / size + 1))
 need_kb=$(((size * nfiles + (1 << 30)) / 1024))
 avail_kb=$(df -Pk "$base" | awk 'NR == 2 {print $4}')
 ((avail_kb >= need_kb)) || die "$base has $((avail_kb >> 20)) GiB free; this run needs about $((need_kb >> 20)) GiB"
@@ -195,8 +210,12 @@ cp "$bin_dir/zebu-replica" "$bin_dir/zebu-engine" "$work/bin/"
 bin=$work/bin
 manifest=$work/manifest.tsv
 meta=$work/meta.tsv
+cpu_tsv=$work/cpu.tsv       # system scenario run process ticks_before ticks_after vmhwm_kb
+rebuild_tsv=$work/rebuild.tsv # key value
 : >"$manifest"
 : >"$meta"
+: >"$cpu_tsv"
+: >"$rebuild_tsv"
 q() { local s; printf -v s '%q ' "$@"; printf '%s' "${s% }"; }
 meta_put() { printf '%s\t%s\n' "$1" "$2" >>"$meta"; }
 # kind system scenario run position rc json log t0 t1 sync_s cmd
@@ -226,6 +245,7 @@ meta_put size_arg "$size_arg"
 meta_put quick "$quick"
 meta_put systems "${systems[*]}"
 meta_put workdir "$work"
+meta_put clk_tck "$(getconf CLK_TCK)"
 meta_put between_runs "sync -f on the work dir's filesystem before every fio run, so one system's dirty page cache is not written back during another's run"
 
 # ---------------------------------------------------------------- systems --
@@ -311,6 +331,28 @@ system_alive() {
   return 0
 }
 
+# CPU ticks (utime + stime, fields 14 and 15 of /proc/PID/stat) and VmHWM (kB)
+cpu_ticks() { # pid
+  sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | awk '{print $12 + $13}' || echo -
+}
+vm_hwm() { # pid
+  awk '/^VmHWM:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo -
+}
+declare -A ticks_before=()
+cpu_snap_before() { # system
+  local l
+  ticks_before=()
+  for l in $(procs_of "$1"); do ticks_before[$l]=$(cpu_ticks "${pid_of[$l]}"); done
+}
+cpu_snap_after() { # system scenario run ; one line per process in $cpu_tsv
+  local l after
+  for l in $(procs_of "$1"); do
+    after=$(cpu_ticks "${pid_of[$l]}")
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$l" "${ticks_before[$l]:--}" "${after:--}" \
+      "$(vm_hwm "${pid_of[$l]}")" >>"$cpu_tsv"
+  done
+}
+
 fio_target_args() { # system -> fio engine/target options
   if [[ $1 == raw ]]; then
     printf '%s\n' --ioengine=io_uring --direct=1 "--filename=${target_of[raw]}"
@@ -370,12 +412,15 @@ EOF
 done
 
 # ------------------------------------------------------------ the rounds --
-# name rw bs iodepth
+# name rw bs iodepth [extra fio option]
 scenarios=(
   "randwrite-4k-qd1 randwrite 4k 1"
   "randwrite-4k-qd32 randwrite 4k 32"
+  "randread-4k-qd1 randread 4k 1"
   "randread-4k-qd32 randread 4k 32"
   "write-1m-qd8 write 1M 8"
+  "read-1m-qd8 read 1M 8"
+  "randrw70-4k-qd16 randrw 4k 16 --rwmixread=70"
 )
 nsys=${#systems[@]}
 total=$((runs * ${#scenarios[@]} * nsys))
@@ -383,13 +428,15 @@ n=0 failed=0
 declare -A skip=()
 for ((r = 1; r <= runs; r++)); do
   for sc in "${scenarios[@]}"; do
-    read -r name rw bs qd <<<"$sc"
+    read -r name rw bs qd extra <<<"$sc"
+    extra_args=()
+    [[ -n $extra ]] && extra_args=("$extra")
     for ((k = 0; k < nsys; k++)); do
       s=${systems[$(((k + r - 1) % nsys))]} # rotate the order each round
       n=$((n + 1))
       json=$work/out/$s-$name-run$r.json log=$work/out/$s-$name-run$r.log
       mapfile -t targs < <(fio_target_args "$s")
-      args=(fio "--name=$name" "--rw=$rw" "--bs=$bs" "--iodepth=$qd" --numjobs=1 "--size=$size"
+      args=(fio "--name=$name" "--rw=$rw" ${extra_args[@]+"${extra_args[@]}"} "--bs=$bs" "--iodepth=$qd" --numjobs=1 "--size=$size"
         --time_based "--runtime=$seconds" --ramp_time=1 --group_reporting "${targs[@]}")
       fullcmd=$(q "${args[@]}" --output-format=json "--output=$json")
       if [[ -n ${skip[$s]:-} ]]; then
@@ -409,9 +456,11 @@ for ((r = 1; r <= runs; r++)); do
       fi
       sync_s=$(sync_fs)
       echo "[$n/$total] $s $name run $r"
+      cpu_snap_before "$s"
       t0=$(date +%s.%N)
       run_fio $((seconds + 120)) "$json" "$log" "${args[@]:1}"
       t1=$(date +%s.%N)
+      cpu_snap_after "$s" "$name" "$r"
       man_put run "$s" "$name" "$r" "$k" "$fio_rc" "$json" "$log" "$t0" "$t1" "$sync_s" "$fullcmd"
       if ((fio_rc != 0)); then
         failed=$((failed + 1))
@@ -426,6 +475,107 @@ done
 meta_put loadavg_end "$(cut -d' ' -f1-3 /proc/loadavg)"
 echo "== stopping every system"
 stop_all
+
+# ---------------------------------------------------------------- rebuild --
+# zebu-3 only, on a fresh volume so the fio rounds' data does not count.
+rb_put() { printf '%s\t%s\n' "$1" "$2" >>"$rebuild_tsv"; }
+rb_fail() { # message: recorded, the section stops, the script goes on
+  echo "fio_compare: rebuild section: $*" >&2
+  rb_put error "$*"
+  failed=$((failed + 1))
+  return 1
+}
+replica_addr() { # label
+  sed -n 's/^zebu-replica serving .* on \([0-9.]*:[0-9]*\) .*/\1/p' "$work/logs/$1.out" | head -1
+}
+kill_replica() { # label: SIGKILL, expected; no stop note
+  local p=${pid_of[$1]}
+  kill -KILL "$p" 2>/dev/null || true
+  wait "$p" 2>/dev/null || true
+  unset "pid_of[$1]"
+}
+ctl() { # args... ; the engine's control address in $rb_ctl
+  man_put setup rebuild - - - - - - - - - "$(q "$bin/zebu-engine" ctl --engine "$rb_ctl" "$@")"
+  timeout -k 10 1800 "$bin/zebu-engine" ctl --engine "$rb_ctl" "$@"
+}
+rb_fio() { # name json log fio-args... (fio_rc set)
+  local name=$1 json=$2 log=$3
+  shift 3
+  local args=(fio "--name=$name" "$@" --numjobs=1 --group_reporting --ioengine=nbd "--uri=$rb_uri")
+  man_put setup rebuild - - - - - - - - - "$(q "${args[@]}" --output-format=json "--output=$json")"
+  run_fio 900 "$json" "$log" "${args[@]:1}"
+}
+run_rebuild() {
+  local d=$work/rebuild i a addrs=() t0 t1
+  mkdir -p "$d"
+  rb_put size_bytes "$rb_size"
+  for ((i = 1; i <= 3; i++)); do
+    start_proc "replica-rebuild-r$i" ' on [0-9.]+:[0-9]+ ' 120 \
+      "$bin/zebu-replica" --dir "$d/r$i" --listen 127.0.0.1:0 --size "$rb_size"
+    a=$(replica_addr "replica-rebuild-r$i")
+    [[ -n $a ]] || { rb_fail "cannot read replica-rebuild-r$i's address"; return 1; }
+    addrs+=(--replica "$a")
+  done
+  start_proc engine-rebuild '^zebu-engine volume rebuild ready' 300 \
+    "$bin/zebu-engine" --volume rebuild --size "$rb_size" "${addrs[@]}" \
+    --nbd "unix:$d/nbd.sock" --listen 127.0.0.1:0
+  rb_ctl=$(sed -n 's/.*; control \([0-9.]*:[0-9]*\);.*/\1/p' "$work/logs/engine-rebuild.out" | head -1)
+  [[ -n $rb_ctl ]] || { rb_fail "cannot read the engine's control address"; return 1; }
+  rb_uri="nbd+unix:///rebuild?socket=$d/nbd.sock"
+
+  # 1. half the volume holds data
+  echo "== rebuild: writing $((rb_size / 2 >> 20)) MiB (half the volume) sequentially"
+  rb_fio rebuild-fill "$work/out/rebuild-fill.json" "$work/out/rebuild-fill.log" \
+    --rw=write --bs=1M --iodepth=8 "--size=$((rb_size / 2))"
+  ((fio_rc == 0)) || { rb_fail "the fill write failed (fio exit $fio_rc)"; return 1; }
+  rb_put fill_bytes $((rb_size / 2))
+
+  # 2. full rebuild: SIGKILL r1, drop it, add a fresh replica
+  local dead
+  dead=$(replica_addr replica-rebuild-r1)
+  echo "== rebuild: SIGKILL replica r1 ($dead), full rebuild onto a fresh replica"
+  kill_replica replica-rebuild-r1
+  ctl replica remove "$dead" >"$work/logs/rebuild-remove.out" 2>&1 ||
+    rb_put note "replica remove $dead: $(tail -1 "$work/logs/rebuild-remove.out")"
+  start_proc replica-rebuild-r4 ' on [0-9.]+:[0-9]+ ' 120 \
+    "$bin/zebu-replica" --dir "$d/r4" --listen 127.0.0.1:0 --size "$rb_size"
+  a=$(replica_addr replica-rebuild-r4)
+  rb_put full_address "$a"
+  t0=$(date +%s.%N)
+  ctl replica add "$a" --wait >"$work/out/rebuild-full.json" 2>"$work/logs/rebuild-full.err" ||
+    { rb_fail "full rebuild: replica add failed: $(tail -3 "$work/logs/rebuild-full.err")"; return 1; }
+  t1=$(date +%s.%N)
+  rb_put full_wall_s "$(python3 -c "print(f'{$t1 - $t0:.3f}')")"
+  rb_put full_status_json "$work/out/rebuild-full.json"
+
+  # 3. delta resync: SIGKILL r2, write 1% of the blocks, restart r2 on its dir
+  local r2dir=$d/r2 blocks=$((rb_size / 4096)) io
+  io=$(((blocks / 100) * 4096))
+  echo "== rebuild: SIGKILL replica r2, random 4 KiB writes over 1% of the blocks ($((io >> 10)) KiB, ≤10 s)"
+  kill_replica replica-rebuild-r2
+  rb_fio rebuild-delta-writes "$work/out/rebuild-delta-writes.json" "$work/out/rebuild-delta-writes.log" \
+    --rw=randwrite --bs=4k --iodepth=16 "--size=$rb_size" "--io_size=$io" --runtime=10
+  ((fio_rc == 0)) || { rb_fail "the delta writes failed (fio exit $fio_rc)"; return 1; }
+  rb_put delta_writes_json "$work/out/rebuild-delta-writes.json"
+  rb_put delta_blocks_target $((io / 4096))
+  start_proc replica-rebuild-r2b ' on [0-9.]+:[0-9]+ ' 120 \
+    "$bin/zebu-replica" --dir "$r2dir" --listen 127.0.0.1:0
+  a=$(replica_addr replica-rebuild-r2b)
+  rb_put delta_address "$a"
+  echo "== rebuild: replica r2 back on $a, delta resync"
+  t0=$(date +%s.%N)
+  ctl replica add "$a" --wait >"$work/out/rebuild-delta.json" 2>"$work/logs/rebuild-delta.err" ||
+    { rb_fail "delta resync: replica add failed: $(tail -3 "$work/logs/rebuild-delta.err")"; return 1; }
+  t1=$(date +%s.%N)
+  rb_put delta_wall_s "$(python3 -c "print(f'{$t1 - $t0:.3f}')")"
+  rb_put delta_status_json "$work/out/rebuild-delta.json"
+  return 0
+}
+if has_system zebu-3 && ((rebuild)); then
+  run_rebuild || true
+  echo "== stopping the rebuild volume"
+  stop_all
+fi
 for note in "${stop_notes[@]}"; do meta_put stop_note "$note"; done
 for l in "${pid_order[@]}"; do
   # zebu's stderr: keep warnings and errors for the report
@@ -444,7 +594,8 @@ suffix=""
 out_json=$here/results/fio-compare-$date_tag$suffix.json
 out_md=$here/results/fio-compare-$date_tag$suffix.md
 python3 "$here/fio_compare.py" --manifest "$manifest" --meta "$meta" \
-  --json "$out_json" --md "$out_md"
+  --json "$out_json" --md "$out_md" \
+  --cpu "$cpu_tsv" --rebuild "$rebuild_tsv"
 echo
 echo "results: $out_json"
 echo "         $out_md"
