@@ -14,23 +14,6 @@ use tokio::sync::oneshot;
 
 use crate::uring::{AlignedBuf, Ring};
 
-/// A write payload: aligned for O_DIRECT files, plain for buffered ones.
-pub enum Buf {
-    /// Aligned to 4096 bytes, for O_DIRECT.
-    Aligned(AlignedBuf),
-    /// Any alignment, for buffered files.
-    Plain(Vec<u8>),
-}
-
-impl Buf {
-    fn as_slice(&self) -> &[u8] {
-        match self {
-            Buf::Aligned(b) => b.as_slice(),
-            Buf::Plain(v) => v.as_slice(),
-        }
-    }
-}
-
 /// One I/O operation on a file.
 pub enum Op {
     /// Fill `buf` from `offset`.
@@ -48,8 +31,8 @@ pub enum Op {
         file: Arc<File>,
         /// Byte offset.
         offset: u64,
-        /// Payload.
-        buf: Buf,
+        /// Payload, aligned for O_DIRECT.
+        buf: AlignedBuf,
     },
     /// fdatasync the file.
     Fsync {
@@ -300,7 +283,7 @@ mod tests {
             ops.push(Op::Write {
                 file: file.clone(),
                 offset: i * 4096,
-                buf: Buf::Aligned(AlignedBuf::copy_from(&data)),
+                buf: AlignedBuf::copy_from(&data),
             });
         }
         io.run(ops).await.unwrap();
@@ -345,6 +328,10 @@ mod tests {
             let b = AlignedBuf::zeroed(len);
             assert_eq!(b.as_slice().as_ptr() as usize % crate::uring::ALIGN, 0);
             assert_eq!(b.len(), len);
+            let src: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
+            let c = AlignedBuf::copy_from(&src);
+            assert_eq!(c.as_slice().as_ptr() as usize % crate::uring::ALIGN, 0);
+            assert_eq!(c.as_slice(), &src[..]);
         }
     }
 }

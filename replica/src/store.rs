@@ -36,7 +36,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use tokio::sync::{RwLock, mpsc};
 
-use crate::io::{Buf, Completion, EngineKind, IoEngine, Op};
+use crate::io::{Completion, EngineKind, IoEngine, Op};
 use crate::layer::{Layer, block_crcs, block_crcs_and_total};
 use crate::meta::{FORMAT, LayerMeta, MergeMeta, Meta, MetaError, MetaStore, SledMeta};
 use crate::uring::AlignedBuf;
@@ -636,7 +636,7 @@ impl Store {
         let pending = self.io.submit([Op::Write {
             file: layer.data.clone(),
             offset,
-            buf: Buf::Aligned(AlignedBuf::copy_from(data)),
+            buf: AlignedBuf::copy_from(data),
         }]);
         let crc_written = layer.crc.write_all_at(&crcs, first * 4);
         // Wait for the data write even when the CRC write failed.

@@ -15,7 +15,7 @@
 //! the in-flight table until the kernel posts the entry's completion; nothing
 //! the kernel may still read or write is freed or moved before that.
 
-use std::alloc::{Layout, alloc_zeroed, dealloc};
+use std::alloc::{Layout, alloc, alloc_zeroed, dealloc};
 use std::io;
 use std::os::fd::{AsFd, AsRawFd};
 use std::ptr::NonNull;
@@ -26,12 +26,13 @@ use std::sync::mpsc;
 use io_uring::{IoUring, opcode, squeue, types};
 use nix::sys::eventfd::{EfdFlags, EventFd};
 
-use crate::io::{Buf, Completion, Op, Request};
+use crate::io::{Completion, Op, Request};
 
 /// Alignment of every [`AlignedBuf`]: what O_DIRECT needs on any device.
 pub const ALIGN: usize = 4096;
 
-/// A heap buffer aligned to [`ALIGN`] bytes, zero-filled when created.
+/// A heap buffer aligned to [`ALIGN`] bytes: zero-filled by [`AlignedBuf::zeroed`],
+/// a copy of the source by [`AlignedBuf::copy_from`].
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
     len: usize,
@@ -48,11 +49,7 @@ unsafe impl Sync for AlignedBuf {}
 impl AlignedBuf {
     /// A zero-filled buffer of `len` bytes.
     pub fn zeroed(len: usize) -> Self {
-        let size = len.max(1).next_multiple_of(ALIGN);
-        let layout = match Layout::from_size_align(size, ALIGN) {
-            Ok(l) => l,
-            Err(_) => panic!("buffer of {len} bytes is too large to allocate"),
-        };
+        let layout = Self::layout_for(len);
         // SAFETY: the layout has a non-zero size (at least ALIGN bytes).
         let raw = unsafe { alloc_zeroed(layout) };
         let Some(ptr) = NonNull::new(raw) else {
@@ -61,11 +58,32 @@ impl AlignedBuf {
         AlignedBuf { ptr, len, layout }
     }
 
-    /// A buffer holding a copy of `data`.
+    /// A buffer holding a copy of `data` (not zero-filled first: every
+    /// byte the buffer exposes is written by the copy).
     pub fn copy_from(data: &[u8]) -> Self {
-        let mut buf = Self::zeroed(data.len());
-        buf.as_mut_slice().copy_from_slice(data);
-        buf
+        let layout = Self::layout_for(data.len());
+        // SAFETY: the layout has a non-zero size (at least ALIGN bytes).
+        let raw = unsafe { alloc(layout) };
+        let Some(ptr) = NonNull::new(raw) else {
+            std::alloc::handle_alloc_error(layout)
+        };
+        // SAFETY: the allocation holds at least data.len() bytes, is freshly
+        // allocated so it cannot overlap `data`, and after the copy the first
+        // data.len() bytes (all that as_slice exposes) are initialised.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), ptr.as_ptr(), data.len()) };
+        AlignedBuf {
+            ptr,
+            len: data.len(),
+            layout,
+        }
+    }
+
+    fn layout_for(len: usize) -> Layout {
+        let size = len.max(1).next_multiple_of(ALIGN);
+        match Layout::from_size_align(size, ALIGN) {
+            Ok(l) => l,
+            Err(_) => panic!("buffer of {len} bytes is too large to allocate"),
+        }
     }
 
     /// Length in bytes.
@@ -204,10 +222,7 @@ fn entry_for(req: &mut Request, token: u64) -> (squeue::Entry, usize) {
             (e.user_data(token), len)
         }
         Op::Write { file, offset, buf } => {
-            let data: &[u8] = match buf {
-                Buf::Aligned(b) => b.as_slice(),
-                Buf::Plain(v) => v.as_slice(),
-            };
+            let data = buf.as_slice();
             let e = opcode::Write::new(
                 types::Fd(file.as_raw_fd()),
                 data.as_ptr(),
