@@ -3,6 +3,7 @@
 //!
 //! - [`replica`]: the replica's data-path stream and control calls.
 //! - [`engine`]: the engine's control calls.
+//! - [`agent`]: the node agent (process supervision) and node registry.
 //! - [`csi`]: the Container Storage Interface the CSI driver serves.
 //! - [`size`]: parsing of human-readable sizes.
 
@@ -18,6 +19,12 @@ pub mod replica {
 #[allow(missing_docs, clippy::all)]
 pub mod engine {
     tonic::include_proto!("zebu.engine.v1");
+}
+
+/// `zebu.agent.v1`: the node agent's API and the controller's node registry.
+#[allow(missing_docs, clippy::all)]
+pub mod agent {
+    tonic::include_proto!("zebu.agent.v1");
 }
 
 /// `csi.v1`: the Container Storage Interface (spec v1.12) that Kubernetes

@@ -1,0 +1,2 @@
+//! The `zebu` command line (being built).
+fn main() {}

@@ -1,0 +1,2 @@
+//! zebu-csi (being built).
+fn main() {}
