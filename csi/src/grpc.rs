@@ -54,6 +54,9 @@ impl Addr {
     }
 }
 
+/// Longest any call on a dialled channel may take.
+pub const CALL_LIMIT: std::time::Duration = std::time::Duration::from_secs(300);
+
 /// Dials `endpoint` (see [`Addr::parse`]) and returns a channel. Connecting
 /// is eager, so an absent server is reported here.
 pub async fn connect(endpoint: &str) -> Result<Channel, GrpcError> {
@@ -66,6 +69,10 @@ pub async fn connect(endpoint: &str) -> Result<Channel, GrpcError> {
         Addr::Tcp(hp) => Endpoint::from_shared(format!("http://{hp}"))
             .map_err(err)?
             .tcp_nodelay(true)
+            // Every call is bounded, also when the peer is frozen (SIGSTOP,
+            // hung host) and the connection stays up; callers that need less
+            // set their own deadline.
+            .timeout(CALL_LIMIT)
             .connect()
             .await
             .map_err(err),
@@ -77,6 +84,7 @@ async fn connect_unix(path: &Path) -> Result<Channel, tonic::transport::Error> {
     let path = path.to_owned();
     // The URI is required by the API but unused: the connector dials the socket.
     Endpoint::from_static("http://localhost")
+        .timeout(CALL_LIMIT)
         .connect_with_connector(tower::service_fn(move |_| {
             let path = path.clone();
             async move {

@@ -9,5 +9,9 @@
 
 pub mod attach;
 pub mod context;
+pub mod controller;
 pub mod grpc;
+pub mod identity;
+pub mod inflight;
+pub mod registry;
 pub mod store;

@@ -1,2 +1,389 @@
-//! zebu-csi (being built).
-fn main() {}
+//! `zebu-csi`: the Zebu CSI driver.
+//!
+//! - `controller`: CSI Identity + Controller and the node registry on a Unix
+//!   socket; state in sled under `--state`.
+//! - `node`: CSI Identity + Node on a Unix socket and the node agent (which
+//!   runs replica and engine processes) on `--agent-listen`; joins the
+//!   controller at `--controller`.
+//! - `standalone`: both in one process, for one host without Kubernetes.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tonic::transport::Server;
+use zebu_csi::agent::{Agent, AgentConfig};
+use zebu_csi::controller::{Controller, ControllerConfig, reconcile};
+use zebu_csi::grpc;
+use zebu_csi::identity::{IdentityService, Readiness};
+use zebu_csi::node::{NodeConfig, NodeService};
+use zebu_csi::registry::Registry;
+use zebu_csi::store::{SledStore, Store};
+use zebu_proto::agent::agent_server::AgentServer;
+use zebu_proto::agent::registry_client::RegistryClient;
+use zebu_proto::agent::registry_server::RegistryServer;
+use zebu_proto::csi::controller_server::ControllerServer;
+use zebu_proto::csi::identity_server::IdentityServer;
+use zebu_proto::csi::node_server::NodeServer;
+
+#[derive(Parser)]
+#[command(
+    name = "zebu-csi",
+    version,
+    about = "Zebu CSI driver: replicated block volumes"
+)]
+struct Cli {
+    #[command(subcommand)]
+    mode: Mode,
+}
+
+#[derive(Subcommand)]
+enum Mode {
+    /// CSI controller (Identity + Controller) and node registry.
+    Controller(ControllerArgs),
+    /// CSI node plugin (Identity + Node) with the node agent.
+    Node(NodeArgs),
+    /// Controller and node in one process, for one host without Kubernetes.
+    Standalone(StandaloneArgs),
+}
+
+#[derive(Args)]
+struct Common {
+    /// CSI endpoint to serve, unix:///path/to/csi.sock.
+    #[arg(long, env = "CSI_ENDPOINT")]
+    endpoint: String,
+    /// State directory (sled store, agent process records, logs).
+    #[arg(long)]
+    state: PathBuf,
+}
+
+#[derive(Args, Clone)]
+struct ControllerOpts {
+    /// Replicas per volume when the StorageClass does not say.
+    #[arg(long, default_value_t = 3)]
+    default_replicas: u32,
+    /// Schedulable space in percent of a disk's capacity (replicas are thin).
+    #[arg(long, default_value_t = 200)]
+    over_provisioning: u64,
+    /// Allow two replicas of one volume on the same disk when nothing else fits.
+    #[arg(long)]
+    allow_same_disk: bool,
+    /// How long a replica may be unreachable before it is replaced elsewhere.
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    replica_replacement_delay: Duration,
+    /// Engine I/O timeout (e.g. 8s) after which a silent replica is ejected.
+    #[arg(long, default_value = "")]
+    io_timeout: String,
+    /// How often the controller reconciles processes with its records.
+    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    reconcile_interval: Duration,
+}
+
+#[derive(Args, Clone)]
+struct NodeOpts {
+    /// This node's id (as reported by NodeGetInfo).
+    #[arg(long)]
+    node_id: Option<String>,
+    /// Directory for replica data; repeat for several disks.
+    #[arg(long = "disk")]
+    disks: Vec<PathBuf>,
+    /// Address of the node agent's gRPC server (port 0 picks one).
+    #[arg(long, default_value = "127.0.0.1:0")]
+    agent_listen: String,
+    /// Most volumes attached to this node at once.
+    #[arg(long, default_value_t = 64)]
+    max_volumes: u64,
+}
+
+#[derive(Args)]
+struct ControllerArgs {
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    opts: ControllerOpts,
+}
+
+#[derive(Args)]
+struct NodeArgs {
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    node: NodeOpts,
+    /// The controller's CSI endpoint (its node registry), unix:///path.
+    #[arg(long)]
+    controller: String,
+}
+
+#[derive(Args)]
+struct StandaloneArgs {
+    #[command(flatten)]
+    common: Common,
+    #[command(flatten)]
+    node: NodeOpts,
+    #[command(flatten)]
+    opts: ControllerOpts,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let (num, unit) = s
+        .find(|c: char| !c.is_ascii_digit())
+        .map(|i| s.split_at(i))
+        .unwrap_or((s, "s"));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("invalid duration {s:?}: use e.g. 500ms, 8s, 2m"))?;
+    match unit {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n * 60)),
+        _ => Err(format!("invalid duration {s:?}: use e.g. 500ms, 8s, 2m")),
+    }
+}
+
+fn unix_path(endpoint: &str) -> Result<PathBuf> {
+    match grpc::Addr::parse(endpoint)? {
+        grpc::Addr::Unix(p) => Ok(p),
+        grpc::Addr::Tcp(_) => {
+            bail!("--endpoint must be a Unix socket (unix:///path), got {endpoint:?}")
+        }
+    }
+}
+
+fn controller_config(o: &ControllerOpts) -> Result<ControllerConfig> {
+    if o.default_replicas == 0 || o.default_replicas > zebu_csi::controller::MAX_REPLICAS {
+        bail!(
+            "--default-replicas must be from 1 to {}",
+            zebu_csi::controller::MAX_REPLICAS
+        );
+    }
+    Ok(ControllerConfig {
+        default_replicas: o.default_replicas,
+        over_provisioning_percent: o.over_provisioning.max(1),
+        allow_same_disk: o.allow_same_disk,
+        replacement_delay: o.replica_replacement_delay,
+        io_timeout: o.io_timeout.clone(),
+    })
+}
+
+fn open_store(state: &std::path::Path) -> Result<Arc<dyn Store>> {
+    std::fs::create_dir_all(state)
+        .with_context(|| format!("creating state directory {}", state.display()))?;
+    let store = SledStore::open(state.join("store"))
+        .with_context(|| format!("opening the state store in {}", state.display()))?;
+    Ok(Arc::new(store))
+}
+
+/// Starts the node agent: binds its listener, then starts supervising.
+async fn start_agent(
+    state: &std::path::Path,
+    node: &NodeOpts,
+) -> Result<(Agent, TcpListener, String)> {
+    let node_id = match &node.node_id {
+        Some(n) => n.clone(),
+        None => nix::unistd::gethostname()
+            .context("reading the host name for --node-id")?
+            .to_string_lossy()
+            .into_owned(),
+    };
+    let disks = if node.disks.is_empty() {
+        vec![state.join("disk")]
+    } else {
+        node.disks.clone()
+    };
+    let listener = TcpListener::bind(&node.agent_listen)
+        .await
+        .with_context(|| format!("binding the node agent to {}", node.agent_listen))?;
+    let addr = listener.local_addr()?.to_string();
+    let cfg = AgentConfig::new(
+        node_id.clone(),
+        disks,
+        state.join("agent"),
+        addr.clone(),
+        node.max_volumes,
+    )
+    .context("configuring the node agent")?;
+    let agent = Agent::start(cfg).await.context("starting the node agent")?;
+    Ok((agent, listener, node_id))
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        std::future::pending::<()>().await;
+        return;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+}
+
+async fn run(cli: Cli) -> Result<()> {
+    let readiness = Readiness::default();
+    match cli.mode {
+        Mode::Controller(a) => {
+            let sock = unix_path(&a.common.endpoint)?;
+            let store = open_store(&a.common.state)?;
+            let ctl = Controller::new(store.clone(), controller_config(&a.opts)?);
+            let reconciler = tokio::spawn(reconcile::run(ctl.clone(), a.opts.reconcile_interval));
+            let incoming =
+                grpc::bind_unix(&sock).with_context(|| format!("binding {}", sock.display()))?;
+            readiness.set_ready();
+            println!("zebu-csi controller ready: csi unix://{}", sock.display());
+            Server::builder()
+                .add_service(IdentityServer::new(IdentityService::new(readiness, true)))
+                .add_service(ControllerServer::new(ctl))
+                .add_service(RegistryServer::new(Registry::new(store)))
+                .serve_with_incoming_shutdown(incoming, shutdown_signal())
+                .await
+                .context("serving CSI")?;
+            reconciler.abort();
+        }
+        Mode::Node(a) => {
+            let sock = unix_path(&a.common.endpoint)?;
+            let (agent, listener, node_id) = start_agent(&a.common.state, &a.node).await?;
+            let agent_addr = listener.local_addr()?.to_string();
+            let agent_server = tokio::spawn(
+                Server::builder()
+                    .add_service(AgentServer::new(agent.clone()))
+                    .serve_with_incoming(TcpListenerStream::new(listener)),
+            );
+            let node = NodeService::new(NodeConfig {
+                node_id: node_id.clone(),
+                max_volumes: a.node.max_volumes,
+                state_dir: a.common.state.join("node"),
+            });
+            let controller = a.controller.clone();
+            let (hb_agent, hb_ready) = (agent.clone(), readiness.clone());
+            let heartbeat = tokio::spawn(async move {
+                loop {
+                    match heartbeat(&controller, &hb_agent).await {
+                        Ok(()) => hb_ready.set_ready(),
+                        Err(e) => {
+                            tracing::warn!(error = %format!("{e:#}"), "heartbeat to the controller failed")
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                }
+            });
+            let incoming =
+                grpc::bind_unix(&sock).with_context(|| format!("binding {}", sock.display()))?;
+            println!(
+                "zebu-csi node {node_id} ready: csi unix://{}; agent {agent_addr}",
+                sock.display()
+            );
+            Server::builder()
+                .add_service(IdentityServer::new(IdentityService::new(readiness, false)))
+                .add_service(NodeServer::new(node))
+                .serve_with_incoming_shutdown(incoming, shutdown_signal())
+                .await
+                .context("serving CSI")?;
+            heartbeat.abort();
+            agent_server.abort();
+            agent.shutdown().await;
+        }
+        Mode::Standalone(a) => {
+            let sock = unix_path(&a.common.endpoint)?;
+            let store = open_store(&a.common.state)?;
+            let (agent, listener, node_id) = start_agent(&a.common.state, &a.node).await?;
+            let agent_addr = listener.local_addr()?.to_string();
+            let agent_server = tokio::spawn(
+                Server::builder()
+                    .add_service(AgentServer::new(agent.clone()))
+                    .serve_with_incoming(TcpListenerStream::new(listener)),
+            );
+            let registry = Registry::new(store.clone());
+            registry
+                .record(
+                    &agent
+                        .node_info()
+                        .await
+                        .context("reading the node's disks")?,
+                )
+                .map_err(|s| anyhow::anyhow!("registering the local node: {}", s.message()))?;
+            let (hb_agent, hb_registry) = (agent.clone(), registry.clone());
+            let heartbeat = tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_secs(5)).await;
+                    match hb_agent.node_info().await {
+                        Ok(info) => {
+                            if let Err(s) = hb_registry.record(&info) {
+                                tracing::warn!(error = %s.message(), "recording the local node failed");
+                            }
+                        }
+                        Err(e) => tracing::warn!(error = %e, "reading the node's disks failed"),
+                    }
+                }
+            });
+            let ctl = Controller::new(store.clone(), controller_config(&a.opts)?);
+            let reconciler = tokio::spawn(reconcile::run(ctl.clone(), a.opts.reconcile_interval));
+            let node = NodeService::new(NodeConfig {
+                node_id: node_id.clone(),
+                max_volumes: a.node.max_volumes,
+                state_dir: a.common.state.join("node"),
+            });
+            let incoming =
+                grpc::bind_unix(&sock).with_context(|| format!("binding {}", sock.display()))?;
+            readiness.set_ready();
+            println!(
+                "zebu-csi standalone ready: csi unix://{}; node {node_id}; agent {agent_addr}",
+                sock.display()
+            );
+            Server::builder()
+                .add_service(IdentityServer::new(IdentityService::new(readiness, true)))
+                .add_service(ControllerServer::new(ctl))
+                .add_service(NodeServer::new(node))
+                .add_service(RegistryServer::new(registry))
+                .serve_with_incoming_shutdown(incoming, shutdown_signal())
+                .await
+                .context("serving CSI")?;
+            reconciler.abort();
+            heartbeat.abort();
+            agent_server.abort();
+            agent.shutdown().await;
+        }
+    }
+    Ok(())
+}
+
+async fn heartbeat(controller: &str, agent: &Agent) -> Result<()> {
+    let ch = grpc::connect(controller).await?;
+    let info = agent
+        .node_info()
+        .await
+        .context("reading the node's disks")?;
+    RegistryClient::new(ch)
+        .heartbeat(info)
+        .await
+        .map_err(|s| anyhow::anyhow!("the controller refused the heartbeat: {}", s.message()))?;
+    Ok(())
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .init();
+    let cli = Cli::parse();
+    let rt = match tokio::runtime::Runtime::new() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("zebu-csi: cannot start the runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    if let Err(e) = rt.block_on(run(cli)) {
+        eprintln!("zebu-csi: {e:#}");
+        std::process::exit(1);
+    }
+}

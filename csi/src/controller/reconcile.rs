@@ -1,0 +1,302 @@
+//! The controller's background loop: make processes match the store.
+//!
+//! Every pass, for each ready volume that no CSI operation holds:
+//! - replica addresses are refreshed from the agents (a replica restarted by
+//!   its agent listens on a new port);
+//! - for an attached volume, the engine address is refreshed (the agent
+//!   restarts a crashed engine) and every replica the engine does not have
+//!   in sync is handed back to it with `AddReplica`: the engine recognises a
+//!   returning replica by its id and copies only what changed (delta
+//!   resync);
+//! - a replica that has been unreachable for longer than the replacement
+//!   delay is replaced by a new one on another node (or disk), which the
+//!   engine rebuilds in full; the old one is deleted when its agent answers.
+//!
+//! Replacement happens only while the volume is attached: the engine is
+//! what rebuilds a replica, and a detached volume loses nothing by waiting.
+//!
+//! Invariant: the loop never blocks a CSI call: it skips volumes with an
+//! operation in flight and takes the volume's operation guard while it
+//! works, so the two never interleave.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use tonic::Status;
+use zebu_proto::agent as apb;
+use zebu_proto::engine as epb;
+
+use super::agents::{AGENT_CALL, engine, with_deadline};
+use super::{Controller, placement};
+use crate::store::{ReplicaRecord, ReplicaState, VolumeRecord, VolumeStatus};
+
+/// Runs passes every `interval` until the task is dropped.
+pub async fn run(ctl: Controller, interval: Duration) {
+    let mut down_since: HashMap<String, Instant> = HashMap::new();
+    loop {
+        tokio::time::sleep(interval).await;
+        if let Err(e) = pass(&ctl, &mut down_since).await {
+            tracing::warn!(error = %e.message(), "reconcile pass failed");
+        }
+    }
+}
+
+/// One pass over every volume.
+pub async fn pass(
+    ctl: &Controller,
+    down_since: &mut HashMap<String, Instant>,
+) -> Result<(), Status> {
+    collect_orphans(ctl).await?;
+    let vols = ctl.store().list_volumes().map_err(super::store_status)?;
+    for v in vols {
+        let v = v.value;
+        if v.status != VolumeStatus::Ready {
+            continue;
+        }
+        let Some(_g) = ctl.ops().try_begin(&v.id) else {
+            continue;
+        };
+        if let Err(e) = volume(ctl, &v, down_since).await {
+            tracing::warn!(volume = %v.id, error = %e.message(), "reconciling the volume failed");
+        }
+    }
+    Ok(())
+}
+
+/// Deletes replica processes no volume record names: replicas replaced
+/// while their node was down, or left by a create that was rolled back.
+/// Safe because every replica is recorded in its volume before it is
+/// created, and the agents are listed before the records are read.
+async fn collect_orphans(ctl: &Controller) -> Result<(), Status> {
+    let nodes = ctl.store().list_nodes().map_err(super::store_status)?;
+    let mut held = Vec::new();
+    for n in &nodes {
+        if let Ok(list) = ctl.agents().list_replicas(&n.value.node_id).await {
+            held.push((n.value.node_id.clone(), list));
+        }
+    }
+    let vols = ctl.store().list_volumes().map_err(super::store_status)?;
+    for (node, list) in held {
+        for p in list {
+            let known = vols
+                .iter()
+                .any(|v| v.value.replicas.iter().any(|r| r.id == p.replica_id));
+            if known {
+                continue;
+            }
+            tracing::info!(node = %node, replica = %p.replica_id, volume = %p.volume_id, "deleting an orphaned replica");
+            if let Ok(mut agent) = ctl.agents().client(&node).await
+                && let Err(e) = agent
+                    .delete_replica(with_deadline(
+                        apb::DeleteReplicaRequest {
+                            replica_id: p.replica_id.clone(),
+                        },
+                        AGENT_CALL,
+                    ))
+                    .await
+            {
+                tracing::warn!(replica = %p.replica_id, error = %e.message(), "deleting an orphaned replica failed");
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn volume(
+    ctl: &Controller,
+    v: &VolumeRecord,
+    down_since: &mut HashMap<String, Instant>,
+) -> Result<(), Status> {
+    let mut v = ctl.fresh_addresses(v).await?;
+    let Some(att) = v.attachment.clone() else {
+        return Ok(());
+    };
+    // The engine may have been restarted by its agent on a new port.
+    if let Ok(mut agent) = ctl.agents().client(&att.node).await
+        && let Ok(list) = agent
+            .list_engines(with_deadline(
+                apb::ListEnginesRequest {},
+                Duration::from_secs(10),
+            ))
+            .await
+        && let Some(e) = list
+            .into_inner()
+            .engines
+            .into_iter()
+            .find(|e| e.volume_id == v.id && e.running)
+        && e.control_address != att.engine_address
+        && !e.control_address.is_empty()
+    {
+        let addr = e.control_address.clone();
+        v = ctl.update_volume(&v.id, |rec| {
+            if let Some(a) = rec.attachment.as_mut() {
+                a.engine_address = addr.clone();
+                a.epoch = e.epoch;
+            }
+        })?;
+    }
+    let Some(att) = v.attachment.clone() else {
+        return Ok(());
+    };
+    let mut eng = engine(&att.engine_address).await?;
+    let st = eng
+        .status(with_deadline(
+            epb::StatusRequest {},
+            Duration::from_secs(10),
+        ))
+        .await?
+        .into_inner();
+    let running: HashMap<String, bool> = {
+        let mut m = HashMap::new();
+        for r in &v.replicas {
+            let up = match ctl.agents().list_replicas(&r.node).await {
+                Ok(list) => list.iter().any(|p| p.replica_id == r.id && p.running),
+                Err(_) => false,
+            };
+            m.insert(r.id.clone(), up);
+        }
+        m
+    };
+    for r in v.replicas.clone() {
+        let in_engine = st
+            .replicas
+            .iter()
+            .find(|e| e.address == r.address)
+            .map(|e| e.mode.as_str());
+        let up = running.get(&r.id).copied().unwrap_or(false);
+        match (in_engine, up) {
+            (Some("RW") | Some("WO"), _) => {
+                down_since.remove(&r.id);
+                let state = if in_engine == Some("WO") {
+                    ReplicaState::Rebuilding
+                } else {
+                    ReplicaState::Ready
+                };
+                if r.state != state {
+                    ctl.update_volume(&v.id, |rec| {
+                        if let Some(x) = rec.replicas.iter_mut().find(|x| x.id == r.id) {
+                            x.state = state;
+                        }
+                    })?;
+                }
+            }
+            (_, true) => {
+                // Running but not in sync with the engine: give it back.
+                down_since.remove(&r.id);
+                tracing::info!(volume = %v.id, replica = %r.id, address = %r.address, "re-adding replica to its engine");
+                eng.add_replica(with_deadline(
+                    epb::AddReplicaRequest {
+                        address: r.address.clone(),
+                    },
+                    AGENT_CALL,
+                ))
+                .await
+                .map_err(|e| {
+                    Status::new(
+                        e.code(),
+                        format!("re-adding replica {}: {}", r.id, e.message()),
+                    )
+                })?;
+            }
+            (_, false) => {
+                let since = *down_since.entry(r.id.clone()).or_insert_with(Instant::now);
+                if since.elapsed() >= ctl.config().replacement_delay {
+                    replace(ctl, &v, &r, &mut eng).await?;
+                    down_since.remove(&r.id);
+                    // One replacement per pass keeps the volume's I/O bearable.
+                    return Ok(());
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Replaces the lost replica `old` of attached volume `v` by a new one.
+async fn replace(
+    ctl: &Controller,
+    v: &VolumeRecord,
+    old: &ReplicaRecord,
+    eng: &mut zebu_proto::engine::engine_client::EngineClient<tonic::transport::Channel>,
+) -> Result<(), Status> {
+    let disks = ctl.disk_space()?;
+    let others: Vec<(String, String)> = v
+        .replicas
+        .iter()
+        .filter(|r| r.id != old.id)
+        .map(|r| (r.node.clone(), r.disk.clone()))
+        .collect();
+    let spot = placement::place(
+        &disks,
+        &placement::Request {
+            count: 1,
+            size_bytes: v.size_bytes,
+            existing: others,
+            exclude_nodes: vec![old.node.clone()],
+            over_provisioning_percent: ctl.config().over_provisioning_percent,
+            allow_same_disk: ctl.config().allow_same_disk,
+        },
+    )
+    .or_else(|_| {
+        // No other node has room: the old node's other disks (or, if the
+        // old node is simply down, nothing) will do.
+        placement::place(
+            &disks,
+            &placement::Request {
+                count: 1,
+                size_bytes: v.size_bytes,
+                existing: v
+                    .replicas
+                    .iter()
+                    .map(|r| (r.node.clone(), r.disk.clone()))
+                    .collect(),
+                over_provisioning_percent: ctl.config().over_provisioning_percent,
+                allow_same_disk: false,
+                ..Default::default()
+            },
+        )
+    })
+    .map_err(|e| Status::resource_exhausted(format!("replacing replica {}: {e}", old.id)))?;
+    let Some((node, disk)) = spot.into_iter().next() else {
+        return Ok(());
+    };
+    let new = ReplicaRecord {
+        id: format!("r-{}", &uuid::Uuid::new_v4().simple().to_string()[..12]),
+        node: node.clone(),
+        disk: disk.clone(),
+        dir: String::new(),
+        address: String::new(),
+        state: ReplicaState::Pending,
+    };
+    tracing::info!(volume = %v.id, old = %old.id, new = %new.id, node = %node, "replacing a lost replica");
+    // Record the new replica before creating it, so a crash here leaves a
+    // record the next pass can finish rather than an orphan process.
+    let rec = ctl.update_volume(&v.id, |rec| {
+        rec.replicas.retain(|r| r.id != old.id);
+        rec.replicas.push(new.clone());
+    })?;
+    let rec = ctl.create_replicas(&rec).await?;
+    let addr = rec
+        .replicas
+        .iter()
+        .find(|r| r.id == new.id)
+        .map(|r| r.address.clone())
+        .unwrap_or_default();
+    eng.add_replica(with_deadline(
+        epb::AddReplicaRequest { address: addr },
+        AGENT_CALL,
+    ))
+    .await?;
+    // The old replica's data is useless now; remove it if its node answers.
+    if let Ok(mut agent) = ctl.agents().client(&old.node).await {
+        let _ = agent
+            .delete_replica(with_deadline(
+                apb::DeleteReplicaRequest {
+                    replica_id: old.id.clone(),
+                },
+                Duration::from_secs(30),
+            ))
+            .await;
+    }
+    Ok(())
+}

@@ -1,0 +1,298 @@
+//! Shared pieces of the driver-level tests: starting `zebu-csi` processes
+//! on temp dirs, CSI clients, and a cleanup that removes every process,
+//! mount and loop device a test created (by path, so it also catches the
+//! replica and engine processes the agent deliberately leaves running when
+//! it exits).
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tonic::transport::Channel;
+use zebu_proto::csi::controller_client::ControllerClient;
+use zebu_proto::csi::identity_client::IdentityClient;
+use zebu_proto::csi::node_client::NodeClient;
+
+static HEAVY: Mutex<()> = Mutex::new(());
+
+/// Tests of one binary that mount things or run many processes take this
+/// lock for their whole run.
+pub fn serial() -> MutexGuard<'static, ()> {
+    HEAVY.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Fails (never skips) when a tool is missing, naming its package.
+pub fn require_tool(tool: &str, package: &str) {
+    let found = std::env::var_os("PATH")
+        .map(|paths| {
+            std::env::split_paths(&paths)
+                .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
+                .any(|d| d.join(tool).is_file())
+        })
+        .unwrap_or(false);
+    assert!(found, "required tool `{tool}` is not installed: {package}");
+}
+
+/// The node-side tools every attach needs.
+pub fn require_node_tools() {
+    require_tool("nbdfuse", "apt-get install libnbd-bin");
+    require_tool("losetup", "apt-get install util-linux");
+    require_tool("mkfs.ext4", "apt-get install e2fsprogs");
+    require_tool("mkfs.xfs", "apt-get install xfsprogs");
+    require_tool("fusermount3", "apt-get install fuse3");
+}
+
+pub fn csi_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_zebu-csi"))
+}
+
+pub fn zebu_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_zebu"))
+}
+
+/// Checks that the replica and engine binaries sit next to `zebu-csi` (the
+/// agent looks for them there).
+pub fn require_data_path_bins() {
+    let dir = csi_bin().parent().expect("bin dir").to_owned();
+    for b in ["zebu-replica", "zebu-engine"] {
+        assert!(
+            dir.join(b).is_file(),
+            "{} is missing: build it with cargo build -p zebu-replica -p zebu-engine",
+            dir.join(b).display()
+        );
+    }
+}
+
+/// A short temp dir (Unix socket paths must stay under 108 bytes).
+pub fn tempdir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("zc-")
+        .tempdir_in(std::env::var_os("TMPDIR").unwrap_or_else(|| "/var/tmp".into()))
+        .expect("create a temp dir under $TMPDIR (default /var/tmp)")
+}
+
+pub fn rt() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("tokio runtime")
+}
+
+/// Polls `check` until it holds, failing after `limit` with `what`.
+pub fn poll(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if check() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out after {limit:?} waiting for {what}");
+}
+
+/// A running `zebu-csi` process.
+pub struct Driver {
+    pub child: Child,
+    pub endpoint: String,
+    pub socket: PathBuf,
+    /// The ready line it printed.
+    pub ready: String,
+    pub node_id: String,
+}
+
+impl Driver {
+    /// Starts `zebu-csi standalone` with `disks` disk dirs under `root`.
+    pub fn standalone(root: &Path, node_id: &str, disks: usize, extra: &[&str]) -> Driver {
+        let socket = root.join("csi.sock");
+        let mut args: Vec<String> = vec![
+            "standalone".into(),
+            "--endpoint".into(),
+            format!("unix://{}", socket.display()),
+            "--state".into(),
+            root.join("state").display().to_string(),
+            "--node-id".into(),
+            node_id.into(),
+        ];
+        for i in 0..disks {
+            args.push("--disk".into());
+            args.push(root.join(format!("disk{i}")).display().to_string());
+        }
+        args.extend(extra.iter().map(|s| s.to_string()));
+        Driver::spawn(&args, socket, node_id, &root.join("standalone.log"))
+    }
+
+    /// Starts `zebu-csi node` joining the controller at `controller`.
+    pub fn node(root: &Path, node_id: &str, controller: &str) -> Driver {
+        let dir = root.join(node_id);
+        let socket = dir.join("csi.sock");
+        let args: Vec<String> = vec![
+            "node".into(),
+            "--endpoint".into(),
+            format!("unix://{}", socket.display()),
+            "--state".into(),
+            dir.join("state").display().to_string(),
+            "--node-id".into(),
+            node_id.into(),
+            "--disk".into(),
+            dir.join("disk").display().to_string(),
+            "--controller".into(),
+            controller.into(),
+        ];
+        Driver::spawn(&args, socket, node_id, &root.join(format!("{node_id}.log")))
+    }
+
+    fn spawn(args: &[String], socket: PathBuf, node_id: &str, log: &Path) -> Driver {
+        let log_file = std::fs::File::create(log).expect("create driver log");
+        let mut child = Command::new(csi_bin())
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(log_file)
+            .spawn()
+            .expect("start zebu-csi");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut line = String::new();
+        let n = BufReader::new(stdout).read_line(&mut line).unwrap_or(0);
+        if n == 0 || !line.contains("ready") {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "zebu-csi did not become ready: printed {line:?}; log:\n{}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        Driver {
+            child,
+            endpoint: format!("unix://{}", socket.display()),
+            socket,
+            ready: line.trim().to_owned(),
+            node_id: node_id.into(),
+        }
+    }
+
+    /// SIGTERM and wait (the agent leaves its replicas and engines running).
+    pub fn stop(&mut self) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.child.id() as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        let _ = self.child.wait();
+    }
+
+    /// SIGKILL and wait.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+pub async fn channel(endpoint: &str) -> Channel {
+    zebu_csi::grpc::connect(endpoint)
+        .await
+        .unwrap_or_else(|e| panic!("connecting to {endpoint}: {e}"))
+}
+
+pub async fn controller(endpoint: &str) -> ControllerClient<Channel> {
+    ControllerClient::new(channel(endpoint).await)
+}
+
+pub async fn node(endpoint: &str) -> NodeClient<Channel> {
+    NodeClient::new(channel(endpoint).await)
+}
+
+pub async fn identity(endpoint: &str) -> IdentityClient<Channel> {
+    IdentityClient::new(channel(endpoint).await)
+}
+
+/// Pids of processes whose command line mentions `path`.
+pub fn pids_mentioning(path: &Path) -> Vec<i32> {
+    let needle = path.display().to_string();
+    let me = std::process::id() as i32;
+    let mut out = Vec::new();
+    let Ok(rd) = std::fs::read_dir("/proc") else {
+        return out;
+    };
+    for e in rd.flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline"))
+            && String::from_utf8_lossy(&cmd)
+                .replace('\0', " ")
+                .contains(&needle)
+        {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Mount points under `path`.
+pub fn mounts_under(path: &Path) -> Vec<String> {
+    let needle = path.display().to_string();
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
+        .filter(|m| m.starts_with(&needle))
+        .collect()
+}
+
+/// Loop devices backed by files under `path`.
+pub fn loops_under(path: &Path) -> Vec<String> {
+    let out = Command::new("losetup")
+        .args(["-nO", "NAME,BACK-FILE"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let needle = path.display().to_string();
+    out.lines()
+        .filter_map(|l| {
+            let mut it = l.split_whitespace();
+            let (dev, file) = (it.next()?, it.next()?);
+            file.starts_with(&needle).then(|| dev.to_owned())
+        })
+        .collect()
+}
+
+/// Removes everything a test left under `root`: mounts (deepest first),
+/// loop devices, then processes.
+pub fn scrub(root: &Path) {
+    let mut m = mounts_under(root);
+    m.sort_by_key(|b| std::cmp::Reverse(b.len()));
+    for p in m {
+        let _ = Command::new("umount").args(["-l", &p]).status();
+    }
+    for d in loops_under(root) {
+        let _ = Command::new("losetup").args(["-d", &d]).status();
+    }
+    for pid in pids_mentioning(root) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+}
+
+/// Scrubs its directory when dropped (even when the test panicked).
+pub struct Scrub(pub PathBuf);
+
+impl Drop for Scrub {
+    fn drop(&mut self) {
+        scrub(&self.0);
+    }
+}

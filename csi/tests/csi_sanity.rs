@@ -1,0 +1,79 @@
+//! Runs the CSI conformance suite `csi-sanity` (kubernetes-csi/csi-test)
+//! against `zebu-csi standalone` with real replicas, engines, nbdfuse
+//! devices and mounts. Every test it runs must pass; the skipped ones are
+//! listed in README.md with the reason.
+//!
+//! `csi-sanity` is found at `$CSI_SANITY`, on `$PATH` or in `~/go/bin`;
+//! `.ci/run` installs the pinned version with `go install`.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::*;
+
+fn csi_sanity() -> PathBuf {
+    if let Some(p) = std::env::var_os("CSI_SANITY") {
+        return PathBuf::from(p);
+    }
+    let candidates = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
+        .unwrap_or_default()
+        .into_iter()
+        .chain(std::env::var_os("HOME").map(|h| PathBuf::from(h).join("go/bin")));
+    for d in candidates {
+        if d.join("csi-sanity").is_file() {
+            return d.join("csi-sanity");
+        }
+    }
+    panic!(
+        "csi-sanity is not installed: go install \
+         github.com/kubernetes-csi/csi-test/v5/cmd/csi-sanity@v5.6.0 (what .ci/run does)"
+    );
+}
+
+#[test]
+fn csi_sanity_passes_against_the_standalone_driver() {
+    let _serial = serial();
+    require_node_tools();
+    require_data_path_bins();
+    let sanity = csi_sanity();
+    let tmp = tempdir();
+    let root = tmp.path().to_owned();
+    let _scrub = Scrub(root.clone());
+    let driver = Driver::standalone(&root, "sanity-node", 3, &[]);
+    let junit = root.join("junit.xml");
+    let out = Command::new(&sanity)
+        .arg(format!("--csi.endpoint={}", driver.endpoint))
+        .arg(format!(
+            "--csi.stagingdir={}",
+            root.join("staging").display()
+        ))
+        .arg(format!("--csi.mountdir={}", root.join("mount").display()))
+        .arg("--csi.testvolumesize=67108864")
+        .arg("--csi.testvolumeexpandsize=134217728")
+        .arg(format!("--csi.junitfile={}", junit.display()))
+        .arg("--ginkgo.v")
+        .arg("--ginkgo.timeout=40m")
+        .output()
+        .expect("run csi-sanity");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // The summary lines ("Ran N of M Specs", "SUCCESS!/FAIL!") for the log.
+    for l in stdout.lines().filter(|l| {
+        l.contains("Ran ") || l.contains("Passed") || l.contains("[FAIL]") || l.contains("SUCCESS")
+    }) {
+        println!("{l}");
+    }
+    assert!(
+        out.status.success(),
+        "csi-sanity failed ({}):\n{stdout}\n{stderr}\ndriver log:\n{}",
+        out.status,
+        std::fs::read_to_string(root.join("standalone.log")).unwrap_or_default()
+    );
+    assert!(
+        stdout.contains("SUCCESS!"),
+        "csi-sanity did not report success:\n{stdout}"
+    );
+}
