@@ -6,8 +6,11 @@
 //!   unmount, grow, volume statistics.
 //! - [`context`]: the driver name and the keys of CSI context maps.
 //! - [`grpc`]: serving and dialling gRPC over Unix sockets and TCP.
+//! - [`node`]: the CSI Node service (stage, publish, stats, expand) and the
+//!   per-volume in-flight operation set.
 
 pub mod attach;
 pub mod context;
 pub mod grpc;
+pub mod node;
 pub mod store;
