@@ -553,7 +553,7 @@ impl Controller {
             Some(
                 self.inner
                     .ops
-                    .begin(&src.id, &format!("volume {}", src.id))?,
+                    .begin_named(&src.id, &format!("volume {}", src.id))?,
             )
         } else {
             None

@@ -6,6 +6,12 @@
 //!   unmount, grow, volume statistics.
 //! - [`context`]: the driver name and the keys of CSI context maps.
 //! - [`grpc`]: serving and dialling gRPC over Unix sockets and TCP.
+//! - [`controller`]: the CSI Controller service, replica placement, the
+//!   reconcile loop.
+//! - [`identity`]: the CSI Identity service.
+//! - [`inflight`]: one operation per volume at a time (ABORTED otherwise).
+//! - [`node`]: the CSI Node service (stage, publish, stats, expand).
+//! - [`registry`]: where node agents announce themselves to the controller.
 
 pub mod attach;
 pub mod context;
@@ -13,5 +19,6 @@ pub mod controller;
 pub mod grpc;
 pub mod identity;
 pub mod inflight;
+pub mod node;
 pub mod registry;
 pub mod store;

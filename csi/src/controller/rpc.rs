@@ -99,7 +99,7 @@ impl CsiController for Controller {
         let _name_guard = self
             .inner
             .ops
-            .begin(&format!("name/{}", r.name), &format!("volume {:?}", r.name))?;
+            .begin_named(&format!("name/{}", r.name), &format!("volume {:?}", r.name))?;
 
         // The source must exist; a restore is at least as large as its source.
         let min_size = match &source {
@@ -212,7 +212,7 @@ impl CsiController for Controller {
         let _g = self
             .inner
             .ops
-            .begin(&rec.id, &format!("volume {}", rec.id))?;
+            .begin_named(&rec.id, &format!("volume {}", rec.id))?;
         let rec = self.create_replicas(&rec).await?;
         self.fill_content(&rec).await?;
         let rec = self.update_volume(&rec.id, |v| v.status = VolumeStatus::Ready)?;
@@ -231,7 +231,7 @@ impl CsiController for Controller {
         let _g = self
             .inner
             .ops
-            .begin(&r.volume_id, &format!("volume {}", r.volume_id))?;
+            .begin_named(&r.volume_id, &format!("volume {}", r.volume_id))?;
         let Some(v) = self
             .store()
             .get_volume(&r.volume_id)
@@ -278,7 +278,7 @@ impl CsiController for Controller {
         let _g = self
             .inner
             .ops
-            .begin(&r.volume_id, &format!("volume {}", r.volume_id))?;
+            .begin_named(&r.volume_id, &format!("volume {}", r.volume_id))?;
         let v = self.volume(&r.volume_id)?.value;
         if self
             .store()
@@ -365,7 +365,7 @@ impl CsiController for Controller {
         let _g = self
             .inner
             .ops
-            .begin(&r.volume_id, &format!("volume {}", r.volume_id))?;
+            .begin_named(&r.volume_id, &format!("volume {}", r.volume_id))?;
         let v = match self.volume(&r.volume_id) {
             Ok(v) => v.value,
             // Nothing can be attached: the unpublish has nothing left to do.
@@ -554,7 +554,7 @@ impl CsiController for Controller {
         let r = r.into_inner();
         require(&r.name, "name")?;
         require(&r.source_volume_id, "source_volume_id")?;
-        let _ng = self.inner.ops.begin(
+        let _ng = self.inner.ops.begin_named(
             &format!("snapshot/{}", r.name),
             &format!("snapshot {:?}", r.name),
         )?;
@@ -575,7 +575,7 @@ impl CsiController for Controller {
                 snapshot: Some(snapshot_pb(&s.value)),
             }));
         }
-        let _g = self.inner.ops.begin(
+        let _g = self.inner.ops.begin_named(
             &r.source_volume_id,
             &format!("volume {}", r.source_volume_id),
         )?;
@@ -624,7 +624,7 @@ impl CsiController for Controller {
             return Ok(Response::new(pb::DeleteSnapshotResponse {}));
         };
         let s = s.value;
-        let _g = self.inner.ops.begin(
+        let _g = self.inner.ops.begin_named(
             &s.source_volume,
             &format!("volume {} (source of the snapshot)", s.source_volume),
         )?;
@@ -710,7 +710,7 @@ impl CsiController for Controller {
         let _g = self
             .inner
             .ops
-            .begin(&r.volume_id, &format!("volume {}", r.volume_id))?;
+            .begin_named(&r.volume_id, &format!("volume {}", r.volume_id))?;
         let v = self.volume(&r.volume_id)?.value;
         let size = size_for(Some(range))?;
         let node_expansion_required = v.access_type == AccessType::Mount;
