@@ -6,8 +6,11 @@
 //!   unmount, grow, volume statistics.
 //! - [`context`]: the driver name and the keys of CSI context maps.
 //! - [`grpc`]: serving and dialling gRPC over Unix sockets and TCP.
+//! - [`cli`]: the `zebu` command line (volumes, snapshots, attach/detach,
+//!   replica status) over the driver's CSI socket.
 
 pub mod attach;
+pub mod cli;
 pub mod context;
 pub mod grpc;
 pub mod store;
