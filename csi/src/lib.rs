@@ -12,8 +12,11 @@
 //! - [`inflight`]: one operation per volume at a time (ABORTED otherwise).
 //! - [`node`]: the CSI Node service (stage, publish, stats, expand).
 //! - [`registry`]: where node agents announce themselves to the controller.
+//! - [`cli`]: the `zebu` command line (volumes, snapshots, attach/detach,
+//!   replica status) over the driver's CSI socket.
 
 pub mod attach;
+pub mod cli;
 pub mod context;
 pub mod controller;
 pub mod grpc;
