@@ -14,7 +14,10 @@
 //! - [`registry`]: where node agents announce themselves to the controller.
 //! - [`cli`]: the `zebu` command line (volumes, snapshots, attach/detach,
 //!   replica status) over the driver's CSI socket.
+//! - [`agent`]: the node agent — replica directories on the node's disks,
+//!   supervised `zebu-replica` / `zebu-engine` processes, the `Agent` gRPC API.
 
+pub mod agent;
 pub mod attach;
 pub mod cli;
 pub mod context;
