@@ -1206,6 +1206,34 @@ async fn probe(device: &Path, ctx: &str) -> Result<Probe> {
     )))
 }
 
+/// Less than this much unused room at the end of a device is no reason to
+/// resize (ext4 sizes are whole blocks of up to 64 KiB).
+const EXT_SLACK: u64 = 64 * 1024;
+
+/// Size of the ext2/3/4 filesystem on `device` from its superblock
+/// (`dumpe2fs -h`: block count × block size).
+async fn ext_fs_bytes(device: &Path, ctx: &str) -> Result<u64> {
+    let out = run(
+        ctx,
+        "dumpe2fs",
+        [OsStr::new("-h"), device.as_os_str()],
+        COMMAND_TIMEOUT,
+    )
+    .await?;
+    let field = |name: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+    };
+    match (field("Block count:"), field("Block size:")) {
+        (Some(n), Some(b)) => Ok(n * b),
+        _ => Err(precondition(
+            ctx,
+            "dumpe2fs -h printed no block count and block size for the filesystem",
+        )),
+    }
+}
+
 /// Grows the filesystem on `device` to the device size and returns the
 /// device size in bytes.
 ///
@@ -1281,6 +1309,11 @@ pub async fn expand_filesystem(
     }
     match entry.fstype.as_str() {
         "ext4" | "ext3" | "ext2" => {
+            if ext_fs_bytes(device, &ctx).await? + EXT_SLACK >= size {
+                // Already spans the device (e.g. it was made after the
+                // volume grew): nothing to resize.
+                return Ok(size);
+            }
             if !has_effective_capability(CAP_SYS_RESOURCE) {
                 return Err(precondition(
                     &ctx,

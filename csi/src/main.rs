@@ -23,7 +23,6 @@ use zebu_csi::identity::{IdentityService, Readiness};
 use zebu_csi::node::{NodeConfig, NodeService};
 use zebu_csi::registry::Registry;
 use zebu_csi::store::{SledStore, Store};
-use zebu_proto::agent::agent_server::AgentServer;
 use zebu_proto::agent::registry_client::RegistryClient;
 use zebu_proto::agent::registry_server::RegistryServer;
 use zebu_proto::csi::controller_server::ControllerServer;
@@ -172,7 +171,7 @@ fn controller_config(o: &ControllerOpts) -> Result<ControllerConfig> {
 fn open_store(state: &std::path::Path) -> Result<Arc<dyn Store>> {
     std::fs::create_dir_all(state)
         .with_context(|| format!("creating state directory {}", state.display()))?;
-    let store = SledStore::open(state.join("store"))
+    let store = SledStore::open(&state.join("store"))
         .with_context(|| format!("opening the state store in {}", state.display()))?;
     Ok(Arc::new(store))
 }
@@ -184,10 +183,10 @@ async fn start_agent(
 ) -> Result<(Agent, TcpListener, String)> {
     let node_id = match &node.node_id {
         Some(n) => n.clone(),
-        None => nix::unistd::gethostname()
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
             .context("reading the host name for --node-id")?
-            .to_string_lossy()
-            .into_owned(),
+            .trim()
+            .to_owned(),
     };
     let disks = if node.disks.is_empty() {
         vec![state.join("disk")]
@@ -198,14 +197,13 @@ async fn start_agent(
         .await
         .with_context(|| format!("binding the node agent to {}", node.agent_listen))?;
     let addr = listener.local_addr()?.to_string();
-    let cfg = AgentConfig::new(
-        node_id.clone(),
-        disks,
-        state.join("agent"),
-        addr.clone(),
-        node.max_volumes,
-    )
-    .context("configuring the node agent")?;
+    let mut cfg = AgentConfig::new(node_id.clone(), disks, state.join("agent"))
+        .context("configuring the node agent")?;
+    cfg.max_volumes = node.max_volumes;
+    cfg.advertise_address = addr.clone();
+    // Replicas and engines bind the agent's host, so a controller that can
+    // reach the agent can reach them.
+    cfg.listen_host = listener.local_addr()?.ip().to_string();
     let agent = Agent::start(cfg).await.context("starting the node agent")?;
     Ok((agent, listener, node_id))
 }
@@ -252,7 +250,7 @@ async fn run(cli: Cli) -> Result<()> {
             let agent_addr = listener.local_addr()?.to_string();
             let agent_server = tokio::spawn(
                 Server::builder()
-                    .add_service(AgentServer::new(agent.clone()))
+                    .add_service(agent.service())
                     .serve_with_incoming(TcpListenerStream::new(listener)),
             );
             let node = NodeService::new(NodeConfig {
@@ -296,7 +294,7 @@ async fn run(cli: Cli) -> Result<()> {
             let agent_addr = listener.local_addr()?.to_string();
             let agent_server = tokio::spawn(
                 Server::builder()
-                    .add_service(AgentServer::new(agent.clone()))
+                    .add_service(agent.service())
                     .serve_with_incoming(TcpListenerStream::new(listener)),
             );
             let registry = Registry::new(store.clone());

@@ -229,6 +229,9 @@ pub struct Attachment {
     pub nbd_socket: String,
     /// Epoch the engine was started with (fences older engines).
     pub epoch: u64,
+    /// Published read-only (ControllerPublishVolume's `readonly`).
+    #[serde(default)]
+    pub readonly: bool,
 }
 
 /// A volume, keyed by [`VolumeRecord::id`].

@@ -13,7 +13,6 @@ mod common;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -357,7 +356,20 @@ fn statefulset_flow_on_three_nodes() {
         .await;
         println!("after the rebuild: {msg}");
 
-        // Expand online.
+        // Expand. ext4 cannot grow while mounted on this machine (online
+        // resize needs CAP_SYS_RESOURCE, which its root lacks, and nbdfuse
+        // fixes the device size at connect), so this plays the kubelet's
+        // offline path: the pod goes away (unpublish), the volume stays
+        // staged, the controller grows it, NodeExpandVolume grows the
+        // device and the filesystem on the staging path, the pod comes back.
+        let mut nd = common::node(&a.node_endpoint).await;
+        nd.node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
+            volume_id: v.clone(),
+            target_path: a.target.display().to_string(),
+        })
+        .await
+        .expect("NodeUnpublishVolume");
+        let before = nix::sys::statvfs::statvfs(&a.staging).expect("statvfs");
         let e = ctl
             .controller_expand_volume(pb::ControllerExpandVolumeRequest {
                 volume_id: v.clone(),
@@ -372,34 +384,57 @@ fn statefulset_flow_on_three_nodes() {
             .expect("ControllerExpandVolume")
             .into_inner();
         assert_eq!(e.capacity_bytes, 512 * MIB);
-        let before = nix::sys::statvfs::statvfs(&a.target).expect("statvfs");
-        let mut nd = common::node(&a.node_endpoint).await;
-        nd.node_expand_volume(pb::NodeExpandVolumeRequest {
-            volume_id: v.clone(),
-            volume_path: a.target.display().to_string(),
-            capacity_range: Some(pb::CapacityRange {
-                required_bytes: 512 * MIB,
-                limit_bytes: 0,
-            }),
-            staging_target_path: a.staging.display().to_string(),
-            volume_capability: Some(mount_cap()),
-            ..Default::default()
-        })
-        .await
-        .expect("NodeExpandVolume");
-        let after = nix::sys::statvfs::statvfs(&a.target).expect("statvfs");
-        let size = |s: &nix::sys::statvfs::Statvfs| s.blocks() as u64 * s.fragment_size() as u64;
+        assert!(e.node_expansion_required);
+        let grown = nd
+            .node_expand_volume(pb::NodeExpandVolumeRequest {
+                volume_id: v.clone(),
+                volume_path: a.staging.display().to_string(),
+                capacity_range: Some(pb::CapacityRange {
+                    required_bytes: 512 * MIB,
+                    limit_bytes: 0,
+                }),
+                staging_target_path: a.staging.display().to_string(),
+                volume_capability: Some(mount_cap()),
+                ..Default::default()
+            })
+            .await
+            .expect("NodeExpandVolume")
+            .into_inner();
+        assert_eq!(grown.capacity_bytes, 512 * MIB);
+        let after = nix::sys::statvfs::statvfs(&a.staging).expect("statvfs");
+        let size = |s: &nix::sys::statvfs::Statvfs| s.blocks() * s.fragment_size();
         assert!(
             size(&after) > size(&before) + 200 * MIB as u64,
             "filesystem did not grow: {} -> {}",
             size(&before),
             size(&after)
         );
-        // Data written before the expansion is intact.
+        let publish = ctl
+            .controller_publish_volume(pb::ControllerPublishVolumeRequest {
+                volume_id: v.clone(),
+                node_id: a.node_id.clone(),
+                volume_capability: Some(mount_cap()),
+                ..Default::default()
+            })
+            .await
+            .expect("ControllerPublishVolume (already published: same answer)")
+            .into_inner();
+        nd.node_publish_volume(pb::NodePublishVolumeRequest {
+            volume_id: v.clone(),
+            publish_context: publish.publish_context,
+            staging_target_path: a.staging.display().to_string(),
+            target_path: a.target.display().to_string(),
+            volume_capability: Some(mount_cap()),
+            ..Default::default()
+        })
+        .await
+        .expect("NodePublishVolume after the expansion");
+        // Data written before the expansion is intact, and the new room is usable.
         assert_eq!(
             std::fs::read(a.target.join("after-kill")).expect("read"),
             pattern(5, 200_000)
         );
+        write_file(&a.target.join("big"), &pattern(3, 300 << 20));
 
         // Tear down.
         detach(&ep, &a).await;

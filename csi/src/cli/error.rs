@@ -281,10 +281,10 @@ mod tests {
         assert_eq!(m, "X failed for volume pvc-1 (boom)");
         let m = explain(
             EP,
-            &Call::new("Status", Subject::Engine("10.0.0.1:9500".into())),
+            &Call::new("Status", Subject::Engine("127.0.0.21:9500".into())),
             &Status::unavailable(""),
         );
-        assert!(m.starts_with("cannot reach the engine of this volume at 10.0.0.1:9500"));
+        assert!(m.starts_with("cannot reach the engine of this volume at 127.0.0.21:9500"));
     }
 
     #[test]

@@ -696,11 +696,11 @@ mod tests {
     #[test]
     fn placement() {
         assert_eq!(
-            parse_placement("n1:10.0.0.1:9600, n2:h2:9600,"),
+            parse_placement("n1:127.0.0.21:9600, n2:h2:9600,"),
             vec![
                 Placement {
                     node: "n1".into(),
-                    address: "10.0.0.1:9600".into()
+                    address: "127.0.0.21:9600".into()
                 },
                 Placement {
                     node: "n2".into(),
@@ -719,9 +719,9 @@ mod tests {
                 (VOLUME_REPLICAS.to_owned(), "2".to_owned()),
                 (
                     VOLUME_REPLICA_PLACEMENT.to_owned(),
-                    "n1:10.0.0.1:9600,n2:10.0.0.2:9600".to_owned(),
+                    "n1:127.0.0.21:9600,n2:127.0.0.22:9600".to_owned(),
                 ),
-                (VOLUME_ENGINE.to_owned(), "10.0.0.1:9500".to_owned()),
+                (VOLUME_ENGINE.to_owned(), "127.0.0.21:9500".to_owned()),
                 (VOLUME_ATTACHED_NODE.to_owned(), "n1".to_owned()),
                 ("csi.storage.k8s.io/fstype".to_owned(), "xfs".to_owned()),
             ]),
@@ -738,7 +738,7 @@ mod tests {
     fn volume_view_reads_the_context() {
         let v = VolumeView::new(&volume(), &["n1".into()], None);
         assert_eq!(v.replicas, Some(2));
-        assert_eq!(v.engine.as_deref(), Some("10.0.0.1:9500"));
+        assert_eq!(v.engine.as_deref(), Some("127.0.0.21:9500"));
         assert_eq!(v.placement.len(), 2);
         assert_eq!(v.source, Some(Source::Snapshot("snap-1".into())));
         assert_eq!(v.condition_text(), "-");
@@ -794,10 +794,13 @@ mod tests {
             d.contains("Size:       1.0 GiB (1073741824 bytes)\n"),
             "{d}"
         );
-        assert!(d.contains("Attached:   n1 (engine 10.0.0.1:9500)\n"), "{d}");
+        assert!(
+            d.contains("Attached:   n1 (engine 127.0.0.21:9500)\n"),
+            "{d}"
+        );
         assert!(d.contains("Source:     snapshot snap-1\n"), "{d}");
         assert!(
-            d.contains("Placement:  n1 10.0.0.1:9600\n            n2 10.0.0.2:9600\n"),
+            d.contains("Placement:  n1 127.0.0.21:9600\n            n2 127.0.0.22:9600\n"),
             "{d}"
         );
         assert!(
@@ -822,7 +825,7 @@ mod tests {
         assert_eq!(j["condition"], serde_json::Value::Null);
         assert_eq!(j["placement"][1]["node"], "n2");
         assert_eq!(j["source"]["snapshot"], "snap-1");
-        assert_eq!(j["engine"], "10.0.0.1:9500");
+        assert_eq!(j["engine"], "127.0.0.21:9500");
     }
 
     fn engine_status() -> VolumeStatus {
@@ -833,7 +836,7 @@ mod tests {
             epoch: 7,
             replicas: vec![
                 ReplicaStatus {
-                    address: "10.0.0.1:9600".into(),
+                    address: "127.0.0.21:9600".into(),
                     id: "r1".into(),
                     mode: "RW".into(),
                     rebuild: None,
@@ -841,7 +844,7 @@ mod tests {
                     errors: 0,
                 },
                 ReplicaStatus {
-                    address: "10.0.0.2:9600".into(),
+                    address: "127.0.0.22:9600".into(),
                     id: "r2".into(),
                     mode: "WO".into(),
                     rebuild: Some(RebuildProgress {
@@ -862,15 +865,15 @@ mod tests {
     #[test]
     fn replica_report_live() {
         let v = VolumeView::new(&volume(), &[], None);
-        let r = ReplicaReport::live(&v, "10.0.0.1:9500", &engine_status());
+        let r = ReplicaReport::live(&v, "127.0.0.21:9500", &engine_status());
         assert_eq!(r.replicas[1].node.as_deref(), Some("n2"));
         assert_eq!(r.replicas[1].rebuild.as_ref().unwrap().percent, Some(25.0));
         assert_eq!(
             r.text(),
-            "volume vol-1: rebuilding, epoch 7, attached on n1, engine 10.0.0.1:9500\n\
-             NODE  ADDRESS        ID  MODE  REBUILD                                     IN-FLIGHT  ERRORS\n\
-             n1    10.0.0.1:9600  r1  RW    -                                           3          0\n\
-             n2    10.0.0.2:9600  r2  WO    running 256.0 MiB/1.0 GiB (25%) 64.0 MiB/s  0          2\n"
+            "volume vol-1: rebuilding, epoch 7, attached on n1, engine 127.0.0.21:9500\n\
+             NODE  ADDRESS          ID  MODE  REBUILD                                     IN-FLIGHT  ERRORS\n\
+             n1    127.0.0.21:9600  r1  RW    -                                           3          0\n\
+             n2    127.0.0.22:9600  r2  WO    running 256.0 MiB/1.0 GiB (25%) 64.0 MiB/s  0          2\n"
         );
         let j: serde_json::Value = serde_json::from_str(&json(&r)).unwrap();
         assert_eq!(j["live"], true);
@@ -889,8 +892,8 @@ mod tests {
             r.text(),
             "volume vol-1: detached\n\
              NODE  ADDRESS\n\
-             n1    10.0.0.1:9600\n\
-             n2    10.0.0.2:9600\n"
+             n1    127.0.0.21:9600\n\
+             n2    127.0.0.22:9600\n"
         );
     }
 

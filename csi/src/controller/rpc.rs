@@ -301,6 +301,24 @@ impl CsiController for Controller {
             ])
         };
         if let Some(a) = &v.attachment {
+            if a.node == r.node_id && a.readonly != r.readonly {
+                return Err(Status::already_exists(format!(
+                    "volume {} is already published to node {} {}; unpublish it before \
+                     publishing it {}",
+                    v.id,
+                    a.node,
+                    if a.readonly {
+                        "read-only"
+                    } else {
+                        "read-write"
+                    },
+                    if r.readonly {
+                        "read-only"
+                    } else {
+                        "read-write"
+                    },
+                )));
+            }
             if a.node == r.node_id {
                 return Ok(Response::new(pb::ControllerPublishVolumeResponse {
                     publish_context: context(a),
@@ -347,6 +365,7 @@ impl CsiController for Controller {
             engine_address: e.control_address,
             nbd_socket: e.nbd_socket,
             epoch: e.epoch,
+            readonly: r.readonly,
         };
         let ctx = context(&att);
         self.update_volume(&v.id, |rec| rec.attachment = Some(att.clone()))?;

@@ -269,16 +269,19 @@ pub fn loops_under(path: &Path) -> Vec<String> {
         .collect()
 }
 
-/// Removes everything a test left under `root`: mounts (deepest first),
-/// loop devices, then processes.
+/// Removes everything a test left under `root`: loop devices, mounts
+/// (deepest first), then processes.
 pub fn scrub(root: &Path) {
+    // Loop devices first, while their backing files' paths still resolve
+    // (a busy one is detached as soon as its last user goes).
+    let loops = loops_under(root);
+    for d in &loops {
+        let _ = Command::new("losetup").args(["-d", d]).status();
+    }
     let mut m = mounts_under(root);
     m.sort_by_key(|b| std::cmp::Reverse(b.len()));
     for p in m {
         let _ = Command::new("umount").args(["-l", &p]).status();
-    }
-    for d in loops_under(root) {
-        let _ = Command::new("losetup").args(["-d", &d]).status();
     }
     for pid in pids_mentioning(root) {
         let _ = nix::sys::signal::kill(
