@@ -1361,6 +1361,9 @@ async fn expand_offline(device: &Path, size: u64, ctx: &str) -> Result<u64> {
     }
     match probe(device, ctx).await? {
         Probe::Filesystem(t) if matches!(t.as_str(), "ext4" | "ext3" | "ext2") => {
+            if ext_fs_bytes(device, ctx).await? + EXT_SLACK >= size {
+                return Ok(size);
+            }
             // resize2fs refuses an unmounted filesystem that was not checked
             // since it was last mounted. -p: fix only what is safe to fix.
             let args = [OsStr::new("-f"), OsStr::new("-p"), device.as_os_str()];

@@ -91,7 +91,16 @@ struct Inner {
     store: Arc<dyn Store>,
     cfg: ControllerConfig,
     ops: InFlight,
+    locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     agents: Agents,
+}
+
+/// A CSI operation's hold on a key: its in-flight entry (a second CSI call
+/// gets ABORTED) and the key's lock (the reconcile loop's pass on the
+/// volume, if one runs, finishes first; it never makes a CSI call fail).
+pub(crate) struct Claim {
+    _op: crate::inflight::OpGuard,
+    _lock: tokio::sync::OwnedMutexGuard<()>,
 }
 
 /// Maps a store error to the status a CSI caller should see.
@@ -319,12 +328,43 @@ impl Controller {
                 store,
                 cfg,
                 ops: InFlight::default(),
+                locks: std::sync::Mutex::new(HashMap::new()),
             }),
         }
     }
 
     fn store(&self) -> &dyn Store {
         &*self.inner.store
+    }
+
+    fn lock_of(&self, key: &str) -> Arc<tokio::sync::Mutex<()>> {
+        let mut locks = self.inner.locks.lock().unwrap_or_else(|e| e.into_inner());
+        // Forget locks nobody holds, so the map does not grow with every
+        // volume ever seen.
+        locks.retain(|_, l| Arc::strong_count(l) > 1 || l.try_lock().is_err());
+        locks.entry(key.to_owned()).or_default().clone()
+    }
+
+    /// Claims `key` for a CSI operation (ABORTED if another one holds it).
+    pub(crate) async fn claim(&self, key: &str, what: &str) -> Result<Claim, Status> {
+        let op = self.inner.ops.begin_named(key, what)?;
+        let lock = self.lock_of(key).lock_owned().await;
+        Ok(Claim {
+            _op: op,
+            _lock: lock,
+        })
+    }
+
+    /// For the reconcile loop: the volume's lock if no CSI operation holds
+    /// or waits for it.
+    pub(crate) fn try_claim_for_reconcile(
+        &self,
+        key: &str,
+    ) -> Option<tokio::sync::OwnedMutexGuard<()>> {
+        if self.inner.ops.contains(key) {
+            return None;
+        }
+        self.lock_of(key).try_lock_owned().ok()
     }
 
     /// The visible (not deleted) volume `id`, or NOT_FOUND.
@@ -550,11 +590,7 @@ impl Controller {
             .ok_or_else(|| Status::not_found(format!("source volume {src_vol} does not exist")))?
             .value;
         let _g = if temp {
-            Some(
-                self.inner
-                    .ops
-                    .begin_named(&src.id, &format!("volume {}", src.id))?,
-            )
+            Some(self.claim(&src.id, &format!("volume {}", src.id)).await?)
         } else {
             None
         };
@@ -653,9 +689,5 @@ impl Controller {
 
     pub(crate) fn config(&self) -> &ControllerConfig {
         &self.inner.cfg
-    }
-
-    pub(crate) fn ops(&self) -> &InFlight {
-        &self.inner.ops
     }
 }

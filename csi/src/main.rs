@@ -53,10 +53,14 @@ enum Mode {
 #[derive(Args)]
 struct Common {
     /// CSI endpoint to serve, unix:///path/to/csi.sock.
-    #[arg(long, env = "CSI_ENDPOINT")]
+    #[arg(
+        long,
+        env = "CSI_ENDPOINT",
+        default_value = "unix:///run/zebu/csi.sock"
+    )]
     endpoint: String,
     /// State directory (sled store, agent process records, logs).
-    #[arg(long)]
+    #[arg(long, default_value = "/var/lib/zebu")]
     state: PathBuf,
 }
 
@@ -87,7 +91,9 @@ struct NodeOpts {
     /// This node's id (as reported by NodeGetInfo).
     #[arg(long)]
     node_id: Option<String>,
-    /// Directory for replica data; repeat for several disks.
+    /// Directory for replica data; repeat for several disks. Default: three
+    /// directories under `<state>/disks` (so the default three replicas of a
+    /// volume can be placed on one host; they share its physical disk).
     #[arg(long = "disk")]
     disks: Vec<PathBuf>,
     /// Address of the node agent's gRPC server (port 0 picks one).
@@ -189,7 +195,9 @@ async fn start_agent(
             .to_owned(),
     };
     let disks = if node.disks.is_empty() {
-        vec![state.join("disk")]
+        (1..=3)
+            .map(|i| state.join("disks").join(i.to_string()))
+            .collect()
     } else {
         node.disks.clone()
     };

@@ -126,6 +126,8 @@ struct Capability {
     access: Access,
     /// The access mode allows only reading.
     read_only: bool,
+    /// SINGLE_NODE_SINGLE_WRITER: one publish target at a time.
+    single_writer: bool,
 }
 
 fn require<'a>(value: &'a str, field: &str) -> Result<&'a str, Status> {
@@ -180,7 +182,11 @@ fn parse_capability(cap: Option<&csi::VolumeCapability>) -> Result<Capability, S
             parse_mount(m)?
         }
     };
-    Ok(Capability { access, read_only })
+    Ok(Capability {
+        access,
+        read_only,
+        single_writer: mode == Mode::SingleNodeSingleWriter,
+    })
 }
 
 fn parse_mount(m: &MountVolume) -> Result<Access, Status> {
@@ -389,6 +395,20 @@ impl NodeService {
                 .await
                 .map_err(attach_status)?;
             info!(volume_id = %rec.volume_id, ?outcome, "filesystem checked");
+            // A volume expanded while detached: grow its ext4 before
+            // mounting (offline resize needs no extra capability; a
+            // filesystem that already fills the device is left alone).
+            if outcome == attach::FsOutcome::Existing
+                && fs_type != "xfs"
+                && !rec.read_only
+                && !attach::is_mounted(&rec.staging_path)
+                    .await
+                    .map_err(attach_status)?
+            {
+                attach::expand_filesystem(&att.device, None, None)
+                    .await
+                    .map_err(attach_status)?;
+            }
             attach::mount(
                 &att.device,
                 &rec.staging_path,
@@ -398,6 +418,12 @@ impl NodeService {
             )
             .await
             .map_err(attach_status)?;
+            if fs_type == "xfs" && !rec.read_only {
+                // xfs grows only while mounted; a no-op when it fills the device.
+                attach::expand_filesystem(&att.device, Some(&rec.staging_path), None)
+                    .await
+                    .map_err(attach_status)?;
+            }
         }
         Ok(())
     }
@@ -545,6 +571,16 @@ impl NodeService {
                 }
                 Err(e) => Err(attach_status(e)),
             };
+        }
+
+        if cap.single_writer
+            && let Some(other) = rec.targets.keys().find(|t| **t != target)
+        {
+            return Err(Status::failed_precondition(format!(
+                "volume {id} has access mode SINGLE_NODE_SINGLE_WRITER and is already \
+                 published at {}; unpublish it there first",
+                other.display()
+            )));
         }
 
         if let Access::Mount { .. } = rec.access
@@ -1093,6 +1129,7 @@ impl csi::node_server::Node for NodeService {
             RpcType::GetVolumeStats,
             RpcType::ExpandVolume,
             RpcType::VolumeCondition,
+            RpcType::SingleNodeMultiWriter,
         ]
         .into_iter()
         .map(|t| csi::NodeServiceCapability {

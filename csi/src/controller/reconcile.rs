@@ -15,9 +15,10 @@
 //! Replacement happens only while the volume is attached: the engine is
 //! what rebuilds a replica, and a detached volume loses nothing by waiting.
 //!
-//! Invariant: the loop never blocks a CSI call: it skips volumes with an
-//! operation in flight and takes the volume's operation guard while it
-//! works, so the two never interleave.
+//! Invariant: the loop never makes a CSI call fail: it skips volumes with a
+//! CSI operation in flight and holds only the volume's lock while it works;
+//! a CSI call that arrives meanwhile waits for the pass on that volume to
+//! finish (bounded by the agent and engine call deadlines).
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -53,7 +54,7 @@ pub async fn pass(
         if v.status != VolumeStatus::Ready {
             continue;
         }
-        let Some(_g) = ctl.ops().try_begin(&v.id) else {
+        let Some(_g) = ctl.try_claim_for_reconcile(&v.id) else {
             continue;
         };
         if let Err(e) = volume(ctl, &v, down_since).await {

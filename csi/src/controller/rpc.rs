@@ -97,9 +97,8 @@ impl CsiController for Controller {
         let mut size = size_for(r.capacity_range.as_ref())?;
         let source = source_of(r.volume_content_source.as_ref())?;
         let _name_guard = self
-            .inner
-            .ops
-            .begin_named(&format!("name/{}", r.name), &format!("volume {:?}", r.name))?;
+            .claim(&format!("name/{}", r.name), &format!("volume {:?}", r.name))
+            .await?;
 
         // The source must exist; a restore is at least as large as its source.
         let min_size = match &source {
@@ -209,10 +208,7 @@ impl CsiController for Controller {
                 rec
             }
         };
-        let _g = self
-            .inner
-            .ops
-            .begin_named(&rec.id, &format!("volume {}", rec.id))?;
+        let _g = self.claim(&rec.id, &format!("volume {}", rec.id)).await?;
         let rec = self.create_replicas(&rec).await?;
         self.fill_content(&rec).await?;
         let rec = self.update_volume(&rec.id, |v| v.status = VolumeStatus::Ready)?;
@@ -229,9 +225,8 @@ impl CsiController for Controller {
         let r = r.into_inner();
         require(&r.volume_id, "volume_id")?;
         let _g = self
-            .inner
-            .ops
-            .begin_named(&r.volume_id, &format!("volume {}", r.volume_id))?;
+            .claim(&r.volume_id, &format!("volume {}", r.volume_id))
+            .await?;
         let Some(v) = self
             .store()
             .get_volume(&r.volume_id)
@@ -276,9 +271,8 @@ impl CsiController for Controller {
             .ok_or_else(|| invalid("volume_capability is required"))?;
         check_capabilities(std::slice::from_ref(capability)).map_err(invalid)?;
         let _g = self
-            .inner
-            .ops
-            .begin_named(&r.volume_id, &format!("volume {}", r.volume_id))?;
+            .claim(&r.volume_id, &format!("volume {}", r.volume_id))
+            .await?;
         let v = self.volume(&r.volume_id)?.value;
         if self
             .store()
@@ -382,9 +376,8 @@ impl CsiController for Controller {
         let r = r.into_inner();
         require(&r.volume_id, "volume_id")?;
         let _g = self
-            .inner
-            .ops
-            .begin_named(&r.volume_id, &format!("volume {}", r.volume_id))?;
+            .claim(&r.volume_id, &format!("volume {}", r.volume_id))
+            .await?;
         let v = match self.volume(&r.volume_id) {
             Ok(v) => v.value,
             // Nothing can be attached: the unpublish has nothing left to do.
@@ -573,10 +566,12 @@ impl CsiController for Controller {
         let r = r.into_inner();
         require(&r.name, "name")?;
         require(&r.source_volume_id, "source_volume_id")?;
-        let _ng = self.inner.ops.begin_named(
-            &format!("snapshot/{}", r.name),
-            &format!("snapshot {:?}", r.name),
-        )?;
+        let _ng = self
+            .claim(
+                &format!("snapshot/{}", r.name),
+                &format!("snapshot {:?}", r.name),
+            )
+            .await?;
         if let Some(s) = self
             .store()
             .list_snapshots()
@@ -594,10 +589,12 @@ impl CsiController for Controller {
                 snapshot: Some(snapshot_pb(&s.value)),
             }));
         }
-        let _g = self.inner.ops.begin_named(
-            &r.source_volume_id,
-            &format!("volume {}", r.source_volume_id),
-        )?;
+        let _g = self
+            .claim(
+                &r.source_volume_id,
+                &format!("volume {}", r.source_volume_id),
+            )
+            .await?;
         let v = self.volume(&r.source_volume_id)?.value;
         let rec = SnapshotRecord {
             id: format!("zs-{}", uuid::Uuid::new_v4().simple()),
@@ -643,10 +640,12 @@ impl CsiController for Controller {
             return Ok(Response::new(pb::DeleteSnapshotResponse {}));
         };
         let s = s.value;
-        let _g = self.inner.ops.begin_named(
-            &s.source_volume,
-            &format!("volume {} (source of the snapshot)", s.source_volume),
-        )?;
+        let _g = self
+            .claim(
+                &s.source_volume,
+                &format!("volume {} (source of the snapshot)", s.source_volume),
+            )
+            .await?;
         if let Some(v) = self
             .store()
             .get_volume(&s.source_volume)
@@ -727,9 +726,8 @@ impl CsiController for Controller {
             .as_ref()
             .ok_or_else(|| invalid("capacity_range is required"))?;
         let _g = self
-            .inner
-            .ops
-            .begin_named(&r.volume_id, &format!("volume {}", r.volume_id))?;
+            .claim(&r.volume_id, &format!("volume {}", r.volume_id))
+            .await?;
         let v = self.volume(&r.volume_id)?.value;
         let size = size_for(Some(range))?;
         let node_expansion_required = v.access_type == AccessType::Mount;
