@@ -191,9 +191,9 @@ pub async fn expand(d: &Driver, state: &StateDir, id: &str, size: u64) -> anyhow
     }
     let Some(att) = att else {
         eprintln!(
-            "note: the filesystem of volume {id} still has to grow on its node; it is not \
-             attached through this CLI, so whoever attached it (kubelet) does that. To grow it \
-             here: `zebu volume attach {id} --mount DIR`, then run this command again."
+            "note: the filesystem of volume {id} grows when the volume is next staged \
+             (`zebu volume attach {id} --mount DIR`, or the kubelet's NodeStage); if it is \
+             attached elsewhere, whoever attached it (kubelet) grows it with NodeExpandVolume."
         );
         return Ok(());
     };

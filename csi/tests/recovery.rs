@@ -1,0 +1,371 @@
+//! Convergence after failures: a node that disappears has its replica
+//! replaced elsewhere and rebuilt; a driver that is killed and restarted
+//! finds its volumes still serving, adopts their processes and carries on.
+
+mod common;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use zebu_proto::csi as pb;
+use zebu_proto::csi::volume_capability::{AccessMode, AccessType, MountVolume, access_mode::Mode};
+
+const MIB: i64 = 1 << 20;
+
+fn mount_cap() -> pb::VolumeCapability {
+    pb::VolumeCapability {
+        access_type: Some(AccessType::Mount(MountVolume {
+            fs_type: "ext4".into(),
+            ..Default::default()
+        })),
+        access_mode: Some(AccessMode {
+            mode: Mode::SingleNodeWriter as i32,
+        }),
+    }
+}
+
+fn write_file(path: &Path, data: &[u8]) {
+    use std::io::Write;
+    let mut f =
+        std::fs::File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    f.write_all(data).expect("write");
+    f.sync_all().expect("fsync");
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed))
+        .collect()
+}
+
+async fn create(ep: &str, name: &str, replicas: u32) -> pb::Volume {
+    let mut ctl = controller(ep).await;
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = ctl
+            .create_volume(pb::CreateVolumeRequest {
+                name: name.into(),
+                capacity_range: Some(pb::CapacityRange {
+                    required_bytes: 128 * MIB,
+                    limit_bytes: 0,
+                }),
+                volume_capabilities: vec![mount_cap()],
+                parameters: HashMap::from([("numberOfReplicas".into(), replicas.to_string())]),
+                ..Default::default()
+            })
+            .await;
+        match r {
+            Ok(r) => return r.into_inner().volume.expect("volume"),
+            // Node plugins are still registering.
+            Err(s) if s.code() == tonic::Code::ResourceExhausted && Instant::now() < end => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(s) => panic!("CreateVolume: {s}"),
+        }
+    }
+}
+
+/// Publishes, stages and publishes `volume` on `node`; returns (staging, target, publish_context).
+async fn attach(
+    ep: &str,
+    node: &Driver,
+    volume: &str,
+    root: &Path,
+) -> (String, String, HashMap<String, String>) {
+    let mut ctl = controller(ep).await;
+    let mut nd = common::node(&node.endpoint).await;
+    let ctx = ctl
+        .controller_publish_volume(pb::ControllerPublishVolumeRequest {
+            volume_id: volume.into(),
+            node_id: node.node_id.clone(),
+            volume_capability: Some(mount_cap()),
+            ..Default::default()
+        })
+        .await
+        .expect("ControllerPublishVolume")
+        .into_inner()
+        .publish_context;
+    let staging = root.join(format!("staging-{volume}")).display().to_string();
+    let target = root.join(format!("target-{volume}")).display().to_string();
+    nd.node_stage_volume(pb::NodeStageVolumeRequest {
+        volume_id: volume.into(),
+        publish_context: ctx.clone(),
+        staging_target_path: staging.clone(),
+        volume_capability: Some(mount_cap()),
+        ..Default::default()
+    })
+    .await
+    .expect("NodeStageVolume");
+    nd.node_publish_volume(pb::NodePublishVolumeRequest {
+        volume_id: volume.into(),
+        publish_context: ctx.clone(),
+        staging_target_path: staging.clone(),
+        target_path: target.clone(),
+        volume_capability: Some(mount_cap()),
+        ..Default::default()
+    })
+    .await
+    .expect("NodePublishVolume");
+    (staging, target, ctx)
+}
+
+async fn detach_and_delete(
+    ep: &str,
+    node_ep: &str,
+    node_id: &str,
+    volume: &str,
+    staging: &str,
+    target: &str,
+) {
+    let mut ctl = controller(ep).await;
+    let mut nd = common::node(node_ep).await;
+    nd.node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
+        volume_id: volume.into(),
+        target_path: target.into(),
+    })
+    .await
+    .expect("NodeUnpublishVolume");
+    nd.node_unstage_volume(pb::NodeUnstageVolumeRequest {
+        volume_id: volume.into(),
+        staging_target_path: staging.into(),
+    })
+    .await
+    .expect("NodeUnstageVolume");
+    ctl.controller_unpublish_volume(pb::ControllerUnpublishVolumeRequest {
+        volume_id: volume.into(),
+        node_id: node_id.into(),
+        ..Default::default()
+    })
+    .await
+    .expect("ControllerUnpublishVolume");
+    ctl.delete_volume(pb::DeleteVolumeRequest {
+        volume_id: volume.into(),
+        ..Default::default()
+    })
+    .await
+    .expect("DeleteVolume");
+}
+
+async fn get(ep: &str, volume: &str) -> pb::ControllerGetVolumeResponse {
+    controller(ep)
+        .await
+        .controller_get_volume(pb::ControllerGetVolumeRequest {
+            volume_id: volume.into(),
+        })
+        .await
+        .expect("ControllerGetVolume")
+        .into_inner()
+}
+
+fn placement_nodes(v: &pb::Volume) -> Vec<String> {
+    let mut n: Vec<String> = v
+        .volume_context
+        .get(zebu_csi::context::VOLUME_REPLICA_PLACEMENT)
+        .map(|p| {
+            p.split(',')
+                .filter_map(|x| x.split(':').next())
+                .map(str::to_owned)
+                .collect()
+        })
+        .unwrap_or_default();
+    n.sort();
+    n
+}
+
+#[test]
+fn a_replica_on_a_lost_node_is_replaced_elsewhere_and_rebuilt() {
+    let _serial = serial();
+    require_node_tools();
+    require_data_path_bins();
+    let tmp = tempdir();
+    let root = tmp.path().to_owned();
+    let _scrub = Scrub(root.clone());
+    let rt = rt();
+    let standalone = Driver::standalone(&root, "node-1", 1, &["--replica-replacement-delay", "1s"]);
+    let ep = standalone.endpoint.clone();
+    let mut others: Vec<Driver> = ["node-2", "node-3", "node-4"]
+        .iter()
+        .map(|n| Driver::node(&root, n, &ep))
+        .collect();
+
+    rt.block_on(async {
+        // Wait for all four nodes, then create a 3-replica volume.
+        let end = Instant::now() + Duration::from_secs(60);
+        loop {
+            let caps = controller(&ep)
+                .await
+                .get_capacity(pb::GetCapacityRequest {
+                    parameters: HashMap::from([("numberOfReplicas".into(), "4".into())]),
+                    ..Default::default()
+                })
+                .await
+                .expect("GetCapacity")
+                .into_inner();
+            if caps.maximum_volume_size.unwrap_or(0) > 0 {
+                break;
+            }
+            assert!(Instant::now() < end, "the node plugins did not register");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        let vol = create(&ep, "lost-node", 3).await;
+        let v = vol.volume_id.clone();
+        let before = placement_nodes(&vol);
+        assert_eq!(before.len(), 3);
+        let (staging, target, _) = attach(&ep, &standalone, &v, &root).await;
+        let target_path = Path::new(&target).to_owned();
+        write_file(&target_path.join("a"), &pattern(1, 3 << 20));
+
+        // Lose a node that holds a replica (not node-1, where the engine runs).
+        let victim_name = before
+            .iter()
+            .find(|n| *n != "node-1")
+            .expect("a replica off node-1")
+            .clone();
+        let idx = others
+            .iter()
+            .position(|d| d.node_id == victim_name)
+            .expect("victim driver");
+        let victim_dir = root.join(&victim_name);
+        others[idx].kill();
+        for pid in pids_mentioning(&victim_dir) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        // Writes go on with two replicas.
+        write_file(&target_path.join("b"), &pattern(2, 2 << 20));
+
+        // After the replacement delay the controller places a new replica on
+        // the spare node and the engine rebuilds it.
+        let end = Instant::now() + Duration::from_secs(180);
+        let after = loop {
+            let r = get(&ep, &v).await;
+            let c = r
+                .status
+                .as_ref()
+                .and_then(|s| s.volume_condition.clone())
+                .expect("condition");
+            let nodes = placement_nodes(r.volume.as_ref().expect("volume"));
+            if !c.abnormal && !nodes.contains(&victim_name) && nodes.len() == 3 {
+                println!("after the replacement: {} on {nodes:?}", c.message);
+                break nodes;
+            }
+            assert!(
+                Instant::now() < end,
+                "no replacement: {} on {nodes:?}",
+                c.message
+            );
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        };
+        let spare: Vec<&String> = after.iter().filter(|n| !before.contains(n)).collect();
+        assert_eq!(spare.len(), 1, "one new node: {before:?} -> {after:?}");
+        assert_eq!(
+            std::fs::read(target_path.join("a")).expect("read a"),
+            pattern(1, 3 << 20)
+        );
+        assert_eq!(
+            std::fs::read(target_path.join("b")).expect("read b"),
+            pattern(2, 2 << 20)
+        );
+        detach_and_delete(&ep, &standalone.endpoint, "node-1", &v, &staging, &target).await;
+    });
+    // Nothing of the volume is left on the live nodes.
+    let live: Vec<i32> = pids_mentioning(&root)
+        .into_iter()
+        .filter(|p| {
+            std::fs::read(format!("/proc/{p}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).contains("zebu-replica"))
+                .unwrap_or(false)
+        })
+        .collect();
+    assert!(live.is_empty(), "replica processes left: {live:?}");
+    drop(others);
+}
+
+#[test]
+fn a_killed_driver_restarts_adopts_its_processes_and_volumes_keep_serving() {
+    let _serial = serial();
+    require_node_tools();
+    require_data_path_bins();
+    let tmp = tempdir();
+    let root = tmp.path().to_owned();
+    let _scrub = Scrub(root.clone());
+    let rt = rt();
+    let mut first = Driver::standalone(&root, "solo", 3, &[]);
+    let ep = first.endpoint.clone();
+    let (v, staging, target, ctx) = rt.block_on(async {
+        let vol = create(&ep, "survivor", 3).await;
+        let (staging, target, ctx) = attach(&ep, &first, &vol.volume_id, &root).await;
+        write_file(&Path::new(&target).join("before"), &pattern(3, 1 << 20));
+        (vol.volume_id, staging, target, ctx)
+    });
+    let engines_before = pids_mentioning(&root);
+
+    // The whole driver dies; the volume keeps serving its mount.
+    first.kill();
+    write_file(&Path::new(&target).join("while-down"), &pattern(4, 1 << 20));
+
+    let second = Driver::standalone(&root, "solo", 3, &[]);
+    rt.block_on(async {
+        let r = get(&ep, &v).await;
+        let c = r
+            .status
+            .and_then(|s| s.volume_condition)
+            .expect("condition");
+        assert!(!c.abnormal, "{}", c.message);
+        // Publishing again is idempotent and names the same engine.
+        let again = controller(&ep)
+            .await
+            .controller_publish_volume(pb::ControllerPublishVolumeRequest {
+                volume_id: v.clone(),
+                node_id: "solo".into(),
+                volume_capability: Some(mount_cap()),
+                ..Default::default()
+            })
+            .await
+            .expect("ControllerPublishVolume after the restart")
+            .into_inner()
+            .publish_context;
+        assert_eq!(again, ctx);
+    });
+    // The replica and engine processes are the same ones (adopted, not restarted).
+    let mut after = pids_mentioning(&root);
+    after.retain(|p| *p != second.child.id() as i32);
+    for p in engines_before
+        .iter()
+        .filter(|p| **p != first.child.id() as i32)
+    {
+        assert!(
+            after.contains(p),
+            "process {p} was not adopted: before {engines_before:?}, after {after:?}"
+        );
+    }
+    assert_eq!(
+        std::fs::read(Path::new(&target).join("before")).expect("read"),
+        pattern(3, 1 << 20)
+    );
+    assert_eq!(
+        std::fs::read(Path::new(&target).join("while-down")).expect("read"),
+        pattern(4, 1 << 20)
+    );
+    rt.block_on(detach_and_delete(
+        &ep,
+        &second.endpoint,
+        "solo",
+        &v,
+        &staging,
+        &target,
+    ));
+    let left: Vec<i32> = pids_mentioning(&root)
+        .into_iter()
+        .filter(|p| *p != second.child.id() as i32)
+        .collect();
+    assert!(left.is_empty(), "processes left: {left:?}");
+    assert!(
+        mounts_under(&root).is_empty(),
+        "mounts left: {:?}",
+        mounts_under(&root)
+    );
+}
