@@ -900,6 +900,7 @@ fn argument_errors_and_info() {
             Type::GetVolumeStats as i32,
             Type::ExpandVolume as i32,
             Type::VolumeCondition as i32,
+            Type::SingleNodeMultiWriter as i32,
         ]
     );
 }

@@ -5,42 +5,14 @@
 mod common;
 
 use std::collections::HashMap;
-use std::path::Path;
 use std::time::{Duration, Instant};
 
 use common::*;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use zebu_proto::csi as pb;
-use zebu_proto::csi::volume_capability::{AccessMode, AccessType, MountVolume, access_mode::Mode};
 
 const MIB: i64 = 1 << 20;
-
-fn mount_cap() -> pb::VolumeCapability {
-    pb::VolumeCapability {
-        access_type: Some(AccessType::Mount(MountVolume {
-            fs_type: "ext4".into(),
-            ..Default::default()
-        })),
-        access_mode: Some(AccessMode {
-            mode: Mode::SingleNodeWriter as i32,
-        }),
-    }
-}
-
-fn write_file(path: &Path, data: &[u8]) {
-    use std::io::Write;
-    let mut f =
-        std::fs::File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
-    f.write_all(data).expect("write");
-    f.sync_all().expect("fsync");
-}
-
-fn pattern(seed: u8, len: usize) -> Vec<u8> {
-    (0..len)
-        .map(|i| (i as u8).wrapping_mul(13).wrapping_add(seed))
-        .collect()
-}
 
 async fn create(ep: &str, name: &str, replicas: u32) -> pb::Volume {
     let mut ctl = controller(ep).await;
@@ -69,85 +41,16 @@ async fn create(ep: &str, name: &str, replicas: u32) -> pb::Volume {
     }
 }
 
-/// Publishes, stages and publishes `volume` on `node`; returns (staging, target, publish_context).
-async fn attach(
-    ep: &str,
-    node: &Driver,
-    volume: &str,
-    root: &Path,
-) -> (String, String, HashMap<String, String>) {
-    let mut ctl = controller(ep).await;
-    let mut nd = common::node(&node.endpoint).await;
-    let ctx = ctl
-        .controller_publish_volume(pb::ControllerPublishVolumeRequest {
-            volume_id: volume.into(),
-            node_id: node.node_id.clone(),
-            volume_capability: Some(mount_cap()),
+async fn detach_and_delete(ep: &str, a: &Attached) {
+    detach(ep, a).await;
+    controller(ep)
+        .await
+        .delete_volume(pb::DeleteVolumeRequest {
+            volume_id: a.volume.clone(),
             ..Default::default()
         })
         .await
-        .expect("ControllerPublishVolume")
-        .into_inner()
-        .publish_context;
-    let staging = root.join(format!("staging-{volume}")).display().to_string();
-    let target = root.join(format!("target-{volume}")).display().to_string();
-    nd.node_stage_volume(pb::NodeStageVolumeRequest {
-        volume_id: volume.into(),
-        publish_context: ctx.clone(),
-        staging_target_path: staging.clone(),
-        volume_capability: Some(mount_cap()),
-        ..Default::default()
-    })
-    .await
-    .expect("NodeStageVolume");
-    nd.node_publish_volume(pb::NodePublishVolumeRequest {
-        volume_id: volume.into(),
-        publish_context: ctx.clone(),
-        staging_target_path: staging.clone(),
-        target_path: target.clone(),
-        volume_capability: Some(mount_cap()),
-        ..Default::default()
-    })
-    .await
-    .expect("NodePublishVolume");
-    (staging, target, ctx)
-}
-
-async fn detach_and_delete(
-    ep: &str,
-    node_ep: &str,
-    node_id: &str,
-    volume: &str,
-    staging: &str,
-    target: &str,
-) {
-    let mut ctl = controller(ep).await;
-    let mut nd = common::node(node_ep).await;
-    nd.node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
-        volume_id: volume.into(),
-        target_path: target.into(),
-    })
-    .await
-    .expect("NodeUnpublishVolume");
-    nd.node_unstage_volume(pb::NodeUnstageVolumeRequest {
-        volume_id: volume.into(),
-        staging_target_path: staging.into(),
-    })
-    .await
-    .expect("NodeUnstageVolume");
-    ctl.controller_unpublish_volume(pb::ControllerUnpublishVolumeRequest {
-        volume_id: volume.into(),
-        node_id: node_id.into(),
-        ..Default::default()
-    })
-    .await
-    .expect("ControllerUnpublishVolume");
-    ctl.delete_volume(pb::DeleteVolumeRequest {
-        volume_id: volume.into(),
-        ..Default::default()
-    })
-    .await
-    .expect("DeleteVolume");
+        .expect("DeleteVolume");
 }
 
 async fn get(ep: &str, volume: &str) -> pb::ControllerGetVolumeResponse {
@@ -215,8 +118,8 @@ fn a_replica_on_a_lost_node_is_replaced_elsewhere_and_rebuilt() {
         let v = vol.volume_id.clone();
         let before = placement_nodes(&vol);
         assert_eq!(before.len(), 3);
-        let (staging, target, _) = attach(&ep, &standalone, &v, &root).await;
-        let target_path = Path::new(&target).to_owned();
+        let a = attach(&ep, &standalone, &v, &root).await;
+        let target_path = a.target.clone();
         write_file(&target_path.join("a"), &pattern(1, 3 << 20));
 
         // Lose a node that holds a replica (not node-1, where the engine runs).
@@ -269,7 +172,7 @@ fn a_replica_on_a_lost_node_is_replaced_elsewhere_and_rebuilt() {
             std::fs::read(target_path.join("b")).expect("read b"),
             pattern(2, 2 << 20)
         );
-        detach_and_delete(&ep, &standalone.endpoint, "node-1", &v, &staging, &target).await;
+        detach_and_delete(&ep, &a).await;
     });
     // Nothing of the volume is left on the live nodes.
     let live: Vec<i32> = pids_mentioning(&root)
@@ -295,17 +198,18 @@ fn a_killed_driver_restarts_adopts_its_processes_and_volumes_keep_serving() {
     let rt = rt();
     let mut first = Driver::standalone(&root, "solo", 3, &[]);
     let ep = first.endpoint.clone();
-    let (v, staging, target, ctx) = rt.block_on(async {
+    let (v, a, ctx) = rt.block_on(async {
         let vol = create(&ep, "survivor", 3).await;
-        let (staging, target, ctx) = attach(&ep, &first, &vol.volume_id, &root).await;
-        write_file(&Path::new(&target).join("before"), &pattern(3, 1 << 20));
-        (vol.volume_id, staging, target, ctx)
+        let a = attach(&ep, &first, &vol.volume_id, &root).await;
+        write_file(&a.target.join("before"), &pattern(3, 1 << 20));
+        let ctx = a.publish_context.clone();
+        (vol.volume_id, a, ctx)
     });
     let engines_before = pids_mentioning(&root);
 
     // The whole driver dies; the volume keeps serving its mount.
     first.kill();
-    write_file(&Path::new(&target).join("while-down"), &pattern(4, 1 << 20));
+    write_file(&a.target.join("while-down"), &pattern(4, 1 << 20));
 
     let second = Driver::standalone(&root, "solo", 3, &[]);
     rt.block_on(async {
@@ -343,21 +247,17 @@ fn a_killed_driver_restarts_adopts_its_processes_and_volumes_keep_serving() {
         );
     }
     assert_eq!(
-        std::fs::read(Path::new(&target).join("before")).expect("read"),
+        std::fs::read(a.target.join("before")).expect("read"),
         pattern(3, 1 << 20)
     );
     assert_eq!(
-        std::fs::read(Path::new(&target).join("while-down")).expect("read"),
+        std::fs::read(a.target.join("while-down")).expect("read"),
         pattern(4, 1 << 20)
     );
-    rt.block_on(detach_and_delete(
-        &ep,
-        &second.endpoint,
-        "solo",
-        &v,
-        &staging,
-        &target,
-    ));
+    // The restarted driver serves the same socket; the node record it
+    // persisted lets it unstage what the first process staged.
+    assert_eq!(a.node_endpoint, second.endpoint);
+    rt.block_on(detach_and_delete(&ep, &a));
     let left: Vec<i32> = pids_mentioning(&root)
         .into_iter()
         .filter(|p| *p != second.child.id() as i32)

@@ -47,10 +47,23 @@ impl SledStore {
     /// have it open at a time.
     pub fn open(path: &Path) -> Result<Self> {
         let location = path.display().to_string();
-        let db = sled::Config::new()
-            .path(path)
-            .open()
-            .map_err(|e| backend(&location, "open", e))?;
+        // sled's background flusher holds the directory lock for a moment
+        // after the last handle of a store in this process is dropped; a
+        // reopen in that window is refused with WouldBlock. Wait it out
+        // (bounded); another process holding the store still fails.
+        let mut attempts = 0;
+        let db = loop {
+            match sled::Config::new().path(path).open() {
+                Ok(db) => break db,
+                Err(sled::Error::Io(e))
+                    if e.kind() == std::io::ErrorKind::WouldBlock && attempts < 100 =>
+                {
+                    attempts += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(e) => return Err(backend(&location, "open", e)),
+            }
+        };
         Self::from_db(db, location)
     }
 

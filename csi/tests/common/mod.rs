@@ -13,9 +13,11 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tonic::transport::Channel;
+use zebu_proto::csi as pb;
 use zebu_proto::csi::controller_client::ControllerClient;
 use zebu_proto::csi::identity_client::IdentityClient;
 use zebu_proto::csi::node_client::NodeClient;
+use zebu_proto::csi::volume_capability::{AccessMode, AccessType, MountVolume, access_mode::Mode};
 
 static HEAVY: Mutex<()> = Mutex::new(());
 
@@ -298,4 +300,113 @@ impl Drop for Scrub {
     fn drop(&mut self) {
         scrub(&self.0);
     }
+}
+
+// ---------------------------------------------------------------------------
+// CSI flows shared by the driver tests.
+
+/// An ext4 single-node-writer mount capability.
+pub fn mount_cap() -> pb::VolumeCapability {
+    pb::VolumeCapability {
+        access_type: Some(AccessType::Mount(MountVolume {
+            fs_type: "ext4".into(),
+            ..Default::default()
+        })),
+        access_mode: Some(AccessMode {
+            mode: Mode::SingleNodeWriter as i32,
+        }),
+    }
+}
+
+pub fn write_file(path: &Path, data: &[u8]) {
+    use std::io::Write;
+    let mut f =
+        std::fs::File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
+    f.write_all(data).expect("write");
+    f.sync_all().expect("fsync");
+}
+
+pub fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| (i as u8).wrapping_mul(31).wrapping_add(seed))
+        .collect()
+}
+
+/// Attachment of one volume on one node through CSI (the kubelet's calls).
+pub struct Attached {
+    pub volume: String,
+    pub staging: PathBuf,
+    pub target: PathBuf,
+    pub node_endpoint: String,
+    pub node_id: String,
+    /// What ControllerPublishVolume answered.
+    pub publish_context: std::collections::HashMap<String, String>,
+}
+
+pub async fn attach(ctl_ep: &str, node: &Driver, volume: &str, root: &Path) -> Attached {
+    let mut ctl = controller(ctl_ep).await;
+    let mut nd = self::node(&node.endpoint).await;
+    let publish = ctl
+        .controller_publish_volume(pb::ControllerPublishVolumeRequest {
+            volume_id: volume.into(),
+            node_id: node.node_id.clone(),
+            volume_capability: Some(mount_cap()),
+            ..Default::default()
+        })
+        .await
+        .expect("ControllerPublishVolume")
+        .into_inner();
+    let staging = root.join(format!("staging-{volume}"));
+    let target = root.join(format!("target-{volume}"));
+    nd.node_stage_volume(pb::NodeStageVolumeRequest {
+        volume_id: volume.into(),
+        publish_context: publish.publish_context.clone(),
+        staging_target_path: staging.display().to_string(),
+        volume_capability: Some(mount_cap()),
+        ..Default::default()
+    })
+    .await
+    .expect("NodeStageVolume");
+    nd.node_publish_volume(pb::NodePublishVolumeRequest {
+        volume_id: volume.into(),
+        publish_context: publish.publish_context.clone(),
+        staging_target_path: staging.display().to_string(),
+        target_path: target.display().to_string(),
+        volume_capability: Some(mount_cap()),
+        ..Default::default()
+    })
+    .await
+    .expect("NodePublishVolume");
+    Attached {
+        volume: volume.into(),
+        staging,
+        target,
+        node_endpoint: node.endpoint.clone(),
+        node_id: node.node_id.clone(),
+        publish_context: publish.publish_context,
+    }
+}
+
+pub async fn detach(ctl_ep: &str, a: &Attached) {
+    let mut ctl = controller(ctl_ep).await;
+    let mut nd = self::node(&a.node_endpoint).await;
+    nd.node_unpublish_volume(pb::NodeUnpublishVolumeRequest {
+        volume_id: a.volume.clone(),
+        target_path: a.target.display().to_string(),
+    })
+    .await
+    .expect("NodeUnpublishVolume");
+    nd.node_unstage_volume(pb::NodeUnstageVolumeRequest {
+        volume_id: a.volume.clone(),
+        staging_target_path: a.staging.display().to_string(),
+    })
+    .await
+    .expect("NodeUnstageVolume");
+    ctl.controller_unpublish_volume(pb::ControllerUnpublishVolumeRequest {
+        volume_id: a.volume.clone(),
+        node_id: a.node_id.clone(),
+        ..Default::default()
+    })
+    .await
+    .expect("ControllerUnpublishVolume");
 }
