@@ -1,0 +1,213 @@
+//! The `zebu` command line against a real standalone driver: every command
+//! a user runs, with its exit status, output and JSON checked.
+
+mod common;
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::*;
+
+struct Zebu<'a> {
+    endpoint: String,
+    state: &'a Path,
+}
+
+impl Zebu<'_> {
+    fn run(&self, args: &[&str]) -> Output {
+        Command::new(zebu_bin())
+            .args(args)
+            .env("ZEBU_ENDPOINT", &self.endpoint)
+            .env("ZEBU_CLI_STATE", self.state)
+            .output()
+            .expect("run zebu")
+    }
+
+    /// Runs and requires success; returns stdout.
+    fn ok(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(
+            o.status.success(),
+            "zebu {args:?} failed ({}):\n{}{}",
+            o.status,
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        String::from_utf8_lossy(&o.stdout).trim().to_owned()
+    }
+
+    /// Runs and requires failure; returns stderr.
+    fn fails(&self, args: &[&str]) -> String {
+        let o = self.run(args);
+        assert!(!o.status.success(), "zebu {args:?} should have failed");
+        String::from_utf8_lossy(&o.stderr).into_owned()
+    }
+
+    fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = args.to_vec();
+        a.extend(["-o", "json"]);
+        serde_json::from_str(&self.ok(&a)).expect("valid JSON")
+    }
+}
+
+#[test]
+fn the_cli_drives_the_whole_volume_life() {
+    let _serial = serial();
+    require_node_tools();
+    require_data_path_bins();
+    let tmp = tempdir();
+    let root = tmp.path().to_owned();
+    let _scrub = Scrub(root.clone());
+    let driver = Driver::standalone(&root, "cli-node", 3, &[]);
+    let cli_state = root.join("cli");
+    let z = Zebu {
+        endpoint: driver.endpoint.clone(),
+        state: &cli_state,
+    };
+
+    assert!(z.ok(&["status"]).contains("zebu.csi.dev"));
+    let v = z.ok(&[
+        "volume",
+        "create",
+        "app-data",
+        "--size",
+        "128M",
+        "--replicas",
+        "3",
+    ]);
+    assert!(v.starts_with("zv-"), "{v}");
+    // Same name, same size: the same volume.
+    assert_eq!(
+        z.ok(&[
+            "volume",
+            "create",
+            "app-data",
+            "--size",
+            "128M",
+            "--replicas",
+            "3"
+        ]),
+        v
+    );
+    let err = z.fails(&["volume", "create", "app-data", "--size", "256M"]);
+    assert!(err.contains("already exists"), "{err}");
+    let err = z.fails(&["volume", "create", "x", "--size", "12Q"]);
+    assert!(!err.is_empty());
+
+    let list = z.json(&["volume", "list"]);
+    assert_eq!(list.as_array().map(Vec::len), Some(1), "{list}");
+    assert_eq!(list[0]["id"], v.as_str());
+    assert_eq!(list[0]["size_bytes"], 128u64 << 20);
+
+    let mnt = root.join("mnt");
+    let mnt_s = mnt.display().to_string();
+    z.ok(&["volume", "attach", &v, "--mount", &mnt_s]);
+    std::fs::write(mnt.join("hello"), b"from the cli").expect("write");
+    nix::unistd::sync();
+    let replicas = z.json(&["replica", "list", &v]);
+    let modes: Vec<&str> = replicas["replicas"]
+        .as_array()
+        .expect("replicas")
+        .iter()
+        .filter_map(|r| r["mode"].as_str())
+        .collect();
+    assert_eq!(modes, ["RW", "RW", "RW"], "{replicas}");
+    let table = z.ok(&["replica", "list", &v]);
+    assert!(table.contains("RW") && table.contains("healthy"), "{table}");
+    let err = z.fails(&["volume", "delete", &v]);
+    assert!(err.contains("attach"), "{err}");
+
+    let s = z.ok(&["snapshot", "create", "before-change", "--volume", &v]);
+    assert!(s.starts_with("zs-"), "{s}");
+    let snaps = z.json(&["snapshot", "list", "--volume", &v]);
+    assert_eq!(snaps[0]["id"], s.as_str());
+    std::fs::write(mnt.join("hello"), b"changed").expect("write");
+    nix::unistd::sync();
+
+    // Restore and clone, read through a read-only attach and a block attach.
+    let r = z.ok(&[
+        "volume",
+        "create",
+        "restored",
+        "--size",
+        "128M",
+        "--from-snapshot",
+        &s,
+    ]);
+    let rmnt = root.join("restored");
+    z.ok(&[
+        "volume",
+        "attach",
+        &r,
+        "--mount",
+        &rmnt.display().to_string(),
+        "--read-only",
+    ]);
+    assert_eq!(
+        std::fs::read(rmnt.join("hello")).expect("read"),
+        b"from the cli"
+    );
+    assert!(
+        std::fs::write(rmnt.join("nope"), b"x").is_err(),
+        "read-only attach accepted a write"
+    );
+    z.ok(&["volume", "detach", &r]);
+    let c = z.ok(&[
+        "volume",
+        "create",
+        "cloned",
+        "--size",
+        "128M",
+        "--clone-of",
+        &v,
+    ]);
+    let dev = root.join("cloned-dev");
+    z.ok(&[
+        "volume",
+        "attach",
+        &c,
+        "--block",
+        &dev.display().to_string(),
+    ]);
+    let meta = std::fs::metadata(&dev).expect("block target");
+    use std::os::unix::fs::FileTypeExt;
+    assert!(meta.file_type().is_block_device());
+    z.ok(&["volume", "detach", &c]);
+
+    // Expand while detached; the next attach grows ext4.
+    z.ok(&["volume", "detach", &v]);
+    z.ok(&["volume", "expand", &v, "256M"]);
+    z.ok(&["volume", "attach", &v, "--mount", &mnt_s]);
+    let st = nix::sys::statvfs::statvfs(&mnt).expect("statvfs");
+    assert!(
+        st.blocks() * st.fragment_size() > 200 << 20,
+        "ext4 did not grow"
+    );
+    assert_eq!(std::fs::read(mnt.join("hello")).expect("read"), b"changed");
+    let got = z.json(&["volume", "get", &v]);
+    assert_eq!(got["size_bytes"], 256u64 << 20, "{got}");
+    z.ok(&["volume", "detach", &v]);
+    // Detaching again is harmless.
+    z.ok(&["volume", "detach", &v]);
+
+    z.ok(&["snapshot", "delete", &s]);
+    for id in [&v, &r, &c] {
+        z.ok(&["volume", "delete", id]);
+    }
+    let err = z.fails(&["volume", "get", &v]);
+    assert!(err.contains("does not exist"), "{err}");
+    assert_eq!(
+        z.json(&["volume", "list"]).as_array().map(Vec::len),
+        Some(0)
+    );
+    let left: Vec<i32> = pids_mentioning(&root)
+        .into_iter()
+        .filter(|p| *p != driver.child.id() as i32)
+        .collect();
+    assert!(left.is_empty(), "processes left: {left:?}");
+    assert!(
+        mounts_under(&root).is_empty(),
+        "mounts left: {:?}",
+        mounts_under(&root)
+    );
+}
