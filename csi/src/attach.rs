@@ -511,9 +511,11 @@ fn write_state(layout: &Layout, rec: &StateRecord, context: &str) -> Result<()> 
     std::fs::rename(&tmp, &layout.state_file).map_err(io_err(&ctx))
 }
 
-/// Attaches `nbd_uri` with [`Backend::Nbdfuse`]; see [`attach_with`].
+/// Attaches `nbd_uri` with [`Backend::Bridge`] (Zebu's own FUSE bridge:
+/// faster than nbdfuse here and able to grow while mounted); see
+/// [`attach_with`].
 pub async fn attach(nbd_uri: &str, state_dir: &Path) -> Result<Attached> {
-    attach_with(Backend::Nbdfuse, nbd_uri, state_dir).await
+    attach_with(Backend::Bridge, nbd_uri, state_dir).await
 }
 
 /// Makes the NBD export `nbd_uri` available as a block device.

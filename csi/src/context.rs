@@ -10,6 +10,9 @@ pub const PUBLISH_NBD_URI: &str = "zebu.csi.dev/nbd-uri";
 /// `publish_context` key: `host:port` of the engine's control API.
 pub const PUBLISH_ENGINE: &str = "zebu.csi.dev/engine";
 
+/// `volume_context` key: filesystem type the volume was created for (the
+/// node formats with it when the capability names none).
+pub const VOLUME_FSTYPE: &str = "zebu.csi.dev/fstype";
 /// `volume_context` key: number of replicas.
 pub const VOLUME_REPLICAS: &str = "zebu.csi.dev/replicas";
 /// `volume_context` key: where each replica lives, `node:address` joined by `,`.

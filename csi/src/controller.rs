@@ -255,7 +255,7 @@ fn volume_pb(v: &VolumeRecord) -> pb::Volume {
             .join(","),
     );
     if let Some(fs) = &v.fs_type {
-        ctx.insert("fsType".to_owned(), fs.clone());
+        ctx.insert(VOLUME_FSTYPE.to_owned(), fs.clone());
     }
     if let Some(a) = &v.attachment {
         ctx.insert(VOLUME_ENGINE.to_owned(), a.engine_address.clone());

@@ -9,7 +9,7 @@
 //! address ([`PUBLISH_ENGINE`](crate::context::PUBLISH_ENGINE)). Then:
 //!
 //! * **NodeStageVolume** attaches the export as a block device
-//!   ([`attach::attach`]: nbdfuse + loop). Mount access: makes the
+//!   ([`attach::attach`]: the FUSE bridge + loop). Mount access: makes the
 //!   filesystem if the device is blank (never reformats) and mounts it at
 //!   the staging path. Block access: nothing more.
 //! * **NodePublishVolume** bind-mounts the staging mount onto the target
@@ -316,7 +316,25 @@ impl NodeService {
     async fn stage(&self, req: csi::NodeStageVolumeRequest) -> Result<(), Status> {
         let id = require(&req.volume_id, "volume_id")?;
         let staging = require_abs_path(&req.staging_target_path, "staging_target_path")?;
-        let cap = parse_capability(req.volume_capability.as_ref())?;
+        let mut cap = parse_capability(req.volume_capability.as_ref())?;
+        // No filesystem named by the capability: the one the volume was
+        // created for (StorageClass parameter), else the default.
+        if let (Some(AccessType::Mount(m)), Access::Mount { fs_type, .. }) = (
+            req.volume_capability
+                .as_ref()
+                .and_then(|c| c.access_type.as_ref()),
+            &mut cap.access,
+        ) && m.fs_type.is_empty()
+            && let Some(fs) = req.volume_context.get(crate::context::VOLUME_FSTYPE)
+        {
+            if !attach::SUPPORTED_FILESYSTEMS.contains(&fs.as_str()) {
+                return Err(Status::invalid_argument(format!(
+                    "volume_context names filesystem {fs:?}, which is not supported (supported: {})",
+                    attach::SUPPORTED_FILESYSTEMS.join(", ")
+                )));
+            }
+            *fs_type = fs.clone();
+        }
         let uri = nbd_uri(&req.publish_context, id)?;
         let engine = engine_addr(&req.publish_context)?;
         let _op = self.ops.begin(id)?;
@@ -805,6 +823,16 @@ impl NodeService {
                 attach::NBDFUSE_GROW_HINT
             ))
         };
+        // Let the device see the export's current size (the bridge grows
+        // in place; an nbdfuse attachment reports DeviceTooSmall instead).
+        let dir = self.dir(id)?;
+        match attach::refresh_size(&dir).await {
+            Ok(_) => {}
+            Err(AttachError::DeviceTooSmall {
+                actual, required, ..
+            }) => return Err(too_small(actual, required)),
+            Err(e) => return Err(attach_status(e)),
+        }
         match &rec.access {
             Access::Block => {
                 let size = device_size(&device).await?;

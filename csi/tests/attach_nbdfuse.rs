@@ -137,7 +137,11 @@ struct Attachment {
 impl Attachment {
     fn new(uri: &str, state_dir: &Path) -> Attachment {
         let att = rt()
-            .block_on(attach::attach(uri, state_dir))
+            .block_on(attach::attach_with(
+                attach::Backend::Nbdfuse,
+                uri,
+                state_dir,
+            ))
             .unwrap_or_else(|e| panic!("attach: {e}"));
         Attachment {
             state_dir: state_dir.to_owned(),
@@ -319,11 +323,19 @@ fn ext4_format_mount_detach_reattach_keeps_data_and_read_only_mount_refuses_writ
         assert_eq!(a.att.size_bytes, 256 * MIB);
         // Attaching again returns the same, still valid attachment.
         let again = rt()
-            .block_on(attach::attach(&nbd.uri, &state))
+            .block_on(attach::attach_with(
+                attach::Backend::Nbdfuse,
+                &nbd.uri,
+                &state,
+            ))
             .expect("attach again");
         assert_eq!(again, a.att);
         // Another export into the same state dir is refused.
-        let other = rt().block_on(attach::attach("nbd+unix:///x?socket=/nonexistent", &state));
+        let other = rt().block_on(attach::attach_with(
+            attach::Backend::Nbdfuse,
+            "nbd+unix:///x?socket=/nonexistent",
+            &state,
+        ));
         assert!(
             matches!(other, Err(AttachError::Precondition { .. })),
             "{other:?}"
@@ -569,7 +581,11 @@ fn detach_works_from_the_state_file_alone_and_is_idempotent() {
     let att = {
         let rt1 = rt();
         let att = rt1
-            .block_on(attach::attach(&nbd.uri, &state))
+            .block_on(attach::attach_with(
+                attach::Backend::Nbdfuse,
+                &nbd.uri,
+                &state,
+            ))
             .expect("attach");
         drop(rt1);
         att
@@ -582,7 +598,11 @@ fn detach_works_from_the_state_file_alone_and_is_idempotent() {
 
     // "Plugin run 2": attach finds the still valid attachment...
     let again = rt()
-        .block_on(attach::attach(&nbd.uri, &state))
+        .block_on(attach::attach_with(
+            attach::Backend::Nbdfuse,
+            &nbd.uri,
+            &state,
+        ))
         .expect("re-attach");
     assert_eq!(again, att);
     // ...and detach needs nothing but the state dir.
@@ -596,7 +616,11 @@ fn detach_works_from_the_state_file_alone_and_is_idempotent() {
     // A stale record (loop device gone behind our back, e.g. after a node
     // reboot) is cleaned up and replaced by a working attachment.
     let att = rt()
-        .block_on(attach::attach(&nbd.uri, &state))
+        .block_on(attach::attach_with(
+            attach::Backend::Nbdfuse,
+            &nbd.uri,
+            &state,
+        ))
         .expect("attach");
     let st = Command::new("losetup")
         .arg("-d")
@@ -610,7 +634,11 @@ fn detach_works_from_the_state_file_alone_and_is_idempotent() {
         .join("loop/backing_file");
     poll("the loop device to be released", || !sys.exists());
     let fresh = rt()
-        .block_on(attach::attach(&nbd.uri, &state))
+        .block_on(attach::attach_with(
+            attach::Backend::Nbdfuse,
+            &nbd.uri,
+            &state,
+        ))
         .expect("attach over stale state");
     assert_eq!(fresh.size_bytes, 64 * MIB);
     assert_ne!(
@@ -631,7 +659,7 @@ fn attach_to_a_missing_server_fails_cleanly() {
         dir.path().join("nobody.sock").display()
     );
     let err = rt()
-        .block_on(attach::attach(&uri, &state))
+        .block_on(attach::attach_with(attach::Backend::Nbdfuse, &uri, &state))
         .expect_err("attached to nothing");
     assert!(err.to_string().contains("nbdinfo"), "{err}");
     assert!(!state.join("attach.json").exists());

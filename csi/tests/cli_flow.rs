@@ -190,8 +190,40 @@ fn the_cli_drives_the_whole_volume_life() {
     // Detaching again is harmless.
     z.ok(&["volume", "detach", &v]);
 
+    // Online expansion: xfs grows while mounted and in use (the device
+    // grows in place through the FUSE bridge, then xfs_growfs).
+    let x = z.ok(&[
+        "volume", "create", "xfs-data", "--size", "320M", "--fstype", "xfs",
+    ]);
+    let xmnt = root.join("xfs");
+    z.ok(&[
+        "volume",
+        "attach",
+        &x,
+        "--mount",
+        &xmnt.display().to_string(),
+    ]);
+    std::fs::write(xmnt.join("kept"), b"through the expansion").expect("write");
+    nix::unistd::sync();
+    let size = |p: &Path| {
+        let st = nix::sys::statvfs::statvfs(p).expect("statvfs");
+        st.blocks() * st.fragment_size()
+    };
+    let before = size(&xmnt);
+    let out = z.ok(&["volume", "expand", &x, "640M"]);
+    let after = size(&xmnt);
+    assert!(
+        after > before + (250 << 20),
+        "xfs did not grow online: {before} -> {after} ({out})"
+    );
+    assert_eq!(
+        std::fs::read(xmnt.join("kept")).expect("read"),
+        b"through the expansion"
+    );
+    z.ok(&["volume", "detach", &x]);
+
     z.ok(&["snapshot", "delete", &s]);
-    for id in [&v, &r, &c] {
+    for id in [&v, &r, &c, &x] {
         z.ok(&["volume", "delete", id]);
     }
     let err = z.fails(&["volume", "get", &v]);

@@ -29,7 +29,7 @@ use super::error::{Call, RpcError, Subject};
 use super::request;
 use super::state::{Access, Attachment, StateDir};
 use super::volume::get_volume;
-use crate::context::PARAM_FSTYPE;
+use crate::context::VOLUME_FSTYPE;
 
 /// What the Node service offers, of what the CLI uses.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -309,7 +309,7 @@ pub async fn attach(d: &Driver, state: &StateDir, a: &AttachArgs) -> anyhow::Res
                     fs_type: a
                         .fstype
                         .map(|f| f.as_str().to_owned())
-                        .or_else(|| volume.context.get(PARAM_FSTYPE).cloned())
+                        .or_else(|| volume.context.get(VOLUME_FSTYPE).cloned())
                         .unwrap_or_default(),
                 }
             },
