@@ -292,7 +292,11 @@ start_proc() { # label ready_regex timeout_s cmd... ; logs in $work/logs/label.{
     alive "${pid_of[$label]}" || break
     sleep 0.1
   done
-  echo "fio_compare: $label did not become ready within ${limit}s; its stderr:" >&2
+  if alive "${pid_of[$label]}"; then
+    echo "fio_compare: $label did not become ready within ${limit}s; its stderr:" >&2
+  else
+    echo "fio_compare: $label exited before it was ready; its stderr:" >&2
+  fi
   tail -n 20 "$work/logs/$label.err" >&2
   exit 1
 }

@@ -34,13 +34,23 @@ use zebu_engine::replication::{Action, IoKind, Replicator};
 use zebu_proto::replica as pb;
 
 fn main() {
-    divan::main();
+    // At least 0.1 s and 200 samples per benchmark (about 15 s in all);
+    // `--min-time`, `--sample-count` and the like on the command line win.
+    divan::Divan::default()
+        .min_time(std::time::Duration::from_millis(100))
+        .sample_count(200)
+        .config_with_args()
+        .main();
 }
 
 const BLOCK: usize = 4096;
 
 fn block() -> Bytes {
-    Bytes::from((0..BLOCK).map(|i| (i * 31 % 251) as u8).collect::<Vec<u8>>())
+    Bytes::from(
+        (0..BLOCK)
+            .map(|i| (i * 31 % 251) as u8)
+            .collect::<Vec<u8>>(),
+    )
 }
 
 // ------------------------------------------------------------------- crc --
@@ -90,7 +100,9 @@ mod proto {
         let mut buf = BytesMut::with_capacity(b.encoded_len());
         bencher.counter(ItemsCount::new(n)).bench_local(|| {
             buf.clear();
-            black_box(&b).encode(&mut buf).expect("buffer sized by encoded_len");
+            black_box(&b)
+                .encode(&mut buf)
+                .expect("buffer sized by encoded_len");
             black_box(buf.len())
         });
     }
@@ -142,7 +154,9 @@ mod replication {
             for &(io, replica) in &sends {
                 r.reply(io, replica, true, &mut out);
             }
-            debug_assert!(matches!(out.last(), Some(Action::Complete { io, result: Ok(()) }) if *io == s.io));
+            debug_assert!(
+                matches!(out.last(), Some(Action::Complete { io, result: Ok(()) }) if *io == s.io)
+            );
             black_box(s.revision)
         });
     }
@@ -210,7 +224,12 @@ mod nbd_server {
         async fn trim(&self, _offset: u64, _len: u32) -> Result<(), DeviceError> {
             Ok(())
         }
-        async fn write_zeroes(&self, _offset: u64, _len: u32, _fua: bool) -> Result<(), DeviceError> {
+        async fn write_zeroes(
+            &self,
+            _offset: u64,
+            _len: u32,
+            _fua: bool,
+        ) -> Result<(), DeviceError> {
             Ok(())
         }
         fn multi_conn_safe(&self) -> bool {
@@ -303,13 +322,20 @@ mod nbd_server {
         let per = 16 + reply_data;
         let mut got = 0;
         while got < burst * per {
-            let n = s.client.read(&mut buf[got..burst * per]).expect("read replies");
+            let n = s
+                .client
+                .read(&mut buf[got..burst * per])
+                .expect("read replies");
             assert!(n > 0, "server closed the connection");
             got += n;
         }
         for r in buf[..burst * per].chunks_exact(per) {
             assert_eq!(u32::from_be_bytes(r[..4].try_into().unwrap()), REPLY_MAGIC);
-            assert_eq!(u32::from_be_bytes(r[4..8].try_into().unwrap()), 0, "NBD error reply");
+            assert_eq!(
+                u32::from_be_bytes(r[4..8].try_into().unwrap()),
+                0,
+                "NBD error reply"
+            );
         }
     }
 
@@ -318,7 +344,13 @@ mod nbd_server {
         let payload = block();
         let mut wire = Vec::new();
         for i in 0..burst as u64 {
-            header(&mut wire, kind, i, (i * 7919 % (SIZE / 4096)) * 4096, BLOCK as u32);
+            header(
+                &mut wire,
+                kind,
+                i,
+                (i * 7919 % (SIZE / 4096)) * 4096,
+                BLOCK as u32,
+            );
             if kind == CMD_WRITE {
                 wire.extend_from_slice(&payload);
             }
