@@ -8,15 +8,22 @@ Markdown report, and prints the report.
 
 Ratios are computed pair by pair within a run round (zebu-3 run 2 against
 nbdkit run 2, ...), then the median over rounds is reported, with the range.
+
+Also writes a chart (--svg): hand-written SVG, grouped bars per scenario, each
+system's median throughput relative to nbdkit-file's (= 1.0).
+--chart-only RESULTS.json re-renders that chart from an existing results JSON
+(next to it, same name with .svg, or --svg PATH).
 """
 
 import argparse
 import json
+import os
 import statistics
 import sys
+from html import escape
 from datetime import datetime, timezone
 
-SYSTEMS = ["raw", "nbdkit-file", "zebu-1", "zebu-3"]
+SYSTEMS = ["raw", "nbdkit-file", "zebu-1", "zebu-2", "zebu-3"]
 SCENARIOS = [
     # name, fio data direction, description
     ("randwrite-4k-qd1", "write", "4 KiB random write, QD1"),
@@ -37,9 +44,12 @@ METRICS = ["iops", "mib_s", "p50_us", "p99_us", "read_p50_us", "read_p99_us", "w
 RATIOS = [
     ("zebu-3/nbdkit iops", "zebu-3", "nbdkit-file", "iops", 1, None),
     ("zebu-3/nbdkit p50", "zebu-3", "nbdkit-file", "p50_us", 1, None),
+    ("zebu-2/nbdkit iops", "zebu-2", "nbdkit-file", "iops", 1, None),
+    ("zebu-2/nbdkit p50", "zebu-2", "nbdkit-file", "p50_us", 1, None),
     ("zebu-1/nbdkit iops", "zebu-1", "nbdkit-file", "iops", 1, None),
     ("zebu-1/nbdkit p50", "zebu-1", "nbdkit-file", "p50_us", 1, None),
     ("zebu-3/(raw/3) MiB/s", "zebu-3", "raw", "mib_s", 3, ["write-1m-qd8"]),
+    ("zebu-2/(raw/2) MiB/s", "zebu-2", "raw", "mib_s", 2, ["write-1m-qd8"]),
 ]
 
 MANIFEST_COLUMNS = [
@@ -75,7 +85,7 @@ def read_meta(path):
                 meta[k].append(v)
             else:
                 meta[k] = v
-    for k in ("runs", "seconds", "ramp_seconds", "size_bytes", "quick", "cpus", "clk_tck",
+    for k in ("runs", "seconds", "ramp_seconds", "size_bytes", "quick", "smoke", "cpus", "clk_tck",
               "duration_seconds", "git_dirty_files", "mem_total_kb"):
         if isinstance(meta.get(k), str) and meta[k].lstrip("-").isdigit():
             meta[k] = int(meta[k])
@@ -173,14 +183,23 @@ def fmt(v, kind):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--manifest", required=True)
-    ap.add_argument("--meta", required=True)
-    ap.add_argument("--json", required=True, help="results JSON to write")
-    ap.add_argument("--md", required=True, help="Markdown report to write")
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--manifest")
+    ap.add_argument("--meta")
+    ap.add_argument("--json", help="results JSON to write")
+    ap.add_argument("--md", help="Markdown report to write")
+    ap.add_argument("--svg", help="chart to write (with --chart-only: default RESULTS.json's name with .svg)")
     ap.add_argument("--cpu", help="per-run CPU ticks and VmHWM of the systems' processes (tsv)")
     ap.add_argument("--rebuild", help="the rebuild section's key/value tsv")
+    ap.add_argument("--chart-only", metavar="RESULTS.json",
+                    help="only render the chart of an existing results JSON")
     a = ap.parse_args()
+    if a.chart_only:
+        chart_only(a.chart_only, a.svg)
+        return
+    for opt in ("manifest", "meta", "json", "md"):
+        if not getattr(a, opt):
+            ap.error(f"--{opt} is required (unless --chart-only)")
 
     meta = read_meta(a.meta)
     rows = read_manifest(a.manifest)
@@ -299,9 +318,13 @@ def main():
         json.dump(result, f, indent=2, ensure_ascii=False)
         f.write("\n")
 
-    md = render_md(meta, systems, medians, ratios, prefill, errors, runs, cpu, rebuild)
+    md = render_md(meta, systems, medians, ratios, prefill, errors, runs, cpu, rebuild,
+                   chart=os.path.basename(a.svg) if a.svg else None)
     with open(a.md, "w", encoding="utf-8") as f:
         f.write(md)
+    if a.svg:
+        with open(a.svg, "w", encoding="utf-8") as f:
+            f.write(render_svg(meta, systems, medians))
     sys.stdout.write(md)
 
 
@@ -355,7 +378,7 @@ def cpu_usage(path, meta, per_run, systems, runs):
         peak.setdefault(s, {})[proc] = round(kb / 1024, 1)
     return {
         "definition": "CPU = utime+stime (/proc/PID/stat fields 14+15) of the system's processes, read before "
-                      "and after each fio run (the window includes fio's 1 s ramp and setup); CPU µs per I/O = "
+                      f"and after each fio run (the window includes fio's {meta.get('ramp_seconds', 1)} s ramp and setup); CPU µs per I/O = "
                       "that delta / fio's total I/Os of the run (reads + writes); peak RSS = VmHWM after the last run",
         "clk_tck": tck,
         "per_run": runs_out,
@@ -420,23 +443,27 @@ def read_rebuild(path):
     return out
 
 
-def render_md(meta, systems, medians, ratios, prefill, errors, runs, cpu=None, rebuild=None):
+def render_md(meta, systems, medians, ratios, prefill, errors, runs, cpu=None, rebuild=None, chart=None):
     out = []
     w = out.append
     size_gib = meta.get("size_bytes", 0) / 2**30
-    w(f"# fio comparison — {meta.get('date', '')}{' (quick)' if meta.get('quick') else ''}\n")
+    mode = " (quick)" if meta.get("quick") else " (smoke)" if meta.get("smoke") else ""
+    w(f"# fio comparison — {meta.get('date', '')}{mode}\n")
     w(f"- command: `{meta.get('script_command', '')}`")
     w(f"- commit `{str(meta.get('git_commit', ''))[:12]}` (work tree: {meta.get('git_dirty_files', '?')} changed/untracked paths), "
       f"{meta.get('fio_version', '')}, {meta.get('nbdkit_version', 'no nbdkit')}, kernel {meta.get('kernel', '')}, "
-      f"{meta.get('cpus', '?')} CPUs")
+      f"{meta.get('cpus', '?')} CPUs" +
+      (f"; binaries: {meta['build_profile']}" if meta.get("build_profile") else ""))
     w(f"- volume {size_gib:g} GiB on {meta.get('fs', '')}; prefilled once with sequential 1 MiB writes; "
-      f"{meta.get('seconds')} s per run after 1 s ramp; {runs} run(s) per scenario and system, "
+      f"{meta.get('seconds')} s per run after {meta.get('ramp_seconds', 1)} s ramp; {runs} run(s) per scenario and system, "
       f"systems interleaved per round (order rotated each round); `sync -f` before every run")
     w(f"- load average at start {meta.get('loadavg_start', '?')}, at end {meta.get('loadavg_end', '?')}; "
       f"total duration {meta.get('duration_seconds', '?')} s")
     w("- raw = fio io_uring `--direct=1` on a preallocated file; nbdkit-file = `nbdkit file` (default cache mode, "
       "i.e. through the page cache); zebu-N = zebu-engine + N zebu-replica, all on the same disk; "
       "NBD systems via fio's nbd engine on a Unix socket\n")
+    if chart:
+        w(f"![median throughput relative to nbdkit-file]({chart})\n")
 
     w(f"## Medians over {runs} run(s)\n")
     w("| scenario | system | IOPS | MiB/s | p50 µs | p99 µs | runs ok |")
@@ -460,8 +487,8 @@ def render_md(meta, systems, medians, ratios, prefill, errors, runs, cpu=None, r
     if keys:
         w("## Ratios (per run round, then median; [min–max] over rounds)\n")
         w("IOPS and MiB/s ratios: higher is better for Zebu; p50 ratios: lower is better "
-          "(1.00 = same latency as nbdkit). zebu-3/(raw/3): 3 replicas on one disk write 3× the data, "
-          "so raw/3 is the ceiling.\n")
+          "(1.00 = same latency as nbdkit). zebu-N/(raw/N): N replicas on one disk write N× the data, "
+          "so raw/N is the ceiling.\n")
         w("| scenario | " + " | ".join(keys) + " |")
         w("|---|" + "---:|" * len(keys))
         for sc, _, _ in SCENARIOS:
@@ -492,7 +519,7 @@ def render_md(meta, systems, medians, ratios, prefill, errors, runs, cpu=None, r
 
     if cpu and cpu.get("median_us_per_io"):
         w(f"## CPU time per I/O (median over runs, µs; utime+stime of the system's processes)\n")
-        w("Measured around each whole fio run (including its 1 s ramp, whose I/Os fio does not count), "
+        w(f"Measured around each whole fio run (including its {meta.get('ramp_seconds', 1)} s ramp, whose I/Os fio does not count), "
           "divided by the run's I/Os; an upper bound. replicas = sum over the replicas; "
           "nbdkit-file's server is nbdkit, for reference.\n")
         w("| scenario | system | engine | replicas | server | total |")
@@ -553,6 +580,170 @@ def render_md(meta, systems, medians, ratios, prefill, errors, runs, cpu=None, r
             w(f"- `{n}`")
         w("")
     return "\n".join(out)
+
+
+# ---------------------------------------------------------------- chart --
+
+CHART_COLORS = {
+    "raw": "#9e9e9e",
+    "nbdkit-file": "#4e79a7",
+    "zebu-1": "#f1c232",
+    "zebu-2": "#f28e2b",
+    "zebu-3": "#c0392b",
+}
+CHART_LABELS = {
+    "randwrite-4k-qd1": ("4 KiB rand write", "QD1"),
+    "randwrite-4k-qd32": ("4 KiB rand write", "QD32"),
+    "randread-4k-qd1": ("4 KiB rand read", "QD1"),
+    "randread-4k-qd32": ("4 KiB rand read", "QD32"),
+    "write-1m-qd8": ("1 MiB seq write", "QD8"),
+    "read-1m-qd8": ("1 MiB seq read", "QD8"),
+    "randrw70-4k-qd16": ("4 KiB 70/30 r/w", "QD16"),
+}
+CHART_CAP = 2.0  # the y axis stops here; taller bars are cut and labelled
+
+
+def chart_metric(scenario):
+    """IOPS for 4 KiB scenarios, MiB/s for 1 MiB ones (the same ratio either way)."""
+    return "mib_s" if "-1m-" in scenario else "iops"
+
+
+def fmt_abs(v, metric):
+    if v is None:
+        return "—"
+    if metric == "mib_s":
+        return f"{v:,.0f} MiB/s"
+    return f"{v / 1000:,.1f}k IOPS" if v >= 1000 else f"{v:,.0f} IOPS"
+
+
+def render_svg(meta, systems, medians):
+    """Grouped bars, one group per scenario, one bar per system: the system's
+    median throughput divided by nbdkit-file's (or the first system's if
+    nbdkit-file was not measured). Hand-written SVG, no dependency."""
+    scenarios = [sc for sc, _, _ in SCENARIOS if sc in medians]
+    ref = "nbdkit-file" if "nbdkit-file" in systems else (systems[0] if systems else None)
+    vals = {}
+    for sc in scenarios:
+        m = chart_metric(sc)
+        rv = (medians[sc].get(ref) or {}).get(m)
+        for s in systems:
+            v = (medians[sc].get(s) or {}).get(m)
+            vals[(sc, s)] = (v / rv) if (v is not None and rv) else None
+    present = [v for v in vals.values() if v is not None]
+    top = max(present) if present else 1.0
+    ymax = min(max(top, 1.0), CHART_CAP)
+    step = 0.5 if ymax > 2 else 0.25
+    ymax = step * -(-ymax // step)  # round up to a grid step
+    if ymax < top:
+        ymax = max(ymax, CHART_CAP)
+
+    n = max(len(systems), 1)
+    bw, gpad = 20, 14
+    gw = n * bw + 2 * gpad
+    left, right = 58, 18
+    title_h, legend_h = 58, 30
+    plot_top = title_h + legend_h + 34  # room for the value labels above bars
+    plot_h = 300
+    base = plot_top + plot_h
+    width = left + gw * max(len(scenarios), 1) + right
+    height = base + 94
+    font = 'font-family="DejaVu Sans, Helvetica, Arial, sans-serif"'
+
+    def y(v):
+        return base - plot_h * min(v, ymax) / ymax
+
+    o = []
+    w = o.append
+    w(f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
+      f'viewBox="0 0 {width} {height}" {font} font-size="12">')
+    w(f'<rect width="{width}" height="{height}" fill="#ffffff"/>')
+    date = meta.get("date", "")
+    mode = " (quick)" if meta.get("quick") else " (smoke)" if meta.get("smoke") else ""
+    w(f'<text x="{left}" y="24" font-size="16" font-weight="bold" fill="#222">'
+      f'Throughput relative to {escape(str(ref))} (= 1.0), higher is better — fio {escape(str(date))}{mode}</text>')
+    size_gib = (meta.get("size_bytes") or 0) / 2**30
+    sub = (f"bar = median of {meta.get('runs', '?')} run(s) of {meta.get('seconds', '?')} s ÷ {ref}'s; "
+           f"{size_gib:g} GiB volume; "
+           f"4 KiB scenarios: IOPS, 1 MiB: MiB/s; commit {str(meta.get('git_commit', ''))[:12]}; "
+           f"{meta.get('cpus', '?')} CPUs, one disk")
+    w(f'<text x="{left}" y="44" font-size="12" fill="#555">{escape(sub)}</text>')
+    # legend
+    lx = left
+    ly = title_h + 8
+    for s in systems:
+        w(f'<rect x="{lx}" y="{ly}" width="14" height="14" fill="{CHART_COLORS.get(s, "#777")}"/>')
+        w(f'<text x="{lx + 19}" y="{ly + 12}" fill="#222">{escape(s)}</text>')
+        lx += 30 + 8 * len(s)
+    # grid and y axis
+    g = 0.0
+    while g <= ymax + 1e-9:
+        yy = y(g)
+        w(f'<line x1="{left}" y1="{yy:.1f}" x2="{width - right}" y2="{yy:.1f}" stroke="#e3e3e3"/>')
+        w(f'<text x="{left - 6}" y="{yy + 4:.1f}" text-anchor="end" fill="#555">{g:.2f}</text>')
+        g += step
+    w(f'<line x1="{left}" y1="{y(1.0):.1f}" x2="{width - right}" y2="{y(1.0):.1f}" '
+      f'stroke="#4e79a7" stroke-dasharray="5,4" stroke-width="1.2"/>')
+    w(f'<line x1="{left}" y1="{plot_top - 10}" x2="{left}" y2="{base}" stroke="#888"/>')
+    w(f'<line x1="{left}" y1="{base}" x2="{width - right}" y2="{base}" stroke="#888"/>')
+    w(f'<text transform="translate(16,{plot_top + plot_h / 2:.0f}) rotate(-90)" text-anchor="middle" '
+      f'fill="#555">× {escape(str(ref))}</text>')
+    # bars
+    for i, sc in enumerate(scenarios):
+        gx = left + i * gw
+        if i:
+            w(f'<line x1="{gx}" y1="{plot_top - 10}" x2="{gx}" y2="{base}" stroke="#f0f0f0"/>')
+        for k, s in enumerate(systems):
+            v = vals[(sc, s)]
+            x = gx + gpad + k * bw
+            cx = x + bw / 2
+            if v is None:
+                w(f'<text x="{cx:.1f}" y="{base - 4}" text-anchor="middle" font-size="9" fill="#999">n/a</text>')
+                continue
+            yt = y(v)
+            color = CHART_COLORS.get(s, "#777")
+            m = chart_metric(sc)
+            absv = (medians[sc].get(s) or {}).get(m)
+            w(f'<rect x="{x + 1}" y="{yt:.1f}" width="{bw - 2}" height="{base - yt:.1f}" fill="{color}">'
+              f'<title>{escape(s)} {escape(sc)}: {v:.2f}× {escape(str(ref))} ({escape(fmt_abs(absv, m))})</title></rect>')
+            if v > ymax:  # cut bar: a white zigzag near the top
+                zy = yt + 10
+                w(f'<polyline points="{x},{zy + 4} {x + bw / 3:.1f},{zy - 2} {x + 2 * bw / 3:.1f},{zy + 4} {x + bw},{zy - 2}" '
+                  f'fill="none" stroke="#fff" stroke-width="3"/>')
+            label = f"{v:.2f}"
+            bold = ' font-weight="bold"' if v > ymax else ""
+            w(f'<text transform="translate({cx + 3.5:.1f},{yt - 4:.1f}) rotate(-90)" font-size="10" '
+              f'fill="#222"{bold}>{label}</text>')
+        l1, l2 = CHART_LABELS.get(sc, (sc, ""))
+        mid = gx + gw / 2
+        w(f'<text x="{mid:.1f}" y="{base + 17}" text-anchor="middle" fill="#222">{escape(l1)}</text>')
+        w(f'<text x="{mid:.1f}" y="{base + 31}" text-anchor="middle" fill="#222">{escape(l2)}</text>')
+        rv = (medians[sc].get(ref) or {}).get(chart_metric(sc))
+        w(f'<text x="{mid:.1f}" y="{base + 46}" text-anchor="middle" font-size="10" fill="#4e79a7">'
+          f'1.0 = {escape(fmt_abs(rv, chart_metric(sc)))}</text>')
+    notes = [f"Bars above {ymax:g}× are cut (zigzag); their label is the full value. Hover a bar for its absolute figure.",
+             "raw = fio io_uring O_DIRECT on a file; nbdkit-file = nbdkit file plugin; "
+             "zebu-N = zebu-engine + N zebu-replica; all on one disk."]
+    for j, note in enumerate(notes):
+        w(f'<text x="{left}" y="{height - 26 + 14 * j}" font-size="10" fill="#777">{escape(note)}</text>')
+    w("</svg>")
+    return "\n".join(o) + "\n"
+
+
+def chart_only(results_path, svg_path=None):
+    with open(results_path, encoding="utf-8") as f:
+        res = json.load(f)
+    meta = res.get("meta", {})
+    medians = res.get("medians") or {}
+    listed = str(meta.get("systems", "")).split()
+    systems = [s for s in SYSTEMS if s in listed] + [s for s in listed if s not in SYSTEMS]
+    if not medians or not systems:
+        sys.exit(f"fio_compare.py: {results_path} holds no medians/systems (not a fio_compare results JSON?)")
+    if not svg_path:
+        root, _ = os.path.splitext(results_path)
+        svg_path = root + ".svg"
+    with open(svg_path, "w", encoding="utf-8") as f:
+        f.write(render_svg(meta, systems, medians))
+    print(f"chart: {svg_path}")
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Side-by-side fio comparison: the raw disk, nbdkit's file plugin, and Zebu
-# with 1 and 3 replicas, all on files under /var/tmp (one disk).
+# with 1, 2 and 3 replicas, all on files under /var/tmp (one disk).
 #
-#   benches/fio_compare.sh [--quick] [--runs N] [--size 2G] [--seconds S]
-#                          [--systems raw,nbdkit-file,zebu-1,zebu-3] [--bin-dir DIR]
-#                          [--no-rebuild]
+#   benches/fio_compare.sh [--quick | --smoke] [--runs N] [--size 2G] [--seconds S]
+#                          [--systems raw,nbdkit-file,zebu-1,zebu-2,zebu-3]
+#                          [--bin-dir DIR | --debug] [--out-dir DIR] [--no-rebuild]
 #
 # Every system is started once and prefilled once (sequential 1 MiB writes
 # over the whole volume, so reads hit real data). Then, for each run round,
@@ -25,9 +25,19 @@
 # (delta resync, timed). --no-rebuild skips it.
 #
 # Results: benches/results/fio-compare-<date>.json
-# (per-run figures, medians, ratios, exact commands) and .md (tables); the
-# tables are printed at the end. --quick (1 run, 2 s, 512M volume) writes
-# fio-compare-<date>-quick.{json,md} so a smoke test never replaces a full run.
+# (per-run figures, medians, ratios, exact commands), .md (tables) and .svg
+# (chart: throughput of every system relative to nbdkit-file); the tables are
+# printed at the end. --quick (1 run, 2 s, 512M volume) writes
+# fio-compare-<date>-quick.{json,md,svg} so a quick run never replaces a full one.
+#
+# --smoke is the CI mode: 1 run of 1 s per scenario and system (no ramp),
+# 256M volume (the rebuild section too), results into a new temp directory
+# (never benches/results/; --out-dir to choose). It exits non-zero only when
+# something is broken (a system does not start or dies, fio fails, the
+# rebuild fails, the report cannot be written), never because of the figures.
+# --debug builds and uses the dev-profile binaries (target/debug: no release
+# build; CI has built them already) instead of the release ones; --bin-dir DIR
+# uses the zebu-replica and zebu-engine found in DIR, building nothing.
 #
 # Only processes this script started are stopped (by recorded pid), and its
 # work directory is removed on exit, whatever the exit path.
@@ -48,11 +58,16 @@ usage() { # exit status; the text goes to stderr when it is an error
 die() { echo "fio_compare: $*" >&2; exit 1; }
 
 # ---------------------------------------------------------------- options --
-runs=3 size_arg=2G seconds=5 quick=0 rebuild=1 bin_dir="" systems_arg="raw,nbdkit-file,zebu-1,zebu-3"
+runs=3 size_arg=2G seconds=5 ramp=1 quick=0 smoke=0 debug=0 rebuild=1 bin_dir="" out_dir=""
+systems_arg="raw,nbdkit-file,zebu-1,zebu-2,zebu-3"
 runs_set=0 size_set=0 seconds_set=0
 while (($#)); do
   case $1 in
     --quick) quick=1 ;;
+    --smoke) smoke=1 ;;
+    --debug) debug=1 ;;
+    --out-dir) [[ $# -ge 2 ]] || die "--out-dir needs a value"; out_dir=$2; shift ;;
+    --out-dir=*) out_dir=${1#*=} ;;
     --no-rebuild) rebuild=0 ;;
     --runs) [[ $# -ge 2 ]] || die "--runs needs a value"; runs=$2; runs_set=1; shift ;;
     --runs=*) runs=${1#*=}; runs_set=1 ;;
@@ -69,10 +84,18 @@ while (($#)); do
   esac
   shift
 done
+((quick && smoke)) && die "--quick and --smoke exclude each other"
+[[ -n $bin_dir ]] && ((debug)) && die "--bin-dir and --debug exclude each other"
 if ((quick)); then # explicit options still win over --quick's defaults
   ((runs_set)) || runs=1
   ((seconds_set)) || seconds=2
   ((size_set)) || size_arg=512M
+fi
+if ((smoke)); then
+  ((runs_set)) || runs=1
+  ((seconds_set)) || seconds=1
+  ((size_set)) || size_arg=256M
+  ramp=0
 fi
 [[ $runs =~ ^[1-9][0-9]*$ ]] || die "--runs must be a positive integer (got '$runs')"
 [[ $seconds =~ ^[1-9][0-9]*$ ]] || die "--seconds must be a positive integer (got '$seconds')"
@@ -95,7 +118,7 @@ size=$(to_bytes "$size_arg") || die "invalid --size '$size_arg' (use e.g. 512M, 
 ((size >= (64 << 20))) || die "--size must be at least 64M"
 ((size % (1 << 20) == 0)) || die "--size must be a multiple of 1 MiB"
 
-all_systems=(raw nbdkit-file zebu-1 zebu-3)
+all_systems=(raw nbdkit-file zebu-1 zebu-2 zebu-3)
 IFS=, read -r -a systems <<<"$systems_arg"
 ((${#systems[@]})) || die "--systems is empty"
 for s in "${systems[@]}"; do
@@ -113,7 +136,7 @@ if ((${#missing[@]})); then
   printf 'fio_compare: missing prerequisite: %s\n' "${missing[@]}" >&2
   exit 1
 fi
-if [[ " ${systems[*]} " =~ " "(nbdkit-file|zebu-1|zebu-3)" " ]] && ! fio --enghelp=nbd >/dev/null 2>&1; then
+if [[ " ${systems[*]} " =~ " "(nbdkit-file|zebu-1|zebu-2|zebu-3)" " ]] && ! fio --enghelp=nbd >/dev/null 2>&1; then
   die "this fio ($(fio --version)) has no nbd ioengine (Debian's fio >= 3.33 has it)"
 fi
 if has_system nbdkit-file && ! nbdkit file --version >/dev/null 2>&1; then
@@ -123,7 +146,7 @@ base=${FIO_COMPARE_TMP:-/var/tmp}
 [[ -d $base && -w $base ]] || die "$base is not a writable directory"
 nfiles=0
 for s in "${systems[@]}"; do
-  case $s in raw | nbdkit-file | zebu-1) nfiles=$((nfiles + 1)) ;; zebu-3) nfiles=$((nfiles + 3)) ;; esac
+  case $s in raw | nbdkit-file | zebu-1) nfiles=$((nfiles + 1)) ;; zebu-2) nfiles=$((nfiles + 2)) ;; zebu-3) nfiles=$((nfiles + 3)) ;; esac
 done
 rb_size=$((size < (1 << 30) ? size : (1 << 30))) # the rebuild section's volume
 has_system zebu-3 && ((rebuild)) && nfiles=$((nfiles + 4 * rb_size / size + 1))
@@ -135,14 +158,18 @@ avail_kb=$(df -Pk "$base" | awk 'NR == 2 {print $4}')
 t_start=$(date +%s)
 date_tag=$(date +%F)
 if [[ -z $bin_dir ]]; then
-  echo "== building zebu-replica and zebu-engine (release)"
-  build=(cargo build --release -p zebu-replica -p zebu-engine)
+  if ((debug)); then
+    profile=debug build=(cargo build -p zebu-replica -p zebu-engine)
+  else
+    profile=release build=(cargo build --release -p zebu-replica -p zebu-engine)
+  fi
+  echo "== building zebu-replica and zebu-engine ($profile): ${build[*]}"
   if ! (cd "$root" && "${build[@]}"); then
-    die "the release build failed: '${build[*]}' in $root"
+    die "the $profile build failed: '${build[*]}' in $root"
   fi
   tdir=$(cd "$root" && cargo metadata --format-version 1 --no-deps 2>/dev/null |
     python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])' 2>/dev/null) || tdir=$root/target
-  bin_dir=$tdir/release
+  bin_dir=$tdir/$profile
 fi
 for b in zebu-replica zebu-engine; do
   [[ -x $bin_dir/$b ]] || die "no executable $bin_dir/$b"
@@ -234,15 +261,17 @@ meta_put fs "$(df -PT "$base" | awk 'NR == 2 {print $1" "$2}') at $base"
 meta_put git_commit "$(git -C "$root" rev-parse HEAD 2>/dev/null || echo unknown)"
 meta_put git_dirty_files "$(git -C "$root" --no-optional-locks status --porcelain 2>/dev/null | wc -l)"
 meta_put bin_dir "$bin_dir"
+meta_put build_profile "${profile:-given with --bin-dir}"
 meta_put zebu_replica_sha256 "$(sha256sum "$bin/zebu-replica" | cut -d' ' -f1)"
 meta_put zebu_engine_sha256 "$(sha256sum "$bin/zebu-engine" | cut -d' ' -f1)"
-meta_put script_command "$(q "$0" ${orig_args[@]+"${orig_args[@]}"}) (parsed: --runs $runs --size $size_arg --seconds $seconds --systems ${systems[*]}$( ((quick)) && echo ' --quick'))"
+meta_put script_command "$(q "$0" ${orig_args[@]+"${orig_args[@]}"}) (parsed: --runs $runs --size $size_arg --seconds $seconds --systems ${systems[*]}$( ((quick)) && echo ' --quick')$( ((smoke)) && echo ' --smoke'))"
 meta_put runs "$runs"
 meta_put seconds "$seconds"
-meta_put ramp_seconds 1
+meta_put ramp_seconds "$ramp"
 meta_put size_bytes "$size"
 meta_put size_arg "$size_arg"
 meta_put quick "$quick"
+meta_put smoke "$smoke"
 meta_put systems "${systems[*]}"
 meta_put workdir "$work"
 meta_put clk_tck "$(getconf CLK_TCK)"
@@ -263,7 +292,11 @@ start_proc() { # label ready_regex timeout_s cmd... ; logs in $work/logs/label.{
     alive "${pid_of[$label]}" || break
     sleep 0.1
   done
-  echo "fio_compare: $label did not become ready within ${limit}s; its stderr:" >&2
+  if alive "${pid_of[$label]}"; then
+    echo "fio_compare: $label did not become ready within ${limit}s; its stderr:" >&2
+  else
+    echo "fio_compare: $label exited before it was ready; its stderr:" >&2
+  fi
   tail -n 20 "$work/logs/$label.err" >&2
   exit 1
 }
@@ -311,6 +344,7 @@ start_system() {
       uri_of[nbdkit-file]="nbd+unix:///?socket=$work/nbdkit.sock"
       ;;
     zebu-1) start_zebu zebu-1 1 ;;
+    zebu-2) start_zebu zebu-2 2 ;;
     zebu-3) start_zebu zebu-3 3 ;;
   esac
 }
@@ -320,6 +354,7 @@ procs_of() { # system -> labels of its processes
     raw) ;;
     nbdkit-file) echo nbdkit ;;
     zebu-1) echo replica-zebu-1-r1 engine-zebu-1 ;;
+    zebu-2) echo replica-zebu-2-r1 replica-zebu-2-r2 engine-zebu-2 ;;
     zebu-3) echo replica-zebu-3-r1 replica-zebu-3-r2 replica-zebu-3-r3 engine-zebu-3 ;;
   esac
 }
@@ -380,7 +415,7 @@ sync_fs() { # prints seconds taken
   python3 -c "print(f'{$t1 - $t0:.2f}')"
 }
 
-echo "== work dir $work; volume $size_arg ($size bytes); ${seconds}s per run (+1s ramp); $runs run(s); systems: ${systems[*]}"
+echo "== work dir $work; volume $size_arg ($size bytes); ${seconds}s per run (+${ramp}s ramp); $runs run(s); systems: ${systems[*]}"
 for s in "${systems[@]}"; do
   echo "== starting $s"
   start_system "$s"
@@ -437,7 +472,7 @@ for ((r = 1; r <= runs; r++)); do
       json=$work/out/$s-$name-run$r.json log=$work/out/$s-$name-run$r.log
       mapfile -t targs < <(fio_target_args "$s")
       args=(fio "--name=$name" "--rw=$rw" ${extra_args[@]+"${extra_args[@]}"} "--bs=$bs" "--iodepth=$qd" --numjobs=1 "--size=$size"
-        --time_based "--runtime=$seconds" --ramp_time=1 --group_reporting "${targs[@]}")
+        --time_based "--runtime=$seconds" "--ramp_time=$ramp" --group_reporting "${targs[@]}")
       fullcmd=$(q "${args[@]}" --output-format=json "--output=$json")
       if [[ -n ${skip[$s]:-} ]]; then
         echo "[$n/$total] $s $name run $r: skipped (${skip[$s]})"
@@ -588,17 +623,31 @@ meta_put duration_seconds $((t_end - t_start))
 meta_put finished "$(date -Is)"
 
 # ---------------------------------------------------------------- report --
-mkdir -p "$here/results"
+if [[ -z $out_dir ]]; then
+  if ((smoke)); then
+    out_dir=$(mktemp -d "${TMPDIR:-/tmp}/zebu-fio-smoke.XXXXXX")
+  else
+    out_dir=$here/results
+  fi
+fi
 suffix=""
 ((quick)) && suffix="-quick"
-out_json=$here/results/fio-compare-$date_tag$suffix.json
-out_md=$here/results/fio-compare-$date_tag$suffix.md
+((smoke)) && suffix="-smoke"
+mkdir -p "$out_dir" || die "cannot create the results directory $out_dir"
+out_json=$out_dir/fio-compare-$date_tag$suffix.json
+out_md=$out_dir/fio-compare-$date_tag$suffix.md
+out_svg=$out_dir/fio-compare-$date_tag$suffix.svg
 python3 "$here/fio_compare.py" --manifest "$manifest" --meta "$meta" \
-  --json "$out_json" --md "$out_md" \
-  --cpu "$cpu_tsv" --rebuild "$rebuild_tsv"
+  --json "$out_json" --md "$out_md" --svg "$out_svg" \
+  --cpu "$cpu_tsv" --rebuild "$rebuild_tsv" ||
+  die "writing the report failed (python3 $here/fio_compare.py)"
+for f in "$out_json" "$out_md" "$out_svg"; do
+  [[ -s $f ]] || die "the report $f was not written"
+done
 echo
 echo "results: $out_json"
 echo "         $out_md"
+echo "         $out_svg"
 echo "total duration: $((t_end - t_start)) s"
 if ((failed)); then
   echo "fio_compare: $failed of $total fio runs failed or were skipped (see the results)" >&2
