@@ -874,7 +874,7 @@ impl Store {
     pub async fn delete_snapshot(&self, name: &str, epoch: u64) -> Result<ReplicaStatus> {
         self.check_epoch(epoch)?;
         let _c = self.control.lock().await;
-        let (from, into, into_is_head) = {
+        let (from, into, into_is_head, user_created) = {
             let chain = self.chain.read().await;
             if chain.syncing {
                 return Err(StoreError::FailedPrecondition(
@@ -888,14 +888,18 @@ impl Store {
                 chain.entries[i].layer.clone(),
                 chain.entries[i + 1].layer.clone(),
                 i + 1 == chain.entries.len() - 1,
+                chain.entries[i].meta.user_created,
             )
         };
+        let (from, into, into_is_head, user_created) = (from, into, into_is_head, user_created);
+        if into_is_head && !user_created && into.index().present() <= from.index().present() {
+            return self.fold_head_down(name, from, into).await;
+        }
         let merge = MergeMeta {
             from: from.id,
             into: into.id,
         };
         self.update_meta(|m| m.merging = Some(merge)).await?;
-        let bs = self.block_size as u64;
         let runs = from.index().runs(0, u64::MAX);
         for (s, e) in runs {
             let mut b = s;
@@ -909,34 +913,15 @@ impl Store {
                 // Copy only what the child does not hold: the child's blocks are newer.
                 let held = into.index().runs(b, b + n);
                 for (gs, ge) in gaps(b, b + n, &held) {
-                    let data = self
-                        .io
-                        .run([Op::Read {
-                            file: from.data.clone(),
-                            offset: gs * bs,
-                            buf: AlignedBuf::zeroed(((ge - gs) * bs) as usize),
-                        }])
-                        .await
-                        .map_err(io_err(format!("reading snapshot {name:?} to merge it")))?;
-                    if let Some(Completion::Read(buf)) = data.into_iter().next() {
-                        self.write_layer_blocks(&into, gs * bs, buf.as_slice())
-                            .await?;
-                    }
+                    self.copy_blocks(&from, &into, gs, ge - gs, || {
+                        format!("reading snapshot {name:?} to merge it")
+                    })
+                    .await?;
                 }
                 b += n;
             }
         }
-        self.io
-            .run([
-                Op::Fsync {
-                    file: into.data.clone(),
-                },
-                Op::Fsync {
-                    file: into.crc.clone(),
-                },
-            ])
-            .await
-            .map_err(io_err("syncing the merged layer"))?;
+        self.sync_layer(&into, "syncing the merged layer").await?;
         {
             let mut chain = self.chain.write().await;
             let from_id = from.id;
@@ -949,6 +934,108 @@ impl Store {
         }
         self.forget_dirty(from.id);
         Layer::remove_files(&self.dir, from.id);
+        Ok(self.status().await)
+    }
+
+    /// Copies blocks `[first, first + count)` of layer `from` into layer
+    /// `into` (data and CRC entries).
+    async fn copy_blocks(
+        &self,
+        from: &Arc<Layer>,
+        into: &Arc<Layer>,
+        first: u64,
+        count: u64,
+        what: impl Fn() -> String,
+    ) -> Result<()> {
+        let bs = self.block_size as u64;
+        let data = self
+            .io
+            .run([Op::Read {
+                file: from.data.clone(),
+                offset: first * bs,
+                buf: AlignedBuf::zeroed((count * bs) as usize),
+            }])
+            .await
+            .map_err(io_err(what()))?;
+        if let Some(Completion::Read(buf)) = data.into_iter().next() {
+            self.write_layer_blocks(into, first * bs, buf.as_slice())
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// fsyncs a layer's data and CRC files.
+    async fn sync_layer(&self, layer: &Arc<Layer>, what: &'static str) -> Result<()> {
+        self.io
+            .run([
+                Op::Fsync {
+                    file: layer.data.clone(),
+                },
+                Op::Fsync {
+                    file: layer.crc.clone(),
+                },
+            ])
+            .await
+            .map_err(io_err(what))?;
+        Ok(())
+    }
+
+    /// Deletes the system snapshot `snap` (named `name`) right below the
+    /// head by copying the head's blocks down into it and making it the head:
+    /// the head is the smaller layer (e.g. the writes made during a rebuild),
+    /// so this moves little, where merging the snapshot up into the head
+    /// would move everything written before it. I/O waits for the whole
+    /// copy (it holds the chain exclusively).
+    ///
+    /// Only for system snapshots: if the replica stops midway, the snapshot
+    /// layer stays in the chain holding some of the head's newer blocks
+    /// (reads are unaffected: the head still holds them too), which a user
+    /// snapshot must never do. `merging` records the layer written into so
+    /// an unclean restart recomputes its CRCs.
+    async fn fold_head_down(
+        &self,
+        name: &str,
+        snap: Arc<Layer>,
+        head: Arc<Layer>,
+    ) -> Result<ReplicaStatus> {
+        self.update_meta(|m| {
+            m.merging = Some(MergeMeta {
+                from: head.id,
+                into: snap.id,
+            })
+        })
+        .await?;
+        {
+            let mut chain = self.chain.write().await;
+            let runs = head.index().runs(0, u64::MAX);
+            for (s, e) in runs {
+                let mut b = s;
+                while b < e {
+                    let n = COPY_STEP_BLOCKS.min(e - b);
+                    self.copy_blocks(&head, &snap, b, n, || {
+                        format!("reading the head to fold snapshot {name:?} into it")
+                    })
+                    .await?;
+                    b += n;
+                }
+            }
+            self.sync_layer(&snap, "syncing the folded layer").await?;
+            let (snap_id, head_id) = (snap.id, head.id);
+            self.update_meta(|m| {
+                m.chain.retain(|l| l.id != head_id);
+                if let Some(l) = m.chain.iter_mut().find(|l| l.id == snap_id) {
+                    l.name.clear();
+                }
+                m.merging = None;
+            })
+            .await?;
+            chain.entries.retain(|e| e.layer.id != head_id);
+            if let Some(e) = chain.entries.iter_mut().find(|e| e.layer.id == snap_id) {
+                e.meta.name.clear();
+            }
+        }
+        self.forget_dirty(head.id);
+        Layer::remove_files(&self.dir, head.id);
         Ok(self.status().await)
     }
 
