@@ -10,7 +10,7 @@
 //! | `<disk>/replicas/<volume_id>/<replica_id>/` | a replica directory                    |
 //! | `<state_dir>/processes/<kind>-<key>.json`   | one record per process (`record.rs`)    |
 //! | `<state_dir>/logs/<kind>-<key>.log`         | stdout + stderr of every run, appended |
-//! | `<state_dir>/engines/<volume_id>.sock`      | an engine's NBD socket                 |
+//! | `<state_dir>/engines/<volume_id>.sock`      | an engine's NBD socket (under `/run/zebu-agent/<hash>/` when that path is too long for a socket) |
 //!
 //! `<kind>` is `replica` (key: replica id) or `engine` (key: volume id).
 //! A log larger than 32 MiB is renamed to `<name>.log.old` when its process
@@ -91,6 +91,27 @@ pub const DEFAULT_MAX_VOLUMES: u64 = 64;
 
 /// Longest Unix socket path (`sun_path` is 108 bytes with the NUL).
 const MAX_SOCKET_PATH: usize = 107;
+
+/// Where sockets go when `<state_dir>/engines/` is too deep for a Unix
+/// socket path: one directory per state dir, named by a hash of it.
+const SHORT_SOCKET_ROOT: &str = "/run/zebu-agent";
+
+/// The NBD socket path of `volume_id`'s engine: `engines_dir/<id>.sock`, or,
+/// when that is longer than a Unix socket path may be (a deep state
+/// directory), `/run/zebu-agent/<hash of engines_dir>/<id>.sock`. The choice
+/// depends only on its inputs, so it is the same after an agent restart.
+fn engine_socket(engines_dir: &Path, volume_id: &str) -> PathBuf {
+    use std::hash::{Hash, Hasher};
+    let direct = engines_dir.join(format!("{volume_id}.sock"));
+    if direct.as_os_str().len() <= MAX_SOCKET_PATH {
+        return direct;
+    }
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    engines_dir.hash(&mut h);
+    Path::new(SHORT_SOCKET_ROOT)
+        .join(format!("{:016x}", h.finish()))
+        .join(format!("{volume_id}.sock"))
+}
 
 /// How the agent is set up.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -848,11 +869,7 @@ impl Agent {
                 req.io_timeout
             )));
         }
-        let socket = self
-            .inner
-            .ctx
-            .engines_dir
-            .join(format!("{}.sock", req.volume_id));
+        let socket = engine_socket(&self.inner.ctx.engines_dir, &req.volume_id);
         let socket = socket
             .to_str()
             .ok_or_else(|| AgentError::Config(format!("{socket:?} is not UTF-8")))?
@@ -862,6 +879,9 @@ impl Agent {
                 len: socket.len(),
                 path: socket,
             });
+        }
+        if let Some(parent) = Path::new(&socket).parent() {
+            create_dir(parent)?;
         }
         let key = Key {
             kind: Kind::Engine,
@@ -1035,4 +1055,28 @@ fn refuse_removing(rec: &Record) -> Result<(), AgentError> {
 
 fn info_of<T>(info: Option<T>) -> Result<T, AgentError> {
     info.ok_or_else(|| AgentError::Internal("record of the wrong kind".into()))
+}
+
+#[cfg(test)]
+mod socket_path_tests {
+    use super::*;
+
+    #[test]
+    fn engine_sockets_fit_in_a_unix_socket_path() {
+        let short = Path::new("/var/lib/zebu/agent/engines");
+        assert_eq!(
+            engine_socket(short, "zv-1"),
+            Path::new("/var/lib/zebu/agent/engines/zv-1.sock")
+        );
+        let deep = PathBuf::from(format!("/var/tmp/{}/state/agent/engines", "d".repeat(60)));
+        let id = "zv-14db32ecca8944bb9046d8c2a4aa64ff";
+        let p = engine_socket(&deep, id);
+        assert!(p.starts_with(SHORT_SOCKET_ROOT), "{}", p.display());
+        assert!(p.as_os_str().len() <= MAX_SOCKET_PATH, "{}", p.display());
+        // Stable (an agent restart finds the same socket) and distinct per
+        // state directory.
+        assert_eq!(p, engine_socket(&deep, id));
+        let other = PathBuf::from(format!("/var/tmp/{}/state/agent/engines", "e".repeat(60)));
+        assert_ne!(p, engine_socket(&other, id));
+    }
 }
