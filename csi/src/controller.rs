@@ -488,6 +488,32 @@ impl Controller {
         Ok(copy)
     }
 
+    /// Starts (idempotently) the engine of `v` on `node` through its agent,
+    /// with `v`'s current replica addresses.
+    pub(crate) async fn start_engine(
+        &self,
+        agent: &mut zebu_proto::agent::agent_client::AgentClient<tonic::transport::Channel>,
+        node: &str,
+        v: &VolumeRecord,
+    ) -> Result<apb::EngineProcess, Status> {
+        let req = apb::StartEngineRequest {
+            volume_id: v.id.clone(),
+            size_bytes: v.size_bytes,
+            replica_addresses: v.replicas.iter().map(|r| r.address.clone()).collect(),
+            io_timeout: self.inner.cfg.io_timeout.clone(),
+        };
+        agent
+            .start_engine(with_deadline(req, AGENT_CALL))
+            .await
+            .map(tonic::Response::into_inner)
+            .map_err(|e| {
+                Status::new(
+                    e.code(),
+                    format!("starting the engine of {} on {node}: {}", v.id, e.message()),
+                )
+            })
+    }
+
     /// Runs `f` against the volume's engine: the attached one, or one
     /// started for the occasion on a node holding a replica (and stopped
     /// afterwards). The caller holds the volume's operation guard.
@@ -509,18 +535,7 @@ impl Controller {
             .map(|r| r.node.clone())
             .ok_or_else(|| Status::internal(format!("volume {} has no replicas", v.id)))?;
         let mut agent = self.inner.agents.client(&node).await?;
-        let e = agent
-            .start_engine(with_deadline(
-                apb::StartEngineRequest {
-                    volume_id: v.id.clone(),
-                    size_bytes: v.size_bytes,
-                    replica_addresses: v.replicas.iter().map(|r| r.address.clone()).collect(),
-                    io_timeout: self.inner.cfg.io_timeout.clone(),
-                },
-                AGENT_CALL,
-            ))
-            .await?
-            .into_inner();
+        let e = self.start_engine(&mut agent, &node, &v).await?;
         let result = match agents::engine(&e.control_address).await {
             Ok(c) => f(c).await,
             Err(err) => Err(err),
@@ -662,7 +677,6 @@ impl Controller {
                 ),
             };
         }
-        let mut copy = v.clone();
         let mut down = Vec::new();
         for r in &v.replicas {
             match self.inner.agents.list_replicas(&r.node).await {
@@ -671,7 +685,6 @@ impl Controller {
                 Err(e) => down.push(format!("node {} unreachable ({})", r.node, e.message())),
             }
         }
-        let _ = &mut copy;
         if down.is_empty() {
             (
                 false,

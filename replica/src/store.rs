@@ -891,7 +891,6 @@ impl Store {
                 chain.entries[i].meta.user_created,
             )
         };
-        let (from, into, into_is_head, user_created) = (from, into, into_is_head, user_created);
         if into_is_head && !user_created && into.index().present() <= from.index().present() {
             return self.fold_head_down(name, from, into).await;
         }

@@ -331,29 +331,7 @@ impl CsiController for Controller {
         }
         let v = self.fresh_addresses(&v).await?;
         let mut agent = self.inner.agents.client(&r.node_id).await?;
-        let e = agent
-            .start_engine(with_deadline(
-                apb::StartEngineRequest {
-                    volume_id: v.id.clone(),
-                    size_bytes: v.size_bytes,
-                    replica_addresses: v.replicas.iter().map(|x| x.address.clone()).collect(),
-                    io_timeout: self.inner.cfg.io_timeout.clone(),
-                },
-                AGENT_CALL,
-            ))
-            .await
-            .map_err(|e| {
-                Status::new(
-                    e.code(),
-                    format!(
-                        "starting the engine of {} on {}: {}",
-                        v.id,
-                        r.node_id,
-                        e.message()
-                    ),
-                )
-            })?
-            .into_inner();
+        let e = self.start_engine(&mut agent, &r.node_id, &v).await?;
         let att = Attachment {
             node: r.node_id.clone(),
             engine_address: e.control_address,
