@@ -11,27 +11,21 @@
 //!
 //! No test depends on timing: every wait is a poll bounded by a deadline.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
-use zebu_csi::attach::{self, AttachError, Attached, Backend, FsOutcome, VolumeStats};
+use zebu_csi::attach::{self, AttachError, Attached, Backend, FsOutcome};
+
+mod attach_env;
+use attach_env::*;
 
 const MIB: u64 = 1024 * 1024;
-const DEADLINE: Duration = Duration::from_secs(30);
 const BRIDGE: &str = env!("CARGO_BIN_EXE_zebu-nbd-fuse");
 
 // ---------------------------------------------------------------------------
 // Helpers and guards.
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
 
 fn require_tools() {
     assert!(
@@ -75,175 +69,6 @@ fn tempdir() -> tempfile::TempDir {
         .expect("create a temp dir under $TMPDIR (default /var/tmp)")
 }
 
-fn poll(what: &str, mut check: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !check() {
-        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// `nbdkit file FILE --unix SOCK --foreground`; killed when dropped.
-struct NbdKit {
-    child: Child,
-    uri: String,
-    file: PathBuf,
-}
-
-impl NbdKit {
-    /// Serves a sparse file of `size` bytes.
-    fn file(dir: &Path, size: u64) -> NbdKit {
-        let file = dir.join("export.img");
-        let f = std::fs::File::create(&file).expect("create the export file");
-        f.set_len(size).expect("size the export file");
-        let sock = dir.join("nbdkit.sock");
-        let pidfile = dir.join("nbdkit.pid");
-        let child = Command::new("nbdkit")
-            .arg("file")
-            .arg(&file)
-            .arg("--unix")
-            .arg(&sock)
-            .arg("--pidfile")
-            .arg(&pidfile)
-            .arg("--foreground")
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start nbdkit");
-        let mut kit = NbdKit {
-            child,
-            uri: format!("nbd+unix:///?socket={}", sock.display()),
-            file,
-        };
-        // nbdkit writes its pid file once it accepts connections.
-        poll("nbdkit to accept connections", || {
-            if let Ok(Some(status)) = kit.child.try_wait() {
-                panic!("nbdkit exited: {status}");
-            }
-            std::fs::read_to_string(&pidfile).is_ok_and(|s| s.trim().parse::<u32>().is_ok())
-        });
-        kit
-    }
-
-    /// Grows (or shrinks) the export file; new NBD connections see it.
-    fn resize(&self, size: u64) {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&self.file)
-            .and_then(|f| f.set_len(size))
-            .expect("resize the export file");
-    }
-}
-
-impl Drop for NbdKit {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let _ = self.child.wait();
-    }
-}
-
-/// An attachment; `attach::detach` when dropped (best effort).
-struct Attachment {
-    state_dir: PathBuf,
-    att: Attached,
-}
-
-impl Attachment {
-    fn new(backend: Backend, uri: &str, state_dir: &Path) -> Attachment {
-        let att = rt()
-            .block_on(attach::attach_with(backend, uri, state_dir))
-            .unwrap_or_else(|e| panic!("attach: {e}"));
-        Attachment {
-            state_dir: state_dir.to_owned(),
-            att,
-        }
-    }
-
-    fn device(&self) -> &Path {
-        &self.att.device
-    }
-
-    fn detach(self) {
-        rt().block_on(attach::detach(&self.state_dir))
-            .unwrap_or_else(|e| panic!("detach: {e}"));
-    }
-}
-
-impl Drop for Attachment {
-    fn drop(&mut self) {
-        if let Err(e) = rt().block_on(attach::detach(&self.state_dir)) {
-            eprintln!("cleanup: detach {}: {e}", self.state_dir.display());
-        }
-    }
-}
-
-/// Something mounted at `target`; unmounted (lazily as a last resort) when dropped.
-struct Mounted {
-    target: PathBuf,
-}
-
-impl Mounted {
-    fn fs(device: &Path, target: &Path, fstype: &str, read_only: bool) -> Mounted {
-        rt().block_on(attach::mount(device, target, fstype, read_only, &[]))
-            .unwrap_or_else(|e| panic!("mount: {e}"));
-        Mounted {
-            target: target.to_owned(),
-        }
-    }
-
-    fn unmount(self) {
-        rt().block_on(attach::unmount(&self.target))
-            .unwrap_or_else(|e| panic!("unmount: {e}"));
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        use nix::mount::{MntFlags, umount2};
-        while rt()
-            .block_on(attach::is_mounted(&self.target))
-            .unwrap_or(false)
-        {
-            if let Err(e) = umount2(&self.target, MntFlags::empty()) {
-                eprintln!("cleanup: umount {}: {e}; lazily", self.target.display());
-                let _ = umount2(&self.target, MntFlags::MNT_DETACH);
-                break;
-            }
-        }
-    }
-}
-
-/// A plain loop device over a regular file; `losetup -d` when dropped.
-struct PlainLoop {
-    dev: PathBuf,
-}
-
-impl PlainLoop {
-    fn new(file: &Path) -> PlainLoop {
-        let out = Command::new("losetup")
-            .args(["--find", "--show"])
-            .arg(file)
-            .output()
-            .expect("run losetup");
-        assert!(
-            out.status.success(),
-            "losetup: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let dev = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        assert!(dev.starts_with("/dev/loop"), "losetup printed {dev:?}");
-        PlainLoop { dev: dev.into() }
-    }
-}
-
-impl Drop for PlainLoop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
-    }
-}
-
 /// Deterministic pseudo-random bytes (xorshift), different per `seed`.
 fn pattern(seed: u64, len: usize) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
@@ -256,13 +81,6 @@ fn pattern(seed: u64, len: usize) -> Vec<u8> {
     }
     out.truncate(len);
     out
-}
-
-fn write_synced(path: &Path, data: &[u8]) {
-    let mut f =
-        std::fs::File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
-    f.write_all(data).expect("write");
-    f.sync_all().expect("fsync");
 }
 
 fn read_all(path: &Path) -> Vec<u8> {
@@ -288,16 +106,6 @@ fn getsize64(device: &Path) -> u64 {
         .trim()
         .parse()
         .expect("blockdev printed a number")
-}
-
-fn fs_stats(path: &Path) -> attach::FsStats {
-    match rt()
-        .block_on(attach::volume_stats(path))
-        .expect("volume_stats")
-    {
-        VolumeStats::Filesystem(s) => s,
-        other => panic!("expected filesystem stats, got {other:?}"),
-    }
 }
 
 /// The process `pid` runs the bridge binary built for this test.

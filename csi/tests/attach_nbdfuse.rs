@@ -9,26 +9,19 @@
 //!
 //! No test depends on timing: every wait is a poll bounded by a deadline.
 
-use std::io::Write;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use zebu_csi::attach::{self, AttachError, Attached, FsOutcome, VolumeStats};
 
+mod attach_env;
+use attach_env::*;
+
 const MIB: u64 = 1024 * 1024;
-const DEADLINE: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------------------
 // Helpers and guards.
-
-fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
 
 fn require_tools() {
     assert!(
@@ -71,175 +64,6 @@ fn tempdir() -> tempfile::TempDir {
         .expect("create a temp dir under $TMPDIR (default /var/tmp)")
 }
 
-fn poll(what: &str, mut check: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !check() {
-        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// `nbdkit PLUGIN ARGS --unix SOCK --foreground`; killed when dropped.
-struct NbdKit {
-    child: Child,
-    uri: String,
-}
-
-impl NbdKit {
-    fn start(dir: &Path, plugin_args: &[&str]) -> NbdKit {
-        let sock = dir.join("nbdkit.sock");
-        let pidfile = dir.join("nbdkit.pid");
-        let child = Command::new("nbdkit")
-            .args(plugin_args)
-            .arg("--unix")
-            .arg(&sock)
-            .arg("--pidfile")
-            .arg(&pidfile)
-            .arg("--foreground")
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start nbdkit");
-        let mut kit = NbdKit {
-            child,
-            uri: format!("nbd+unix:///vol?socket={}", sock.display()),
-        };
-        // nbdkit writes its pid file once it accepts connections.
-        poll("nbdkit to accept connections", || {
-            if let Ok(Some(status)) = kit.child.try_wait() {
-                panic!("nbdkit exited: {status}");
-            }
-            std::fs::read_to_string(&pidfile).is_ok_and(|s| s.trim().parse::<u32>().is_ok())
-        });
-        kit
-    }
-
-    fn memory(dir: &Path, size: u64) -> NbdKit {
-        NbdKit::start(dir, &["memory", &size.to_string()])
-    }
-}
-
-impl Drop for NbdKit {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let _ = self.child.wait();
-    }
-}
-
-/// An attachment; `attach::detach` when dropped (best effort).
-struct Attachment {
-    state_dir: PathBuf,
-    att: Attached,
-}
-
-impl Attachment {
-    fn new(uri: &str, state_dir: &Path) -> Attachment {
-        let att = rt()
-            .block_on(attach::attach_with(
-                attach::Backend::Nbdfuse,
-                uri,
-                state_dir,
-            ))
-            .unwrap_or_else(|e| panic!("attach: {e}"));
-        Attachment {
-            state_dir: state_dir.to_owned(),
-            att,
-        }
-    }
-
-    fn device(&self) -> &Path {
-        &self.att.device
-    }
-
-    /// Detaches now and asserts success.
-    fn detach(self) {
-        rt().block_on(attach::detach(&self.state_dir))
-            .unwrap_or_else(|e| panic!("detach: {e}"));
-    }
-}
-
-impl Drop for Attachment {
-    fn drop(&mut self) {
-        if let Err(e) = rt().block_on(attach::detach(&self.state_dir)) {
-            eprintln!("cleanup: detach {}: {e}", self.state_dir.display());
-        }
-    }
-}
-
-/// Something mounted at `target`; unmounted (lazily as a last resort) when dropped.
-struct Mounted {
-    target: PathBuf,
-}
-
-impl Mounted {
-    fn fs(device: &Path, target: &Path, fstype: &str, read_only: bool) -> Mounted {
-        rt().block_on(attach::mount(device, target, fstype, read_only, &[]))
-            .unwrap_or_else(|e| panic!("mount: {e}"));
-        Mounted {
-            target: target.to_owned(),
-        }
-    }
-
-    fn unmount(self) {
-        rt().block_on(attach::unmount(&self.target))
-            .unwrap_or_else(|e| panic!("unmount: {e}"));
-    }
-}
-
-impl Drop for Mounted {
-    fn drop(&mut self) {
-        use nix::mount::{MntFlags, umount2};
-        while rt()
-            .block_on(attach::is_mounted(&self.target))
-            .unwrap_or(false)
-        {
-            if let Err(e) = umount2(&self.target, MntFlags::empty()) {
-                eprintln!("cleanup: umount {}: {e}; lazily", self.target.display());
-                let _ = umount2(&self.target, MntFlags::MNT_DETACH);
-                break;
-            }
-        }
-    }
-}
-
-/// A plain loop device over a regular file; `losetup -d` when dropped.
-struct PlainLoop {
-    dev: PathBuf,
-}
-
-impl PlainLoop {
-    fn new(file: &Path) -> PlainLoop {
-        let out = Command::new("losetup")
-            .args(["--find", "--show"])
-            .arg(file)
-            .output()
-            .expect("run losetup");
-        assert!(
-            out.status.success(),
-            "losetup: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let dev = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-        assert!(dev.starts_with("/dev/loop"), "losetup printed {dev:?}");
-        PlainLoop { dev: dev.into() }
-    }
-}
-
-impl Drop for PlainLoop {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.dev).status();
-    }
-}
-
-fn write_synced(path: &Path, data: &[u8]) {
-    let mut f =
-        std::fs::File::create(path).unwrap_or_else(|e| panic!("create {}: {e}", path.display()));
-    f.write_all(data).expect("write");
-    f.sync_all().expect("fsync");
-}
-
 fn assert_erofs(path: &Path) {
     let err = std::fs::write(path, b"nope").expect_err("write on a read-only mount succeeded");
     assert_eq!(
@@ -247,16 +71,6 @@ fn assert_erofs(path: &Path) {
         Some(nix::errno::Errno::EROFS as i32),
         "expected EROFS, got {err}"
     );
-}
-
-fn fs_stats(path: &Path) -> attach::FsStats {
-    match rt()
-        .block_on(attach::volume_stats(path))
-        .expect("volume_stats")
-    {
-        VolumeStats::Filesystem(s) => s,
-        other => panic!("expected filesystem stats, got {other:?}"),
-    }
 }
 
 fn blkid_type(device: &Path) -> String {
@@ -318,7 +132,7 @@ fn ext4_format_mount_detach_reattach_keeps_data_and_read_only_mount_refuses_writ
 
     // Round 1: fresh volume → formatted, written.
     {
-        let a = Attachment::new(&nbd.uri, &state);
+        let a = Attachment::new(attach::Backend::Nbdfuse, &nbd.uri, &state);
         assert!(a.device().starts_with("/dev"), "{:?}", a.att);
         assert_eq!(a.att.size_bytes, 256 * MIB);
         // Attaching again returns the same, still valid attachment.
@@ -386,7 +200,7 @@ fn ext4_format_mount_detach_reattach_keeps_data_and_read_only_mount_refuses_writ
     }
 
     // Round 2: new nbdfuse + loop device on the same export: no reformat.
-    let a = Attachment::new(&nbd.uri, &state);
+    let a = Attachment::new(attach::Backend::Nbdfuse, &nbd.uri, &state);
     let outcome = rt()
         .block_on(attach::ensure_filesystem(a.device(), "ext4"))
         .expect("ensure");
@@ -411,7 +225,7 @@ fn xfs_format_and_reattach_without_reformat() {
     let state = dir.path().join("state");
     let mnt = dir.path().join("mnt");
     {
-        let a = Attachment::new(&nbd.uri, &state);
+        let a = Attachment::new(attach::Backend::Nbdfuse, &nbd.uri, &state);
         assert_eq!(
             rt().block_on(attach::ensure_filesystem(a.device(), "xfs"))
                 .expect("mkfs.xfs"),
@@ -422,7 +236,7 @@ fn xfs_format_and_reattach_without_reformat() {
         m.unmount();
         a.detach();
     }
-    let a = Attachment::new(&nbd.uri, &state);
+    let a = Attachment::new(attach::Backend::Nbdfuse, &nbd.uri, &state);
     assert_eq!(
         rt().block_on(attach::ensure_filesystem(a.device(), "xfs"))
             .expect("ensure"),
@@ -443,7 +257,11 @@ fn ensure_filesystem_never_reformats_and_names_supported_types() {
     require_tools();
     let dir = tempdir();
     let nbd = NbdKit::memory(dir.path(), 64 * MIB);
-    let a = Attachment::new(&nbd.uri, &dir.path().join("state"));
+    let a = Attachment::new(
+        attach::Backend::Nbdfuse,
+        &nbd.uri,
+        &dir.path().join("state"),
+    );
     rt().block_on(attach::ensure_filesystem(a.device(), "ext4"))
         .expect("mkfs.ext4");
 
@@ -470,7 +288,11 @@ fn bind_block_shows_device_size_and_unmounts() {
     require_tools();
     let dir = tempdir();
     let nbd = NbdKit::memory(dir.path(), 96 * MIB);
-    let a = Attachment::new(&nbd.uri, &dir.path().join("state"));
+    let a = Attachment::new(
+        attach::Backend::Nbdfuse,
+        &nbd.uri,
+        &dir.path().join("state"),
+    );
     let target = dir.path().join("pods/p1/volumeDevices/vol");
     rt().block_on(attach::bind_block(a.device(), &target, false))
         .expect("bind_block");
@@ -537,7 +359,11 @@ fn bind_mount_read_only_publish() {
     require_tools();
     let dir = tempdir();
     let nbd = NbdKit::memory(dir.path(), 64 * MIB);
-    let a = Attachment::new(&nbd.uri, &dir.path().join("state"));
+    let a = Attachment::new(
+        attach::Backend::Nbdfuse,
+        &nbd.uri,
+        &dir.path().join("state"),
+    );
     rt().block_on(attach::ensure_filesystem(a.device(), "ext4"))
         .expect("mkfs");
     let staging = dir.path().join("staging dir"); // a space: \040 in mountinfo
@@ -761,7 +587,7 @@ fn expand_on_nbdfuse_needs_a_reattach() {
     let state = dir.path().join("state");
     let mnt = dir.path().join("mnt");
     {
-        let a = Attachment::new(&nbd.uri, &state);
+        let a = Attachment::new(attach::Backend::Nbdfuse, &nbd.uri, &state);
         rt().block_on(attach::ensure_filesystem(a.device(), "ext4"))
             .expect("mkfs");
         let m = Mounted::fs(a.device(), &mnt, "ext4", false);
@@ -792,7 +618,7 @@ fn expand_on_nbdfuse_needs_a_reattach() {
         m.unmount();
         a.detach();
     }
-    let a = Attachment::new(&nbd.uri, &state);
+    let a = Attachment::new(attach::Backend::Nbdfuse, &nbd.uri, &state);
     assert_eq!(a.att.size_bytes, 128 * MIB);
     let size = rt()
         .block_on(attach::expand_filesystem(a.device(), None, Some(128 * MIB)))
