@@ -51,7 +51,25 @@ impl Engine for EngineService {
         &self,
         r: Request<epb::AddReplicaRequest>,
     ) -> Result<Response<epb::VolumeStatus>, Status> {
-        check(self.volume.add_replica(&r.into_inner().address).await)?;
+        let r = r.into_inner();
+        let rebuild = check(self.volume.add_replica(&r.address).await)?;
+        if r.wait {
+            match rebuild.await {
+                Ok(Ok(())) => {}
+                Ok(Err(why)) => {
+                    return Err(Status::aborted(format!(
+                        "rebuild of replica {} failed: {why}",
+                        r.address
+                    )));
+                }
+                Err(e) => {
+                    return Err(Status::internal(format!(
+                        "rebuild of replica {} did not finish: {e}",
+                        r.address
+                    )));
+                }
+            }
+        }
         Ok(Response::new(self.volume.status()))
     }
 
@@ -128,6 +146,9 @@ pub fn status_json(s: &epb::VolumeStatus) -> serde_json::Value {
                 "blocks_copied": p.blocks_copied,
                 "blocks_punched": p.blocks_punched,
                 "rate_bytes_per_sec": p.rate_bytes_per_sec,
+                "plan_seconds": p.plan_seconds,
+                "copy_seconds": p.copy_seconds,
+                "finish_seconds": p.finish_seconds,
                 "error": if p.error.is_empty() { None } else { Some(p.error.clone()) },
             })),
         })).collect::<Vec<_>>(),

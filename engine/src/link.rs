@@ -20,7 +20,7 @@ use std::task::{Context, Poll};
 
 use futures::Stream;
 use tokio::sync::mpsc;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use zebu_proto::replica as pb;
 use zebu_proto::replica::replica_client::ReplicaClient;
@@ -87,22 +87,11 @@ pub struct Control {
 impl Control {
     /// Connects to `addr` (`HOST:PORT`).
     pub async fn connect(addr: &str, timeout: Duration) -> Result<Control, LinkError> {
-        if addr.contains("://") || !addr.contains(':') {
-            return Err(LinkError::Address {
+        let endpoint =
+            zebu_proto::replica_endpoint(addr, timeout).map_err(|reason| LinkError::Address {
                 addr: addr.into(),
-                reason: "expected HOST:PORT".into(),
-            });
-        }
-        let endpoint = Endpoint::from_shared(format!("http://{addr}"))
-            .map_err(|e| LinkError::Address {
-                addr: addr.into(),
-                reason: e.to_string(),
-            })?
-            .connect_timeout(timeout)
-            .tcp_nodelay(true)
-            .initial_stream_window_size(Some(8 << 20))
-            .initial_connection_window_size(Some(32 << 20))
-            .http2_adaptive_window(false);
+                reason,
+            })?;
         let channel = endpoint
             .connect()
             .await

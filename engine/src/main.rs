@@ -296,36 +296,16 @@ async fn ctl(engine: &str, op: CtlOp) -> anyhow::Result<()> {
         CtlOp::Replica {
             op: ReplicaOp::Add { address, wait },
         } => {
-            c.add_replica(epb::AddReplicaRequest {
-                address: address.clone(),
-            })
-            .await
-            .map_err(grpc_err("adding the replica"))?;
+            let s = c
+                .add_replica(epb::AddReplicaRequest {
+                    address: address.clone(),
+                    wait,
+                })
+                .await
+                .map_err(grpc_err("adding the replica"))?
+                .into_inner();
             if wait {
-                loop {
-                    let s = c
-                        .status(epb::StatusRequest {})
-                        .await
-                        .map_err(grpc_err("reading the status"))?
-                        .into_inner();
-                    let r = s.replicas.iter().find(|r| r.address == address);
-                    let state = r
-                        .and_then(|r| r.rebuild.as_ref())
-                        .map(|p| (p.state.clone(), p.error.clone()));
-                    match state {
-                        Some((st, _)) if st == "done" && r.is_some_and(|r| r.mode == "RW") => {
-                            println!("{}", status_json(&s));
-                            break;
-                        }
-                        Some((st, err)) if st == "failed" => {
-                            bail!("rebuild of {address} failed: {err}")
-                        }
-                        None if r.is_none() => {
-                            bail!("replica {address} is no longer part of the volume")
-                        }
-                        _ => tokio::time::sleep(Duration::from_millis(200)).await,
-                    }
-                }
+                println!("{}", status_json(&s));
             } else {
                 println!("replica {address} added; rebuilding (see `status`)");
             }

@@ -4,6 +4,9 @@
 //! a merge of the two lists gives the blocks to copy (missing or different on
 //! the target) and the blocks to deallocate (held by the target only). Only
 //! those move: a replica that was away briefly resyncs just what changed.
+//! The target pulls them straight from the source replica (`PullLayer`), so
+//! rebuild data does not pass through the engine; the engine follows the
+//! target's progress messages.
 //!
 //! Invariant: a layer is only written on a target that was prepared with
 //! `PrepareSync` (the replica enforces it), and the target is not trusted for
@@ -59,11 +62,34 @@ pub struct ProgressState {
     pub error: String,
     /// When it started.
     pub started: Option<Instant>,
+    /// When the plan was made (copying starts).
+    pub planned: Option<Instant>,
+    /// When the copy ended (finishing starts).
+    pub copied: Option<Instant>,
     /// When it ended.
     pub finished: Option<Instant>,
 }
 
 impl ProgressState {
+    /// Seconds spent planning, copying and finishing so far.
+    pub fn phase_seconds(&self) -> [f64; 3] {
+        let now = Instant::now();
+        let end = self.finished.unwrap_or(now);
+        let span = |a: Option<Instant>, b: Option<Instant>| match a {
+            Some(a) => b
+                .unwrap_or(end)
+                .min(end)
+                .saturating_duration_since(a)
+                .as_secs_f64(),
+            None => 0.0,
+        };
+        [
+            span(self.started, self.planned),
+            span(self.planned, self.copied),
+            span(self.copied, self.finished),
+        ]
+    }
+
     /// Average copy rate so far.
     pub fn rate_bytes_per_sec(&self) -> f64 {
         let Some(start) = self.started else {
@@ -92,6 +118,16 @@ impl Progress {
                 ..Default::default()
             }),
         }
+    }
+
+    /// Marks the end of planning.
+    pub fn planned(&self) {
+        self.update(|p| p.planned = Some(Instant::now()));
+    }
+
+    /// Marks the end of copying.
+    pub fn copied(&self) {
+        self.update(|p| p.copied = Some(Instant::now()));
     }
 
     fn update(&self, f: impl FnOnce(&mut ProgressState)) {
@@ -211,111 +247,46 @@ pub async fn sync_layers(
         progress.update(|st| st.bytes_total += p.copy_blocks * block_size);
         plans.push((layer.clone(), p, d.is_empty()));
     }
+    progress.planned();
     for (layer, p, dst_empty) in plans {
         if p.copy.is_empty() && p.punch.is_empty() {
             continue;
         }
-        let punches: Vec<pb::LayerData> = p
-            .punch
-            .iter()
-            .map(|&(offset, len)| pb::LayerData {
-                layer: layer.clone(),
-                offset,
-                punch_length: len,
-                epoch,
-                ..Default::default()
-            })
-            .collect();
-        let copies = if p.copy.is_empty() {
-            None
-        } else {
-            // A target that holds nothing of this layer gets all of it.
-            let extents = if dst_empty {
-                vec![]
-            } else {
-                p.copy
-                    .iter()
-                    .map(|&(offset, length)| pb::Extent { offset, length })
-                    .collect()
-            };
-            let layer_owned = layer.clone();
-            Some(
-                src.call("reading a layer", |mut c| async move {
-                    c.read_layer(pb::ReadLayerRequest {
-                        layer: layer_owned,
-                        extents,
-                    })
-                    .await
-                })
-                .await?,
-            )
+        let extents = |runs: &[(u64, u64)]| -> Vec<pb::Extent> {
+            runs.iter()
+                .map(|&(offset, length)| pb::Extent { offset, length })
+                .collect()
         };
-        let (err_tx, mut err_rx) = tokio::sync::mpsc::unbounded_channel();
-        let layer_for_stream = layer.clone();
-        let copy_stream = futures::stream::iter(copies)
-            .flatten()
-            .filter_map(move |m| {
-                let layer = layer_for_stream.clone();
-                let err_tx = err_tx.clone();
-                async move {
-                    match m {
-                        Ok(mut m) => {
-                            progress.update(|st| st.bytes_done += m.data.len() as u64);
-                            m.layer = layer;
-                            m.epoch = epoch;
-                            Some(m)
-                        }
-                        Err(status) => {
-                            let _ = err_tx.send(status);
-                            None
-                        }
-                    }
-                }
-            });
-        let outbound = futures::stream::iter(punches).chain(copy_stream);
-        // WriteLayer needs a 'static stream: buffer through a channel.
-        let (tx, rx) = tokio::sync::mpsc::channel::<pb::LayerData>(16);
-        let dst_call = {
-            let dst = dst.clone();
-            tokio::spawn(async move {
-                let mut client = dst.client.clone();
-                client
-                    .write_layer(tokio_stream::wrappers::ReceiverStream::new(rx))
-                    .await
-            })
+        // A target that holds nothing of this layer gets all of it.
+        let whole = dst_empty && !p.copy.is_empty();
+        let request = pb::PullLayerRequest {
+            source: src.addr.clone(),
+            layer: layer.clone(),
+            copy: if whole { vec![] } else { extents(&p.copy) },
+            punch: extents(&p.punch),
+            epoch,
+            whole,
         };
-        let mut outbound = std::pin::pin!(outbound);
-        while let Some(m) = outbound.next().await {
-            if tx.send(m).await.is_err() {
-                break;
-            }
-        }
-        drop(tx);
-        let written = dst_call
-            .await
-            .map_err(|e| RebuildError::Stream {
-                what: "writing a layer".into(),
-                addr: dst.addr.clone(),
-                status: tonic::Status::internal(e.to_string()),
-            })?
-            .map_err(|status| RebuildError::Stream {
-                what: format!("writing layer {layer:?}"),
+        let what = format!("pulling layer {layer:?} from {}", src.addr);
+        let mut stream = dst
+            .call_long(&what, |mut c| async move { c.pull_layer(request).await })
+            .await?;
+        let mut last = pb::PullProgress::default();
+        while let Some(m) = stream.next().await {
+            let m = m.map_err(|status| RebuildError::Stream {
+                what: what.clone(),
                 addr: dst.addr.clone(),
                 status,
-            })?
-            .into_inner();
-        if let Ok(status) = err_rx.try_recv() {
-            return Err(RebuildError::Stream {
-                what: format!("reading layer {layer:?}"),
-                addr: src.addr.clone(),
-                status,
-            });
+            })?;
+            progress.update(|st| st.bytes_done += m.bytes_written - last.bytes_written);
+            last = m;
         }
         progress.update(|st| {
-            st.blocks_copied += written.blocks_written;
-            st.blocks_punched += written.blocks_punched;
+            st.blocks_copied += last.blocks_written;
+            st.blocks_punched += last.blocks_punched;
         });
     }
+    progress.copied();
     Ok(())
 }
 

@@ -968,8 +968,10 @@ impl Volume {
 
     /// Adds the replica at `addr`: it joins write-only, a system snapshot
     /// freezes the data it must catch up on, and a background task copies
-    /// what differs from a healthy replica, then promotes it.
-    pub async fn add_replica(&self, addr: &str) -> Result<(), VolumeError> {
+    /// what differs from a healthy replica, then promotes it. The returned
+    /// task ends with the rebuild (its error, if it failed); dropping it does
+    /// not stop the rebuild.
+    pub async fn add_replica(&self, addr: &str) -> Result<RebuildTask, VolumeError> {
         let _c = self.control_lock.lock().await;
         let control = Control::connect(addr, self.io_timeout).await?;
         let info = control.info().await?;
@@ -1043,16 +1045,19 @@ impl Volume {
             m.rebuild = Some(progress.clone());
         }
         let Some(me) = self.me.upgrade() else {
-            return Ok(());
+            return Err(VolumeError::Precondition(
+                "the volume is shutting down".into(),
+            ));
         };
-        tokio::spawn(async move {
+        Ok(tokio::spawn(async move {
             let result = me.rebuild(rid, &control, &snap, &progress).await;
             let summary = result.as_ref().map(|_| ()).map_err(|e| e.to_string());
             progress.finish(&summary);
             match result {
                 Ok(()) => {
                     let p = progress.get();
-                    tracing::info!(replica = %control.addr, blocks_copied = p.blocks_copied, bytes = p.bytes_done, "rebuild done; replica is RW");
+                    let [plan_s, copy_s, finish_s] = p.phase_seconds();
+                    tracing::info!(replica = %control.addr, blocks_copied = p.blocks_copied, bytes = p.bytes_done, plan_s, copy_s, finish_s, "rebuild done; replica is RW");
                 }
                 Err(e) => {
                     tracing::warn!(replica = %control.addr, error = %e, "rebuild failed; ejecting the replica");
@@ -1065,8 +1070,8 @@ impl Volume {
                     me.execute(&mut inner);
                 }
             }
-        });
-        Ok(())
+            summary
+        }))
     }
 
     async fn rebuild(
@@ -1185,6 +1190,7 @@ impl Volume {
                 .into(),
                 rebuild: m.rebuild.as_ref().map(|p| {
                     let p = p.get();
+                    let phases = p.phase_seconds();
                     epb::RebuildProgress {
                         rate_bytes_per_sec: p.rate_bytes_per_sec(),
                         state: p.state,
@@ -1192,6 +1198,9 @@ impl Volume {
                         bytes_total: p.bytes_total,
                         blocks_copied: p.blocks_copied,
                         blocks_punched: p.blocks_punched,
+                        plan_seconds: phases[0],
+                        copy_seconds: phases[1],
+                        finish_seconds: phases[2],
                         error: p.error,
                     }
                 }),
@@ -1262,6 +1271,9 @@ async fn resync(
     .await?;
     Ok(())
 }
+
+/// A running rebuild: ends with `Err(why)` when it failed.
+pub type RebuildTask = tokio::task::JoinHandle<Result<(), String>>;
 
 /// The volume as a block device for frontends.
 #[derive(Clone)]

@@ -5,12 +5,14 @@
 //! - [`layer`]: one layer's files and index; [`extent`]: the index.
 //! - [`io`]: the I/O backends; [`uring`]: the io_uring ring (all `unsafe`).
 //! - [`meta`]: the metadata record in sled.
-//! - [`server`]: the gRPC service.
+//! - [`server`]: the gRPC service; [`pull`]: writing a layer during a sync,
+//!   from the engine's stream or pulled from a peer replica.
 
 pub mod extent;
 pub mod io;
 pub mod layer;
 pub mod meta;
+pub mod pull;
 pub mod server;
 pub mod store;
 pub mod uring;

@@ -21,6 +21,7 @@ use tonic::{Request, Response, Status, Streaming};
 use zebu_proto::replica as pb;
 use zebu_proto::replica::replica_server::Replica;
 
+use crate::pull;
 use crate::store::{LayerStatus, ReplicaStatus, Store, StoreError};
 
 /// Most requests of one stream executing at once.
@@ -352,43 +353,21 @@ impl Replica for ReplicaService {
         &self,
         request: Request<Streaming<pb::LayerData>>,
     ) -> Result<Response<pb::WriteLayerResponse>, Status> {
-        let mut inbound = request.into_inner();
-        let mut target: Option<(String, u64)> = None;
-        let mut counts = pb::WriteLayerResponse::default();
-        let mut in_flight = FuturesUnordered::new();
-        let bs = self.store.block_size() as u64;
-        loop {
-            tokio::select! {
-                msg = inbound.message(), if in_flight.len() < 32 => {
-                    let Some(m) = msg? else { break };
-                    let (layer, epoch) = target
-                        .get_or_insert_with(|| (m.layer.clone(), m.epoch))
-                        .clone();
-                    let store = self.store.clone();
-                    in_flight.push(async move {
-                        if m.punch_length > 0 {
-                            store.layer_punch(&layer, m.offset, m.punch_length, epoch).await
-                                .map(|_| (0, m.punch_length / bs))
-                        } else {
-                            let n = m.data.len() as u64 / bs;
-                            store.layer_write(&layer, m.offset, m.data, m.crc32, epoch).await
-                                .map(|_| (n, 0))
-                        }
-                    });
-                }
-                Some(done) = in_flight.next(), if !in_flight.is_empty() => {
-                    let (w, p) = done.map_err(|e| status_of(&e))?;
-                    counts.blocks_written += w;
-                    counts.blocks_punched += p;
-                }
-            }
-        }
-        while let Some(done) = in_flight.next().await {
-            let (w, p) = done.map_err(|e| status_of(&e))?;
-            counts.blocks_written += w;
-            counts.blocks_punched += p;
-        }
-        Ok(Response::new(counts))
+        let totals = pull::apply(&self.store, None, request.into_inner(), |_| ()).await?;
+        Ok(Response::new(pb::WriteLayerResponse {
+            blocks_written: totals.blocks_written,
+            blocks_punched: totals.blocks_punched,
+        }))
+    }
+
+    type PullLayerStream = BoxStream<pb::PullProgress>;
+
+    async fn pull_layer(
+        &self,
+        request: Request<pb::PullLayerRequest>,
+    ) -> Result<Response<Self::PullLayerStream>, Status> {
+        let rx = pull::spawn(self.store.clone(), request.into_inner());
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 
     async fn prepare_sync(

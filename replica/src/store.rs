@@ -34,6 +34,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
+use futures::StreamExt;
 use tokio::sync::{RwLock, mpsc};
 
 use crate::io::{Completion, EngineKind, IoEngine, Op};
@@ -45,6 +46,11 @@ use crate::uring::AlignedBuf;
 pub const MAX_IO_BYTES: u64 = 32 << 20;
 /// Blocks moved per step of a merge or layer read.
 const COPY_STEP_BLOCKS: u64 = 256;
+/// Bytes of one `ReadLayer` stream being read at once; the number of reads
+/// in flight is this over the largest chunk, within `READ_LAYER_DEPTH`.
+const READ_LAYER_BYTES: u64 = 16 << 20;
+/// Fewest and most reads of one `ReadLayer` stream in flight.
+const READ_LAYER_DEPTH: (u64, u64) = (4, 64);
 
 /// Errors of store operations; each maps to one gRPC status code.
 #[derive(Debug, thiserror::Error)]
@@ -1338,40 +1344,51 @@ impl Store {
                 .map(|&(o, l)| (o / bs, o.saturating_add(l).div_ceil(bs)))
                 .collect()
         };
+        // Chunks of at most COPY_STEP_BLOCKS within the present runs, read
+        // several at a time (many when they are small: a delta resync's
+        // scattered blocks) and sent in order.
+        let chunks: Vec<(u64, u64)> = ranges
+            .into_iter()
+            .flat_map(|(from, to)| layer.index().runs(from, to))
+            .flat_map(|(s, e)| {
+                (s..e)
+                    .step_by(COPY_STEP_BLOCKS as usize)
+                    .map(move |b| (b, COPY_STEP_BLOCKS.min(e - b)))
+            })
+            .collect();
+        let largest = chunks.iter().map(|&(_, n)| n * bs).max().unwrap_or(bs);
+        let depth = (READ_LAYER_BYTES / largest).clamp(READ_LAYER_DEPTH.0, READ_LAYER_DEPTH.1);
         let (tx, rx) = mpsc::channel(8);
         let store = self.clone();
         tokio::spawn(async move {
-            for (from, to) in ranges {
-                let runs = layer.index().runs(from, to);
-                for (s, e) in runs {
-                    let mut b = s;
-                    while b < e {
-                        let n = COPY_STEP_BLOCKS.min(e - b);
-                        let res = store
+            let reads = futures::stream::iter(chunks)
+                .map(|(b, n)| {
+                    let (store, file) = (store.clone(), layer.data.clone());
+                    async move {
+                        let done = store
                             .io
                             .run([Op::Read {
-                                file: layer.data.clone(),
+                                file,
                                 offset: b * bs,
                                 buf: AlignedBuf::zeroed((n * bs) as usize),
                             }])
                             .await
-                            .map_err(io_err("reading a layer for a rebuild"));
-                        let item = match res {
-                            Ok(done) => match done.into_iter().next() {
-                                Some(Completion::Read(buf)) => Ok((b * bs, buf.into_bytes())),
-                                _ => Err(StoreError::Io {
-                                    context: "reading a layer".into(),
-                                    source: io::Error::other("backend returned no buffer"),
-                                }),
-                            },
-                            Err(e) => Err(e),
-                        };
-                        let failed = item.is_err();
-                        if tx.send(item).await.is_err() || failed {
-                            return;
+                            .map_err(io_err("reading a layer for a rebuild"))?;
+                        match done.into_iter().next() {
+                            Some(Completion::Read(buf)) => Ok((b * bs, buf.into_bytes())),
+                            _ => Err(StoreError::Io {
+                                context: "reading a layer".into(),
+                                source: io::Error::other("backend returned no buffer"),
+                            }),
                         }
-                        b += n;
                     }
+                })
+                .buffered(depth as usize);
+            let mut reads = std::pin::pin!(reads);
+            while let Some(item) = reads.next().await {
+                let failed = item.is_err();
+                if tx.send(item).await.is_err() || failed {
+                    return;
                 }
             }
         });

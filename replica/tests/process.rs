@@ -494,16 +494,29 @@ fn corrupt_metadata_is_refused() {
     assert!(err.contains("damaged"), "{err}");
 }
 
+/// Two 16 MiB replicas under `dir`, opened with epoch 1, and their clients.
+async fn open_pair(
+    dir: &Path,
+) -> (
+    Replica,
+    Replica,
+    ReplicaClient<Channel>,
+    ReplicaClient<Channel>,
+) {
+    let a = Replica::start(&dir.join("a"), Some("16M"), "uring");
+    let b = Replica::start(&dir.join("b"), Some("16M"), "uring");
+    let (mut ca, mut cb) = (a.client().await, b.client().await);
+    ca.open(pb::OpenRequest { epoch: 1 }).await.unwrap();
+    cb.open(pb::OpenRequest { epoch: 1 }).await.unwrap();
+    (a, b, ca, cb)
+}
+
 /// Layer copy between two replicas, as a rebuild does it: CRC listing,
 /// streaming read of a frozen layer, streaming write into the target.
 #[tokio::test]
 async fn layers_copy_between_replicas() {
     let tmp = tempdir();
-    let a = Replica::start(&tmp.path().join("a"), Some("16M"), "uring");
-    let b = Replica::start(&tmp.path().join("b"), Some("16M"), "uring");
-    let (mut ca, mut cb) = (a.client().await, b.client().await);
-    ca.open(pb::OpenRequest { epoch: 1 }).await.unwrap();
-    cb.open(pb::OpenRequest { epoch: 1 }).await.unwrap();
+    let (_a, _b, mut ca, mut cb) = open_pair(tmp.path()).await;
     let mut io = Io::open(&mut ca, 1).await;
     for i in 0..64u64 {
         io.one(write_req(i * 5 * BS, pattern(i, BS as usize))).await;
@@ -558,34 +571,14 @@ async fn layers_copy_between_replicas() {
         .await
         .unwrap();
 
-    let crcs = |mut c: ReplicaClient<Channel>, layer: &'static str| async move {
-        let mut s = c
-            .block_crcs(pb::BlockCrcsRequest {
-                layer: layer.into(),
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let mut all = Vec::new();
-        while let Some(chunk) = s.next().await {
-            let chunk = chunk.unwrap();
-            all.extend(chunk.blocks.into_iter().zip(chunk.crcs));
-        }
-        all
-    };
     let (ka, kb) = (
-        crcs(ca.clone(), "base").await,
-        crcs(cb.clone(), "base").await,
+        all_crcs(ca.clone(), "base").await,
+        all_crcs(cb.clone(), "base").await,
     );
     assert_eq!(ka.len(), 64);
     assert_eq!(ka, kb);
-    // Whole-volume reads agree.
     let mut iob = Io::open(&mut cb, 1).await;
-    for off in (0..(16u64 << 20)).step_by(1 << 20) {
-        let x = io.one(read_req(off, 1 << 20)).await;
-        let y = iob.one(read_req(off, 1 << 20)).await;
-        assert_eq!(x.payload, y.payload, "data differs at {off}");
-    }
+    assert_same_data(&mut io, &mut iob, 16 << 20).await;
     // Writing a layer when no sync was prepared is refused.
     let stray = pb::LayerData {
         layer: "base".into(),
@@ -600,6 +593,153 @@ async fn layers_copy_between_replicas() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
+}
+
+async fn all_crcs(mut c: ReplicaClient<Channel>, layer: &str) -> Vec<(u64, u32)> {
+    let mut s = c
+        .block_crcs(pb::BlockCrcsRequest {
+            layer: layer.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut all = Vec::new();
+    while let Some(chunk) = s.next().await {
+        let chunk = chunk.unwrap();
+        all.extend(chunk.blocks.into_iter().zip(chunk.crcs));
+    }
+    all
+}
+
+/// Whole-volume reads of two replicas agree.
+async fn assert_same_data(a: &mut Io, b: &mut Io, size: u64) {
+    for off in (0..size).step_by(1 << 20) {
+        let x = a.one(read_req(off, 1 << 20)).await;
+        let y = b.one(read_req(off, 1 << 20)).await;
+        assert_eq!(x.payload, y.payload, "data differs at {off}");
+    }
+}
+
+/// Runs a pull to the end: the last progress message, or the error.
+async fn pull(
+    c: &mut ReplicaClient<Channel>,
+    r: pb::PullLayerRequest,
+) -> Result<pb::PullProgress, tonic::Status> {
+    let mut s = c.pull_layer(r).await?.into_inner();
+    let mut last = None;
+    while let Some(m) = s.next().await {
+        last = Some(m?);
+    }
+    Ok(last.expect("a pull ends with its totals"))
+}
+
+/// The rebuild's copy as the engine drives it: the target pulls the planned
+/// extents straight from the source replica (whole layer, chosen extents,
+/// punches), and refuses pulls it was not prepared for or cannot do.
+#[tokio::test]
+async fn a_replica_pulls_layers_from_a_peer() {
+    let tmp = tempdir();
+    let (a, _b, mut ca, mut cb) = open_pair(tmp.path()).await;
+    let mut io = Io::open(&mut ca, 1).await;
+    // 3 MiB of contiguous data (more than one read chunk) and scattered blocks.
+    io.one(write_req(0, pattern(7, 3 << 20))).await;
+    for i in 0..40u64 {
+        io.one(write_req((4 << 20) + i * 3 * BS, pattern(i, BS as usize)))
+            .await;
+    }
+    ca.create_snapshot(pb::CreateSnapshotRequest {
+        name: "base".into(),
+        epoch: 1,
+        user_created: false,
+    })
+    .await
+    .unwrap();
+    // Head of a: two blocks; b's head holds a stale block a's does not.
+    io.one(write_req(9 * BS, pattern(99, 2 * BS as usize)))
+        .await;
+    let mut iob = Io::open(&mut cb, 1).await;
+    iob.one(write_req(12 << 20, vec![0xEE; BS as usize])).await;
+    drop(iob);
+
+    let req = |layer: &str, copy: Vec<(u64, u64)>, punch: Vec<(u64, u64)>, whole| {
+        let ext = |v: Vec<(u64, u64)>| {
+            v.into_iter()
+                .map(|(offset, length)| pb::Extent { offset, length })
+                .collect()
+        };
+        pb::PullLayerRequest {
+            source: a.addr.clone(),
+            layer: layer.into(),
+            copy: ext(copy),
+            punch: ext(punch),
+            epoch: 1,
+            whole,
+        }
+    };
+    // Not prepared for a sync yet: refused before anything is written.
+    let err = pull(&mut cb, req("base", vec![], vec![], true))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+
+    cb.prepare_sync(pb::PrepareSyncRequest {
+        layers: vec!["base".into()],
+        epoch: 1,
+        include_head: true,
+    })
+    .await
+    .unwrap();
+    let done = pull(&mut cb, req("base", vec![], vec![], true))
+        .await
+        .unwrap();
+    assert_eq!(done.blocks_written, 768 + 40);
+    assert_eq!(done.bytes_written, (768 + 40) * BS);
+    assert_eq!(
+        all_crcs(ca.clone(), "base").await,
+        all_crcs(cb.clone(), "base").await
+    );
+    // The head: the two blocks by extent, the stale block punched.
+    let done = pull(
+        &mut cb,
+        req("", vec![(8 * BS, 4 * BS)], vec![(12 << 20, BS)], false),
+    )
+    .await
+    .unwrap();
+    assert_eq!((done.blocks_written, done.blocks_punched), (2, 1));
+    assert_eq!(
+        all_crcs(ca.clone(), "").await,
+        all_crcs(cb.clone(), "").await
+    );
+    // Nothing to copy and nothing to punch is a no-op, not the whole layer.
+    let done = pull(&mut cb, req("base", vec![], vec![], false))
+        .await
+        .unwrap();
+    assert_eq!(done, pb::PullProgress::default());
+
+    // Bad requests name what is wrong.
+    let err = pull(&mut cb, req("base", vec![(0, BS)], vec![], true))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    let err = pull(&mut cb, req("base", vec![(0, 0)], vec![], false))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    let err = pull(&mut cb, req("nope", vec![(0, BS)], vec![], false))
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("nope"), "{err:?}");
+    let mut bad_source = req("base", vec![(0, BS)], vec![], false);
+    bad_source.source = "127.0.0.1:1".into();
+    let err = pull(&mut cb, bad_source).await.unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("127.0.0.1:1"), "{err:?}");
+
+    cb.finish_sync(pb::FinishSyncRequest { epoch: 1 })
+        .await
+        .unwrap();
+    let mut iob = Io::open(&mut cb, 1).await;
+    assert_same_data(&mut io, &mut iob, 16 << 20).await;
 }
 
 /// Unmounts and removes the loop-mounted filesystem when dropped.

@@ -188,6 +188,7 @@ async fn volume(
                 eng.add_replica(with_deadline(
                     epb::AddReplicaRequest {
                         address: r.address.clone(),
+                        wait: false,
                     },
                     AGENT_CALL,
                 ))
@@ -284,7 +285,10 @@ async fn replace(
         .map(|r| r.address.clone())
         .unwrap_or_default();
     eng.add_replica(with_deadline(
-        epb::AddReplicaRequest { address: addr },
+        epb::AddReplicaRequest {
+            address: addr,
+            wait: false,
+        },
         AGENT_CALL,
     ))
     .await?;
