@@ -18,11 +18,13 @@
 # (utime+stime) of the engine and each replica is read before and after fio,
 # giving CPU µs per I/O, and VmHWM (peak RSS) after it.
 #
-# Then, if zebu-3 is among the systems, a rebuild section on a fresh volume
-# (1 GiB, or --size if smaller; 3 replicas): write half of it, SIGKILL a
-# replica, add a fresh one (full rebuild, timed); then SIGKILL another, write
-# 1% of the blocks at random, restart it on its old dir and add it back
-# (delta resync, timed). --no-rebuild skips it.
+# Then, if zebu-3 is among the systems, a rebuild section, one round per run,
+# each on a fresh volume (1 GiB, or --size if smaller; 3 replicas): write half
+# of it, SIGKILL a replica, add a fresh one (full rebuild, timed); then SIGKILL
+# another, write 1% of the blocks at random, restart it on its old dir and add
+# it back (delta resync, timed). Each round also times the raw disk doing the
+# same copies (fio reading one file while writing another, O_DIRECT): the
+# bound for a rebuild on one disk. --no-rebuild skips the section.
 #
 # Results: benches/results/fio-compare-<date>.json
 # (per-run figures, medians, ratios, exact commands), .md (tables) and .svg
@@ -149,7 +151,7 @@ for s in "${systems[@]}"; do
   case $s in raw | nbdkit-file | zebu-1) nfiles=$((nfiles + 1)) ;; zebu-2) nfiles=$((nfiles + 2)) ;; zebu-3) nfiles=$((nfiles + 3)) ;; esac
 done
 rb_size=$((size < (1 << 30) ? size : (1 << 30))) # the rebuild section's volume
-has_system zebu-3 && ((rebuild)) && nfiles=$((nfiles + 4 * rb_size / size + 1))
+has_system zebu-3 && ((rebuild)) && nfiles=$((nfiles + 6 * rb_size / size + 1))
 need_kb=$(((size * nfiles + (1 << 30)) / 1024))
 avail_kb=$(df -Pk "$base" | awk 'NR == 2 {print $4}')
 ((avail_kb >= need_kb)) || die "$base has $((avail_kb >> 20)) GiB free; this run needs about $((need_kb >> 20)) GiB"
@@ -512,8 +514,11 @@ echo "== stopping every system"
 stop_all
 
 # ---------------------------------------------------------------- rebuild --
-# zebu-3 only, on a fresh volume so the fio rounds' data does not count.
-rb_put() { printf '%s\t%s\n' "$1" "$2" >>"$rebuild_tsv"; }
+# zebu-3 only, on a fresh volume per round so the fio rounds' data does not
+# count. Each round also times the raw disk doing the same copy (fio reading
+# one file while writing another, concurrently, O_DIRECT): the bound a
+# rebuild on this one disk can reach, measured side by side.
+rb_put() { printf '%s\t%s\n' "$rb_round.$1" "$2" >>"$rebuild_tsv"; }
 rb_fail() { # message: recorded, the section stops, the script goes on
   echo "fio_compare: rebuild section: $*" >&2
   rb_put error "$*"
@@ -533,83 +538,110 @@ ctl() { # args... ; the engine's control address in $rb_ctl
   man_put setup rebuild - - - - - - - - - "$(q "$bin/zebu-engine" ctl --engine "$rb_ctl" "$@")"
   timeout -k 10 1800 "$bin/zebu-engine" ctl --engine "$rb_ctl" "$@"
 }
-rb_fio() { # name json log fio-args... (fio_rc set)
+rb_fio() { # name json log fio-args... (fio_rc set); an NBD run on the volume
   local name=$1 json=$2 log=$3
   shift 3
   local args=(fio "--name=$name" "$@" --numjobs=1 --group_reporting --ioengine=nbd "--uri=$rb_uri")
   man_put setup rebuild - - - - - - - - - "$(q "${args[@]}" --output-format=json "--output=$json")"
   run_fio 900 "$json" "$log" "${args[@]:1}"
 }
+rb_raw() { # json log fio-args... (fio_rc set); raw-disk jobs, run concurrently
+  local json=$1 log=$2
+  shift 2
+  man_put setup rebuild - - - - - - - - - "$(q fio "$@" --output-format=json "--output=$json")"
+  run_fio 900 "$json" "$log" "$@"
+}
+timed_add() { # phase address: `replica add --wait`, wall time recorded
+  local t0 t1
+  t0=$(date +%s.%N)
+  ctl replica add "$2" --wait >"$work/out/$rb_round-rebuild-$1.json" 2>"$work/logs/$rb_round-rebuild-$1.err" ||
+    { rb_fail "$1 rebuild: replica add failed: $(tail -3 "$work/logs/$rb_round-rebuild-$1.err")"; return 1; }
+  t1=$(date +%s.%N)
+  rb_put "$1_wall_s" "$(python3 -c "print(f'{$t1 - $t0:.3f}')")"
+  rb_put "$1_status_json" "$work/out/$rb_round-rebuild-$1.json"
+  rb_put "$1_address" "$2"
+}
 run_rebuild() {
-  local d=$work/rebuild i a addrs=() t0 t1
+  local d=$work/rebuild-$rb_round i a addrs=() p=rebuild-$rb_round
+  local fill=$((rb_size / 2)) blocks=$((rb_size / 4096)) io
+  io=$(((blocks / 100) * 4096))
   mkdir -p "$d"
   rb_put size_bytes "$rb_size"
   for ((i = 1; i <= 3; i++)); do
-    start_proc "replica-rebuild-r$i" ' on [0-9.]+:[0-9]+ ' 120 \
+    start_proc "replica-$p-r$i" ' on [0-9.]+:[0-9]+ ' 120 \
       "$bin/zebu-replica" --dir "$d/r$i" --listen 127.0.0.1:0 --size "$rb_size"
-    a=$(replica_addr "replica-rebuild-r$i")
-    [[ -n $a ]] || { rb_fail "cannot read replica-rebuild-r$i's address"; return 1; }
+    a=$(replica_addr "replica-$p-r$i")
+    [[ -n $a ]] || { rb_fail "cannot read replica-$p-r$i's address"; return 1; }
     addrs+=(--replica "$a")
   done
-  start_proc engine-rebuild '^zebu-engine volume rebuild ready' 300 \
-    "$bin/zebu-engine" --volume rebuild --size "$rb_size" "${addrs[@]}" \
+  start_proc "engine-$p" "^zebu-engine volume $p ready" 300 \
+    "$bin/zebu-engine" --volume "$p" --size "$rb_size" "${addrs[@]}" \
     --nbd "unix:$d/nbd.sock" --listen 127.0.0.1:0
-  rb_ctl=$(sed -n 's/.*; control \([0-9.]*:[0-9]*\);.*/\1/p' "$work/logs/engine-rebuild.out" | head -1)
+  rb_ctl=$(sed -n 's/.*; control \([0-9.]*:[0-9]*\);.*/\1/p' "$work/logs/engine-$p.out" | head -1)
   [[ -n $rb_ctl ]] || { rb_fail "cannot read the engine's control address"; return 1; }
-  rb_uri="nbd+unix:///rebuild?socket=$d/nbd.sock"
+  rb_uri="nbd+unix:///$p?socket=$d/nbd.sock"
 
   # 1. half the volume holds data
-  echo "== rebuild: writing $((rb_size / 2 >> 20)) MiB (half the volume) sequentially"
-  rb_fio rebuild-fill "$work/out/rebuild-fill.json" "$work/out/rebuild-fill.log" \
-    --rw=write --bs=1M --iodepth=8 "--size=$((rb_size / 2))"
+  echo "== rebuild round $rb_round: writing $((fill >> 20)) MiB (half the volume) sequentially"
+  rb_fio rebuild-fill "$work/out/$p-fill.json" "$work/out/$p-fill.log" \
+    --rw=write --bs=1M --iodepth=8 "--size=$fill"
   ((fio_rc == 0)) || { rb_fail "the fill write failed (fio exit $fio_rc)"; return 1; }
-  rb_put fill_bytes $((rb_size / 2))
+  rb_put fill_bytes "$fill"
 
   # 2. full rebuild: SIGKILL r1, drop it, add a fresh replica
   local dead
-  dead=$(replica_addr replica-rebuild-r1)
-  echo "== rebuild: SIGKILL replica r1 ($dead), full rebuild onto a fresh replica"
-  kill_replica replica-rebuild-r1
-  ctl replica remove "$dead" >"$work/logs/rebuild-remove.out" 2>&1 ||
-    rb_put note "replica remove $dead: $(tail -1 "$work/logs/rebuild-remove.out")"
-  start_proc replica-rebuild-r4 ' on [0-9.]+:[0-9]+ ' 120 \
+  dead=$(replica_addr "replica-$p-r1")
+  echo "== rebuild round $rb_round: SIGKILL replica r1 ($dead), full rebuild onto a fresh replica"
+  kill_replica "replica-$p-r1"
+  ctl replica remove "$dead" >"$work/logs/$p-remove.out" 2>&1 ||
+    rb_put note "replica remove $dead: $(tail -1 "$work/logs/$p-remove.out")"
+  start_proc "replica-$p-r4" ' on [0-9.]+:[0-9]+ ' 120 \
     "$bin/zebu-replica" --dir "$d/r4" --listen 127.0.0.1:0 --size "$rb_size"
-  a=$(replica_addr replica-rebuild-r4)
-  rb_put full_address "$a"
-  t0=$(date +%s.%N)
-  ctl replica add "$a" --wait >"$work/out/rebuild-full.json" 2>"$work/logs/rebuild-full.err" ||
-    { rb_fail "full rebuild: replica add failed: $(tail -3 "$work/logs/rebuild-full.err")"; return 1; }
-  t1=$(date +%s.%N)
-  rb_put full_wall_s "$(python3 -c "print(f'{$t1 - $t0:.3f}')")"
-  rb_put full_status_json "$work/out/rebuild-full.json"
+  timed_add full "$(replica_addr "replica-$p-r4")" || return 1
 
   # 3. delta resync: SIGKILL r2, write 1% of the blocks, restart r2 on its dir
-  local r2dir=$d/r2 blocks=$((rb_size / 4096)) io
-  io=$(((blocks / 100) * 4096))
-  echo "== rebuild: SIGKILL replica r2, random 4 KiB writes over 1% of the blocks ($((io >> 10)) KiB, ≤10 s)"
-  kill_replica replica-rebuild-r2
-  rb_fio rebuild-delta-writes "$work/out/rebuild-delta-writes.json" "$work/out/rebuild-delta-writes.log" \
+  echo "== rebuild round $rb_round: SIGKILL replica r2, random 4 KiB writes over 1% of the blocks ($((io >> 10)) KiB, ≤10 s)"
+  kill_replica "replica-$p-r2"
+  rb_fio rebuild-delta-writes "$work/out/$p-delta-writes.json" "$work/out/$p-delta-writes.log" \
     --rw=randwrite --bs=4k --iodepth=16 "--size=$rb_size" "--io_size=$io" --runtime=10
   ((fio_rc == 0)) || { rb_fail "the delta writes failed (fio exit $fio_rc)"; return 1; }
-  rb_put delta_writes_json "$work/out/rebuild-delta-writes.json"
+  rb_put delta_writes_json "$work/out/$p-delta-writes.json"
   rb_put delta_blocks_target $((io / 4096))
-  start_proc replica-rebuild-r2b ' on [0-9.]+:[0-9]+ ' 120 \
-    "$bin/zebu-replica" --dir "$r2dir" --listen 127.0.0.1:0
-  a=$(replica_addr replica-rebuild-r2b)
-  rb_put delta_address "$a"
-  echo "== rebuild: replica r2 back on $a, delta resync"
-  t0=$(date +%s.%N)
-  ctl replica add "$a" --wait >"$work/out/rebuild-delta.json" 2>"$work/logs/rebuild-delta.err" ||
-    { rb_fail "delta resync: replica add failed: $(tail -3 "$work/logs/rebuild-delta.err")"; return 1; }
-  t1=$(date +%s.%N)
-  rb_put delta_wall_s "$(python3 -c "print(f'{$t1 - $t0:.3f}')")"
-  rb_put delta_status_json "$work/out/rebuild-delta.json"
+  start_proc "replica-$p-r2b" ' on [0-9.]+:[0-9]+ ' 120 \
+    "$bin/zebu-replica" --dir "$d/r2" --listen 127.0.0.1:0
+  echo "== rebuild round $rb_round: replica r2 back, delta resync"
+  timed_add delta "$(replica_addr "replica-$p-r2b")" || return 1
+  echo "== rebuild round $rb_round: stopping the volume"
+  stop_all
+
+  # 4. the raw disk doing the same copies: read one file while writing
+  # another, $((fill >> 20)) MiB sequentially, then the delta's blocks at random
+  echo "== rebuild round $rb_round: raw disk baseline (concurrent read + write, O_DIRECT)"
+  local raw=(--ioengine=io_uring --direct=1)
+  rb_raw "$work/out/$p-raw-prep.json" "$work/out/$p-raw-prep.log" --name=raw-prep \
+    "--filename=$d/raw-src" --rw=write --bs=1M --iodepth=8 "--size=$rb_size" "${raw[@]}"
+  ((fio_rc == 0)) || { rb_fail "the raw baseline's file could not be written (fio exit $fio_rc)"; return 1; }
+  sync_fs >/dev/null
+  rb_raw "$work/out/$p-raw-full.json" "$work/out/$p-raw-full.log" \
+    --name=raw-full-read "--filename=$d/raw-src" --rw=read --bs=1M --iodepth=16 "--size=$fill" "${raw[@]}" \
+    --name=raw-full-write "--filename=$d/raw-dst" --rw=write --bs=1M --iodepth=16 "--size=$fill" "${raw[@]}"
+  ((fio_rc == 0)) || { rb_fail "the raw full-copy baseline failed (fio exit $fio_rc)"; return 1; }
+  rb_put raw_full_json "$work/out/$p-raw-full.json"
+  sync_fs >/dev/null
+  rb_raw "$work/out/$p-raw-delta.json" "$work/out/$p-raw-delta.log" \
+    --name=raw-delta-read "--filename=$d/raw-src" --rw=randread --bs=4k --iodepth=32 "--size=$rb_size" "--io_size=$io" "${raw[@]}" \
+    --name=raw-delta-write "--filename=$d/raw-dst" --rw=randwrite --bs=4k --iodepth=32 "--size=$fill" "--io_size=$io" "${raw[@]}"
+  ((fio_rc == 0)) || { rb_fail "the raw delta-copy baseline failed (fio exit $fio_rc)"; return 1; }
+  rb_put raw_delta_json "$work/out/$p-raw-delta.json"
+  rm -rf "$d"
   return 0
 }
 if has_system zebu-3 && ((rebuild)); then
-  run_rebuild || true
-  echo "== stopping the rebuild volume"
-  stop_all
+  for ((rb_round = 1; rb_round <= runs; rb_round++)); do
+    run_rebuild || true
+    stop_all
+    rm -rf "$work/rebuild-$rb_round"
+  done
 fi
 for note in "${stop_notes[@]}"; do meta_put stop_note "$note"; done
 for l in "${pid_order[@]}"; do
