@@ -439,6 +439,12 @@ def read_rebuild_round(kv):
         except (KeyError, OSError, ValueError, IndexError):
             pass
         out[phase] = e
+    for qd in (1, 32):
+        try:
+            f = fio_figures(kv[f"floor_qd{qd}_json"], "read")
+            out[f"floor_qd{qd}"] = {"iops": f["iops"], "p50_us": f["p50_us"], "p99_us": f["p99_us"]}
+        except (KeyError, ValueError, IndexError, json.JSONDecodeError):
+            pass
     if "delta_blocks_target" in kv:
         out.setdefault("delta_writes", {})["blocks_target"] = int(kv["delta_blocks_target"])
         try:
@@ -491,6 +497,10 @@ def read_rebuild(path):
         med["bytes_done"] = median([e["engine_progress"]["bytes_done"] for e in es
                                     if e.get("engine_progress", {}).get("bytes_done") is not None] or [None])
         out[phase] = med
+    for qd in (1, 32):
+        fl = [r[f"floor_qd{qd}"] for r in per_round if r.get(f"floor_qd{qd}")]
+        if fl:
+            out[f"floor_qd{qd}"] = {k: median([f[k] for f in fl]) for k in ("iops", "p50_us", "p99_us")}
     for k in ("delta_over_full_time", "raw_delta_over_full_time"):
         vals = [r[k] for r in per_round if r.get(k) is not None]
         if vals:
@@ -644,6 +654,30 @@ def render_md(meta, systems, medians, ratios, prefill, errors, runs, cpu=None, r
             if rebuild.get(k):
                 w(f"- {k}: {rebuild[k]}")
         w("")
+        f1, f32 = rebuild.get("floor_qd1"), rebuild.get("floor_qd32")
+        if f1 or f32:
+            w("## Zebu's path floor (zebu-3, reads of never-written blocks: no disk I/O)\n")
+            w("4 KiB random reads on the fresh rebuild volume before it is written: the engine asks one replica, "
+              "which holds no data there and answers zeros without touching the disk. This is the cost of the "
+              "path alone (NBD, engine, gRPC, replica, and back), a floor under every Zebu I/O.\n")
+            w("| QD | IOPS | p50 µs | p99 µs |")
+            w("|---:|---:|---:|---:|")
+            for qd, f in ((1, f1), (32, f32)):
+                if f:
+                    w(f"| {qd} | {fmt(f['iops'], 'iops')} | {fmt(f['p50_us'], 'p50_us')} | {fmt(f['p99_us'], 'p99_us')} |")
+            w("")
+            nbd_w = (medians.get("randwrite-4k-qd1", {}).get("nbdkit-file") or {}).get("p50_us")
+            raw_w1 = (medians.get("randwrite-4k-qd1", {}).get("raw") or {}).get("p50_us")
+            if f1 and nbd_w and raw_w1 and f1.get("p50_us"):
+                w(f"- QD1 write bound: floor p50 {f1['p50_us']:,.0f} µs + raw disk write p50 {raw_w1:,.0f} µs = "
+                  f"{(f1['p50_us'] + raw_w1) / nbd_w:.2f} × nbdkit-file's write p50 ({nbd_w:,.0f} µs), "
+                  f"before the write is sent to more than one replica (target ≤ 1.5)")
+            nbd_r = (medians.get("randread-4k-qd32", {}).get("nbdkit-file") or {}).get("iops")
+            if f32 and nbd_r and f32.get("iops"):
+                w(f"- QD32 read bound: the floor's {f32['iops']:,.0f} IOPS with no disk at all = "
+                  f"{f32['iops'] / nbd_r:.2f} × nbdkit-file's random reads ({nbd_r:,.0f} IOPS, served from the page cache) "
+                  f"(target ≥ 1.0)")
+            w("")
 
     notes = []
     for k, v in meta.items():

@@ -24,7 +24,9 @@
 # another, write 1% of the blocks at random, restart it on its old dir and add
 # it back (delta resync, timed). Each round also times the raw disk doing the
 # same copies (fio reading one file while writing another, O_DIRECT): the
-# bound for a rebuild on one disk. --no-rebuild skips the section.
+# bound for a rebuild on one disk. Before the fill, each round also times
+# 4 KiB random reads of never-written blocks at QD1 and QD32 (no disk I/O:
+# the floor of Zebu's own path). --no-rebuild skips the section.
 #
 # Results: benches/results/fio-compare-<date>.json
 # (per-run figures, medians, ratios, exact commands), .md (tables) and .svg
@@ -580,6 +582,16 @@ run_rebuild() {
   rb_ctl=$(sed -n 's/.*; control \([0-9.]*:[0-9]*\);.*/\1/p' "$work/logs/engine-$p.out" | head -1)
   [[ -n $rb_ctl ]] || { rb_fail "cannot read the engine's control address"; return 1; }
   rb_uri="nbd+unix:///$p?socket=$d/nbd.sock"
+
+  # 0. the path's floor: 4 KiB random reads of never-written blocks need no
+  # disk I/O, so they time NBD + engine + gRPC + replica alone
+  echo "== rebuild round $rb_round: path floor (reads of never-written blocks, no disk I/O)"
+  for qd in 1 32; do
+    rb_fio "path-floor-qd$qd" "$work/out/$p-floor-qd$qd.json" "$work/out/$p-floor-qd$qd.log" \
+      --rw=randread --bs=4k "--iodepth=$qd" "--size=$rb_size" --time_based "--runtime=$((seconds < 2 ? seconds : 2))"
+    ((fio_rc == 0)) || { rb_fail "the path-floor reads failed (fio exit $fio_rc)"; return 1; }
+    rb_put "floor_qd${qd}_json" "$work/out/$p-floor-qd$qd.json"
+  done
 
   # 1. half the volume holds data
   echo "== rebuild round $rb_round: writing $((fill >> 20)) MiB (half the volume) sequentially"
