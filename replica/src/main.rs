@@ -88,6 +88,7 @@ async fn main() -> anyhow::Result<()> {
     let server = tonic::transport::Server::builder()
         .initial_stream_window_size(Some(8 << 20))
         .initial_connection_window_size(Some(32 << 20))
+        .max_frame_size(Some(zebu_proto::MAX_FRAME_BYTES))
         .add_service(ReplicaService::new(store.clone()).into_server())
         .serve_with_incoming(incoming);
     // Not a graceful gRPC shutdown: an engine keeps its stream open for as
