@@ -126,6 +126,12 @@ pub enum StoreError {
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// [`io_err`] with the context built only on failure (for the data path,
+/// where formatting a string per request would cost more than the request).
+fn io_err_with(context: impl FnOnce() -> String) -> impl FnOnce(io::Error) -> StoreError {
+    move |source| io_err(context())(source)
+}
+
 fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> StoreError {
     let context = context.into();
     move |source| {
@@ -646,8 +652,10 @@ impl Store {
         }]);
         let crc_written = layer.crc.write_all_at(&crcs, first * 4);
         // Wait for the data write even when the CRC write failed.
-        IoEngine::wait(pending).await.map_err(io_err(context()))?;
-        crc_written.map_err(io_err(context()))?;
+        IoEngine::wait(pending)
+            .await
+            .map_err(io_err_with(context))?;
+        crc_written.map_err(io_err_with(context))?;
         layer.index_mut().insert(first, data.len() as u64 / bs);
         self.mark_dirty(layer);
         Ok(())
@@ -672,7 +680,7 @@ impl Store {
                     buf: AlignedBuf::zeroed(len as usize),
                 }])
                 .await
-                .map_err(io_err(format!("reading {len} bytes at {offset}")))?;
+                .map_err(io_err_with(|| format!("reading {len} bytes at {offset}")))?;
             return match done.into_iter().next() {
                 Some(Completion::Read(buf)) => Ok(buf.into_bytes()),
                 _ => Err(StoreError::Io {
@@ -700,7 +708,7 @@ impl Store {
                 .io
                 .run(ops)
                 .await
-                .map_err(io_err(format!("reading {len} bytes at {offset}")))?;
+                .map_err(io_err_with(|| format!("reading {len} bytes at {offset}")))?;
             for (c, at) in done.into_iter().zip(placed) {
                 if let Completion::Read(buf) = c {
                     out[at..at + buf.len()].copy_from_slice(buf.as_slice());
@@ -731,8 +739,9 @@ impl Store {
             all
         };
         merge_runs(&mut zero_runs);
-        head.punch(offset, len)
-            .map_err(io_err(format!("deallocating {len} bytes at {offset}")))?;
+        head.punch(offset, len).map_err(io_err_with(|| {
+            format!("deallocating {len} bytes at {offset}")
+        }))?;
         head.index_mut().remove(first, end - first);
         for (s, e) in zero_runs {
             let mut b = s;
