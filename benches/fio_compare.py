@@ -509,6 +509,71 @@ def read_rebuild(path):
     if dws:
         out["delta_writes"] = dws[0]
     return out
+def target_rows(meta, medians, ratios, cpu, rebuild):
+    """Each target of issue 5: (name, measured, goal, met, bound)."""
+    rows = []
+
+    def ratio(sc, key):
+        return ((ratios.get(sc) or {}).get(key) or {}).get("median_of_per_run")
+
+    def med(sc, system, metric):
+        return ((medians.get(sc) or {}).get(system) or {}).get(metric)
+
+    rb = rebuild or {}
+    f1, f32 = rb.get("floor_qd1") or {}, rb.get("floor_qd32") or {}
+    r = ratio("randwrite-4k-qd32", "zebu-3/nbdkit iops")
+    if r is not None:
+        cw = ((cpu or {}).get("median_us_per_io") or {}).get("randwrite-4k-qd32") or {}
+        z, n = (cw.get("zebu-3") or {}).get("total"), (cw.get("nbdkit-file") or {}).get("total")
+        b = (f"CPU-bound: {z:,.0f} µs of CPU per write (engine + 3 replicas) against nbdkit's {n:,.0f}"
+             if z and n else "—")
+        rows.append(("4 KiB random write QD32 IOPS ≥ 1.0 × nbdkit-file", f"{r:.2f}", 1.0, r >= 1.0, b))
+    r = ratio("randwrite-4k-qd1", "zebu-3/nbdkit p50")
+    nbd, raw = med("randwrite-4k-qd1", "nbdkit-file", "p50_us"), med("randwrite-4k-qd1", "raw", "p50_us")
+    if r is not None:
+        b = "—"
+        if f1.get("p50_us") and nbd and raw:
+            b = (f"≥ {(f1['p50_us'] + raw) / nbd:.2f}: path floor p50 {f1['p50_us']:,.0f} µs + raw write p50 "
+                 f"{raw:,.0f} µs, over nbdkit's {nbd:,.0f} µs")
+        rows.append(("4 KiB random write QD1 p50 ≤ 1.5 × nbdkit-file", f"{r:.2f}", 1.5, r <= 1.5, b))
+    r = ratio("randread-4k-qd32", "zebu-3/nbdkit iops")
+    nbd = med("randread-4k-qd32", "nbdkit-file", "iops")
+    if r is not None:
+        b = "—"
+        if f32.get("iops") and nbd:
+            b = (f"≤ {f32['iops'] / nbd:.2f}: the path floor (no disk I/O) does {f32['iops']:,.0f} IOPS; nbdkit "
+                 f"{nbd:,.0f} from the page cache")
+        rows.append(("4 KiB random read QD32 IOPS ≥ 1.0 × nbdkit-file", f"{r:.2f}", 1.0, r >= 1.0, b))
+    r = ratio("write-1m-qd8", "zebu-3/(raw/3) MiB/s")
+    raw_w = med("write-1m-qd8", "raw", "mib_s")
+    if r is not None:
+        b = "—"
+        c = (((cpu or {}).get("median_us_per_io") or {}).get("write-1m-qd8") or {}).get("zebu-3") or {}
+        ncpu = float(meta.get("cpus") or 0)
+        secs, ramp = float(meta.get("seconds", 1) or 1), float(meta.get("ramp_seconds", 0) or 0)
+        if c.get("total") and ncpu and raw_w:
+            per_io = c["total"] * secs / (secs + ramp)
+            cap = ncpu * 1e6 / per_io
+            b = (f"≤ {cap / (raw_w / 3):.2f} at today's CPU cost: {per_io:,.0f} µs of CPU per MiB "
+                 f"(engine + replicas) caps {ncpu:g} CPUs at {cap:,.0f} MiB/s")
+        rows.append(("1 MiB write QD8 ≥ 0.8 × raw/3", f"{r:.2f}", 0.8, r >= 0.8, b))
+    full = rb.get("full") or {}
+    if full.get("mib_s_wall") and raw_w:
+        v = full["mib_s_wall"] / (raw_w / 2)
+        b = "—"
+        if full.get("raw_s") and rb.get("fill_bytes"):
+            b = (f"≤ {rb['fill_bytes'] / 2**20 / full['raw_s'] / (raw_w / 2):.2f}: the raw disk's own concurrent "
+                 f"read + write of the same {rb['fill_bytes'] >> 20} MiB")
+        rows.append(("full rebuild ≥ 0.8 × raw/2", f"{v:.2f}", 0.8, v >= 0.8, b))
+    if rb.get("delta_over_full_time") is not None:
+        v = rb["delta_over_full_time"]
+        b = "—"
+        if rb.get("raw_delta_over_full_time") is not None:
+            b = f"≥ {rb['raw_delta_over_full_time']:.2f}: the raw disk doing the same two copies"
+        rows.append(("delta resync < 0.05 × full rebuild time", f"{v:.3f}", 0.05, v < 0.05, b))
+    return rows
+
+
 def render_md(meta, systems, medians, ratios, prefill, errors, runs, cpu=None, rebuild=None, chart=None):
     out = []
     w = out.append
@@ -678,6 +743,17 @@ def render_md(meta, systems, medians, ratios, prefill, errors, runs, cpu=None, r
                   f"{f32['iops'] / nbd_r:.2f} × nbdkit-file's random reads ({nbd_r:,.0f} IOPS, served from the page cache) "
                   f"(target ≥ 1.0)")
             w("")
+
+    targets = target_rows(meta, medians, ratios, cpu, rebuild)
+    if targets:
+        w("## Targets (zebu-3; issue 5)\n")
+        w("measured = median of the per-round ratios of this run; bound = what this machine allows, measured "
+          "in the same run (see the sections above).\n")
+        w("| target | measured | met | bound on this machine |")
+        w("|---|---:|:---:|---|")
+        for name, val, goal, ok, bound in targets:
+            w(f"| {name} | {val} | {'yes' if ok else 'no'} | {bound} |")
+        w("")
 
     notes = []
     for k, v in meta.items():
