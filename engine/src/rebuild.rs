@@ -28,7 +28,7 @@ pub enum RebuildError {
     #[error(transparent)]
     Link(#[from] LinkError),
     /// A stream broke midway.
-    #[error("{what} on replica {addr}: {status}")]
+    #[error("{what} on replica {addr}: {}", status.message())]
     Stream {
         /// What was being done.
         what: String,

@@ -150,3 +150,63 @@ fn ctl_bad_requests_fail_and_engine_keeps_serving() {
     let data = assert_replicas_identical(&addrs);
     assert_eq!(data.len() as u64, 96 * MIB);
 }
+
+/// A rebuild that fails midway (the new replica's filesystem is too small
+/// for the data) is reported by `replica add --wait`: non-zero exit, a
+/// message naming the replica and the cause. The failed replica is ejected
+/// and the volume keeps serving its data from the others.
+#[test]
+fn failed_rebuild_is_reported_and_the_volume_keeps_serving() {
+    let _serial = serial();
+    require_tool("nbdcopy", "libnbd-bin");
+    require_tool("mkfs.ext4", "e2fsprogs");
+    require_tool("losetup", "util-linux");
+    let tmp = tempdir();
+    let replicas = start_replicas(tmp.path(), 2, "64M");
+    let addrs: Vec<&str> = replicas.iter().map(|r| r.addr.as_str()).collect();
+    let mut engine = Engine::start(tmp.path(), "smallfs", "64M", &addrs);
+    engine.wait_healthy(2);
+    let data: Vec<u8> = (0..64 * MIB).map(|i| (i * 7 % 251) as u8).collect();
+    let src = tmp.path().join("data.img");
+    std::fs::write(&src, &data).unwrap();
+    nbd_write_file(&engine.uri(), &src);
+
+    // A 16 MiB filesystem for the new replica: the 64 MiB copy cannot fit.
+    let img = tmp.path().join("small.img");
+    run(
+        Command::new("truncate").args(["-s", "16M"]).arg(&img),
+        SHORT,
+    )
+    .expect_ok();
+    run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img), LONG).expect_ok();
+    let dev = LoopDev::attach(&img);
+    let mnt = Mount::at(&dev.dev, &tmp.path().join("small"));
+    let mut small = Replica::start(&mnt.dir.join("r"), Some("64M"));
+
+    let r = engine
+        .ctl_timeout(&["replica", "add", &small.addr, "--wait"], LONG)
+        .expect_fail();
+    eprintln!("replica add onto a full filesystem: {}", r.stderr.trim());
+    assert!(r.stderr.contains(&small.addr), "{}", r.stderr);
+    assert!(
+        mentions_any(&r.stderr, &["rebuild"]) && mentions_any(&r.stderr, &["space"]),
+        "unclear message: {}",
+        r.stderr
+    );
+    let st = engine.status();
+    let failed = st["replicas"]
+        .as_array()
+        .and_then(|rs| rs.iter().find(|r| r["address"] == small.addr.as_str()))
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(failed["rebuild"]["state"], "failed", "{st}");
+    assert_ne!(failed["mode"], "RW", "{st}");
+    assert_eq!(st["state"], "degraded", "{st}");
+    // Every byte still reads back from the two healthy replicas.
+    assert!(nbd_read_all(&engine.uri(), tmp.path()) == data);
+
+    engine.stop();
+    small.terminate();
+    drop(mnt);
+    drop(dev);
+}
