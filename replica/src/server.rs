@@ -61,6 +61,7 @@ pub fn status_of(e: &StoreError) -> Status {
         | StoreError::FailedPrecondition(_) => Status::failed_precondition(msg),
         StoreError::NoSpace(_) => Status::resource_exhausted(msg),
         StoreError::NotFound(_) => Status::not_found(msg),
+        StoreError::Corrupt { .. } => Status::data_loss(msg),
         StoreError::AlreadyExists(_) => Status::already_exists(msg),
         StoreError::Io { .. } | StoreError::Meta(_) => Status::internal(msg),
     }
@@ -336,10 +337,10 @@ impl Replica for ReplicaService {
             .await
             .map_err(|e| status_of(&e))?;
         let stream = ReceiverStream::new(rx).map(|r| {
-            r.map(|(offset, data)| pb::LayerData {
+            r.map(|(offset, data, crc32)| pb::LayerData {
                 layer: String::new(),
                 offset,
-                crc32: crc32fast::hash(&data),
+                crc32,
                 data,
                 punch_length: 0,
                 epoch: 0,

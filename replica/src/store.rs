@@ -68,6 +68,20 @@ pub enum StoreError {
         /// Volume size.
         size: u64,
     },
+    /// A block read from disk does not match its stored checksum.
+    #[error(
+        "block {block} of layer {layer:?} does not match its stored checksum (stored {stored:#010x}, read {actual:#010x}): the data on this replica's disk is corrupt"
+    )]
+    Corrupt {
+        /// Layer name ("" is the head).
+        layer: String,
+        /// Block number.
+        block: u64,
+        /// CRC in the layer's CRC file.
+        stored: u32,
+        /// CRC of the data read.
+        actual: u32,
+    },
     /// The payload does not match its checksum; nothing was written.
     #[error(
         "payload crc32 {actual:#010x} does not match the request's {expected:#010x}; nothing was written"
@@ -125,6 +139,35 @@ pub enum StoreError {
 }
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// Checks the blocks of `data` (starting at block `first` of `layer`)
+/// against the layer's stored CRCs; returns the crc32 of all of `data`
+/// (combined from the blocks' CRCs, not computed over the bytes again).
+fn verify_stored_crcs(layer: &Layer, name: &str, first: u64, data: &[u8], bs: u64) -> Result<u32> {
+    let n = data.len() as u64 / bs;
+    let stored = layer.read_crcs(first, n).map_err(io_err_with(|| {
+        format!("reading the CRCs of {n} blocks at block {first}")
+    }))?;
+    let mut total: Option<crc32fast::Hasher> = None;
+    for (i, (blk, &want)) in data.chunks(bs as usize).zip(&stored).enumerate() {
+        let mut h = crc32fast::Hasher::new();
+        h.update(blk);
+        let got = h.clone().finalize();
+        if got != want {
+            return Err(StoreError::Corrupt {
+                layer: name.to_owned(),
+                block: first + i as u64,
+                stored: want,
+                actual: got,
+            });
+        }
+        match &mut total {
+            None => total = Some(h),
+            Some(t) => t.combine(&h),
+        }
+    }
+    Ok(total.map_or_else(|| crc32fast::hash(&[]), |t| t.finalize()))
+}
 
 /// [`io_err`] with the context built only on failure (for the data path,
 /// where formatting a string per request would cost more than the request).
@@ -1336,14 +1379,19 @@ impl Store {
         Ok(rx)
     }
 
-    /// Streams `(offset, data)` for the present blocks of layer `name` inside
-    /// `extents` (byte ranges; empty means the whole layer).
+    /// Streams `(offset, data, crc32 of data)` for the present blocks of layer `name` inside
+    /// `extents` (byte ranges; empty means the whole layer). Every block is
+    /// checked against its stored CRC, so a rebuild never copies data this
+    /// disk corrupted: the stream ends with [`StoreError::Corrupt`] instead.
+    /// The layer must not be written meanwhile (rebuilds read frozen layers,
+    /// or the head while the engine is not serving).
     pub async fn read_layer(
         self: &Arc<Self>,
         name: &str,
         extents: Vec<(u64, u64)>,
-    ) -> Result<mpsc::Receiver<Result<(u64, Bytes)>>> {
+    ) -> Result<mpsc::Receiver<Result<(u64, Bytes, u32)>>> {
         let layer = self.chain.read().await.layer(name)?.clone();
+        let name = name.to_owned();
         let bs = self.block_size as u64;
         let ranges: Vec<(u64, u64)> = if extents.is_empty() {
             vec![(0, u64::MAX)]
@@ -1372,7 +1420,8 @@ impl Store {
         tokio::spawn(async move {
             let reads = futures::stream::iter(chunks)
                 .map(|(b, n)| {
-                    let (store, file) = (store.clone(), layer.data.clone());
+                    let (store, layer, name) = (store.clone(), layer.clone(), name.clone());
+                    let file = layer.data.clone();
                     async move {
                         let done = store
                             .io
@@ -1384,7 +1433,10 @@ impl Store {
                             .await
                             .map_err(io_err("reading a layer for a rebuild"))?;
                         match done.into_iter().next() {
-                            Some(Completion::Read(buf)) => Ok((b * bs, buf.into_bytes())),
+                            Some(Completion::Read(buf)) => {
+                                let crc = verify_stored_crcs(&layer, &name, b, buf.as_slice(), bs)?;
+                                Ok((b * bs, buf.into_bytes(), crc))
+                            }
                             _ => Err(StoreError::Io {
                                 context: "reading a layer".into(),
                                 source: io::Error::other("backend returned no buffer"),

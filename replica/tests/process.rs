@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
+use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
@@ -810,4 +811,81 @@ async fn full_disk_returns_no_space_and_keeps_serving() {
     assert_eq!(status(&resp), pb::IoStatus::IoOk);
     assert_eq!(&resp.payload[..], &first[..]);
     c.info(pb::InfoRequest {}).await.unwrap();
+}
+
+/// A block that rotted on the source's disk is never copied: reading the
+/// layer for a rebuild checks every block against its stored CRC, and the
+/// pull fails with DATA_LOSS naming the block.
+#[tokio::test]
+async fn a_corrupt_source_block_stops_the_copy() {
+    let tmp = tempdir();
+    let (a, _b, mut ca, mut cb) = open_pair(tmp.path()).await;
+    let mut io = Io::open(&mut ca, 1).await;
+    io.one(write_req(0, pattern(3, 1 << 20))).await;
+    ca.create_snapshot(pb::CreateSnapshotRequest {
+        name: "base".into(),
+        epoch: 1,
+        user_created: false,
+    })
+    .await
+    .unwrap();
+    // The frozen layer is the data file holding data (the new head is empty).
+    let layers = tmp.path().join("a").join("layers");
+    let frozen = std::fs::read_dir(&layers)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "img"))
+        .max_by_key(|p| std::fs::metadata(p).map(|m| m.blocks()).unwrap_or(0))
+        .unwrap();
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&frozen)
+        .unwrap();
+    f.write_all_at(&[0x5a; 16], 37 * BS + 100).unwrap();
+    f.sync_all().unwrap();
+    drop(f);
+
+    let mut s = ca
+        .read_layer(pb::ReadLayerRequest {
+            layer: "base".into(),
+            extents: vec![],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut err = None;
+    while let Some(m) = s.next().await {
+        if let Err(e) = m {
+            err = Some(e);
+            break;
+        }
+    }
+    let err = err.expect("reading a corrupt layer must fail");
+    assert_eq!(err.code(), tonic::Code::DataLoss, "{err:?}");
+    assert!(err.message().contains("block 37"), "{err:?}");
+
+    cb.prepare_sync(pb::PrepareSyncRequest {
+        layers: vec!["base".into()],
+        epoch: 1,
+        include_head: false,
+    })
+    .await
+    .unwrap();
+    let err = pull(
+        &mut cb,
+        pb::PullLayerRequest {
+            source: a.addr.clone(),
+            layer: "base".into(),
+            epoch: 1,
+            whole: true,
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::DataLoss, "{err:?}");
+    assert!(
+        err.message().contains("corrupt") && err.message().contains(&a.addr),
+        "{err:?}"
+    );
 }
