@@ -495,6 +495,17 @@ fn corrupt_metadata_is_refused() {
     assert!(err.contains("damaged"), "{err}");
 }
 
+/// Takes system snapshot "base" (epoch 1): the head freezes into it.
+async fn freeze_base(c: &mut ReplicaClient<Channel>) {
+    c.create_snapshot(pb::CreateSnapshotRequest {
+        name: "base".into(),
+        epoch: 1,
+        user_created: false,
+    })
+    .await
+    .unwrap();
+}
+
 /// Two 16 MiB replicas under `dir`, opened with epoch 1, and their clients.
 async fn open_pair(
     dir: &Path,
@@ -522,13 +533,7 @@ async fn layers_copy_between_replicas() {
     for i in 0..64u64 {
         io.one(write_req(i * 5 * BS, pattern(i, BS as usize))).await;
     }
-    ca.create_snapshot(pb::CreateSnapshotRequest {
-        name: "base".into(),
-        epoch: 1,
-        user_created: false,
-    })
-    .await
-    .unwrap();
+    freeze_base(&mut ca).await;
     // b has stale data in a block a does not hold: the sync must punch it.
     let mut iob = Io::open(&mut cb, 1).await;
     iob.one(write_req(3 * BS, vec![0xEE; BS as usize])).await;
@@ -648,13 +653,7 @@ async fn a_replica_pulls_layers_from_a_peer() {
         io.one(write_req((4 << 20) + i * 3 * BS, pattern(i, BS as usize)))
             .await;
     }
-    ca.create_snapshot(pb::CreateSnapshotRequest {
-        name: "base".into(),
-        epoch: 1,
-        user_created: false,
-    })
-    .await
-    .unwrap();
+    freeze_base(&mut ca).await;
     // Head of a: two blocks; b's head holds a stale block a's does not.
     io.one(write_req(9 * BS, pattern(99, 2 * BS as usize)))
         .await;
@@ -822,13 +821,7 @@ async fn a_corrupt_source_block_stops_the_copy() {
     let (a, _b, mut ca, mut cb) = open_pair(tmp.path()).await;
     let mut io = Io::open(&mut ca, 1).await;
     io.one(write_req(0, pattern(3, 1 << 20))).await;
-    ca.create_snapshot(pb::CreateSnapshotRequest {
-        name: "base".into(),
-        epoch: 1,
-        user_created: false,
-    })
-    .await
-    .unwrap();
+    freeze_base(&mut ca).await;
     // The frozen layer is the data file holding data (the new head is empty).
     let layers = tmp.path().join("a").join("layers");
     let frozen = std::fs::read_dir(&layers)
