@@ -172,7 +172,7 @@ pub async fn run(
             extents,
         })
         .await
-        .map_err(|s| source_error(&r, s))?
+        .map_err(|s| source_error(&r.layer, &r.source, s))?
         .into_inner();
     let (src, layer) = (r.source.clone(), r.layer.clone());
     let caller = tx.clone();
@@ -180,12 +180,7 @@ pub async fn run(
         if caller.is_closed() {
             return Err(Status::cancelled("the caller of the pull went away"));
         }
-        m.map_err(|s| {
-            Status::new(
-                s.code(),
-                format!("reading layer {layer:?} from {src}: {}", s.message()),
-            )
-        })
+        m.map_err(|s| source_error(&layer, &src, s))
     });
     let base = totals;
     let mut reported = 0;
@@ -205,15 +200,10 @@ pub async fn run(
     Ok(totals)
 }
 
-fn source_error(r: &pb::PullLayerRequest, s: Status) -> Status {
+fn source_error(layer: &str, source: &str, s: Status) -> Status {
     Status::new(
         s.code(),
-        format!(
-            "reading layer {:?} from {}: {}",
-            r.layer,
-            r.source,
-            s.message()
-        ),
+        format!("reading layer {layer:?} from {source}: {}", s.message()),
     )
 }
 
