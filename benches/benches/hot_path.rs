@@ -30,7 +30,7 @@ use divan::{Bencher, black_box};
 use prost::Message;
 use zebu_engine::frontend::nbd;
 use zebu_engine::frontend::{BlockDevice, DeviceError};
-use zebu_engine::replication::{Action, IoKind, Replicator};
+use zebu_engine::replication::{Action, IoId, IoKind, ReplicaId, Replicator};
 use zebu_proto::replica as pb;
 
 fn main() {
@@ -137,6 +137,24 @@ mod replication {
 
     /// One write's life in the state machine: `submit` (fan-out to every
     /// replica), an OK `reply` from each, the completion.
+    /// Answers every `Send` in `out` with a success, as the replicas would;
+    /// `out` then holds what those replies caused.
+    fn reply_to_sends(
+        r: &mut Replicator,
+        out: &mut Vec<Action>,
+        sends: &mut Vec<(IoId, ReplicaId)>,
+    ) {
+        sends.clear();
+        sends.extend(out.iter().filter_map(|a| match a {
+            Action::Send { io, replica } => Some((*io, *replica)),
+            _ => None,
+        }));
+        out.clear();
+        for &(io, replica) in sends.iter() {
+            r.reply(io, replica, true, out);
+        }
+    }
+
     #[divan::bench(args = [1, 2, 3])]
     fn write_fanout(bencher: Bencher, replicas: usize) {
         let mut r = replicator(replicas);
@@ -145,15 +163,7 @@ mod replication {
         bencher.counter(ItemsCount::new(1usize)).bench_local(|| {
             out.clear();
             let s = r.submit(IoKind::Write, &mut out);
-            sends.clear();
-            sends.extend(out.iter().filter_map(|a| match a {
-                Action::Send { io, replica } => Some((*io, *replica)),
-                _ => None,
-            }));
-            out.clear();
-            for &(io, replica) in &sends {
-                r.reply(io, replica, true, &mut out);
-            }
+            reply_to_sends(&mut r, &mut out, &mut sends);
             debug_assert!(
                 matches!(out.last(), Some(Action::Complete { io, result: Ok(()) }) if *io == s.io)
             );
@@ -172,15 +182,7 @@ mod replication {
             for _ in 0..32 {
                 r.submit(IoKind::Write, &mut out);
             }
-            sends.clear();
-            sends.extend(out.iter().filter_map(|a| match a {
-                Action::Send { io, replica } => Some((*io, *replica)),
-                _ => None,
-            }));
-            out.clear();
-            for &(io, replica) in &sends {
-                r.reply(io, replica, true, &mut out);
-            }
+            reply_to_sends(&mut r, &mut out, &mut sends);
             black_box(out.len())
         });
         assert_eq!(r.in_flight(), 0);

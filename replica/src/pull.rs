@@ -136,16 +136,15 @@ fn validate(r: &pb::PullLayerRequest) -> Result<(), Status> {
     Ok(())
 }
 
-/// Runs a pull: punches first, then the copy from the source. Progress goes
-/// to `tx` (at least every [`PROGRESS_EVERY_BYTES`], and the totals at the
-/// end); the copy stops when `tx`'s receiver is gone.
+/// Runs a pull: the punches, then the copy from the source, through one
+/// [`apply`]. Progress goes to `tx` (at least every
+/// [`PROGRESS_EVERY_BYTES`]); the copy stops when `tx`'s receiver is gone.
 pub async fn run(
     store: Arc<Store>,
     r: pb::PullLayerRequest,
     tx: mpsc::Sender<Result<pb::PullProgress, Status>>,
 ) -> Result<Totals, Status> {
     validate(&r)?;
-    let epoch = r.epoch;
     let punches = r.punch.iter().map(|e| {
         Ok(pb::LayerData {
             offset: e.offset,
@@ -153,51 +152,36 @@ pub async fn run(
             ..Default::default()
         })
     });
-    let target = Some((r.layer.clone(), epoch));
-    let mut totals = apply(
-        &store,
-        target.clone(),
-        futures::stream::iter(punches),
-        |_| (),
-    )
-    .await?;
-    if !r.whole && r.copy.is_empty() {
-        return Ok(totals);
-    }
-    let mut source = connect(&r.source).await?;
-    let extents = r.copy.clone();
-    let chunks = source
-        .read_layer(pb::ReadLayerRequest {
-            layer: r.layer.clone(),
-            extents,
-        })
-        .await
-        .map_err(|s| source_error(&r.layer, &r.source, s))?
-        .into_inner();
-    let (src, layer) = (r.source.clone(), r.layer.clone());
-    let caller = tx.clone();
-    let chunks = chunks.map(move |m| {
-        if caller.is_closed() {
-            return Err(Status::cancelled("the caller of the pull went away"));
-        }
-        m.map_err(|s| source_error(&layer, &src, s))
-    });
-    let base = totals;
+    let chunks = if r.whole || !r.copy.is_empty() {
+        let mut source = connect(&r.source).await?;
+        let chunks = source
+            .read_layer(pb::ReadLayerRequest {
+                layer: r.layer.clone(),
+                extents: r.copy.clone(),
+            })
+            .await
+            .map_err(|s| source_error(&r.layer, &r.source, s))?
+            .into_inner();
+        let (src, layer, caller) = (r.source.clone(), r.layer.clone(), tx.clone());
+        Some(chunks.map(move |m| {
+            if caller.is_closed() {
+                return Err(Status::cancelled("the caller of the pull went away"));
+            }
+            m.map_err(|s| source_error(&layer, &src, s))
+        }))
+    } else {
+        None
+    };
+    let inbound = futures::stream::iter(punches).chain(futures::stream::iter(chunks).flatten());
     let mut reported = 0;
-    let copied = apply(&store, target, chunks, |t| {
+    apply(&store, Some((r.layer.clone(), r.epoch)), inbound, |t| {
         if t.bytes_written - reported >= PROGRESS_EVERY_BYTES {
             reported = t.bytes_written;
-            let mut sum = base;
-            sum.bytes_written += t.bytes_written;
-            sum.blocks_written += t.blocks_written;
             // A full channel only delays this report to the next one.
-            let _ = tx.try_send(Ok(sum.progress()));
+            let _ = tx.try_send(Ok(t.progress()));
         }
     })
-    .await?;
-    totals.bytes_written += copied.bytes_written;
-    totals.blocks_written += copied.blocks_written;
-    Ok(totals)
+    .await
 }
 
 fn source_error(layer: &str, source: &str, s: Status) -> Status {

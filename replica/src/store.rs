@@ -148,11 +148,11 @@ fn verify_stored_crcs(layer: &Layer, name: &str, first: u64, data: &[u8], bs: u6
     let stored = layer.read_crcs(first, n).map_err(io_err_with(|| {
         format!("reading the CRCs of {n} blocks at block {first}")
     }))?;
-    let mut total: Option<crc32fast::Hasher> = None;
-    for (i, (blk, &want)) in data.chunks(bs as usize).zip(&stored).enumerate() {
-        let mut h = crc32fast::Hasher::new();
-        h.update(blk);
-        let got = h.clone().finalize();
+    let (crcs, total) = block_crcs_and_total(data, bs as usize);
+    let read = crcs
+        .chunks_exact(4)
+        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+    for (i, (got, want)) in read.zip(stored).enumerate() {
         if got != want {
             return Err(StoreError::Corrupt {
                 layer: name.to_owned(),
@@ -161,12 +161,8 @@ fn verify_stored_crcs(layer: &Layer, name: &str, first: u64, data: &[u8], bs: u6
                 actual: got,
             });
         }
-        match &mut total {
-            None => total = Some(h),
-            Some(t) => t.combine(&h),
-        }
     }
-    Ok(total.map_or_else(|| crc32fast::hash(&[]), |t| t.finalize()))
+    Ok(total)
 }
 
 /// [`io_err`] with the context built only on failure (for the data path,
@@ -1002,7 +998,7 @@ impl Store {
         into: &Arc<Layer>,
         first: u64,
         count: u64,
-        what: impl Fn() -> String,
+        what: impl FnOnce() -> String,
     ) -> Result<()> {
         let bs = self.block_size as u64;
         let data = self
@@ -1013,7 +1009,7 @@ impl Store {
                 buf: AlignedBuf::zeroed((count * bs) as usize),
             }])
             .await
-            .map_err(io_err(what()))?;
+            .map_err(io_err_with(what))?;
         if let Some(Completion::Read(buf)) = data.into_iter().next() {
             self.write_layer_blocks(into, first * bs, buf.as_slice())
                 .await?;
@@ -1431,7 +1427,9 @@ impl Store {
                                 buf: AlignedBuf::zeroed((n * bs) as usize),
                             }])
                             .await
-                            .map_err(io_err("reading a layer for a rebuild"))?;
+                            .map_err(io_err_with(|| {
+                                format!("reading {n} blocks at block {b} for a rebuild")
+                            }))?;
                         match done.into_iter().next() {
                             Some(Completion::Read(buf)) => {
                                 let crc = verify_stored_crcs(&layer, &name, b, buf.as_slice(), bs)?;
