@@ -24,6 +24,15 @@ pub enum MetaError {
         #[source]
         source: sled::Error,
     },
+    /// Another process holds the store's lock.
+    #[error(
+        "metadata store at {path} is locked by another process (is another zebu-replica \
+         serving this --dir?); stop it first"
+    )]
+    Locked {
+        /// Where the store lives.
+        path: PathBuf,
+    },
     /// The record is unreadable.
     #[error(
         "replica metadata at {path} is corrupt ({reason}); refusing to start rather than guess. \
@@ -110,22 +119,54 @@ pub struct SledMeta {
     path: PathBuf,
 }
 
+/// How long [`SledMeta::open`] waits for a lock held by this process's
+/// previous, just-dropped handle (see there).
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+
 impl SledMeta {
     /// Opens (or creates) the store in `path`.
+    ///
+    /// sled releases its file lock only when its background threads have
+    /// let go of the database, a moment after the last handle is dropped;
+    /// so a store reopened right after being closed in the same process may
+    /// find the lock still held. A held lock is therefore retried for up to
+    /// [`LOCK_WAIT`] before it is reported as [`MetaError::Locked`].
     pub fn open(path: &Path) -> Result<Self, MetaError> {
-        let db = sled::Config::new()
-            .path(path)
-            .cache_capacity(1 << 20)
-            .open()
-            .map_err(|source| MetaError::Store {
-                path: path.to_owned(),
-                source,
-            })?;
-        Ok(SledMeta {
-            db,
-            path: path.to_owned(),
-        })
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        loop {
+            match sled::Config::new()
+                .path(path)
+                .cache_capacity(1 << 20)
+                .open()
+            {
+                Ok(db) => {
+                    return Ok(SledMeta {
+                        db,
+                        path: path.to_owned(),
+                    });
+                }
+                Err(sled::Error::Io(e)) if is_lock_conflict(&e) => {
+                    if std::time::Instant::now() >= deadline {
+                        return Err(MetaError::Locked {
+                            path: path.to_owned(),
+                        });
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(20));
+                }
+                Err(source) => {
+                    return Err(MetaError::Store {
+                        path: path.to_owned(),
+                        source,
+                    });
+                }
+            }
+        }
     }
+}
+
+/// sled reports a held lock as an I/O error wrapping EWOULDBLOCK.
+fn is_lock_conflict(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("could not acquire lock")
 }
 
 impl MetaStore for SledMeta {
@@ -175,6 +216,25 @@ impl MetaStore for SledMeta {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_held_store_is_reported_locked_and_reopens_once_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta");
+        let first = SledMeta::open(&path).unwrap();
+        match SledMeta::open(&path) {
+            Err(e @ MetaError::Locked { .. }) => {
+                assert!(e.to_string().contains("locked by another process"), "{e}")
+            }
+            Err(e) => panic!("expected Locked, got {e}"),
+            Ok(_) => panic!("a second handle opened a locked store"),
+        }
+        // Closing and reopening at once, as a restarted store does, works.
+        drop(first);
+        for _ in 0..20 {
+            drop(SledMeta::open(&path).unwrap());
+        }
+    }
 
     #[test]
     fn roundtrip_and_corruption() {
