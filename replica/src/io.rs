@@ -63,7 +63,7 @@ pub struct Request {
 /// Which backend to use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum EngineKind {
-    /// io_uring on a dedicated ring thread.
+    /// io_uring, driven from the tokio runtime.
     Uring,
     /// pread/pwrite on a small thread pool.
     Threads,

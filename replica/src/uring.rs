@@ -1,30 +1,36 @@
-//! The io_uring ring thread and the aligned buffers O_DIRECT needs.
+//! The io_uring ring and the aligned buffers O_DIRECT needs.
 //!
 //! Architecture invariant: this is the only module of the replica that
 //! contains `unsafe` code. Every `unsafe` block carries a `SAFETY:` comment.
 //!
-//! One dedicated thread owns the ring. Callers hand it [`Request`]s through a
-//! channel; the thread pushes them as submission-queue entries in batches,
-//! submits them with one `io_uring_enter`, and sends each result back on the
-//! request's oneshot channel. An eventfd read is always armed on the ring so
-//! that new requests wake the thread while it waits for completions; the
-//! eventfd is only written when the thread has announced it is about to sleep,
-//! so a busy ring costs no extra syscalls per request.
+//! The ring is driven from the tokio runtime itself, with no thread of its
+//! own: [`Ring::submit`] pushes submission-queue entries under a mutex and
+//! wakes the ring's *reaper* task, which submits everything pushed since it
+//! last ran with one `io_uring_enter` and hands each completion back on its
+//! request's oneshot channel. The kernel signals completions on an eventfd
+//! registered with the ring, which the reaper waits on through the runtime's
+//! reactor (epoll). On the replica's single-threaded runtime a write thus
+//! costs no thread hop at all: the requests of one gRPC batch are pushed in
+//! one scheduler tick and submitted together on the next.
 //!
 //! Invariant: the buffer and the file of every submitted entry are owned by
 //! the in-flight table until the kernel posts the entry's completion; nothing
-//! the kernel may still read or write is freed or moved before that.
+//! the kernel may still read or write is freed or moved before that. Dropping
+//! the ring with entries in flight blocks until the kernel has completed them
+//! (this only happens when the runtime shuts down under running I/O).
 
 use std::alloc::{Layout, alloc, alloc_zeroed, dealloc};
+use std::collections::VecDeque;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd};
+use std::os::fd::AsRawFd;
 use std::ptr::NonNull;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use io_uring::{IoUring, opcode, squeue, types};
 use nix::sys::eventfd::{EfdFlags, EventFd};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+use tokio::sync::Notify;
 
 use crate::io::{Completion, Op, Request};
 
@@ -137,68 +143,241 @@ impl std::fmt::Debug for AlignedBuf {
 
 /// Submission-queue depth of the ring.
 const RING_ENTRIES: u32 = 512;
-/// Most requests in flight in the kernel at once.
+/// Most requests in flight in the kernel at once; more wait in a backlog.
+/// At most the completion queue's size (twice `RING_ENTRIES`), so the
+/// completion queue cannot overflow.
 const MAX_IN_FLIGHT: usize = 1024;
-/// user_data of the eventfd read that wakes the ring thread.
-const WAKE_TOKEN: u64 = u64::MAX;
 
-struct Shared {
-    sleeping: AtomicBool,
-    wake: EventFd,
+/// Handle to the ring. Dropping it lets the reaper finish the requests in
+/// flight and stop.
+pub struct Ring {
+    shared: Arc<Shared>,
 }
 
-/// Handle to the ring thread; dropping it lets the thread finish the
-/// requests in flight and exit.
-pub struct Ring {
-    tx: Option<mpsc::Sender<Request>>,
-    shared: Arc<Shared>,
-    thread: Option<std::thread::JoinHandle<()>>,
+struct Shared {
+    state: Mutex<State>,
+    /// Wakes the reaper: new entries to submit, or the handle was dropped.
+    kick: Notify,
+}
+
+struct State {
+    ring: IoUring,
+    /// Requests the kernel owns, by token (`user_data`).
+    table: Vec<Option<InFlight>>,
+    free: Vec<usize>,
+    in_flight: usize,
+    /// Entries pushed to the submission queue but not yet submitted.
+    unsubmitted: usize,
+    /// Requests waiting for an in-flight slot.
+    backlog: VecDeque<Request>,
+    /// The handle was dropped: stop once nothing is in flight.
+    closed: bool,
+    /// The reaper is gone (its runtime shut down): new requests fail.
+    stopped: bool,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic while holding the lock cannot leave the table half-updated
+        // in a way that matters more than losing the ring: keep going.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 impl Ring {
-    /// Sets up a ring and starts its thread. Fails (typically with EPERM or
-    /// ENOSYS) where io_uring is unavailable, e.g. under a seccomp profile.
+    /// Sets up a ring and spawns its reaper on the current tokio runtime.
+    /// Fails where io_uring is unavailable (typically EPERM under a seccomp
+    /// profile, or ENOSYS) and when called outside a runtime.
     pub fn new() -> io::Result<Self> {
+        let runtime = tokio::runtime::Handle::try_current().map_err(|_| {
+            io::Error::other("the io_uring backend must be started inside a tokio runtime")
+        })?;
         let ring: IoUring<squeue::Entry> = IoUring::builder().build(RING_ENTRIES)?;
-        let wake = EventFd::from_flags(EfdFlags::EFD_CLOEXEC).map_err(io::Error::from)?;
+        let efd = EventFd::from_flags(EfdFlags::EFD_CLOEXEC | EfdFlags::EFD_NONBLOCK)
+            .map_err(io::Error::from)?;
+        ring.submitter().register_eventfd(efd.as_raw_fd())?;
+        let efd = {
+            let _enter = runtime.enter();
+            // SAFETY: the EventFd owns its descriptor and always returns that
+            // same descriptor from as_raw_fd; the AsyncFd takes ownership of
+            // it, so it stays open for the AsyncFd's whole life.
+            unsafe { AsyncFd::register_with_interest(efd, Interest::READABLE) }?
+        };
         let shared = Arc::new(Shared {
-            sleeping: AtomicBool::new(false),
-            wake,
+            state: Mutex::new(State {
+                ring,
+                table: Vec::new(),
+                free: Vec::new(),
+                in_flight: 0,
+                unsubmitted: 0,
+                backlog: VecDeque::new(),
+                closed: false,
+                stopped: false,
+            }),
+            kick: Notify::new(),
         });
-        let (tx, rx) = mpsc::channel();
-        let thread_shared = shared.clone();
-        let thread = std::thread::Builder::new()
-            .name("zebu-ring".into())
-            .spawn(move || ring_loop(ring, rx, thread_shared))?;
-        Ok(Ring {
-            tx: Some(tx),
-            shared,
-            thread: Some(thread),
-        })
+        runtime.spawn(reap(shared.clone(), efd));
+        Ok(Ring { shared })
     }
 
-    /// Queues requests; their results arrive on their oneshot channels.
+    /// Queues requests; their results arrive on their oneshot channels. The
+    /// entries are submitted when the reaper next runs, together with every
+    /// other request queued before then.
     pub fn submit(&self, reqs: impl IntoIterator<Item = Request>) {
-        let Some(tx) = &self.tx else { return };
+        let mut st = self.shared.lock();
         for req in reqs {
-            if let Err(mpsc::SendError(req)) = tx.send(req) {
+            if st.stopped {
                 let _ = req
                     .done
-                    .send(Err(io::Error::other("the io_uring thread has stopped")));
+                    .send(Err(io::Error::other("the io_uring reaper has stopped")));
+            } else if st.in_flight < MAX_IN_FLIGHT {
+                st.push(req);
+            } else {
+                st.backlog.push_back(req);
             }
         }
-        if self.shared.sleeping.swap(false, Ordering::SeqCst) {
-            let _ = self.shared.wake.write(1);
-        }
+        drop(st);
+        self.shared.kick.notify_one();
     }
 }
 
 impl Drop for Ring {
     fn drop(&mut self) {
-        self.tx.take();
-        let _ = self.shared.wake.write(1);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
+        self.shared.lock().closed = true;
+        self.shared.kick.notify_one();
+    }
+}
+
+/// The reaper task: submits what was pushed, delivers completions, and
+/// sleeps until the eventfd or a kick wakes it.
+async fn reap(shared: Arc<Shared>, efd: AsyncFd<EventFd>) {
+    loop {
+        {
+            let mut st = shared.lock();
+            st.pump();
+            if st.closed && st.in_flight == 0 && st.backlog.is_empty() {
+                return;
+            }
+        }
+        tokio::select! {
+            _ = shared.kick.notified() => {}
+            ready = efd.readable() => match ready {
+                // Reset the eventfd's counter; the read that finds it at zero
+                // (EAGAIN) clears the readiness, so the next wait sleeps.
+                Ok(mut guard) => {
+                    let _: Result<io::Result<()>, _> = guard.try_io(|fd| loop {
+                        fd.get_ref().read().map_err(io::Error::from)?;
+                    });
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "waiting for io_uring completions failed; \
+                        the ring stops taking requests");
+                    let mut st = shared.lock();
+                    st.stopped = true;
+                    let backlog: Vec<Request> = st.backlog.drain(..).collect();
+                    drop(st);
+                    for req in backlog {
+                        let _ = req.done.send(Err(io::Error::other("the io_uring reaper has stopped")));
+                    }
+                    return;
+                }
+            },
+        }
+    }
+}
+
+impl State {
+    /// Pushes one request's entry; submits inline when the queue is full.
+    fn push(&mut self, mut req: Request) {
+        let idx = self.free.pop().unwrap_or_else(|| {
+            self.table.push(None);
+            self.table.len() - 1
+        });
+        let (entry, expected) = entry_for(&mut req, idx as u64);
+        self.table[idx] = Some(InFlight { req, expected });
+        // SAFETY: the entry points at the buffer and fd owned by table[idx],
+        // which stays in place until the completion for this token is reaped.
+        while unsafe { self.ring.submission().push(&entry) }.is_err() {
+            self.submit_pushed();
+        }
+        self.unsubmitted += 1;
+        self.in_flight += 1;
+    }
+
+    /// Hands every pushed entry to the kernel.
+    fn submit_pushed(&mut self) {
+        if self.unsubmitted == 0 {
+            return;
+        }
+        match self.ring.submit() {
+            Ok(_) => self.unsubmitted = 0,
+            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+            // EAGAIN/EBUSY: the kernel is short of resources; the entries
+            // stay queued and the next pump tries again.
+            Err(e) => tracing::warn!(error = %e, "io_uring submit failed; will retry"),
+        }
+    }
+
+    /// Delivers every posted completion; returns how many there were.
+    fn reap_completions(&mut self) -> usize {
+        let mut n = 0;
+        let mut done = Vec::new();
+        for cqe in self.ring.completion() {
+            done.push((cqe.user_data() as usize, cqe.result()));
+        }
+        for (idx, res) in done {
+            if let Some(flight) = self.table.get_mut(idx).and_then(Option::take) {
+                self.free.push(idx);
+                self.in_flight -= 1;
+                n += 1;
+                finish(flight, res);
+            }
+        }
+        n
+    }
+
+    /// Submits, reaps, and moves backlog into freed slots until nothing moves.
+    fn pump(&mut self) {
+        loop {
+            self.submit_pushed();
+            let reaped = self.reap_completions();
+            let mut moved = false;
+            while self.in_flight < MAX_IN_FLIGHT {
+                let Some(req) = self.backlog.pop_front() else {
+                    break;
+                };
+                self.push(req);
+                moved = true;
+            }
+            if reaped == 0 && !moved {
+                return;
+            }
+        }
+    }
+}
+
+impl Drop for State {
+    fn drop(&mut self) {
+        // The kernel may still read or write the buffers of entries in
+        // flight: wait for their completions before the table is freed.
+        while self.in_flight > 0 {
+            self.submit_pushed();
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                Err(e) => {
+                    tracing::error!(error = %e, in_flight = self.in_flight,
+                        "waiting for io_uring completions at shutdown failed; leaking their buffers");
+                    std::mem::forget(std::mem::take(&mut self.table));
+                    return;
+                }
+            }
+            self.reap_completions();
+        }
+        for req in self.backlog.drain(..) {
+            let _ = req
+                .done
+                .send(Err(io::Error::other("the io_uring ring was shut down")));
         }
     }
 }
@@ -262,115 +441,4 @@ fn finish(flight: InFlight, res: i32) {
         })
     };
     let _ = req.done.send(result);
-}
-
-fn ring_loop(ring: IoUring, rx: mpsc::Receiver<Request>, shared: Arc<Shared>) {
-    let mut ring = ring;
-    // Leaked on purpose: the kernel may hold the eventfd read until the ring
-    // itself is torn down, after this function returns.
-    let wake_buf: &'static mut [u8; 8] = Box::leak(Box::new([0u8; 8]));
-    let wake_fd = shared.wake.as_fd().as_raw_fd();
-    let wake_entry = opcode::Read::new(types::Fd(wake_fd), wake_buf.as_mut_ptr(), 8)
-        .build()
-        .user_data(WAKE_TOKEN);
-    let mut table: Vec<Option<InFlight>> = Vec::new();
-    let mut free: Vec<usize> = Vec::new();
-    let mut in_flight = 0usize;
-    let mut wake_armed = false;
-    let mut closed = false;
-
-    loop {
-        if !wake_armed {
-            // SAFETY: wake_buf is 'static (leaked) and the eventfd outlives the
-            // ring (shared is held until this function returns and the ring is
-            // torn down at the latest then).
-            if unsafe { ring.submission().push(&wake_entry) }.is_ok() {
-                wake_armed = true;
-            }
-        }
-        // Move queued requests into the submission queue.
-        let mut pending_push = false;
-        while in_flight < MAX_IN_FLIGHT {
-            match rx.try_recv() {
-                Ok(req) => {
-                    requeue(&mut ring, &mut table, &mut free, &mut in_flight, req);
-                    pending_push = true;
-                }
-                Err(mpsc::TryRecvError::Empty) => break,
-                Err(mpsc::TryRecvError::Disconnected) => {
-                    closed = true;
-                    break;
-                }
-            }
-        }
-        if closed && in_flight == 0 {
-            break;
-        }
-        let want = if pending_push && in_flight >= MAX_IN_FLIGHT {
-            1
-        } else if pending_push {
-            0
-        } else {
-            // Announce the sleep, then look once more so a request sent just
-            // before the announcement is not missed.
-            shared.sleeping.store(true, Ordering::SeqCst);
-            if !closed && in_flight < MAX_IN_FLIGHT {
-                match rx.try_recv() {
-                    Ok(req) => {
-                        shared.sleeping.store(false, Ordering::SeqCst);
-                        requeue(&mut ring, &mut table, &mut free, &mut in_flight, req);
-                        continue;
-                    }
-                    Err(mpsc::TryRecvError::Disconnected) => closed = true,
-                    Err(mpsc::TryRecvError::Empty) => {}
-                }
-            }
-            if closed && in_flight == 0 {
-                break;
-            }
-            1
-        };
-        match ring.submit_and_wait(want) {
-            Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
-            Err(e) => tracing::error!(error = %e, "io_uring_enter failed"),
-        }
-        shared.sleeping.store(false, Ordering::SeqCst);
-        for cqe in ring.completion() {
-            let token = cqe.user_data();
-            if token == WAKE_TOKEN {
-                wake_armed = false;
-                continue;
-            }
-            let idx = token as usize;
-            if let Some(flight) = table.get_mut(idx).and_then(Option::take) {
-                free.push(idx);
-                in_flight -= 1;
-                finish(flight, cqe.result());
-            }
-        }
-    }
-}
-
-fn requeue(
-    ring: &mut IoUring,
-    table: &mut Vec<Option<InFlight>>,
-    free: &mut Vec<usize>,
-    in_flight: &mut usize,
-    mut req: Request,
-) {
-    let idx = free.pop().unwrap_or_else(|| {
-        table.push(None);
-        table.len() - 1
-    });
-    let (entry, expected) = entry_for(&mut req, idx as u64);
-    table[idx] = Some(InFlight { req, expected });
-    // SAFETY: the entry points at the buffer and fd owned by table[idx],
-    // which stays in place until the completion for this token is reaped.
-    while unsafe { ring.submission().push(&entry) }.is_err() {
-        if let Err(e) = ring.submit() {
-            tracing::error!(error = %e, "io_uring submit failed while the queue was full");
-        }
-    }
-    *in_flight += 1;
 }
