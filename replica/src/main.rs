@@ -32,7 +32,8 @@ struct Args {
 }
 
 // One runtime thread: the replica's work per request is short (decode, CRC,
-// hand the I/O to the ring thread, encode the reply), and on a host shared
+// push the I/O to the io_uring ring, which this thread drives, encode the
+// reply), and on a host shared
 // with other replicas and the engine a second worker mostly costs thread
 // wake-ups (work stealing) and context switches per request.
 #[tokio::main(flavor = "current_thread")]
