@@ -16,7 +16,9 @@
 # 4 KiB randread QD32, 1 MiB sequential write QD8, 1 MiB sequential read QD8,
 # 70/30 4 KiB random read/write mix QD16. For every Zebu run the CPU time
 # (utime+stime) of the engine and each replica is read before and after fio,
-# giving CPU µs per I/O, and VmHWM (peak RSS) after it.
+# giving CPU µs per I/O, and VmHWM (peak RSS) after it; so are their user
+# time alone and the whole machine's busy time, which bound what making
+# Zebu's own code cheaper could gain (the Targets table).
 #
 # Then, if zebu-3 is among the systems, a rebuild section, one round per run,
 # each on a fresh volume (1 GiB, or --size if smaller; 3 replicas): write half
@@ -374,6 +376,15 @@ system_alive() {
 cpu_ticks() { # pid
   sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | awk '{print $12 + $13}' || echo -
 }
+# User-space ticks alone (utime, field 14).
+user_ticks() { # pid
+  sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | awk '{print $12}' || echo -
+}
+# Busy ticks of the whole machine (user + nice + system + irq + softirq of
+# /proc/stat's cpu line; idle, iowait and steal excluded).
+machine_busy() {
+  awk '/^cpu / {print $2 + $3 + $4 + $7 + $8}' /proc/stat 2>/dev/null || echo -
+}
 vm_hwm() { # pid
   awk '/^VmHWM:/ {print $2}' "/proc/$1/status" 2>/dev/null || echo -
 }
@@ -381,7 +392,11 @@ declare -A ticks_before=()
 cpu_snap_before() { # system
   local l
   ticks_before=()
-  for l in $(procs_of "$1"); do ticks_before[$l]=$(cpu_ticks "${pid_of[$l]}"); done
+  for l in $(procs_of "$1"); do
+    ticks_before[$l]=$(cpu_ticks "${pid_of[$l]}")
+    ticks_before[user:$l]=$(user_ticks "${pid_of[$l]}")
+  done
+  ticks_before[machine:busy]=$(machine_busy)
 }
 cpu_snap_after() { # system scenario run ; one line per process in $cpu_tsv
   local l after
@@ -389,7 +404,11 @@ cpu_snap_after() { # system scenario run ; one line per process in $cpu_tsv
     after=$(cpu_ticks "${pid_of[$l]}")
     printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$2" "$3" "$l" "${ticks_before[$l]:--}" "${after:--}" \
       "$(vm_hwm "${pid_of[$l]}")" >>"$cpu_tsv"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\t-\n' "$1" "$2" "$3" "user:$l" "${ticks_before[user:$l]:--}" \
+      "$(user_ticks "${pid_of[$l]}")" >>"$cpu_tsv"
   done
+  printf '%s\t%s\t%s\tmachine:busy\t%s\t%s\t-\n' "$1" "$2" "$3" "${ticks_before[machine:busy]:--}" \
+    "$(machine_busy)" >>"$cpu_tsv"
 }
 
 fio_target_args() { # system -> fio engine/target options
