@@ -9,6 +9,7 @@
 //! Invariant: [`MetaStore::save`] returns only after the record is durable.
 
 use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -121,7 +122,7 @@ pub struct SledMeta {
 
 /// How long [`SledMeta::open`] waits for a lock held by this process's
 /// previous, just-dropped handle (see there).
-const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
+const LOCK_WAIT: Duration = Duration::from_secs(3);
 
 impl SledMeta {
     /// Opens (or creates) the store in `path`.
@@ -132,7 +133,7 @@ impl SledMeta {
     /// find the lock still held. A held lock is therefore retried for up to
     /// [`LOCK_WAIT`] before it is reported as [`MetaError::Locked`].
     pub fn open(path: &Path) -> Result<Self, MetaError> {
-        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        let deadline = Instant::now() + LOCK_WAIT;
         loop {
             match sled::Config::new()
                 .path(path)
@@ -146,12 +147,12 @@ impl SledMeta {
                     });
                 }
                 Err(sled::Error::Io(e)) if is_lock_conflict(&e) => {
-                    if std::time::Instant::now() >= deadline {
+                    if Instant::now() >= deadline {
                         return Err(MetaError::Locked {
                             path: path.to_owned(),
                         });
                     }
-                    std::thread::sleep(std::time::Duration::from_millis(20));
+                    std::thread::sleep(Duration::from_millis(20));
                 }
                 Err(source) => {
                     return Err(MetaError::Store {

@@ -164,8 +164,8 @@ struct State {
     ring: IoUring,
     /// Requests the kernel owns, by token (`user_data`).
     table: Vec<Option<InFlight>>,
+    /// Tokens of the table's empty slots.
     free: Vec<usize>,
-    in_flight: usize,
     /// Entries pushed to the submission queue but not yet submitted.
     unsubmitted: usize,
     /// Requests waiting for an in-flight slot.
@@ -208,7 +208,6 @@ impl Ring {
                 ring,
                 table: Vec::new(),
                 free: Vec::new(),
-                in_flight: 0,
                 unsubmitted: 0,
                 backlog: VecDeque::new(),
                 closed: false,
@@ -230,7 +229,7 @@ impl Ring {
                 let _ = req
                     .done
                     .send(Err(io::Error::other("the io_uring reaper has stopped")));
-            } else if st.in_flight < MAX_IN_FLIGHT {
+            } else if st.in_flight() < MAX_IN_FLIGHT {
                 st.push(req);
             } else {
                 st.backlog.push_back(req);
@@ -255,7 +254,7 @@ async fn reap(shared: Arc<Shared>, efd: AsyncFd<EventFd>) {
         {
             let mut st = shared.lock();
             st.pump();
-            if st.closed && st.in_flight == 0 && st.backlog.is_empty() {
+            if st.closed && st.in_flight() == 0 && st.backlog.is_empty() {
                 return;
             }
         }
@@ -274,11 +273,7 @@ async fn reap(shared: Arc<Shared>, efd: AsyncFd<EventFd>) {
                         the ring stops taking requests");
                     let mut st = shared.lock();
                     st.stopped = true;
-                    let backlog: Vec<Request> = st.backlog.drain(..).collect();
-                    drop(st);
-                    for req in backlog {
-                        let _ = req.done.send(Err(io::Error::other("the io_uring reaper has stopped")));
-                    }
+                    st.fail_backlog("the io_uring reaper has stopped");
                     return;
                 }
             },
@@ -287,6 +282,18 @@ async fn reap(shared: Arc<Shared>, efd: AsyncFd<EventFd>) {
 }
 
 impl State {
+    /// Requests the kernel owns: the table's occupied slots.
+    fn in_flight(&self) -> usize {
+        self.table.len() - self.free.len()
+    }
+
+    /// Answers every request still waiting for a slot with an error.
+    fn fail_backlog(&mut self, why: &str) {
+        for req in self.backlog.drain(..) {
+            let _ = req.done.send(Err(io::Error::other(why.to_owned())));
+        }
+    }
+
     /// Pushes one request's entry; submits inline when the queue is full.
     fn push(&mut self, mut req: Request) {
         let idx = self.free.pop().unwrap_or_else(|| {
@@ -301,7 +308,6 @@ impl State {
             self.submit_pushed();
         }
         self.unsubmitted += 1;
-        self.in_flight += 1;
     }
 
     /// Hands every pushed entry to the kernel.
@@ -320,17 +326,16 @@ impl State {
 
     /// Delivers every posted completion; returns how many there were.
     fn reap_completions(&mut self) -> usize {
+        let State {
+            ring, table, free, ..
+        } = self;
         let mut n = 0;
-        let mut done = Vec::new();
-        for cqe in self.ring.completion() {
-            done.push((cqe.user_data() as usize, cqe.result()));
-        }
-        for (idx, res) in done {
-            if let Some(flight) = self.table.get_mut(idx).and_then(Option::take) {
-                self.free.push(idx);
-                self.in_flight -= 1;
+        for cqe in ring.completion() {
+            let idx = cqe.user_data() as usize;
+            if let Some(flight) = table.get_mut(idx).and_then(Option::take) {
+                free.push(idx);
                 n += 1;
-                finish(flight, res);
+                finish(flight, cqe.result());
             }
         }
         n
@@ -342,7 +347,7 @@ impl State {
             self.submit_pushed();
             let reaped = self.reap_completions();
             let mut moved = false;
-            while self.in_flight < MAX_IN_FLIGHT {
+            while self.in_flight() < MAX_IN_FLIGHT {
                 let Some(req) = self.backlog.pop_front() else {
                     break;
                 };
@@ -360,25 +365,22 @@ impl Drop for State {
     fn drop(&mut self) {
         // The kernel may still read or write the buffers of entries in
         // flight: wait for their completions before the table is freed.
-        while self.in_flight > 0 {
+        while self.in_flight() > 0 {
             self.submit_pushed();
             match self.ring.submit_and_wait(1) {
                 Ok(_) => {}
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
                 Err(e) => {
-                    tracing::error!(error = %e, in_flight = self.in_flight,
+                    tracing::error!(error = %e, in_flight = self.in_flight(),
                         "waiting for io_uring completions at shutdown failed; leaking their buffers");
                     std::mem::forget(std::mem::take(&mut self.table));
+                    self.free.clear();
                     return;
                 }
             }
             self.reap_completions();
         }
-        for req in self.backlog.drain(..) {
-            let _ = req
-                .done
-                .send(Err(io::Error::other("the io_uring ring was shut down")));
-        }
+        self.fail_backlog("the io_uring ring was shut down");
     }
 }
 
