@@ -5,10 +5,11 @@
 //! `layers/<id>.crc` holds the crc32 of block `b` as 4 little-endian bytes at
 //! `b * 4`. The data file is opened with O_DIRECT where the filesystem allows
 //! it; the CRC file is buffered (its entries are 4 bytes) and is synced with
-//! the data file on every flush. CRC entries are written with a plain
-//! `pwrite` into the page cache, not through io_uring: ext4 cannot complete a
-//! buffered write without blocking, so io_uring would hand every such write
-//! to an io-wq worker thread (a thread wake-up per write).
+//! the data file on every flush. CRC entries are stored through a shared
+//! memory mapping of the CRC file ([`CrcMap`]), not written through io_uring
+//! or `pwrite`: ext4 cannot complete a buffered write without blocking, so
+//! io_uring would hand every such write to an io-wq worker thread, and a
+//! `pwrite` of 4 bytes costs a system call and a filesystem write per block.
 //!
 //! Invariant: a block is present in the index iff the data file holds data
 //! there (SEEK_DATA agrees), so the index can always be rebuilt from the file.
@@ -26,6 +27,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use nix::fcntl::{FallocateFlags, fallocate};
 use nix::unistd::{Whence, lseek};
 
+use crate::crcmap::CrcMap;
 use crate::extent::ExtentIndex;
 use crate::uring::AlignedBuf;
 
@@ -36,8 +38,10 @@ pub struct Layer {
     pub id: u64,
     /// Data file.
     pub data: Arc<File>,
-    /// CRC file.
+    /// CRC file (synced on flush; entries go through `crcs`).
     pub crc: Arc<File>,
+    /// The CRC file's entries, mapped; replaced when the layer grows.
+    crcs: RwLock<CrcMap>,
     index: RwLock<ExtentIndex>,
 }
 
@@ -77,11 +81,13 @@ impl Layer {
             .create(true)
             .truncate(true)
             .open(&crc_path)?;
+        let blocks = size / block_size as u64;
         Ok(Layer {
             id,
             data: Arc::new(data),
+            crcs: RwLock::new(CrcMap::map(&crc, blocks)?),
             crc: Arc::new(crc),
-            index: RwLock::new(ExtentIndex::new(size / block_size as u64)),
+            index: RwLock::new(ExtentIndex::new(blocks)),
         })
     }
 
@@ -124,10 +130,17 @@ impl Layer {
             index.insert(first, last - first);
             pos = end;
         }
+        let crcs = CrcMap::map(&crc, size / bs).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("mapping CRC file {}: {e}", crc_path.display()),
+            )
+        })?;
         Ok(Layer {
             id,
             data: Arc::new(data),
             crc: Arc::new(crc),
+            crcs: RwLock::new(crcs),
             index: RwLock::new(index),
         })
     }
@@ -170,23 +183,37 @@ impl Layer {
         Ok(())
     }
 
-    /// CRCs of blocks `[first, first + count)` as stored in the CRC file.
-    pub fn read_crcs(&self, first: u64, count: u64) -> io::Result<Vec<u32>> {
-        let mut raw = vec![0u8; count as usize * 4];
-        let mut done = 0;
-        while done < raw.len() {
-            let n = self
-                .crc
-                .read_at(&mut raw[done..], first * 4 + done as u64)?;
-            if n == 0 {
-                break; // Past the end of the CRC file: entries never written read as 0.
-            }
-            done += n;
+    /// CRCs of blocks `[first, first + count)` as stored in the CRC file
+    /// (entries never written read as 0).
+    pub fn read_crcs(&self, first: u64, count: u64) -> Vec<u32> {
+        self.crc_map().load(first, count)
+    }
+
+    /// Stores the CRC-file bytes of the blocks from `first` on (see
+    /// [`block_crcs`]); they are durable once the CRC file is synced. A layer
+    /// whose block space grew after it was mapped (an older layer of an
+    /// expanded volume, written by a merge) is mapped anew first.
+    pub fn store_crcs(&self, first: u64, crc_bytes: &[u8]) -> io::Result<()> {
+        let end = first.saturating_add(crc_bytes.len() as u64 / 4);
+        if end > self.crc_map().entries() {
+            self.grow_crcs(self.index().blocks().max(end))?;
         }
-        Ok(raw
-            .chunks_exact(4)
-            .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect())
+        self.crc_map().store(first, crc_bytes)
+    }
+
+    /// Extends the CRC file and its mapping to `blocks` entries, for a layer
+    /// whose data file grew. Fails (keeping the old mapping) when the disk
+    /// has no room for the new entries.
+    pub fn grow_crcs(&self, blocks: u64) -> io::Result<()> {
+        let mut map = self.crcs.write().unwrap_or_else(|p| p.into_inner());
+        if blocks > map.entries() {
+            *map = CrcMap::map(&self.crc, blocks)?;
+        }
+        Ok(())
+    }
+
+    fn crc_map(&self) -> RwLockReadGuard<'_, CrcMap> {
+        self.crcs.read().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Recomputes the CRC entries of every present block from the data
@@ -203,7 +230,7 @@ impl Layer {
                 let mut buf = AlignedBuf::zeroed((n * bs) as usize);
                 self.data.read_exact_at(buf.as_mut_slice(), b * bs)?;
                 let crcs = block_crcs(buf.as_slice(), bs as usize);
-                self.crc.write_all_at(&crcs, b * 4)?;
+                self.store_crcs(b, &crcs)?;
                 blocks += n;
                 b += n;
             }

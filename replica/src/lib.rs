@@ -2,12 +2,16 @@
 //! served over gRPC.
 //!
 //! - [`store`]: the layer chain and every operation on it.
-//! - [`layer`]: one layer's files and index; [`extent`]: the index.
-//! - [`io`]: the I/O backends; [`uring`]: the io_uring ring (all `unsafe`).
+//! - [`layer`]: one layer's files and index; [`extent`]: the index;
+//!   [`crcmap`]: the CRC file mapped into memory (its `unsafe` is the
+//!   mapping's lifetime).
+//! - [`io`]: the I/O backends; [`uring`]: the io_uring ring (all other
+//!   `unsafe`).
 //! - [`meta`]: the metadata record in sled.
 //! - [`server`]: the gRPC service; [`pull`]: writing a layer during a sync,
 //!   from the engine's stream or pulled from a peer replica.
 
+pub mod crcmap;
 pub mod extent;
 pub mod io;
 pub mod layer;

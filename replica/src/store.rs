@@ -28,7 +28,6 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -145,9 +144,7 @@ type Result<T, E = StoreError> = std::result::Result<T, E>;
 /// (combined from the blocks' CRCs, not computed over the bytes again).
 fn verify_stored_crcs(layer: &Layer, name: &str, first: u64, data: &[u8], bs: u64) -> Result<u32> {
     let n = data.len() as u64 / bs;
-    let stored = layer.read_crcs(first, n).map_err(io_err_with(|| {
-        format!("reading the CRCs of {n} blocks at block {first}")
-    }))?;
+    let stored = layer.read_crcs(first, n);
     let (crcs, total) = block_crcs_and_total(data, bs as usize);
     let read = crcs
         .chunks_exact(4)
@@ -671,9 +668,9 @@ impl Store {
 
     /// [`Self::write_layer_blocks`] with the CRC-file bytes of `data` already
     /// computed. The data write goes to the I/O backend; while it runs, the
-    /// CRC entries are written with a plain `pwrite` into the page cache (see
-    /// `layer`'s docs for why not through io_uring). Both have finished
-    /// before the index is updated, so the durability invariant is unchanged.
+    /// CRC entries are stored into the layer's mapped CRC file (see `layer`'s
+    /// docs for why not through io_uring). Both have finished before the
+    /// index is updated, so the durability invariant is unchanged.
     async fn write_blocks_with_crcs(
         &self,
         layer: &Arc<Layer>,
@@ -689,7 +686,7 @@ impl Store {
             offset,
             buf: AlignedBuf::copy_from(data),
         }]);
-        let crc_written = layer.crc.write_all_at(&crcs, first * 4);
+        let crc_written = layer.store_crcs(first, &crcs);
         // Wait for the data write even when the CRC write failed.
         IoEngine::wait(pending)
             .await
@@ -1165,6 +1162,8 @@ impl Store {
             }
             if size > chain.size {
                 let head = chain.head().clone();
+                head.grow_crcs(size / bs)
+                    .map_err(io_err("growing the head layer's CRC file"))?;
                 head.data
                     .set_len(size)
                     .map_err(io_err("growing the head layer file"))?;
@@ -1351,13 +1350,7 @@ impl Store {
                 let mut b = s;
                 while b < e {
                     let n = (CHUNK - blocks.len()).min((e - b) as usize) as u64;
-                    match layer.read_crcs(b, n) {
-                        Ok(c) => crcs.extend(c),
-                        Err(err) => {
-                            let _ = tx.blocking_send(Err(io_err("reading CRCs")(err)));
-                            return;
-                        }
-                    }
+                    crcs.extend(layer.read_crcs(b, n));
                     blocks.extend(b..b + n);
                     b += n;
                     if blocks.len() == CHUNK {

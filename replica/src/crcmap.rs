@@ -1,0 +1,256 @@
+//! A layer's CRC file mapped into memory.
+//!
+//! The CRC file holds the crc32 of block `b` as 4 little-endian bytes at
+//! byte `b * 4`. Writing an entry with `pwrite` costs a system call and a
+//! trip through the filesystem's buffered-write path (page lookup, journal
+//! handle, timestamp update) for 4 bytes, once per replicated write; with
+//! the file mapped `MAP_SHARED`, storing an entry is a memory store into the
+//! same page-cache page, and the kernel writes the dirty pages back on its
+//! own or when the file is `fdatasync`'ed. The flush path is therefore
+//! unchanged: `fdatasync` of the CRC file makes every entry stored before it
+//! durable, as it did for entries written with `pwrite`. Reads with `pread`
+//! and the mapping see the same page cache, so they agree at all times.
+//!
+//! Invariants:
+//! - The file's first `entries * 4` bytes are allocated on disk
+//!   (`fallocate`) before they are mapped, so storing into a page never
+//!   needs the filesystem to find space: a full disk is reported when the
+//!   layer is created or grown, never as a `SIGBUS` in the middle of a write.
+//! - Entries are accessed as [`AtomicU32`]: a rebuild may read entries on
+//!   another thread while the runtime thread stores them.
+//! - All `unsafe` of this module is the mapping's lifetime: the pointer is
+//!   valid for `entries` entries from [`CrcMap::map`] until drop.
+
+use std::fs::File;
+use std::io;
+use std::num::NonZeroUsize;
+use std::os::fd::AsFd;
+use std::ptr::NonNull;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use nix::fcntl::{FallocateFlags, fallocate};
+use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
+
+/// A shared, writable mapping of the first `entries` entries of a CRC file.
+#[derive(Debug)]
+pub struct CrcMap {
+    /// Start of the mapping; dangling (and never dereferenced) when
+    /// `entries` is 0.
+    ptr: NonNull<AtomicU32>,
+    entries: usize,
+}
+
+// SAFETY: the mapping is plain shared memory accessed only through atomics;
+// the pointer is valid on any thread for the map's whole life.
+unsafe impl Send for CrcMap {}
+// SAFETY: as above: every access is an atomic load or store.
+unsafe impl Sync for CrcMap {}
+
+impl CrcMap {
+    /// Extends `file` to hold at least `entries` entries (it is never
+    /// shortened), allocates their space on disk, and maps them.
+    pub fn map(file: &File, entries: u64) -> io::Result<CrcMap> {
+        let bytes = entries
+            .checked_mul(4)
+            .filter(|b| usize::try_from(*b).is_ok())
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!("a CRC map of {entries} entries does not fit in memory"),
+                )
+            })?;
+        let Some(len) = NonZeroUsize::new(bytes as usize) else {
+            return Ok(CrcMap {
+                ptr: NonNull::dangling(),
+                entries: 0,
+            });
+        };
+        if file.metadata()?.len() < bytes {
+            file.set_len(bytes)?;
+        }
+        match fallocate(
+            file.as_fd(),
+            FallocateFlags::empty(),
+            0,
+            bytes as libc::off_t,
+        ) {
+            Ok(()) => {}
+            Err(nix::errno::Errno::EOPNOTSUPP) => tracing::warn!(
+                "the filesystem cannot preallocate the CRC file; a full disk will stop the replica \
+                 (SIGBUS) instead of failing the write"
+            ),
+            Err(e) => {
+                return Err(io::Error::new(
+                    io::Error::from(e).kind(),
+                    format!("allocating {bytes} bytes for the CRC file: {e}"),
+                ));
+            }
+        }
+        // SAFETY: a new mapping chosen by the kernel (no address hint), so it
+        // overlaps nothing of ours; `file` is open read-write, as PROT_WRITE
+        // with MAP_SHARED requires. The mapping stays valid after `file` is
+        // closed and lives until `drop` unmaps it. Its first `bytes` bytes
+        // are backed by the file (extended above), so no access within
+        // `entries` entries faults for lack of backing.
+        let ptr = unsafe {
+            mmap(
+                None,
+                len,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED,
+                file,
+                0,
+            )
+        }
+        .map_err(|e| {
+            io::Error::new(
+                io::Error::from(e).kind(),
+                format!("mapping the CRC file: {e}"),
+            )
+        })?;
+        Ok(CrcMap {
+            // Page-aligned, hence aligned for AtomicU32.
+            ptr: ptr.cast(),
+            entries: entries as usize,
+        })
+    }
+
+    /// Number of entries mapped.
+    pub fn entries(&self) -> u64 {
+        self.entries as u64
+    }
+
+    fn slots(&self) -> &[AtomicU32] {
+        if self.entries == 0 {
+            return &[];
+        }
+        // SAFETY: `ptr` points to a live mapping of `entries * 4` bytes
+        // (see `map`), page-aligned, that only this map unmaps (in drop,
+        // which cannot run while `&self` is borrowed). AtomicU32 has the
+        // size and alignment of u32 and allows shared mutation.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.entries) }
+    }
+
+    /// Stores CRC-file bytes (4 little-endian bytes per block, as
+    /// `layer::block_crcs` makes them) for the blocks from `first` on.
+    /// Fails, storing nothing, if they run past the mapped entries.
+    pub fn store(&self, first: u64, crc_bytes: &[u8]) -> io::Result<()> {
+        let n = crc_bytes.len() / 4;
+        let slots = self.slots();
+        let range = usize::try_from(first)
+            .ok()
+            .and_then(|f| Some(f..f.checked_add(n)?))
+            .filter(|r| r.end <= slots.len())
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    format!(
+                        "CRC entries {first}..+{n} are past the {} entries of the layer",
+                        slots.len()
+                    ),
+                )
+            })?;
+        for (slot, c) in slots[range].iter().zip(crc_bytes.chunks_exact(4)) {
+            slot.store(
+                u32::from_le_bytes([c[0], c[1], c[2], c[3]]),
+                Ordering::Relaxed,
+            );
+        }
+        Ok(())
+    }
+
+    /// The CRCs of blocks `[first, first + count)`; entries past the mapped
+    /// ones read as 0, like never-written entries.
+    pub fn load(&self, first: u64, count: u64) -> Vec<u32> {
+        let slots = self.slots();
+        (0..count)
+            .map(|i| {
+                first
+                    .checked_add(i)
+                    .and_then(|b| usize::try_from(b).ok())
+                    .and_then(|b| slots.get(b))
+                    .map_or(0, |s| s.load(Ordering::Relaxed))
+            })
+            .collect()
+    }
+}
+
+impl Drop for CrcMap {
+    fn drop(&mut self) {
+        if self.entries == 0 {
+            return;
+        }
+        // SAFETY: `ptr` and `entries * 4` are exactly the mapping made in
+        // `map`, not unmapped before; no borrow of it outlives `&mut self`.
+        if let Err(e) = unsafe { munmap(self.ptr.cast(), self.entries * 4) } {
+            tracing::error!(error = %e, "unmapping a CRC file failed");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::FileExt;
+    use std::os::unix::fs::MetadataExt;
+
+    fn crc_file(dir: &tempfile::TempDir) -> File {
+        File::options()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(dir.path().join("0.crc"))
+            .unwrap()
+    }
+
+    #[test]
+    fn stored_entries_are_in_the_file_and_file_writes_are_in_the_map() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = crc_file(&dir);
+        let m = CrcMap::map(&f, 5000).unwrap();
+        assert_eq!(f.metadata().unwrap().len(), 20_000);
+        assert!(
+            f.metadata().unwrap().blocks() * 512 >= 20_000,
+            "the mapped range is allocated on disk"
+        );
+        m.store(4095, &[1, 0, 0, 0, 2, 0, 0, 0]).unwrap();
+        let mut raw = [0u8; 8];
+        f.read_exact_at(&mut raw, 4095 * 4).unwrap();
+        assert_eq!(raw, [1, 0, 0, 0, 2, 0, 0, 0]);
+        f.write_all_at(&7u32.to_le_bytes(), 10 * 4).unwrap();
+        assert_eq!(m.load(9, 3), vec![0, 7, 0]);
+        assert_eq!(m.load(4095, 2), vec![1, 2]);
+        drop(m);
+        f.sync_data().unwrap();
+        let again = CrcMap::map(&f, 5000).unwrap();
+        assert_eq!(again.load(4095, 2), vec![1, 2], "entries survive a remap");
+    }
+
+    #[test]
+    fn entries_past_the_map_read_as_zero_and_cannot_be_stored() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = crc_file(&dir);
+        let m = CrcMap::map(&f, 8).unwrap();
+        m.store(6, &[9, 0, 0, 0, 8, 0, 0, 0]).unwrap();
+        assert_eq!(m.load(6, 4), vec![9, 8, 0, 0]);
+        let e = m.store(7, &[1, 0, 0, 0, 1, 0, 0, 0]).unwrap_err();
+        assert!(e.to_string().contains("past the 8 entries"), "{e}");
+        assert_eq!(m.load(7, 1), vec![8], "a refused store stores nothing");
+        assert_eq!(m.load(u64::MAX - 1, 2), vec![0, 0]);
+    }
+
+    #[test]
+    fn a_longer_file_is_kept_and_an_empty_map_holds_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = crc_file(&dir);
+        f.write_all_at(&[5; 64], 0).unwrap();
+        let m = CrcMap::map(&f, 4).unwrap();
+        assert_eq!(f.metadata().unwrap().len(), 64, "never shortened");
+        assert_eq!(m.load(0, 1), vec![0x0505_0505]);
+        let empty = CrcMap::map(&f, 0).unwrap();
+        assert_eq!(empty.entries(), 0);
+        assert_eq!(empty.load(0, 2), vec![0, 0]);
+        assert!(empty.store(0, &[1, 0, 0, 0]).is_err());
+    }
+}
