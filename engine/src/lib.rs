@@ -4,12 +4,15 @@
 //!   revisions, ejection rules).
 //! - [`volume`]: the async layer around it: replica links, the block device
 //!   the frontend serves, snapshots, expansion, replica admission.
-//! - [`link`]: control connection and data stream to one replica.
+//! - [`link`]: control connection and data stream to one replica;
+//!   [`batch`]: the stream's requests framed as gRPC messages without
+//!   copying large payloads.
 //! - [`rebuild`]: CRC-diff layer copy between replicas (rebuild, resync).
 //! - [`frontend`]: the NBD server.
 //! - [`control`]: the control gRPC service and status rendering.
 //! - [`stats`]: I/O counters and latency percentiles.
 
+pub mod batch;
 pub mod control;
 pub mod frontend;
 pub mod link;

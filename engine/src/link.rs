@@ -2,10 +2,13 @@
 //! calls and one long-lived bidirectional data stream.
 //!
 //! Requests handed to a [`DataLink`] are queued without blocking; the
-//! request stream given to tonic gathers whatever is queued into one
-//! `IoBatch` message when the HTTP/2 connection polls it, so a burst of
-//! requests costs one HTTP/2 message and no task sits between the caller and
-//! the connection. Replies are handed to a callback in the order the replica
+//! request body of the stream ([`crate::batch::BatchBody`]) gathers whatever
+//! is queued into one `IoBatch` message when the HTTP/2 connection polls it,
+//! so a burst of requests costs one HTTP/2 message and no task sits between
+//! the caller and the connection. The stream is opened on the channel
+//! directly (not through the generated client) so that the body can hand
+//! large payloads to the connection without copying them. Replies are
+//! decoded by tonic and handed to a callback in the order the replica
 //! completes them.
 //!
 //! Invariant: when the stream ends or breaks, the callback's `broken` is
@@ -15,12 +18,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use std::pin::Pin;
-use std::task::{Context, Poll};
-
-use futures::Stream;
 use tokio::sync::mpsc;
+use tonic::codec::{Codec, Streaming};
 use tonic::transport::Channel;
+use tower::ServiceExt;
+
+use crate::batch::BatchBody;
 
 use zebu_proto::replica as pb;
 use zebu_proto::replica::replica_client::ReplicaClient;
@@ -28,8 +31,8 @@ use zebu_proto::replica::replica_client::ReplicaClient;
 /// Limit for control calls whose work grows with the data (merge, sync).
 pub const LONG_CALL_TIMEOUT: Duration = Duration::from_secs(3600);
 
-/// Most requests in one batch message.
-const MAX_BATCH: usize = 256;
+/// The data stream's method.
+const IO_PATH: &str = "/zebu.replica.v1.Replica/Io";
 
 /// Errors of replica connections.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +83,8 @@ pub struct Control {
     pub addr: String,
     /// The gRPC client.
     pub client: ReplicaClient<Channel>,
+    /// Its channel, for the data stream.
+    channel: Channel,
     /// Limit for each control call.
     pub timeout: Duration,
 }
@@ -99,12 +104,13 @@ impl Control {
                 addr: addr.into(),
                 source,
             })?;
-        let client = ReplicaClient::new(channel)
+        let client = ReplicaClient::new(channel.clone())
             .max_decoding_message_size(zebu_proto::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(zebu_proto::MAX_MESSAGE_BYTES);
         Ok(Control {
             addr: addr.into(),
             client,
+            channel,
             timeout,
         })
     }
@@ -179,32 +185,39 @@ pub trait ReplyHandler: Send + Sync + 'static {
     fn broken(&self, why: String);
 }
 
-/// The request stream of a data link: each poll turns whatever is queued
-/// (up to [`MAX_BATCH`] requests) into one `IoBatch`. It ends when every
-/// [`DataLink`] sender is gone.
-struct Batches {
-    rx: mpsc::UnboundedReceiver<pb::IoRequest>,
-}
-
-impl Stream for Batches {
-    type Item = pb::IoBatch;
-
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<pb::IoBatch>> {
-        let first = match self.rx.poll_recv(cx) {
-            Poll::Ready(Some(r)) => r,
-            Poll::Ready(None) => return Poll::Ready(None),
-            Poll::Pending => return Poll::Pending,
-        };
-        let mut requests = Vec::with_capacity(self.rx.len().min(MAX_BATCH - 1) + 1);
-        requests.push(first);
-        while requests.len() < MAX_BATCH {
-            match self.rx.try_recv() {
-                Ok(r) => requests.push(r),
-                Err(_) => break,
-            }
-        }
-        Poll::Ready(Some(pb::IoBatch { requests }))
+/// Starts the `Io` call with `body` as its request stream, as tonic's
+/// generated client would, and returns the decoded reply stream.
+async fn open_stream(
+    channel: Channel,
+    body: BatchBody,
+) -> Result<Streaming<pb::IoReplyBatch>, tonic::Status> {
+    let request = http::Request::builder()
+        .method(http::Method::POST)
+        .uri(IO_PATH)
+        .version(http::Version::HTTP_2)
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .header(http::header::TE, "trailers")
+        .body(tonic::body::Body::new(body))
+        .map_err(|e| tonic::Status::internal(format!("building the data stream request: {e}")))?;
+    let response = channel
+        .oneshot(request)
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("opening the data stream: {e}")))?;
+    // A call refused outright answers with its status in the headers.
+    if let Some(status) = tonic::Status::from_header_map(response.headers())
+        && status.code() != tonic::Code::Ok
+    {
+        return Err(status);
     }
+    let status_code = response.status();
+    let decoder = tonic_prost::ProstCodec::<pb::IoBatch, pb::IoReplyBatch>::default().decoder();
+    Ok(Streaming::new_response(
+        decoder,
+        response.into_body(),
+        status_code,
+        None,
+        Some(zebu_proto::MAX_MESSAGE_BYTES),
+    ))
 }
 
 /// The sending half of a data stream.
@@ -224,10 +237,9 @@ impl DataLink {
         handler: Arc<H>,
     ) -> Result<DataLink, LinkError> {
         let (tx, rx) = mpsc::unbounded_channel::<pb::IoRequest>();
-        let mut client = control.client.clone();
-        let call = client.io(Batches { rx });
+        let call = open_stream(control.channel.clone(), BatchBody::new(rx));
         let mut inbound = match tokio::time::timeout(control.timeout, call).await {
-            Ok(Ok(r)) => r.into_inner(),
+            Ok(Ok(inbound)) => inbound,
             Ok(Err(status)) => {
                 return Err(LinkError::Call {
                     addr: control.addr.clone(),

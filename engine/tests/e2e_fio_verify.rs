@@ -79,3 +79,32 @@ fn fio_verify_randwrite_and_write_qd1_qd32() {
     // What fio wrote is not.
     assert!(!all_zero(&data[(64 * MIB) as usize..(65 * MIB) as usize]));
 }
+
+/// 32 MiB writes (the largest NBD request) at depth 8 queue more payload
+/// for a replica than one gRPC message may carry: the engine splits them
+/// into several messages instead of failing the stream and ejecting every
+/// replica.
+#[test]
+fn largest_requests_at_depth_stay_on_every_replica() {
+    let _serial = serial();
+    require_tool("fio", "fio");
+    let tmp = tempdir();
+    let replicas = start_replicas(tmp.path(), 3, "512M");
+    let addrs: Vec<&str> = replicas.iter().map(|r| r.addr.as_str()).collect();
+    let mut engine = Engine::start(tmp.path(), "bigvol", "512M", &addrs);
+    let job = Fio {
+        rw: "write",
+        bs: "32M",
+        iodepth: 8,
+        offset: 0,
+        size: 512 * MIB,
+        rate_iops: None,
+        verify: true,
+    };
+    job.run_ok(&engine.uri(), tmp.path());
+    let st = engine.status();
+    assert_eq!(st["state"], "healthy", "{st}");
+    engine.stop();
+    let data = assert_replicas_identical(&addrs);
+    assert!(!all_zero(&data[(480 * MIB) as usize..]));
+}
