@@ -1193,8 +1193,15 @@ async fn shutdown_closes_idle_and_handshaking_connections() {
     assert_eof(&mut handshaking).await;
 }
 
+/// Held (shared) by tests while they start a process, and exclusively by a
+/// test that needs every socket it closes to be closed at once: a process
+/// forked by another test holds copies of this process's descriptors until
+/// it executes its program, which would keep a dropped listener accepting.
+static FORKS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
+
 #[tokio::test]
 async fn stale_unix_socket_is_replaced_but_live_one_is_not() {
+    let _no_forks = FORKS.write().await;
     let dir = tempfile::tempdir().unwrap();
     let addr = format!("unix:{}", dir.path().join("s.sock").display());
     let first = bind(&addr).await.unwrap();
@@ -1478,6 +1485,7 @@ proptest! {
 async fn run_tool(program: &str, apt_package: &str, args: &[&str]) -> String {
     let mut command = tokio::process::Command::new(program);
     command.args(args).stdin(Stdio::null()).kill_on_drop(true);
+    let _forking = FORKS.read().await;
     let output = match tokio::time::timeout(TOOL_TIMEOUT, command.output()).await {
         Err(_) => panic!("`{program} {args:?}` did not finish within {TOOL_TIMEOUT:?}"),
         Ok(Err(err)) if err.kind() == io::ErrorKind::NotFound => panic!(
