@@ -45,6 +45,7 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
+    zebu_replica::uring::keep_freed_buffers();
     let args = Args::parse();
     let opts = OpenOptions {
         dir: args.dir.clone(),

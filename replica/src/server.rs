@@ -5,17 +5,29 @@
 //! stream, no task per request); completed responses are gathered into reply
 //! batches in completion order.
 //!
+//! [`ReplicaServer`] serves the `Io` stream itself, below tonic's codec: the
+//! request frames are decoded in place by [`crate::wire`], so a write
+//! payload is copied once, from the received frames into its aligned
+//! buffer. Every other method goes to tonic's generated server.
+//!
 //! Invariant: a failed request gets an error response on the stream and
 //! never ends the stream or the process; only a broken transport does.
 
+use std::convert::Infallible;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
+use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
 use futures::{FutureExt, Stream};
+use http_body::Frame;
+use http_body_util::BodyExt;
+use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tonic::server::NamedService;
 use tonic::{Request, Response, Status, Streaming};
 
 use zebu_proto::replica as pb;
@@ -23,6 +35,8 @@ use zebu_proto::replica::replica_server::Replica;
 
 use crate::pull;
 use crate::store::{LayerStatus, ReplicaStatus, Store, StoreError};
+use crate::uring::AlignedBuf;
+use crate::wire::{self, MessageReader};
 
 /// Most requests of one stream executing at once.
 const MAX_IN_FLIGHT: usize = 512;
@@ -40,11 +54,160 @@ impl ReplicaService {
         ReplicaService { store }
     }
 
-    /// The tonic server wrapper with Zebu's message limits.
-    pub fn into_server(self) -> pb::replica_server::ReplicaServer<Self> {
-        pb::replica_server::ReplicaServer::new(self)
-            .max_decoding_message_size(zebu_proto::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(zebu_proto::MAX_MESSAGE_BYTES)
+    /// The server to hand to tonic: the `Io` stream served by
+    /// [`ReplicaServer`], every other method by tonic's generated server
+    /// with Zebu's message limits.
+    pub fn into_server(self) -> ReplicaServer {
+        let store = self.store.clone();
+        ReplicaServer {
+            grpc: pb::replica_server::ReplicaServer::new(self)
+                .max_decoding_message_size(zebu_proto::MAX_MESSAGE_BYTES)
+                .max_encoding_message_size(zebu_proto::MAX_MESSAGE_BYTES),
+            store,
+        }
+    }
+}
+
+/// The `Io` method's path.
+const IO_PATH: &str = "/zebu.replica.v1.Replica/Io";
+
+/// The replica's gRPC server: serves the `Io` stream below tonic's codec
+/// (see the module docs) and hands every other call to tonic.
+#[derive(Clone)]
+pub struct ReplicaServer {
+    grpc: pb::replica_server::ReplicaServer<ReplicaService>,
+    store: Arc<Store>,
+}
+
+impl NamedService for ReplicaServer {
+    const NAME: &'static str =
+        <pb::replica_server::ReplicaServer<ReplicaService> as NamedService>::NAME;
+}
+
+impl tower::Service<http::Request<tonic::body::Body>> for ReplicaServer {
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<'static, Result<Self::Response, Infallible>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
+        if req.uri().path() == IO_PATH {
+            let store = self.store.clone();
+            return Box::pin(async move { Ok(serve_io(store, req)) });
+        }
+        let mut grpc = self.grpc.clone();
+        Box::pin(async move { tower::Service::call(&mut grpc, req).await })
+    }
+}
+
+/// Serves one `Io` stream: decodes its request frames in place, runs the
+/// requests, and answers with the reply batches as gRPC messages.
+fn serve_io(
+    store: Arc<Store>,
+    req: http::Request<tonic::body::Body>,
+) -> http::Response<tonic::body::Body> {
+    let encoding = req
+        .headers()
+        .get("grpc-encoding")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("identity");
+    if encoding != "identity" {
+        let status = Status::unimplemented(format!(
+            "the data stream does not accept {encoding:?}-compressed requests; send them uncompressed"
+        ));
+        return status.into_http();
+    }
+    let inbound = request_batches(req.into_body());
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(run_stream(store, Box::pin(inbound), tx));
+    let mut response = http::Response::new(tonic::body::Body::new(ReplyBody { rx, done: false }));
+    response.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    response
+}
+
+/// The request batches of an `Io` stream, decoded from its frames as they
+/// arrive.
+fn request_batches(
+    body: tonic::body::Body,
+) -> impl Stream<Item = Result<Vec<wire::IoRequest>, Status>> + Send {
+    let reader = MessageReader::new(zebu_proto::MAX_MESSAGE_BYTES);
+    futures::stream::unfold(Some((body, reader)), |state| async move {
+        let (mut body, mut reader) = state?;
+        loop {
+            match reader.next_message() {
+                Ok(Some(message)) => {
+                    let batch = wire::decode_batch(message).map_err(wire_status);
+                    let next = batch.is_ok().then_some((body, reader));
+                    return Some((batch, next));
+                }
+                Ok(None) => {}
+                Err(e) => return Some((Err(wire_status(e)), None)),
+            }
+            match body.frame().await {
+                Some(Ok(frame)) => {
+                    if let Ok(data) = frame.into_data() {
+                        reader.push(data);
+                    }
+                }
+                Some(Err(status)) => return Some((Err(status), None)),
+                None => {
+                    return match reader.finish() {
+                        Ok(()) => None,
+                        Err(e) => Some((Err(wire_status(e)), None)),
+                    };
+                }
+            }
+        }
+    })
+}
+
+fn wire_status(e: wire::WireError) -> Status {
+    Status::invalid_argument(format!("decoding the data stream: {e}"))
+}
+
+/// The response body of an `Io` stream: each reply batch as a gRPC message,
+/// then the trailers with the stream's status.
+struct ReplyBody {
+    rx: mpsc::Receiver<Result<pb::IoReplyBatch, Status>>,
+    done: bool,
+}
+
+impl http_body::Body for ReplyBody {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        let status = match std::task::ready!(self.rx.poll_recv(cx)) {
+            Some(Ok(batch)) => {
+                let len = batch.encoded_len();
+                let mut buf = BytesMut::with_capacity(5 + len);
+                buf.put_u8(0);
+                buf.put_u32(len as u32);
+                batch.encode_raw(&mut buf);
+                return Poll::Ready(Some(Ok(Frame::data(buf.freeze()))));
+            }
+            Some(Err(status)) => status,
+            None => Status::ok(""),
+        };
+        self.done = true;
+        let mut trailers = http::HeaderMap::new();
+        if let Err(e) = status.add_header(&mut trailers) {
+            tracing::warn!(error = %e, "the data stream's status cannot be sent as a trailer");
+            let _ = Status::internal("data stream failed").add_header(&mut trailers);
+        }
+        Poll::Ready(Some(Ok(Frame::trailers(trailers))))
     }
 }
 
@@ -79,7 +242,7 @@ fn io_status_of(e: &StoreError) -> pb::IoStatus {
     }
 }
 
-async fn handle(store: Arc<Store>, r: pb::IoRequest) -> pb::IoResponse {
+async fn handle(store: Arc<Store>, r: wire::IoRequest) -> pb::IoResponse {
     let op = pb::Op::try_from(r.op);
     let result = match op {
         Ok(pb::Op::Read) => store
@@ -94,8 +257,9 @@ async fn handle(store: Arc<Store>, r: pb::IoRequest) -> pb::IoResponse {
                     r.payload.len()
                 )))
             } else {
+                let buf = AlignedBuf::copy_from_chunks(r.payload.chunks(), r.payload.len());
                 store
-                    .write(r.offset, r.payload, r.crc32, r.epoch, r.revision)
+                    .write_aligned(r.offset, buf, r.crc32, r.epoch, r.revision)
                     .await
                     .map(|_| None)
             }
@@ -135,6 +299,61 @@ async fn handle(store: Arc<Store>, r: pb::IoRequest) -> pb::IoResponse {
                 crc32: 0,
             }
         }
+    }
+}
+
+/// Runs the requests of one data stream as they arrive, at most
+/// `MAX_IN_FLIGHT` at once, and sends their responses to `tx` in reply
+/// batches, in completion order. A stream that cannot be read further ends
+/// once the requests already taken have answered; when it failed, its
+/// status follows the last reply batch.
+async fn run_stream(
+    store: Arc<Store>,
+    mut inbound: Pin<Box<dyn Stream<Item = Result<Vec<wire::IoRequest>, Status>> + Send>>,
+    tx: mpsc::Sender<Result<pb::IoReplyBatch, Status>>,
+) {
+    let _guard = store.stream_guard();
+    let mut in_flight = FuturesUnordered::new();
+    let mut inbound_open = true;
+    let mut failed = None;
+    loop {
+        tokio::select! {
+            msg = inbound.next(), if inbound_open && in_flight.len() < MAX_IN_FLIGHT => {
+                match msg {
+                    Some(Ok(batch)) => {
+                        for r in batch {
+                            in_flight.push(handle(store.clone(), r));
+                        }
+                    }
+                    None => inbound_open = false,
+                    Some(Err(status)) => {
+                        tracing::debug!(%status, "data stream ended by an error");
+                        inbound_open = false;
+                        failed = Some(status);
+                    }
+                }
+            }
+            Some(first) = in_flight.next(), if !in_flight.is_empty() => {
+                let mut responses = Vec::with_capacity(8);
+                responses.push(first);
+                while responses.len() < MAX_REPLY_BATCH {
+                    match in_flight.next().now_or_never() {
+                        Some(Some(r)) => responses.push(r),
+                        _ => break,
+                    }
+                }
+                if tx.send(Ok(pb::IoReplyBatch { responses })).await.is_err() {
+                    return;
+                }
+            }
+            else => break,
+        }
+        if !inbound_open && in_flight.is_empty() {
+            break;
+        }
+    }
+    if let Some(status) = failed {
+        let _ = tx.send(Err(status)).await;
     }
 }
 
@@ -182,50 +401,11 @@ impl Replica for ReplicaService {
         &self,
         request: Request<Streaming<pb::IoBatch>>,
     ) -> Result<Response<Self::IoStream>, Status> {
-        let mut inbound = request.into_inner();
-        let (tx, rx) = mpsc::channel(64);
-        let store = self.store.clone();
-        let guard = store.stream_guard();
-        tokio::spawn(async move {
-            let _guard = guard;
-            let mut in_flight = FuturesUnordered::new();
-            let mut inbound_open = true;
-            loop {
-                tokio::select! {
-                    msg = inbound.message(), if inbound_open && in_flight.len() < MAX_IN_FLIGHT => {
-                        match msg {
-                            Ok(Some(batch)) => {
-                                for r in batch.requests {
-                                    in_flight.push(handle(store.clone(), r));
-                                }
-                            }
-                            Ok(None) => inbound_open = false,
-                            Err(status) => {
-                                tracing::debug!(%status, "data stream closed by the transport");
-                                inbound_open = false;
-                            }
-                        }
-                    }
-                    Some(first) = in_flight.next(), if !in_flight.is_empty() => {
-                        let mut responses = Vec::with_capacity(8);
-                        responses.push(first);
-                        while responses.len() < MAX_REPLY_BATCH {
-                            match in_flight.next().now_or_never() {
-                                Some(Some(r)) => responses.push(r),
-                                _ => break,
-                            }
-                        }
-                        if tx.send(Ok(pb::IoReplyBatch { responses })).await.is_err() {
-                            break;
-                        }
-                    }
-                    else => break,
-                }
-                if !inbound_open && in_flight.is_empty() {
-                    break;
-                }
-            }
+        let inbound = request.into_inner().map(|batch| {
+            batch.map(|b| b.requests.into_iter().map(wire::IoRequest::from).collect())
         });
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(run_stream(self.store.clone(), Box::pin(inbound), tx));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 

@@ -643,8 +643,28 @@ impl Store {
         epoch: u64,
         revision: u64,
     ) -> Result<()> {
+        self.write_aligned(
+            offset,
+            AlignedBuf::copy_from(&payload),
+            crc,
+            epoch,
+            revision,
+        )
+        .await
+    }
+
+    /// [`Self::write`] of a payload already in an aligned buffer (the data
+    /// stream copies it there straight from the received frames).
+    pub async fn write_aligned(
+        &self,
+        offset: u64,
+        payload: AlignedBuf,
+        crc: u32,
+        epoch: u64,
+        revision: u64,
+    ) -> Result<()> {
         self.check_epoch(epoch)?;
-        let (crcs, actual) = block_crcs_and_total(&payload, self.block_size as usize);
+        let (crcs, actual) = block_crcs_and_total(payload.as_slice(), self.block_size as usize);
         if actual != crc {
             return Err(StoreError::CrcMismatch {
                 expected: crc,
@@ -654,7 +674,7 @@ impl Store {
         let chain = self.chain.read().await;
         self.check_range(&chain, offset, payload.len() as u64)?;
         let head = chain.head().clone();
-        self.write_blocks_with_crcs(&head, offset, &payload, crcs)
+        self.write_blocks_with_crcs(&head, offset, payload, crcs)
             .await?;
         self.revision.fetch_max(revision, Ordering::AcqRel);
         Ok(())
@@ -662,7 +682,18 @@ impl Store {
 
     /// Writes whole blocks into `layer` (data, then CRCs, then the index).
     async fn write_layer_blocks(&self, layer: &Arc<Layer>, offset: u64, data: &[u8]) -> Result<()> {
-        let crcs = block_crcs(data, self.block_size as usize);
+        self.write_layer_buf(layer, offset, AlignedBuf::copy_from(data))
+            .await
+    }
+
+    /// [`Self::write_layer_blocks`] of data already in an aligned buffer.
+    async fn write_layer_buf(
+        &self,
+        layer: &Arc<Layer>,
+        offset: u64,
+        data: AlignedBuf,
+    ) -> Result<()> {
+        let crcs = block_crcs(data.as_slice(), self.block_size as usize);
         self.write_blocks_with_crcs(layer, offset, data, crcs).await
     }
 
@@ -675,16 +706,17 @@ impl Store {
         &self,
         layer: &Arc<Layer>,
         offset: u64,
-        data: &[u8],
+        data: AlignedBuf,
         crcs: Vec<u8>,
     ) -> Result<()> {
         let bs = self.block_size as u64;
         let first = offset / bs;
-        let context = || format!("writing {} bytes at {offset}", data.len());
+        let len = data.len() as u64;
+        let context = || format!("writing {len} bytes at {offset}");
         let pending = self.io.submit([Op::Write {
             file: layer.data.clone(),
             offset,
-            buf: AlignedBuf::copy_from(data),
+            buf: data,
         }]);
         let crc_written = layer.store_crcs(first, &crcs);
         // Wait for the data write even when the CRC write failed.
@@ -692,7 +724,7 @@ impl Store {
             .await
             .map_err(io_err_with(context))?;
         crc_written.map_err(io_err_with(context))?;
-        layer.index_mut().insert(first, data.len() as u64 / bs);
+        layer.index_mut().insert(first, len / bs);
         self.mark_dirty(layer);
         Ok(())
     }
@@ -1008,8 +1040,7 @@ impl Store {
             .await
             .map_err(io_err_with(what))?;
         if let Some(Completion::Read(buf)) = data.into_iter().next() {
-            self.write_layer_blocks(into, first * bs, buf.as_slice())
-                .await?;
+            self.write_layer_buf(into, first * bs, buf).await?;
         }
         Ok(())
     }
@@ -1311,7 +1342,7 @@ impl Store {
         }
         let (chain, layer) = self.sync_target(name, epoch).await?;
         self.check_range(&chain, offset, data.len() as u64)?;
-        self.write_blocks_with_crcs(&layer, offset, &data, crcs)
+        self.write_blocks_with_crcs(&layer, offset, AlignedBuf::copy_from(&data), crcs)
             .await
     }
 

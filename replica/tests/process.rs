@@ -882,3 +882,94 @@ async fn a_corrupt_source_block_stops_the_copy() {
         "{err:?}"
     );
 }
+
+/// Sends `body` as the whole request stream of an `Io` call (with
+/// `grpc-encoding: encoding` when given) and returns the call's final status.
+async fn raw_io(channel: Channel, body: Vec<u8>, encoding: Option<&str>) -> tonic::Status {
+    use http_body_util::BodyExt;
+    let mut req = http::Request::builder()
+        .method(http::Method::POST)
+        .uri("/zebu.replica.v1.Replica/Io")
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    if let Some(e) = encoding {
+        req = req.header("grpc-encoding", e);
+    }
+    let req = req
+        .body(tonic::body::Body::new(http_body_util::Full::new(
+            Bytes::from(body),
+        )))
+        .unwrap();
+    let resp = tower::ServiceExt::oneshot(channel, req).await.unwrap();
+    if let Some(status) = tonic::Status::from_header_map(resp.headers()) {
+        return status; // answered with trailers only
+    }
+    let collected = resp.into_body().collect().await.unwrap();
+    let trailers = collected.trailers().cloned().unwrap_or_default();
+    tonic::Status::from_header_map(&trailers).expect("a grpc-status trailer")
+}
+
+/// The data stream is decoded below tonic's codec: malformed, truncated or
+/// compressed input ends the stream with a status that says what is wrong,
+/// and the replica goes on serving.
+#[tokio::test]
+async fn a_malformed_data_stream_gets_a_status_that_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let r = Replica::start(dir.path(), Some("16M"), "uring");
+    let channel = Channel::from_shared(format!("http://{}", r.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    // (what, request stream bytes, grpc-encoding, expected code, message part)
+    type Case = (
+        &'static str,
+        Vec<u8>,
+        Option<&'static str>,
+        tonic::Code,
+        &'static str,
+    );
+    let cases: [Case; 4] = [
+        (
+            "a payload longer than its message",
+            vec![0, 0, 0, 0, 5, 0x0a, 3, 0x2a, 9, 1],
+            None,
+            tonic::Code::InvalidArgument,
+            "runs past the end of its message",
+        ),
+        (
+            "a compressed message",
+            vec![1, 0, 0, 0, 0],
+            None,
+            tonic::Code::InvalidArgument,
+            "compressed messages are not supported",
+        ),
+        (
+            "a stream ending inside a message",
+            vec![0, 0, 0, 0, 10, 0x0a, 0],
+            None,
+            tonic::Code::InvalidArgument,
+            "ended inside a message",
+        ),
+        (
+            "a compressed stream",
+            vec![],
+            Some("gzip"),
+            tonic::Code::Unimplemented,
+            "send them uncompressed",
+        ),
+    ];
+    for (what, body, encoding, code, message) in cases {
+        let status = raw_io(channel.clone(), body, encoding).await;
+        assert_eq!(status.code(), code, "{what}: {status:?}");
+        assert!(status.message().contains(message), "{what}: {status:?}");
+    }
+    let info = r
+        .client()
+        .await
+        .info(pb::InfoRequest {})
+        .await
+        .expect("still serving")
+        .into_inner();
+    assert_eq!(info.size, 16 << 20);
+}

@@ -1,0 +1,525 @@
+//! Decoding the data stream's requests without gathering them into one
+//! buffer first.
+//!
+//! tonic copies every DATA frame of a request stream into a contiguous
+//! buffer before decoding a message, and the replica then copies each write
+//! payload again into an aligned buffer for O_DIRECT. Here the frames stay
+//! as they arrived from h2 (slices of its receive buffer, not copies): a
+//! gRPC message is a list of frame slices ([`Segments`]), its `IoBatch` is
+//! parsed in place, and a write payload is copied once, from the frame
+//! slices straight into its aligned buffer.
+//!
+//! The wire format is the ordinary gRPC message stream of `IoBatch`
+//! (`proto/proto/replica.proto`), so any gRPC client can write it; only
+//! compressed messages are refused.
+
+use std::collections::VecDeque;
+
+use bytes::{Buf, Bytes};
+
+use zebu_proto::replica as pb;
+
+/// Why a request stream could not be decoded.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum WireError {
+    /// A message's compressed flag is set.
+    #[error("compressed messages are not supported on the data stream; send them uncompressed")]
+    Compressed,
+    /// A message is longer than the limit.
+    #[error("message of {len} bytes is larger than the limit of {limit} bytes")]
+    TooLarge {
+        /// Its length.
+        len: usize,
+        /// The limit.
+        limit: usize,
+    },
+    /// The protobuf encoding is invalid.
+    #[error("invalid IoBatch message: {0}")]
+    Invalid(&'static str),
+    /// The stream ended inside a message.
+    #[error("the stream ended inside a message ({missing} bytes missing)")]
+    Truncated {
+        /// Bytes the message still needed.
+        missing: usize,
+    },
+}
+
+/// Bytes held as a list of shared chunks.
+#[derive(Clone, Debug, Default)]
+pub struct Segments {
+    chunks: VecDeque<Bytes>,
+    len: usize,
+}
+
+impl Segments {
+    /// Total length.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// True when empty.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Appends a chunk (empty chunks are dropped).
+    pub fn push(&mut self, b: Bytes) {
+        if !b.is_empty() {
+            self.len += b.len();
+            self.chunks.push_back(b);
+        }
+    }
+
+    /// The chunks, in order.
+    pub fn chunks(&self) -> impl Iterator<Item = &Bytes> {
+        self.chunks.iter()
+    }
+
+    /// Splits off the first `n` bytes (sharing the chunks, not copying).
+    fn split_to(&mut self, n: usize) -> Result<Segments, WireError> {
+        if n > self.len {
+            return Err(WireError::Invalid(
+                "a field runs past the end of its message",
+            ));
+        }
+        let mut out = Segments::default();
+        let mut left = n;
+        while left > 0 {
+            let Some(front) = self.chunks.front_mut() else {
+                break;
+            };
+            if front.len() <= left {
+                left -= front.len();
+                if let Some(c) = self.chunks.pop_front() {
+                    out.push(c);
+                }
+            } else {
+                out.push(front.split_to(left));
+                left = 0;
+            }
+        }
+        self.len -= n;
+        Ok(out)
+    }
+
+    fn get_u8(&mut self) -> Result<u8, WireError> {
+        let front = self.chunks.front_mut().ok_or(WireError::Invalid(
+            "a field runs past the end of its message",
+        ))?;
+        let b = front[0];
+        front.advance(1);
+        if front.is_empty() {
+            self.chunks.pop_front();
+        }
+        self.len -= 1;
+        Ok(b)
+    }
+
+    fn varint(&mut self) -> Result<u64, WireError> {
+        let mut v = 0u64;
+        for i in 0..10 {
+            let b = self.get_u8()?;
+            v |= u64::from(b & 0x7f) << (7 * i);
+            if b & 0x80 == 0 {
+                return Ok(v);
+            }
+        }
+        Err(WireError::Invalid("a varint is longer than 10 bytes"))
+    }
+
+    /// Copies everything into `out` (exactly `self.len()` bytes long).
+    pub fn copy_to(&self, out: &mut [u8]) {
+        let mut at = 0;
+        for c in &self.chunks {
+            out[at..at + c.len()].copy_from_slice(c);
+            at += c.len();
+        }
+    }
+
+    /// One contiguous `Bytes` (free when there is a single chunk).
+    pub fn to_bytes(&self) -> Bytes {
+        match self.chunks.len() {
+            0 => Bytes::new(),
+            1 => self.chunks[0].clone(),
+            _ => {
+                let mut v = vec![0; self.len];
+                self.copy_to(&mut v);
+                Bytes::from(v)
+            }
+        }
+    }
+}
+
+/// One request of an `IoBatch`, its payload as received.
+#[derive(Clone, Debug, Default)]
+pub struct IoRequest {
+    /// `IoRequest.id`.
+    pub id: u64,
+    /// `IoRequest.op` (an `Op` value).
+    pub op: i32,
+    /// `IoRequest.offset`.
+    pub offset: u64,
+    /// `IoRequest.length`.
+    pub length: u32,
+    /// `IoRequest.payload`.
+    pub payload: Segments,
+    /// `IoRequest.crc32`.
+    pub crc32: u32,
+    /// `IoRequest.revision`.
+    pub revision: u64,
+    /// `IoRequest.epoch`.
+    pub epoch: u64,
+}
+
+impl From<pb::IoRequest> for IoRequest {
+    fn from(r: pb::IoRequest) -> IoRequest {
+        let mut payload = Segments::default();
+        payload.push(r.payload);
+        IoRequest {
+            id: r.id,
+            op: r.op,
+            offset: r.offset,
+            length: r.length,
+            payload,
+            crc32: r.crc32,
+            revision: r.revision,
+            epoch: r.epoch,
+        }
+    }
+}
+
+const VARINT: u64 = 0;
+const FIXED64: u64 = 1;
+const LEN: u64 = 2;
+const FIXED32: u64 = 5;
+
+const START_GROUP: u64 = 3;
+const END_GROUP: u64 = 4;
+/// Deepest nesting of (deprecated) groups skipped, as prost allows.
+const MAX_DEPTH: u32 = 100;
+
+/// Skips an unknown field (groups included, as protobuf parsers must).
+fn skip(buf: &mut Segments, field: u64, wire_type: u64, depth: u32) -> Result<(), WireError> {
+    match wire_type {
+        VARINT => buf.varint().map(drop),
+        FIXED64 => buf.split_to(8).map(drop),
+        LEN => {
+            let n = len_of(buf)?;
+            buf.split_to(n).map(drop)
+        }
+        FIXED32 => buf.split_to(4).map(drop),
+        START_GROUP => {
+            if depth >= MAX_DEPTH {
+                return Err(WireError::Invalid("groups nested too deeply"));
+            }
+            loop {
+                let (f, w) = key(buf)?;
+                if w == END_GROUP {
+                    return if f == field {
+                        Ok(())
+                    } else {
+                        Err(WireError::Invalid(
+                            "a group ends with another field's number",
+                        ))
+                    };
+                }
+                skip(buf, f, w, depth + 1)?;
+            }
+        }
+        END_GROUP => Err(WireError::Invalid("a group ends that never started")),
+        _ => Err(WireError::Invalid("unsupported wire type")),
+    }
+}
+
+fn len_of(buf: &mut Segments) -> Result<usize, WireError> {
+    let n = buf.varint()?;
+    usize::try_from(n).map_err(|_| WireError::Invalid("a length does not fit in memory"))
+}
+
+fn key(buf: &mut Segments) -> Result<(u64, u64), WireError> {
+    let k = buf.varint()?;
+    let field = k >> 3;
+    if field == 0 {
+        return Err(WireError::Invalid("field number 0"));
+    }
+    Ok((field, k & 7))
+}
+
+fn expect(wire_type: u64, want: u64) -> Result<(), WireError> {
+    if wire_type == want {
+        Ok(())
+    } else {
+        Err(WireError::Invalid("a known field has the wrong wire type"))
+    }
+}
+
+/// Decodes an `IoBatch` message.
+pub fn decode_batch(mut buf: Segments) -> Result<Vec<IoRequest>, WireError> {
+    let mut out = Vec::new();
+    while !buf.is_empty() {
+        let (field, wt) = key(&mut buf)?;
+        if field == 1 {
+            expect(wt, LEN)?;
+            let n = len_of(&mut buf)?;
+            out.push(decode_request(buf.split_to(n)?)?);
+        } else {
+            skip(&mut buf, field, wt, 0)?;
+        }
+    }
+    Ok(out)
+}
+
+fn decode_request(mut buf: Segments) -> Result<IoRequest, WireError> {
+    let mut r = IoRequest::default();
+    while !buf.is_empty() {
+        let (field, wt) = key(&mut buf)?;
+        match field {
+            1..=4 | 6..=8 => {
+                expect(wt, VARINT)?;
+                let v = buf.varint()?;
+                match field {
+                    1 => r.id = v,
+                    2 => r.op = v as i32,
+                    3 => r.offset = v,
+                    4 => r.length = v as u32,
+                    6 => r.crc32 = v as u32,
+                    7 => r.revision = v,
+                    _ => r.epoch = v,
+                }
+            }
+            5 => {
+                expect(wt, LEN)?;
+                let n = len_of(&mut buf)?;
+                r.payload = buf.split_to(n)?;
+            }
+            _ => skip(&mut buf, field, wt, 0)?,
+        }
+    }
+    Ok(r)
+}
+
+/// Splits a gRPC message stream into messages as its frames arrive.
+#[derive(Debug)]
+pub struct MessageReader {
+    buf: Segments,
+    /// The length of the message whose prefix was read.
+    body: Option<usize>,
+    limit: usize,
+}
+
+impl MessageReader {
+    /// A reader refusing messages longer than `limit`.
+    pub fn new(limit: usize) -> MessageReader {
+        MessageReader {
+            buf: Segments::default(),
+            body: None,
+            limit,
+        }
+    }
+
+    /// Adds a DATA frame.
+    pub fn push(&mut self, frame: Bytes) {
+        self.buf.push(frame);
+    }
+
+    /// The next complete message, if one has arrived.
+    pub fn next_message(&mut self) -> Result<Option<Segments>, WireError> {
+        if self.body.is_none() {
+            if self.buf.len() < 5 {
+                return Ok(None);
+            }
+            let prefix = self.buf.split_to(5)?.to_bytes();
+            if prefix[0] != 0 {
+                return Err(WireError::Compressed);
+            }
+            let len = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]) as usize;
+            if len > self.limit {
+                return Err(WireError::TooLarge {
+                    len,
+                    limit: self.limit,
+                });
+            }
+            self.body = Some(len);
+        }
+        match self.body {
+            Some(len) if self.buf.len() >= len => {
+                self.body = None;
+                self.buf.split_to(len).map(Some)
+            }
+            _ => Ok(None),
+        }
+    }
+
+    /// Checks that the stream did not end inside a message.
+    pub fn finish(&self) -> Result<(), WireError> {
+        let missing = match self.body {
+            Some(len) => len - self.buf.len(),
+            None if self.buf.is_empty() => return Ok(()),
+            None => 5 - self.buf.len(),
+        };
+        Err(WireError::Truncated { missing })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use prost::Message;
+
+    fn segments(data: &[u8], cuts: &[usize]) -> Segments {
+        let data = Bytes::copy_from_slice(data);
+        let mut s = Segments::default();
+        let mut at = 0;
+        let mut cuts: Vec<usize> = cuts.iter().map(|c| c % (data.len() + 1)).collect();
+        cuts.sort();
+        for c in cuts {
+            s.push(data.slice(at..c));
+            at = c;
+        }
+        s.push(data.slice(at..));
+        s
+    }
+
+    fn same(a: &IoRequest, b: &pb::IoRequest) -> bool {
+        a.id == b.id
+            && a.op == b.op
+            && a.offset == b.offset
+            && a.length == b.length
+            && a.payload.to_bytes() == b.payload
+            && a.crc32 == b.crc32
+            && a.revision == b.revision
+            && a.epoch == b.epoch
+    }
+
+    fn request() -> impl Strategy<Value = pb::IoRequest> {
+        (
+            any::<u64>(),
+            -3i32..8,
+            any::<u64>(),
+            any::<u32>(),
+            prop::collection::vec(any::<u8>(), 0..300),
+            any::<u32>(),
+            any::<u64>(),
+            any::<u64>(),
+        )
+            .prop_map(
+                |(id, op, offset, length, payload, crc32, revision, epoch)| pb::IoRequest {
+                    id,
+                    op,
+                    offset,
+                    length,
+                    payload: payload.into(),
+                    crc32,
+                    revision,
+                    epoch,
+                },
+            )
+    }
+
+    proptest! {
+        #[test]
+        fn decodes_what_prost_encodes_however_the_frames_split_it(
+            reqs in prop::collection::vec(request(), 0..6),
+            cuts in prop::collection::vec(any::<usize>(), 0..8),
+        ) {
+            let wire = pb::IoBatch { requests: reqs.clone() }.encode_to_vec();
+            let got = decode_batch(segments(&wire, &cuts)).unwrap();
+            prop_assert_eq!(got.len(), reqs.len());
+            for (g, w) in got.iter().zip(&reqs) {
+                prop_assert!(same(g, w), "{:?} vs {:?}", g, w);
+            }
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic_and_agree_with_prost(
+            data in prop::collection::vec(any::<u8>(), 0..64),
+            cuts in prop::collection::vec(any::<usize>(), 0..4),
+        ) {
+            let ours = decode_batch(segments(&data, &cuts));
+            if let Ok(theirs) = pb::IoBatch::decode(&data[..]) {
+                let ours = ours.expect("prost accepted it");
+                prop_assert_eq!(ours.len(), theirs.requests.len());
+                for (g, w) in ours.iter().zip(&theirs.requests) {
+                    prop_assert!(same(g, w));
+                }
+            }
+        }
+
+        #[test]
+        fn messages_come_out_whole_across_any_frames(
+            bodies in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..100), 1..5),
+            cuts in prop::collection::vec(any::<usize>(), 0..10),
+        ) {
+            let mut stream = Vec::new();
+            for b in &bodies {
+                stream.push(0);
+                stream.extend((b.len() as u32).to_be_bytes());
+                stream.extend(b);
+            }
+            let mut reader = MessageReader::new(1000);
+            let mut got = Vec::new();
+            for frame in segments(&stream, &cuts).chunks() {
+                reader.push(frame.clone());
+                while let Some(m) = reader.next_message().unwrap() {
+                    got.push(m.to_bytes().to_vec());
+                }
+            }
+            reader.finish().unwrap();
+            prop_assert_eq!(got, bodies);
+        }
+    }
+
+    #[test]
+    fn a_payload_split_across_frames_is_shared_not_copied() {
+        let payload: Vec<u8> = (0..10_000u32).map(|i| i as u8).collect();
+        let wire = pb::IoBatch {
+            requests: vec![pb::IoRequest {
+                id: 9,
+                op: pb::Op::Write as i32,
+                length: 10_000,
+                payload: payload.clone().into(),
+                ..Default::default()
+            }],
+        }
+        .encode_to_vec();
+        let segs = segments(&wire, &[3000, 7000]);
+        let first_chunk = segs.chunks().nth(1).unwrap().as_ptr();
+        let got = decode_batch(segs).unwrap();
+        let p = &got[0].payload;
+        assert_eq!(p.len(), 10_000);
+        assert!(p.chunks().count() >= 2);
+        assert!(
+            p.chunks().any(|c| c.as_ptr() == first_chunk),
+            "a frame slice, not a copy"
+        );
+        let mut flat = vec![0; p.len()];
+        p.copy_to(&mut flat);
+        assert_eq!(flat, payload);
+    }
+
+    #[test]
+    fn bad_streams_get_errors_that_say_what_is_wrong() {
+        let mut r = MessageReader::new(100);
+        r.push(Bytes::from_static(&[1, 0, 0, 0, 1, 0]));
+        assert_eq!(r.next_message().unwrap_err(), WireError::Compressed);
+        let mut r = MessageReader::new(100);
+        r.push(Bytes::from_static(&[0, 0, 0, 1, 0]));
+        let e = r.next_message().unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("256 bytes is larger than the limit of 100"),
+            "{e}"
+        );
+        let mut r = MessageReader::new(100);
+        r.push(Bytes::from_static(&[0, 0, 0, 0, 10, 1, 2]));
+        assert!(r.next_message().unwrap().is_none());
+        assert_eq!(r.finish().unwrap_err(), WireError::Truncated { missing: 8 });
+        // A request whose payload claims more bytes than the message holds.
+        let e = decode_batch(segments(&[0x0a, 3, 0x2a, 9, 1], &[])).unwrap_err();
+        assert!(e.to_string().contains("runs past the end"), "{e}");
+        // A known field with the wrong wire type.
+        let e = decode_batch(segments(&[0x0a, 2, 0x0d, 1], &[])).unwrap_err();
+        assert!(e.to_string().contains("wrong wire type"), "{e}");
+    }
+}
