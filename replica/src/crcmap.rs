@@ -12,10 +12,13 @@
 //! and the mapping see the same page cache, so they agree at all times.
 //!
 //! Invariants:
-//! - The file's first `entries * 4` bytes are allocated on disk
-//!   (`fallocate`) before they are mapped, so storing into a page never
-//!   needs the filesystem to find space: a full disk is reported when the
-//!   layer is created or grown, never as a `SIGBUS` in the middle of a write.
+//! - Entries are stored only while the file's first `entries * 4` bytes are
+//!   allocated on disk (`fallocate`), so storing into a page never needs the
+//!   filesystem to find space: a full disk is reported as an error (when the
+//!   layer is created or grown, or by the store), never as a `SIGBUS` in the
+//!   middle of a write. Opening an existing layer on a full disk maps it
+//!   anyway ([`Space::TryReserve`]), so the replica still starts and serves
+//!   reads; each store then retries the allocation first.
 //! - Entries are accessed as [`AtomicU32`]: a rebuild may read entries on
 //!   another thread while the runtime thread stores them.
 //! - All `unsafe` of this module is the mapping's lifetime: the pointer is
@@ -26,10 +29,20 @@ use std::io;
 use std::num::NonZeroUsize;
 use std::os::fd::AsFd;
 use std::ptr::NonNull;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 
 use nix::fcntl::{FallocateFlags, fallocate};
 use nix::sys::mman::{MapFlags, ProtFlags, mmap, munmap};
+
+/// Whether a full disk may stop [`CrcMap::map`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Space {
+    /// The entries' space must be allocated (a new or growing layer).
+    Reserve,
+    /// Map even when the space cannot be allocated now (opening an
+    /// existing layer); stores allocate it first.
+    TryReserve,
+}
 
 /// A shared, writable mapping of the first `entries` entries of a CRC file.
 #[derive(Debug)]
@@ -38,6 +51,9 @@ pub struct CrcMap {
     /// `entries` is 0.
     ptr: NonNull<AtomicU32>,
     entries: usize,
+    /// The mapped range is allocated on disk (or the filesystem cannot
+    /// preallocate at all).
+    reserved: AtomicBool,
 }
 
 // SAFETY: the mapping is plain shared memory accessed only through atomics;
@@ -48,8 +64,10 @@ unsafe impl Sync for CrcMap {}
 
 impl CrcMap {
     /// Extends `file` to hold at least `entries` entries (it is never
-    /// shortened), allocates their space on disk, and maps them.
-    pub fn map(file: &File, entries: u64) -> io::Result<CrcMap> {
+    /// shortened), allocates their space on disk, and maps them. On a full
+    /// disk this fails with `ENOSPC` under [`Space::Reserve`]; under
+    /// [`Space::TryReserve`] it maps them unreserved.
+    pub fn map(file: &File, entries: u64, space: Space) -> io::Result<CrcMap> {
         let bytes = entries
             .checked_mul(4)
             .filter(|b| usize::try_from(*b).is_ok())
@@ -63,29 +81,24 @@ impl CrcMap {
             return Ok(CrcMap {
                 ptr: NonNull::dangling(),
                 entries: 0,
+                reserved: AtomicBool::new(true),
             });
         };
         if file.metadata()?.len() < bytes {
             file.set_len(bytes)?;
         }
-        match fallocate(
-            file.as_fd(),
-            FallocateFlags::empty(),
-            0,
-            bytes as libc::off_t,
-        ) {
-            Ok(()) => {}
-            Err(nix::errno::Errno::EOPNOTSUPP) => tracing::warn!(
-                "the filesystem cannot preallocate the CRC file; a full disk will stop the replica \
-                 (SIGBUS) instead of failing the write"
-            ),
-            Err(e) => {
-                return Err(io::Error::new(
-                    io::Error::from(e).kind(),
-                    format!("allocating {bytes} bytes for the CRC file: {e}"),
-                ));
+        let reserved = match reserve(file, bytes) {
+            Ok(()) => true,
+            Err(e) if space == Space::TryReserve && e.raw_os_error() == Some(libc::ENOSPC) => {
+                tracing::warn!(
+                    bytes,
+                    "no space to allocate the CRC file; serving it anyway: writes fail with \
+                     ENOSPC until there is room"
+                );
+                false
             }
-        }
+            Err(e) => return Err(e),
+        };
         // SAFETY: a new mapping chosen by the kernel (no address hint), so it
         // overlaps nothing of ours; `file` is open read-write, as PROT_WRITE
         // with MAP_SHARED requires. The mapping stays valid after `file` is
@@ -112,7 +125,19 @@ impl CrcMap {
             // Page-aligned, hence aligned for AtomicU32.
             ptr: ptr.cast(),
             entries: entries as usize,
+            reserved: AtomicBool::new(reserved),
         })
+    }
+
+    /// Allocates the mapped range on disk if [`Self::map`] could not; fails
+    /// with `ENOSPC` while the disk is still full. `file` is the mapped file.
+    pub fn ensure_reserved(&self, file: &File) -> io::Result<()> {
+        if self.reserved.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        reserve(file, self.entries as u64 * 4)?;
+        self.reserved.store(true, Ordering::Release);
+        Ok(())
     }
 
     /// Number of entries mapped.
@@ -133,8 +158,12 @@ impl CrcMap {
 
     /// Stores CRC-file bytes (4 little-endian bytes per block, as
     /// `layer::block_crcs` makes them) for the blocks from `first` on.
-    /// Fails, storing nothing, if they run past the mapped entries.
+    /// Fails, storing nothing, if they run past the mapped entries or the
+    /// mapped range is not allocated on disk (see [`Self::ensure_reserved`]).
     pub fn store(&self, first: u64, crc_bytes: &[u8]) -> io::Result<()> {
+        if !self.reserved.load(Ordering::Acquire) {
+            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+        }
         let n = crc_bytes.len() / 4;
         let slots = self.slots();
         let range = usize::try_from(first)
@@ -175,6 +204,30 @@ impl CrcMap {
     }
 }
 
+/// Allocates the first `bytes` bytes of `file` on disk. Filesystems that
+/// cannot preallocate are let through with a warning: there a full disk
+/// stops the replica (`SIGBUS`) instead of failing the write.
+fn reserve(file: &File, bytes: u64) -> io::Result<()> {
+    match fallocate(
+        file.as_fd(),
+        FallocateFlags::empty(),
+        0,
+        bytes as libc::off_t,
+    ) {
+        Ok(()) => Ok(()),
+        Err(nix::errno::Errno::EOPNOTSUPP) => {
+            tracing::warn!(
+                "the filesystem cannot preallocate the CRC file; a full disk will stop the replica \
+                 (SIGBUS) instead of failing the write"
+            );
+            Ok(())
+        }
+        // The errno is kept (not wrapped in a message) so that callers can
+        // tell a full disk from other failures; they add the context.
+        Err(e) => Err(io::Error::from(e)),
+    }
+}
+
 impl Drop for CrcMap {
     fn drop(&mut self) {
         if self.entries == 0 {
@@ -208,7 +261,7 @@ mod tests {
     fn stored_entries_are_in_the_file_and_file_writes_are_in_the_map() {
         let dir = tempfile::tempdir().unwrap();
         let f = crc_file(&dir);
-        let m = CrcMap::map(&f, 5000).unwrap();
+        let m = CrcMap::map(&f, 5000, Space::Reserve).unwrap();
         assert_eq!(f.metadata().unwrap().len(), 20_000);
         assert!(
             f.metadata().unwrap().blocks() * 512 >= 20_000,
@@ -223,7 +276,7 @@ mod tests {
         assert_eq!(m.load(4095, 2), vec![1, 2]);
         drop(m);
         f.sync_data().unwrap();
-        let again = CrcMap::map(&f, 5000).unwrap();
+        let again = CrcMap::map(&f, 5000, Space::Reserve).unwrap();
         assert_eq!(again.load(4095, 2), vec![1, 2], "entries survive a remap");
     }
 
@@ -231,7 +284,7 @@ mod tests {
     fn entries_past_the_map_read_as_zero_and_cannot_be_stored() {
         let dir = tempfile::tempdir().unwrap();
         let f = crc_file(&dir);
-        let m = CrcMap::map(&f, 8).unwrap();
+        let m = CrcMap::map(&f, 8, Space::Reserve).unwrap();
         m.store(6, &[9, 0, 0, 0, 8, 0, 0, 0]).unwrap();
         assert_eq!(m.load(6, 4), vec![9, 8, 0, 0]);
         let e = m.store(7, &[1, 0, 0, 0, 1, 0, 0, 0]).unwrap_err();
@@ -245,10 +298,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = crc_file(&dir);
         f.write_all_at(&[5; 64], 0).unwrap();
-        let m = CrcMap::map(&f, 4).unwrap();
+        let m = CrcMap::map(&f, 4, Space::Reserve).unwrap();
         assert_eq!(f.metadata().unwrap().len(), 64, "never shortened");
         assert_eq!(m.load(0, 1), vec![0x0505_0505]);
-        let empty = CrcMap::map(&f, 0).unwrap();
+        let empty = CrcMap::map(&f, 0, Space::Reserve).unwrap();
         assert_eq!(empty.entries(), 0);
         assert_eq!(empty.load(0, 2), vec![0, 0]);
         assert!(empty.store(0, &[1, 0, 0, 0]).is_err());

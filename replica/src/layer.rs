@@ -27,7 +27,7 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use nix::fcntl::{FallocateFlags, fallocate};
 use nix::unistd::{Whence, lseek};
 
-use crate::crcmap::CrcMap;
+use crate::crcmap::{CrcMap, Space};
 use crate::extent::ExtentIndex;
 use crate::uring::AlignedBuf;
 
@@ -70,8 +70,18 @@ fn open_data(path: &Path, create: bool) -> io::Result<File> {
 }
 
 impl Layer {
-    /// Creates the empty files of layer `id`, sized for `size` bytes.
+    /// Creates the empty files of layer `id`, sized for `size` bytes. On
+    /// failure (typically a full disk) the files are removed again, so a
+    /// refused snapshot leaves no space taken.
     pub fn create(dir: &Path, id: u64, size: u64, block_size: u32) -> io::Result<Layer> {
+        let created = Self::create_files(dir, id, size, block_size);
+        if created.is_err() {
+            Self::remove_files(dir, id);
+        }
+        created
+    }
+
+    fn create_files(dir: &Path, id: u64, size: u64, block_size: u32) -> io::Result<Layer> {
         let (data_path, crc_path) = paths(dir, id);
         let data = open_data(&data_path, true)?;
         data.set_len(size)?;
@@ -85,7 +95,7 @@ impl Layer {
         Ok(Layer {
             id,
             data: Arc::new(data),
-            crcs: RwLock::new(CrcMap::map(&crc, blocks)?),
+            crcs: RwLock::new(CrcMap::map(&crc, blocks, Space::Reserve)?),
             crc: Arc::new(crc),
             index: RwLock::new(ExtentIndex::new(blocks)),
         })
@@ -130,7 +140,7 @@ impl Layer {
             index.insert(first, last - first);
             pos = end;
         }
-        let crcs = CrcMap::map(&crc, size / bs).map_err(|e| {
+        let crcs = CrcMap::map(&crc, size / bs, Space::TryReserve).map_err(|e| {
             io::Error::new(
                 e.kind(),
                 format!("mapping CRC file {}: {e}", crc_path.display()),
@@ -198,7 +208,9 @@ impl Layer {
         if end > self.crc_map().entries() {
             self.grow_crcs(self.index().blocks().max(end))?;
         }
-        self.crc_map().store(first, crc_bytes)
+        let map = self.crc_map();
+        map.ensure_reserved(&self.crc)?;
+        map.store(first, crc_bytes)
     }
 
     /// Extends the CRC file and its mapping to `blocks` entries, for a layer
@@ -207,7 +219,7 @@ impl Layer {
     pub fn grow_crcs(&self, blocks: u64) -> io::Result<()> {
         let mut map = self.crcs.write().unwrap_or_else(|p| p.into_inner());
         if blocks > map.entries() {
-            *map = CrcMap::map(&self.crc, blocks)?;
+            *map = CrcMap::map(&self.crc, blocks, Space::Reserve)?;
         }
         Ok(())
     }

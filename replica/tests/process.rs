@@ -764,13 +764,11 @@ fn must_run(cmd: &mut Command) {
     );
 }
 
-/// ENOSPC on a small filesystem: the write fails with a clear status, the
-/// replica keeps serving, earlier data reads back intact.
-#[tokio::test]
-async fn full_disk_returns_no_space_and_keeps_serving() {
-    let tmp = tempdir();
-    let img = tmp.path().join("fs.img");
-    let mnt = tmp.path().join("mnt");
+/// A 24 MiB ext4 filesystem on a loop device under `dir`, unmounted when
+/// the guard drops.
+fn small_fs(dir: &Path) -> (PathBuf, LoopMount) {
+    let img = dir.join("fs.img");
+    let mnt = dir.join("mnt");
     std::fs::create_dir(&mnt).unwrap();
     must_run(Command::new("truncate").args(["-s", "24M"]).arg(&img));
     must_run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img));
@@ -780,7 +778,114 @@ async fn full_disk_returns_no_space_and_keeps_serving() {
             .arg(&img)
             .arg(&mnt),
     );
-    let _mount = LoopMount { mnt: mnt.clone() };
+    (mnt.clone(), LoopMount { mnt })
+}
+
+/// Writes `path` until the filesystem holding it is full, down to the last
+/// block.
+fn fill(path: &Path) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    for size in [1 << 20, 4096] {
+        let chunk = vec![0x5a; size];
+        loop {
+            match f.write_all(&chunk).and_then(|()| f.sync_all()) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => break,
+                Err(e) => panic!("filling {}: {e}", path.display()),
+            }
+        }
+    }
+}
+
+/// The CRC file's space is allocated before it is mapped, so a full disk is
+/// an error, never a crash: a snapshot (a new layer) is refused with
+/// RESOURCE_EXHAUSTED; a replica whose CRC file is sparse (as older versions
+/// left it) restarts on the full disk, serves reads, answers writes with
+/// NO_SPACE, and takes them again once there is room.
+#[tokio::test]
+async fn a_full_disk_refuses_new_layers_and_a_sparse_crc_file_still_opens() {
+    let tmp = tempdir();
+    let (mnt, _mount) = small_fs(tmp.path());
+    let dir = mnt.join("r");
+    // 12 GiB (sparse): its CRC files take 12 MiB each, half the filesystem,
+    // so whether they fit below is never a close call.
+    let r = Replica::start(&dir, Some("12G"), "uring");
+    let mut c = r.client().await;
+    c.open(pb::OpenRequest { epoch: 1 }).await.unwrap();
+    let mut io = Io::open(&mut c, 1).await;
+    let data = pattern(7, 1 << 20);
+    assert_eq!(
+        status(&io.one(write_req(0, data.clone())).await),
+        pb::IoStatus::IoOk
+    );
+    fill(&mnt.join("filler-1"));
+    let err = c
+        .create_snapshot(pb::CreateSnapshotRequest {
+            name: "s1".into(),
+            epoch: 1,
+            user_created: true,
+        })
+        .await
+        .expect_err("no room for the new layer's files");
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
+    let files = std::fs::read_dir(dir.join("layers")).unwrap().count();
+    assert_eq!(files, 2, "the refused layer's files are removed at once");
+    // A clean stop needs room to record itself.
+    std::fs::remove_file(mnt.join("filler-1")).unwrap();
+    drop(io);
+    assert!(r.terminate().success());
+
+    // Make the head's CRC file sparse, then fill what that freed.
+    let crc = std::fs::read_dir(dir.join("layers"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .find(|p| p.extension().is_some_and(|x| x == "crc"))
+        .expect("a CRC file");
+    let f = std::fs::OpenOptions::new().write(true).open(&crc).unwrap();
+    let len = f.metadata().unwrap().len() as i64;
+    nix::fcntl::fallocate(
+        &f,
+        nix::fcntl::FallocateFlags::FALLOC_FL_PUNCH_HOLE
+            | nix::fcntl::FallocateFlags::FALLOC_FL_KEEP_SIZE,
+        0,
+        len,
+    )
+    .unwrap();
+    drop(f);
+    assert_eq!(std::fs::metadata(&crc).unwrap().blocks(), 0, "sparse");
+    // Full but for 2 MiB: room for the metadata store to open, not for the
+    // 12 MiB of CRC entries.
+    std::fs::write(mnt.join("spacer"), vec![1u8; 2 << 20]).unwrap();
+    fill(&mnt.join("filler-2"));
+    std::fs::remove_file(mnt.join("spacer")).unwrap();
+
+    let r = Replica::start(&dir, None, "uring");
+    let mut c = r.client().await;
+    c.open(pb::OpenRequest { epoch: 2 }).await.unwrap();
+    let mut io = Io::open(&mut c, 2).await;
+    let resp = io.one(read_req(0, 1 << 20)).await;
+    assert_eq!(status(&resp), pb::IoStatus::IoOk);
+    assert_eq!(&resp.payload[..], &data[..]);
+    let resp = io.one(write_req(1 << 20, pattern(8, 4096))).await;
+    assert_eq!(status(&resp), pb::IoStatus::IoNoSpace, "{}", resp.message);
+    c.info(pb::InfoRequest {}).await.expect("still serving");
+
+    std::fs::remove_file(mnt.join("filler-2")).unwrap();
+    let resp = io.one(write_req(1 << 20, pattern(8, 4096))).await;
+    assert_eq!(status(&resp), pb::IoStatus::IoOk, "{}", resp.message);
+    assert!(
+        std::fs::metadata(&crc).unwrap().blocks() > 0,
+        "allocated again"
+    );
+}
+
+/// ENOSPC on a small filesystem: the write fails with a clear status, the
+/// replica keeps serving, earlier data reads back intact.
+#[tokio::test]
+async fn full_disk_returns_no_space_and_keeps_serving() {
+    let tmp = tempdir();
+    let (mnt, _mount) = small_fs(tmp.path());
 
     let r = Replica::start(&mnt.join("r"), Some("64M"), "uring");
     let mut c = r.client().await;
