@@ -30,7 +30,7 @@ use std::task::{Context, Poll, ready};
 use bytes::{BufMut, Bytes, BytesMut};
 use http_body::Frame;
 use prost::Message;
-use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint};
+use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, key_len};
 use tokio::sync::mpsc;
 
 use zebu_proto::replica as pb;
@@ -125,10 +125,6 @@ fn request_len(r: &pb::IoRequest, payload: usize) -> usize {
         }
 }
 
-fn key_len(field: u32) -> usize {
-    prost::encoding::key_len(field)
-}
-
 /// Appends one gRPC message holding `batch` to `out`, as chunks.
 pub fn encode(batch: Vec<pb::IoRequest>, out: &mut VecDeque<Bytes>) {
     // The payloads are taken out of the requests; each request is encoded
@@ -142,21 +138,18 @@ pub fn encode(batch: Vec<pb::IoRequest>, out: &mut VecDeque<Bytes>) {
             (r, payload, len)
         })
         .collect();
-    let body: usize = parts
-        .iter()
-        .map(|(_, _, len)| key_len(BATCH_REQUESTS_FIELD) + encoded_len_varint(*len as u64) + len)
-        .sum();
-    let copied: usize = parts
-        .iter()
-        .map(|(_, p, len)| {
-            let framing = key_len(BATCH_REQUESTS_FIELD) + encoded_len_varint(*len as u64);
-            if p.len() >= ZERO_COPY_MIN {
-                framing + len - p.len()
-            } else {
-                framing + len
-            }
-        })
-        .sum();
+    // The message's length, and how much of it is copied into the framing
+    // buffer (all but the payloads sent as chunks of their own).
+    let (mut body, mut copied) = (0, 0);
+    for (_, payload, len) in &parts {
+        let framed = key_len(BATCH_REQUESTS_FIELD) + encoded_len_varint(*len as u64) + len;
+        body += framed;
+        copied += if payload.len() >= ZERO_COPY_MIN {
+            framed - payload.len()
+        } else {
+            framed
+        };
+    }
     let mut buf = BytesMut::with_capacity(5 + copied);
     buf.put_u8(0); // not compressed
     buf.put_u32(body as u32);

@@ -129,17 +129,6 @@ impl CrcMap {
         })
     }
 
-    /// Allocates the mapped range on disk if [`Self::map`] could not; fails
-    /// with `ENOSPC` while the disk is still full. `file` is the mapped file.
-    pub fn ensure_reserved(&self, file: &File) -> io::Result<()> {
-        if self.reserved.load(Ordering::Acquire) {
-            return Ok(());
-        }
-        reserve(file, self.entries as u64 * 4)?;
-        self.reserved.store(true, Ordering::Release);
-        Ok(())
-    }
-
     /// Number of entries mapped.
     pub fn entries(&self) -> u64 {
         self.entries as u64
@@ -158,11 +147,13 @@ impl CrcMap {
 
     /// Stores CRC-file bytes (4 little-endian bytes per block, as
     /// `layer::block_crcs` makes them) for the blocks from `first` on.
-    /// Fails, storing nothing, if they run past the mapped entries or the
-    /// mapped range is not allocated on disk (see [`Self::ensure_reserved`]).
-    pub fn store(&self, first: u64, crc_bytes: &[u8]) -> io::Result<()> {
+    /// `file` is the mapped file: when [`Self::map`] could not allocate the
+    /// mapped range, it is allocated first. Fails, storing nothing, if the
+    /// entries run past the mapped ones or the disk is still full (`ENOSPC`).
+    pub fn store(&self, file: &File, first: u64, crc_bytes: &[u8]) -> io::Result<()> {
         if !self.reserved.load(Ordering::Acquire) {
-            return Err(io::Error::from_raw_os_error(libc::ENOSPC));
+            reserve(file, self.entries as u64 * 4)?;
+            self.reserved.store(true, Ordering::Release);
         }
         let n = crc_bytes.len() / 4;
         let slots = self.slots();
@@ -267,7 +258,7 @@ mod tests {
             f.metadata().unwrap().blocks() * 512 >= 20_000,
             "the mapped range is allocated on disk"
         );
-        m.store(4095, &[1, 0, 0, 0, 2, 0, 0, 0]).unwrap();
+        m.store(&f, 4095, &[1, 0, 0, 0, 2, 0, 0, 0]).unwrap();
         let mut raw = [0u8; 8];
         f.read_exact_at(&mut raw, 4095 * 4).unwrap();
         assert_eq!(raw, [1, 0, 0, 0, 2, 0, 0, 0]);
@@ -285,9 +276,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let f = crc_file(&dir);
         let m = CrcMap::map(&f, 8, Space::Reserve).unwrap();
-        m.store(6, &[9, 0, 0, 0, 8, 0, 0, 0]).unwrap();
+        m.store(&f, 6, &[9, 0, 0, 0, 8, 0, 0, 0]).unwrap();
         assert_eq!(m.load(6, 4), vec![9, 8, 0, 0]);
-        let e = m.store(7, &[1, 0, 0, 0, 1, 0, 0, 0]).unwrap_err();
+        let e = m.store(&f, 7, &[1, 0, 0, 0, 1, 0, 0, 0]).unwrap_err();
         assert!(e.to_string().contains("past the 8 entries"), "{e}");
         assert_eq!(m.load(7, 1), vec![8], "a refused store stores nothing");
         assert_eq!(m.load(u64::MAX - 1, 2), vec![0, 0]);
@@ -304,6 +295,6 @@ mod tests {
         let empty = CrcMap::map(&f, 0, Space::Reserve).unwrap();
         assert_eq!(empty.entries(), 0);
         assert_eq!(empty.load(0, 2), vec![0, 0]);
-        assert!(empty.store(0, &[1, 0, 0, 0]).is_err());
+        assert!(empty.store(&f, 0, &[1, 0, 0, 0]).is_err());
     }
 }

@@ -205,12 +205,13 @@ impl Layer {
     /// expanded volume, written by a merge) is mapped anew first.
     pub fn store_crcs(&self, first: u64, crc_bytes: &[u8]) -> io::Result<()> {
         let end = first.saturating_add(crc_bytes.len() as u64 / 4);
-        if end > self.crc_map().entries() {
+        let mut map = self.crc_map();
+        if end > map.entries() {
+            drop(map);
             self.grow_crcs(self.index().blocks().max(end))?;
+            map = self.crc_map();
         }
-        let map = self.crc_map();
-        map.ensure_reserved(&self.crc)?;
-        map.store(first, crc_bytes)
+        map.store(&self.crc, first, crc_bytes)
     }
 
     /// Extends the CRC file and its mapping to `blocks` entries, for a layer

@@ -257,7 +257,8 @@ async fn handle(store: Arc<Store>, r: wire::IoRequest) -> pb::IoResponse {
                     r.payload.len()
                 )))
             } else {
-                let buf = AlignedBuf::copy_from_chunks(r.payload.chunks(), r.payload.len());
+                let chunks = r.payload.chunks().map(|c| &c[..]);
+                let buf = AlignedBuf::copy_from_chunks(chunks, r.payload.len());
                 store
                     .write_aligned(r.offset, buf, r.crc32, r.epoch, r.revision)
                     .await

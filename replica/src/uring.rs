@@ -19,7 +19,6 @@
 //! the ring with entries in flight blocks until the kernel has completed them
 //! (this only happens when the runtime shuts down under running I/O).
 
-use bytes::Bytes;
 use std::alloc::{Layout, alloc, alloc_zeroed, dealloc};
 use std::collections::VecDeque;
 use std::io;
@@ -86,30 +85,16 @@ impl AlignedBuf {
         AlignedBuf { ptr, len, layout }
     }
 
-    /// A buffer holding a copy of `data` (not zero-filled first: every
-    /// byte the buffer exposes is written by the copy).
+    /// A buffer holding a copy of `data`.
     pub fn copy_from(data: &[u8]) -> Self {
-        let layout = Self::layout_for(data.len());
-        // SAFETY: the layout has a non-zero size (at least ALIGN bytes).
-        let raw = unsafe { alloc(layout) };
-        let Some(ptr) = NonNull::new(raw) else {
-            std::alloc::handle_alloc_error(layout)
-        };
-        // SAFETY: the allocation holds at least data.len() bytes, is freshly
-        // allocated so it cannot overlap `data`, and after the copy the first
-        // data.len() bytes (all that as_slice exposes) are initialised.
-        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), ptr.as_ptr(), data.len()) };
-        AlignedBuf {
-            ptr,
-            len: data.len(),
-            layout,
-        }
+        Self::copy_from_chunks([data], data.len())
     }
 
     /// A buffer holding the concatenation of `chunks`, which must add up to
     /// exactly `len` bytes (checked: a shortfall panics rather than expose
-    /// uninitialised memory).
-    pub fn copy_from_chunks<'a>(chunks: impl IntoIterator<Item = &'a Bytes>, len: usize) -> Self {
+    /// uninitialised memory). Not zero-filled first: every byte the buffer
+    /// exposes is written by the copy.
+    pub fn copy_from_chunks<'a>(chunks: impl IntoIterator<Item = &'a [u8]>, len: usize) -> Self {
         let layout = Self::layout_for(len);
         // SAFETY: the layout has a non-zero size (at least ALIGN bytes).
         let raw = unsafe { alloc(layout) };
