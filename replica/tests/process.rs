@@ -25,7 +25,19 @@ struct Replica {
 
 impl Replica {
     fn start(dir: &Path, size: Option<&str>, engine: &str) -> Replica {
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_zebu-replica"));
+        let cmd = Command::new(env!("CARGO_BIN_EXE_zebu-replica"));
+        Self::start_with(cmd, dir, size, engine, Stdio::inherit())
+    }
+
+    /// Starts the replica through `cmd`: the binary itself, or a launcher
+    /// whose last argument is the binary.
+    fn start_with(
+        mut cmd: Command,
+        dir: &Path,
+        size: Option<&str>,
+        engine: &str,
+        stderr: Stdio,
+    ) -> Replica {
         cmd.arg("--dir")
             .arg(dir)
             .args(["--listen", "127.0.0.1:0", "--io-engine", engine]);
@@ -34,7 +46,7 @@ impl Replica {
         }
         let mut child = cmd
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
+            .stderr(stderr)
             .spawn()
             .expect("spawn zebu-replica");
         let stdout = child.stdout.take().unwrap();
@@ -1077,4 +1089,68 @@ async fn a_malformed_data_stream_gets_a_status_that_says_why() {
         .expect("still serving")
         .into_inner();
     assert_eq!(info.size, 16 << 20);
+}
+
+/// Without CAP_IPC_LOCK and with an 8 MiB RLIMIT_MEMLOCK (the usual default
+/// for an unprivileged process), the io_uring backend cannot register its
+/// 32 MiB buffer arena: the replica says so once and serves every request size through
+/// plain entries, with the same data as with the arena.
+#[tokio::test]
+async fn a_replica_that_cannot_lock_memory_warns_and_serves_all_sizes() {
+    let tmp = tempdir();
+    let dir = tmp.path().join("r");
+    let log_path = tmp.path().join("stderr");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut cmd = Command::new("prlimit");
+    cmd.args(["--memlock=8388608:8388608", "setpriv"])
+        .args(["--inh-caps=-ipc_lock", "--ambient-caps=-ipc_lock"])
+        .args(["--bounding-set=-ipc_lock"])
+        .arg(env!("CARGO_BIN_EXE_zebu-replica"));
+    let r = Replica::start_with(cmd, &dir, Some("64M"), "uring", log.into());
+    let mut c = r.client().await;
+    c.open(pb::OpenRequest { epoch: 1 }).await.unwrap();
+    let mut io = Io::open(&mut c, 1).await;
+    // One request per arena size class and one too large for any slot.
+    let sizes = [4096usize, 64 << 10, 1 << 20, 4 << 20];
+    let mut writes = Vec::new();
+    let mut offset = 0u64;
+    for (i, len) in sizes.iter().enumerate() {
+        writes.push((offset, pattern(i as u64 + 1, *len)));
+        offset += *len as u64;
+    }
+    let reqs = writes
+        .iter()
+        .map(|(o, d)| write_req(*o, d.clone()))
+        .collect();
+    for resp in io.batch(reqs).await {
+        assert_eq!(status(&resp), pb::IoStatus::IoOk, "{}", resp.message);
+    }
+    assert_eq!(status(&io.one(flush_req()).await), pb::IoStatus::IoOk);
+    for (o, d) in &writes {
+        let resp = io.one(read_req(*o, d.len() as u64)).await;
+        assert_eq!(status(&resp), pb::IoStatus::IoOk, "{}", resp.message);
+        assert!(resp.payload == d[..], "{} bytes at {o} differ", d.len());
+    }
+    drop(io);
+    drop(c);
+    assert!(r.terminate().success());
+    let text = std::fs::read_to_string(&log_path).unwrap();
+    assert_eq!(
+        text.matches("cannot register io_uring buffers").count(),
+        1,
+        "expected one warning about the arena, got: {text}"
+    );
+    // The same replica, started with the arena registered, reads the same data.
+    let r = Replica::start(&dir, None, "uring");
+    let mut c = r.client().await;
+    c.open(pb::OpenRequest { epoch: 2 }).await.unwrap();
+    let mut io = Io::open(&mut c, 2).await;
+    for (o, d) in &writes {
+        let resp = io.one(read_req(*o, d.len() as u64)).await;
+        assert!(
+            resp.payload == d[..],
+            "{} bytes at {o} differ after restart",
+            d.len()
+        );
+    }
 }
