@@ -453,11 +453,17 @@ def read_rebuild_round(kv):
         e["blocks_copied"] = p.get("blocks_copied")
         for k in ("plan_seconds", "copy_seconds", "finish_seconds"):
             e[k] = p.get(k)
-        try:
-            e["raw_s"] = raw_copy_seconds(kv[f"raw_{phase}_json"])
+        # The raw disk's copy; for the full copy, the faster of the depths run.
+        raws = []
+        for key in (f"raw_{phase}_json", f"raw_{phase}_deep_json"):
+            try:
+                raws.append(raw_copy_seconds(kv[key]))
+            except (KeyError, OSError, ValueError, IndexError):
+                pass
+        if raws:
+            e["raw_s"] = min(raws)
+            e["raw_s_each"] = raws
             e["over_raw"] = wall / e["raw_s"] if e["raw_s"] else None
-        except (KeyError, OSError, ValueError, IndexError):
-            pass
         out[phase] = e
     for qd in (1, 32):
         try:
@@ -596,8 +602,12 @@ def target_rows(meta, medians, ratios, cpu, rebuild):
         v = full["mib_s_wall"] / (raw_w / 2)
         b = "—"
         if full.get("raw_s") and rb.get("fill_bytes"):
-            b = (f"≤ {rb['fill_bytes'] / 2**20 / full['raw_s'] / (raw_w / 2):.2f}: the raw disk's own concurrent "
-                 f"read + write of the same {rb['fill_bytes'] >> 20} MiB")
+            bound = rb['fill_bytes'] / 2**20 / full['raw_s'] / (raw_w / 2)
+            b = (f"≤ {bound:.2f}: the raw disk's own concurrent read + write of the same "
+                 f"{rb['fill_bytes'] >> 20} MiB (the faster of depths 16 and 128)")
+            if v > bound:
+                b += ("; Zebu's rebuild was faster than that in this run, so the disk's figure "
+                      "moves too much between runs to bound it")
         rows.append(("full rebuild ≥ 0.8 × raw/2", f"{v:.2f}", 0.8, v >= 0.8, b))
     if rb.get("delta_over_full_time") is not None:
         v = rb["delta_over_full_time"]
@@ -715,7 +725,7 @@ def render_md(meta, systems, medians, ratios, prefill, errors, runs, cpu=None, r
           "around that command; plan/copy/finish = the engine's phases (CRC comparison, the copy the new replica "
           "pulls from a healthy one, promotion and folding the rebuild snapshot). raw = the same copy on the raw "
           "disk in the same round: fio reading the amount from one file while writing it to another, concurrently "
-          "(1 MiB QD16 for full, 4 KiB random QD32 for delta), O_DIRECT.\n")
+          "(1 MiB at QD16 and at QD128 for full, the faster counting; 4 KiB random QD32 for delta), O_DIRECT.\n")
         w("| phase | seconds | plan s | copy s | finish s | MiB/s (wall) | bytes done | blocks copied | raw s | seconds / raw |")
         w("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 

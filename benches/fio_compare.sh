@@ -537,8 +537,9 @@ stop_all
 # ---------------------------------------------------------------- rebuild --
 # zebu-3 only, on a fresh volume per round so the fio rounds' data does not
 # count. Each round also times the raw disk doing the same copy (fio reading
-# one file while writing another, concurrently, O_DIRECT): the bound a
-# rebuild on this one disk can reach, measured side by side.
+# one file while writing another, concurrently, O_DIRECT, at depths 16 and
+# 128; the faster counts): the bound a rebuild on this one disk can reach,
+# measured side by side.
 rb_put() { printf '%s\t%s\n' "$rb_round.$1" "$2" >>"$rebuild_tsv"; }
 rb_fail() { # message: recorded, the section stops, the script goes on
   echo "fio_compare: rebuild section: $*" >&2
@@ -658,6 +659,15 @@ run_rebuild() {
     --name=raw-full-write "--filename=$d/raw-dst" --rw=write --bs=1M --iodepth=16 "--size=$fill" "${raw[@]}"
   ((fio_rc == 0)) || { rb_fail "the raw full-copy baseline failed (fio exit $fio_rc)"; return 1; }
   rb_put raw_full_json "$work/out/$p-raw-full.json"
+  # the same copy at depth 128 (this disk mixes reads and writes better at
+  # some depths than others); the faster of the two is the bound
+  rm -f "$d/raw-dst"
+  sync_fs >/dev/null
+  rb_raw "$work/out/$p-raw-full-deep.json" "$work/out/$p-raw-full-deep.log" \
+    --name=raw-full-read "--filename=$d/raw-src" --rw=read --bs=1M --iodepth=128 "--size=$fill" "${raw[@]}" \
+    --name=raw-full-write "--filename=$d/raw-dst" --rw=write --bs=1M --iodepth=128 "--size=$fill" "${raw[@]}"
+  ((fio_rc == 0)) || { rb_fail "the raw full-copy baseline at depth 128 failed (fio exit $fio_rc)"; return 1; }
+  rb_put raw_full_deep_json "$work/out/$p-raw-full-deep.json"
   sync_fs >/dev/null
   rb_raw "$work/out/$p-raw-delta.json" "$work/out/$p-raw-delta.log" \
     --name=raw-delta-read "--filename=$d/raw-src" --rw=randread --bs=4k --iodepth=32 "--size=$rb_size" "--io_size=$io" "${raw[@]}" \
