@@ -653,21 +653,20 @@ run_rebuild() {
   rb_raw "$work/out/$p-raw-prep.json" "$work/out/$p-raw-prep.log" --name=raw-prep \
     "--filename=$d/raw-src" --rw=write --bs=1M --iodepth=8 "--size=$rb_size" "${raw[@]}"
   ((fio_rc == 0)) || { rb_fail "the raw baseline's file could not be written (fio exit $fio_rc)"; return 1; }
-  sync_fs >/dev/null
-  rb_raw "$work/out/$p-raw-full.json" "$work/out/$p-raw-full.log" \
-    --name=raw-full-read "--filename=$d/raw-src" --rw=read --bs=1M --iodepth=16 "--size=$fill" "${raw[@]}" \
-    --name=raw-full-write "--filename=$d/raw-dst" --rw=write --bs=1M --iodepth=16 "--size=$fill" "${raw[@]}"
-  ((fio_rc == 0)) || { rb_fail "the raw full-copy baseline failed (fio exit $fio_rc)"; return 1; }
-  rb_put raw_full_json "$work/out/$p-raw-full.json"
-  # the same copy at depth 128 (this disk mixes reads and writes better at
-  # some depths than others); the faster of the two is the bound
-  rm -f "$d/raw-dst"
-  sync_fs >/dev/null
-  rb_raw "$work/out/$p-raw-full-deep.json" "$work/out/$p-raw-full-deep.log" \
-    --name=raw-full-read "--filename=$d/raw-src" --rw=read --bs=1M --iodepth=128 "--size=$fill" "${raw[@]}" \
-    --name=raw-full-write "--filename=$d/raw-dst" --rw=write --bs=1M --iodepth=128 "--size=$fill" "${raw[@]}"
-  ((fio_rc == 0)) || { rb_fail "the raw full-copy baseline at depth 128 failed (fio exit $fio_rc)"; return 1; }
-  rb_put raw_full_deep_json "$work/out/$p-raw-full-deep.json"
+  # the full copy at depths 16 and 128 (this disk mixes reads and writes
+  # better at some depths than others); the faster of the two is the bound
+  local qd key
+  for qd in 16 128; do
+    key=raw_full_json
+    ((qd == 16)) || key=raw_full_deep_json
+    rm -f "$d/raw-dst"
+    sync_fs >/dev/null
+    rb_raw "$work/out/$p-raw-full-qd$qd.json" "$work/out/$p-raw-full-qd$qd.log" \
+      --name=raw-full-read "--filename=$d/raw-src" --rw=read --bs=1M "--iodepth=$qd" "--size=$fill" "${raw[@]}" \
+      --name=raw-full-write "--filename=$d/raw-dst" --rw=write --bs=1M "--iodepth=$qd" "--size=$fill" "${raw[@]}"
+    ((fio_rc == 0)) || { rb_fail "the raw full-copy baseline at depth $qd failed (fio exit $fio_rc)"; return 1; }
+    rb_put "$key" "$work/out/$p-raw-full-qd$qd.json"
+  done
   sync_fs >/dev/null
   rb_raw "$work/out/$p-raw-delta.json" "$work/out/$p-raw-delta.log" \
     --name=raw-delta-read "--filename=$d/raw-src" --rw=randread --bs=4k --iodepth=32 "--size=$rb_size" "--io_size=$io" "${raw[@]}" \

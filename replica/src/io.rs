@@ -354,42 +354,41 @@ mod tests {
             assert_ne!(euid, 0, "root could not register the arena");
             eprintln!("the arena is not registered here: only the plain path is checked");
         }
-        // One buffer of each class and one too large for any slot.
+        // One buffer of each class and one too large for any slot, end to end.
         let sizes = [4096usize, 64 << 10, 1 << 20, 2 << 20];
-        let mut offset = 0u64;
-        let mut writes = Vec::new();
-        for (i, len) in sizes.iter().enumerate() {
-            writes.push(Op::Write {
-                file: file.clone(),
-                offset,
-                buf: AlignedBuf::copy_from(&vec![i as u8 + 1; *len]),
-            });
-            offset += *len as u64;
-        }
-        let registered = writes
+        let offsets: Vec<u64> = sizes
             .iter()
-            .filter(|op| op.buf().is_some_and(AlignedBuf::is_registered))
-            .count() as u64;
+            .scan(0u64, |at, len| {
+                let here = *at;
+                *at += *len as u64;
+                Some(here)
+            })
+            .collect();
+        let in_arena = |ops: &[Op]| {
+            ops.iter()
+                .filter(|op| op.buf().is_some_and(AlignedBuf::in_arena))
+                .count() as u64
+        };
+        let writes: Vec<Op> = (0..sizes.len())
+            .map(|i| Op::Write {
+                file: file.clone(),
+                offset: offsets[i],
+                buf: AlignedBuf::copy_from(&vec![i as u8 + 1; sizes[i]]),
+            })
+            .collect();
+        let registered = in_arena(&writes);
         if ring.registered_buffers() {
             assert_eq!(registered, 3, "one slot per class was free");
         }
         io.run(writes).await.unwrap();
-        let reads: Vec<Op> = sizes
-            .iter()
-            .scan(0u64, |at, len| {
-                let op = Op::Read {
-                    file: file.clone(),
-                    offset: *at,
-                    buf: AlignedBuf::zeroed(*len),
-                };
-                *at += *len as u64;
-                Some(op)
+        let reads: Vec<Op> = (0..sizes.len())
+            .map(|i| Op::Read {
+                file: file.clone(),
+                offset: offsets[i],
+                buf: AlignedBuf::zeroed(sizes[i]),
             })
             .collect();
-        let read_registered = reads
-            .iter()
-            .filter(|op| op.buf().is_some_and(AlignedBuf::is_registered))
-            .count() as u64;
+        let read_registered = in_arena(&reads);
         let done = io.run(reads).await.unwrap();
         for (i, c) in done.into_iter().enumerate() {
             let Completion::Read(b) = c else {

@@ -163,9 +163,9 @@ impl AlignedBuf {
         self.len == 0
     }
 
-    /// True when the buffer is a slot of the registered arena, so the ring
-    /// can use it without pinning its pages for every request.
-    pub fn is_registered(&self) -> bool {
+    /// True when the buffer is a slot of the arena, so a ring that
+    /// registered the arena can use it without pinning its pages per request.
+    pub fn in_arena(&self) -> bool {
         matches!(self.home, Home::Slot { .. })
     }
 
@@ -262,8 +262,8 @@ impl Arena {
         ARENA.get_or_init(|| Arena::new(CLASSES)).as_ref()
     }
 
-    /// A new arena with `counts[i]` slots of class `i`; None when its
-    /// memory cannot be had.
+    /// A new arena with `classes[i].1` slots of `classes[i].0` bytes; None
+    /// when its memory cannot be had.
     fn new(classes: [(usize, usize); CLASSES.len()]) -> Option<Arena> {
         let mut starts = [0; CLASSES.len()];
         let mut len = 0;
@@ -523,7 +523,7 @@ impl State {
             self.table.push(None);
             self.table.len() - 1
         });
-        let fixed = self.registered && req.op.buf().is_some_and(AlignedBuf::is_registered);
+        let fixed = self.registered && req.op.buf().is_some_and(AlignedBuf::in_arena);
         self.fixed += u64::from(fixed);
         let (entry, expected) = entry_for(&mut req, idx as u64, fixed);
         self.table[idx] = Some(InFlight { req, expected });
@@ -735,17 +735,17 @@ mod tests {
         let dirty: Vec<AlignedBuf> = (0..64)
             .map(|i| AlignedBuf::copy_from(&[i as u8 + 1; 4096]))
             .collect();
-        assert!(dirty.iter().any(AlignedBuf::is_registered));
+        assert!(dirty.iter().any(AlignedBuf::in_arena));
         for (i, b) in dirty.iter().enumerate() {
             assert!(b.as_slice().iter().all(|&x| x == i as u8 + 1), "buffer {i}");
         }
         drop(dirty);
         let zeroed: Vec<AlignedBuf> = (0..64).map(|_| AlignedBuf::zeroed(4096)).collect();
-        assert!(zeroed.iter().any(AlignedBuf::is_registered));
+        assert!(zeroed.iter().any(AlignedBuf::in_arena));
         assert!(zeroed.iter().all(|b| b.as_slice().iter().all(|&x| x == 0)));
         // Too large for any slot: on the heap, same contract.
         let big = AlignedBuf::copy_from(&vec![9u8; (1 << 20) + 1]);
-        assert!(!big.is_registered());
+        assert!(!big.in_arena());
         assert!(big.as_slice().iter().all(|&x| x == 9));
     }
 }
