@@ -224,7 +224,8 @@ const CLASSES: [(usize, usize); 3] = [(4 << 10, 1024), (64 << 10, 128), (1 << 20
 /// request's buffer (`get_user_pages` and its release: 5% of the replica's
 /// CPU at 1 MiB writes). A registered buffer's pages are pinned once, when
 /// it is registered, and `READ_FIXED`/`WRITE_FIXED` entries use them as
-/// they are.
+/// they are. The arena is one mapping advised onto huge pages (see
+/// [`map_huge`]), so each slot is physically contiguous.
 ///
 /// Invariant: the arena is never freed (it lives in a `static`), so no
 /// registration can outlive its memory. A slot is in its class's free list
@@ -271,9 +272,7 @@ impl Arena {
             *start = len;
             len += size * count;
         }
-        let layout = Layout::from_size_align(len.max(ALIGN), ALIGN).ok()?;
-        // SAFETY: the layout has a non-zero size.
-        let base = NonNull::new(unsafe { alloc_zeroed(layout) })?;
+        let base = map_huge(len.max(ALIGN).next_multiple_of(ALIGN))?;
         Some(Arena {
             base,
             len,
@@ -321,6 +320,59 @@ impl Arena {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(index);
+    }
+}
+
+/// Size and alignment of a transparent huge page on x86-64 and arm64 (4 KiB
+/// base pages).
+const HUGE_PAGE: usize = 2 << 20;
+
+/// A zeroed anonymous mapping of `len` bytes (a multiple of [`ALIGN`]) at a
+/// [`HUGE_PAGE`]-aligned address, advised to be backed by transparent huge
+/// pages; None when the kernel refuses the mapping. Never unmapped.
+///
+/// Why: a buffer of 4 KiB pages is as many scatter-gather segments as pages
+/// unless the pages happen to be physically adjacent, and a device takes a
+/// bounded number of segments per request (254 on virtio-blk): a 1 MiB
+/// O_DIRECT request from such a buffer reaches the disk as two. Inside a huge
+/// page a slot is physically contiguous, one segment, so each 1 MiB read or
+/// write is one disk request (measured here: a 1 MiB copy at depth 16 took
+/// half the disk time with huge-page buffers). Where huge pages cannot be
+/// had (THP disabled, memory fragmented) the mapping is ordinary pages and
+/// everything works as before.
+fn map_huge(len: usize) -> Option<NonNull<u8>> {
+    let span = len.checked_add(HUGE_PAGE)?;
+    // SAFETY: a new private anonymous mapping at an address of the kernel's
+    // choosing; it aliases nothing.
+    let raw = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            span,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if raw == libc::MAP_FAILED {
+        return None;
+    }
+    let head = (raw as usize).next_multiple_of(HUGE_PAGE) - raw as usize;
+    let tail = span - head - len;
+    // SAFETY: `head + len + tail == span`, so both trims and the advised
+    // range lie inside the mapping just made, whose first `head` and last
+    // `tail` bytes nothing else refers to. A failed trim or advice leaves
+    // unused address space or ordinary pages: harmless, so not checked.
+    unsafe {
+        let base = raw.cast::<u8>().add(head);
+        if head > 0 {
+            libc::munmap(raw, head);
+        }
+        if tail > 0 {
+            libc::munmap(base.add(len).cast(), tail);
+        }
+        libc::madvise(base.cast(), len, libc::MADV_HUGEPAGE);
+        NonNull::new(base)
     }
 }
 
@@ -727,6 +779,55 @@ mod tests {
         let again = a.take(4096).unwrap();
         assert_eq!(again.as_slice().as_ptr(), given_back);
         assert_eq!((again.len(), class_of(&again)), (4096, Some(0)));
+    }
+
+    #[test]
+    fn the_arena_starts_on_a_huge_page_and_is_advised_to_use_huge_pages() {
+        let a = leaked_arena(CLASSES);
+        let base = a.base.as_ptr() as usize;
+        assert_eq!(base % HUGE_PAGE, 0, "arena at {base:#x}");
+        // Every slot of every class lies inside one huge page, so it is
+        // physically contiguous when the arena got huge pages.
+        for (c, &(size, count)) in CLASSES.iter().enumerate() {
+            let first = a.starts[c];
+            assert_eq!(
+                first % size,
+                0,
+                "class {c} starts on a multiple of its size"
+            );
+            assert!(
+                HUGE_PAGE.is_multiple_of(size),
+                "class {c}'s slots do not straddle huge pages"
+            );
+            assert!(first + size * count <= a.len);
+        }
+        let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+            .unwrap_or_default();
+        if thp.is_empty() || thp.contains("[never]") {
+            eprintln!("transparent huge pages are off here: nothing more to check");
+            return;
+        }
+        // The mapping holding the arena (it may have merged with a
+        // neighbour) is eligible for huge pages: the advice was taken.
+        let smaps = std::fs::read_to_string("/proc/self/smaps").expect("reading smaps");
+        let mut inside = false;
+        let mut eligible = None;
+        for line in smaps.lines() {
+            if let Some((range, _)) = line.split_once(' ')
+                && let Some((lo, hi)) = range.split_once('-')
+                && let (Ok(lo), Ok(hi)) =
+                    (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+            {
+                inside = lo <= base && base + a.len <= hi;
+            } else if inside && let Some(v) = line.strip_prefix("THPeligible:") {
+                eligible = Some(v.trim().to_owned());
+            }
+        }
+        assert_eq!(
+            eligible.as_deref(),
+            Some("1"),
+            "the arena's mapping in /proc/self/smaps"
+        );
     }
 
     #[test]
