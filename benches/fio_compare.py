@@ -634,7 +634,8 @@ def render_md(meta, systems, medians, ratios, prefill, errors, runs, cpu=None, r
       f"systems interleaved per round (order rotated each round); `sync -f` before every run")
     w(f"- load average at start {meta.get('loadavg_start', '?')}, at end {meta.get('loadavg_end', '?')}; "
       f"total duration {meta.get('duration_seconds', '?')} s")
-    w("- raw = fio io_uring `--direct=1` on a preallocated file; nbdkit-file = `nbdkit file` (default cache mode, "
+    w("- raw = fio io_uring `--direct=1` on a preallocated file, buffers: "
+      f"{meta.get('raw_buffers', 'fio default')}; nbdkit-file = `nbdkit file` (default cache mode, "
       "i.e. through the page cache); zebu-N = zebu-engine + N zebu-replica, all on the same disk; "
       "NBD systems via fio's nbd engine on a Unix socket\n")
     if chart:
