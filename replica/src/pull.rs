@@ -8,22 +8,32 @@
 //! with `PrepareSync` under the caller's epoch, and each chunk's CRC is
 //! verified before its data is written.
 //!
+//! The `ReadLayer` call is made below tonic's codec: its response frames are
+//! split into messages and decoded in place ([`crate::wire`]), and each
+//! chunk's data is copied once, from the frames into its aligned buffer.
+//!
 //! Invariant: a chunk whose CRC does not match its data is never written; it
 //! ends the copy with an error, and the engine does not promote the replica.
 
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::{BufMut, BytesMut};
 use futures::stream::{FuturesUnordered, Stream, StreamExt};
+use prost::Message;
 use tokio::sync::mpsc;
 use tonic::Status;
 use tonic::transport::Channel;
 
 use zebu_proto::replica as pb;
-use zebu_proto::replica::replica_client::ReplicaClient;
 
 use crate::server::status_of;
 use crate::store::Store;
+use crate::uring::AlignedBuf;
+use crate::wire;
+
+/// The `ReadLayer` method's path.
+const READ_LAYER_PATH: &str = "/zebu.replica.v1.Replica/ReadLayer";
 
 /// Most chunk writes of one copy in flight at once.
 const MAX_WRITES_IN_FLIGHT: usize = 64;
@@ -53,7 +63,7 @@ impl Totals {
     }
 }
 
-/// Applies a stream of [`pb::LayerData`] (writes and punches) to a layer,
+/// Applies a stream of [`wire::LayerData`] (writes and punches) to a layer,
 /// up to [`MAX_WRITES_IN_FLIGHT`] at a time. The layer and epoch are
 /// `target`, or else those of the first message. `progress` is called after
 /// each completed chunk with the running totals.
@@ -64,7 +74,7 @@ pub async fn apply<S>(
     mut progress: impl FnMut(&Totals),
 ) -> Result<Totals, Status>
 where
-    S: Stream<Item = Result<pb::LayerData, Status>>,
+    S: Stream<Item = Result<wire::LayerData, Status>>,
 {
     let mut inbound = std::pin::pin!(inbound);
     let mut totals = Totals::default();
@@ -89,9 +99,11 @@ where
                             .await
                             .map(|_| (0, 0, m.punch_length / bs))
                     } else {
-                        let n = m.data.len() as u64;
+                        let n = m.data.len();
+                        let data = AlignedBuf::copy_from_chunks(m.data.chunks().map(|c| &c[..]), n);
+                        let n = n as u64;
                         store
-                            .layer_write(&layer, m.offset, m.data, m.crc32, epoch)
+                            .layer_write(&layer, m.offset, data, m.crc32, epoch)
                             .await
                             .map(|_| (n, n / bs, 0))
                     }
@@ -110,17 +122,57 @@ where
 }
 
 /// Connects to the replica at `addr` (`HOST:PORT`) to read from it.
-async fn connect(addr: &str) -> Result<ReplicaClient<Channel>, Status> {
+async fn connect(addr: &str) -> Result<Channel, Status> {
     let endpoint = zebu_proto::replica_endpoint(addr, CONNECT_TIMEOUT).map_err(|why| {
         Status::invalid_argument(format!("source replica address {addr:?}: {why}"))
     })?;
-    let channel = endpoint
+    endpoint
         .connect()
         .await
-        .map_err(|e| Status::unavailable(format!("cannot reach the source replica {addr}: {e}")))?;
-    Ok(ReplicaClient::new(channel)
-        .max_decoding_message_size(zebu_proto::MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(zebu_proto::MAX_MESSAGE_BYTES))
+        .map_err(|e| Status::unavailable(format!("cannot reach the source replica {addr}: {e}")))
+}
+
+/// Calls `ReadLayer` on `channel`: the chunks it streams, decoded from the
+/// response frames in place, then the call's status from its trailers.
+async fn read_layer(
+    channel: Channel,
+    r: &pb::ReadLayerRequest,
+) -> Result<impl Stream<Item = Result<wire::LayerData, Status>> + use<>, Status> {
+    const WHAT: &str = "the layer data";
+    let len = u32::try_from(r.encoded_len())
+        .map_err(|_| Status::invalid_argument("a ReadLayer request of over 4 GiB"))?;
+    let mut message = BytesMut::with_capacity(5 + len as usize);
+    message.put_u8(0);
+    message.put_u32(len);
+    r.encode(&mut message)
+        .map_err(|e| Status::internal(format!("encoding the ReadLayer request: {e}")))?;
+    let request = http::Request::builder()
+        .method(http::Method::POST)
+        .uri(READ_LAYER_PATH)
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .header(http::header::TE, "trailers")
+        .body(tonic::body::Body::new(http_body_util::Full::new(
+            message.freeze(),
+        )))
+        .map_err(|e| Status::internal(format!("building the ReadLayer request: {e}")))?;
+    let response = tower::ServiceExt::oneshot(channel, request)
+        .await
+        .map_err(|e| Status::unavailable(format!("calling ReadLayer: {e}")))?;
+    let (head, body) = response.into_parts();
+    // An error before any data comes as a response of headers only.
+    if let Some(s) = Status::from_header_map(&head.headers)
+        && s.code() != tonic::Code::Ok
+    {
+        return Err(s);
+    }
+    if head.status != http::StatusCode::OK {
+        return Err(Status::unknown(format!(
+            "ReadLayer answered HTTP status {}",
+            head.status
+        )));
+    }
+    Ok(wire::messages(body, WHAT, true)
+        .map(|m| m.and_then(|m| wire::decode_layer_data(m).map_err(|e| wire::status(WHAT, e)))))
 }
 
 /// Checks a pull request before anything is done.
@@ -146,22 +198,21 @@ pub async fn run(
 ) -> Result<Totals, Status> {
     validate(&r)?;
     let punches = r.punch.iter().map(|e| {
-        Ok(pb::LayerData {
+        Ok(wire::LayerData {
             offset: e.offset,
             punch_length: e.length,
             ..Default::default()
         })
     });
     let chunks = if r.whole || !r.copy.is_empty() {
-        let mut source = connect(&r.source).await?;
-        let chunks = source
-            .read_layer(pb::ReadLayerRequest {
-                layer: r.layer.clone(),
-                extents: r.copy.clone(),
-            })
+        let source = connect(&r.source).await?;
+        let request = pb::ReadLayerRequest {
+            layer: r.layer.clone(),
+            extents: r.copy.clone(),
+        };
+        let chunks = read_layer(source, &request)
             .await
-            .map_err(|s| source_error(&r.layer, &r.source, s))?
-            .into_inner();
+            .map_err(|s| source_error(&r.layer, &r.source, s))?;
         let (src, layer, caller) = (r.source.clone(), r.layer.clone(), tx.clone());
         Some(chunks.map(move |m| {
             if caller.is_closed() {

@@ -23,7 +23,6 @@ use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
 use futures::{FutureExt, Stream};
 use http_body::Frame;
-use http_body_util::BodyExt;
 use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -36,7 +35,7 @@ use zebu_proto::replica::replica_server::Replica;
 use crate::pull;
 use crate::store::{LayerStatus, ReplicaStatus, Store, StoreError};
 use crate::uring::AlignedBuf;
-use crate::wire::{self, MessageReader};
+use crate::wire;
 
 /// Most requests of one stream executing at once.
 const MAX_IN_FLIGHT: usize = 512;
@@ -136,39 +135,9 @@ fn serve_io(
 fn request_batches(
     body: tonic::body::Body,
 ) -> impl Stream<Item = Result<Vec<wire::IoRequest>, Status>> + Send {
-    let reader = MessageReader::new(zebu_proto::MAX_MESSAGE_BYTES);
-    futures::stream::unfold(Some((body, reader)), |state| async move {
-        let (mut body, mut reader) = state?;
-        loop {
-            match reader.next_message() {
-                Ok(Some(message)) => {
-                    let batch = wire::decode_batch(message).map_err(wire_status);
-                    let next = batch.is_ok().then_some((body, reader));
-                    return Some((batch, next));
-                }
-                Ok(None) => {}
-                Err(e) => return Some((Err(wire_status(e)), None)),
-            }
-            match body.frame().await {
-                Some(Ok(frame)) => {
-                    if let Ok(data) = frame.into_data() {
-                        reader.push(data);
-                    }
-                }
-                Some(Err(status)) => return Some((Err(status), None)),
-                None => {
-                    return match reader.finish() {
-                        Ok(()) => None,
-                        Err(e) => Some((Err(wire_status(e)), None)),
-                    };
-                }
-            }
-        }
-    })
-}
-
-fn wire_status(e: wire::WireError) -> Status {
-    Status::invalid_argument(format!("decoding the data stream: {e}"))
+    const WHAT: &str = "the data stream";
+    wire::messages(body, WHAT, false)
+        .map(|m| m.and_then(|m| wire::decode_batch(m).map_err(|e| wire::status(WHAT, e))))
 }
 
 /// The response body of an `Io` stream: each reply batch as a gRPC message,
@@ -535,7 +504,8 @@ impl Replica for ReplicaService {
         &self,
         request: Request<Streaming<pb::LayerData>>,
     ) -> Result<Response<pb::WriteLayerResponse>, Status> {
-        let totals = pull::apply(&self.store, None, request.into_inner(), |_| ()).await?;
+        let inbound = request.into_inner().map(|m| m.map(wire::LayerData::from));
+        let totals = pull::apply(&self.store, None, inbound, |_| ()).await?;
         Ok(Response::new(pb::WriteLayerResponse {
             blocks_written: totals.blocks_written,
             blocks_punched: totals.blocks_punched,

@@ -1329,11 +1329,11 @@ impl Store {
         &self,
         name: &str,
         offset: u64,
-        data: Bytes,
+        data: AlignedBuf,
         crc: u32,
         epoch: u64,
     ) -> Result<()> {
-        let (crcs, actual) = block_crcs_and_total(&data, self.block_size as usize);
+        let (crcs, actual) = block_crcs_and_total(data.as_slice(), self.block_size as usize);
         if actual != crc {
             return Err(StoreError::CrcMismatch {
                 expected: crc,
@@ -1342,7 +1342,7 @@ impl Store {
         }
         let (chain, layer) = self.sync_target(name, epoch).await?;
         self.check_range(&chain, offset, data.len() as u64)?;
-        self.write_blocks_with_crcs(&layer, offset, AlignedBuf::copy_from(&data), crcs)
+        self.write_blocks_with_crcs(&layer, offset, data, crcs)
             .await
     }
 

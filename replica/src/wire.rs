@@ -9,9 +9,14 @@
 //! parsed in place, and a write payload is copied once, from the frame
 //! slices straight into its aligned buffer.
 //!
-//! The wire format is the ordinary gRPC message stream of `IoBatch`
-//! (`proto/proto/replica.proto`), so any gRPC client can write it; only
-//! compressed messages are refused.
+//! The same is done for the `LayerData` stream a rebuild pulls from a peer
+//! replica ([`layer_data_stream`]): tonic's decode buffer grows by
+//! reallocating, which copied every 1 MiB chunk up to twice more before the
+//! copy into its aligned buffer (40% of the pulling replica's CPU).
+//!
+//! The wire format is the ordinary gRPC message stream of `IoBatch` or
+//! `LayerData` (`proto/proto/replica.proto`), so any gRPC peer can speak it;
+//! only compressed messages are refused.
 
 use std::collections::VecDeque;
 
@@ -34,7 +39,7 @@ pub enum WireError {
         limit: usize,
     },
     /// The protobuf encoding is invalid.
-    #[error("invalid IoBatch message: {0}")]
+    #[error("invalid protobuf message: {0}")]
     Invalid(&'static str),
     /// The stream ended inside a message.
     #[error("the stream ended inside a message ({missing} bytes missing)")]
@@ -188,6 +193,38 @@ impl From<pb::IoRequest> for IoRequest {
     }
 }
 
+/// One `LayerData` message of a rebuild's copy, its data as received.
+#[derive(Clone, Debug, Default)]
+pub struct LayerData {
+    /// `LayerData.layer`.
+    pub layer: String,
+    /// `LayerData.offset`.
+    pub offset: u64,
+    /// `LayerData.data`.
+    pub data: Segments,
+    /// `LayerData.crc32`.
+    pub crc32: u32,
+    /// `LayerData.punch_length`.
+    pub punch_length: u64,
+    /// `LayerData.epoch`.
+    pub epoch: u64,
+}
+
+impl From<pb::LayerData> for LayerData {
+    fn from(m: pb::LayerData) -> LayerData {
+        let mut data = Segments::default();
+        data.push(m.data);
+        LayerData {
+            layer: m.layer,
+            offset: m.offset,
+            data,
+            crc32: m.crc32,
+            punch_length: m.punch_length,
+            epoch: m.epoch,
+        }
+    }
+}
+
 const VARINT: u64 = 0;
 const FIXED64: u64 = 1;
 const LEN: u64 = 2;
@@ -296,6 +333,95 @@ fn decode_request(mut buf: Segments) -> Result<IoRequest, WireError> {
         }
     }
     Ok(r)
+}
+
+/// Decodes a `LayerData` message.
+pub fn decode_layer_data(mut buf: Segments) -> Result<LayerData, WireError> {
+    let mut m = LayerData::default();
+    while !buf.is_empty() {
+        let (field, wt) = key(&mut buf)?;
+        match field {
+            1 | 3 => {
+                expect(wt, LEN)?;
+                let n = len_of(&mut buf)?;
+                let value = buf.split_to(n)?;
+                if field == 3 {
+                    m.data = value;
+                } else {
+                    m.layer = String::from_utf8(value.to_bytes().to_vec())
+                        .map_err(|_| WireError::Invalid("a layer name is not UTF-8"))?;
+                }
+            }
+            2 | 4..=6 => {
+                expect(wt, VARINT)?;
+                let v = buf.varint()?;
+                match field {
+                    2 => m.offset = v,
+                    4 => m.crc32 = v as u32,
+                    5 => m.punch_length = v,
+                    _ => m.epoch = v,
+                }
+            }
+            _ => skip(&mut buf, field, wt, 0)?,
+        }
+    }
+    Ok(m)
+}
+
+/// The gRPC messages of an HTTP/2 body as they arrive, each as the frame
+/// slices that hold it; `what` names the stream in errors ("decoding
+/// {what}: ..."). A response body (`response`) ends with trailers carrying
+/// the call's status: an error status ends the stream with that error, and
+/// a response that ends without a status is an error too. A request body
+/// just ends; trailers on it are ignored.
+pub fn messages(
+    body: tonic::body::Body,
+    what: &'static str,
+    response: bool,
+) -> impl futures::Stream<Item = Result<Segments, tonic::Status>> + Send {
+    use http_body_util::BodyExt;
+    let status = move |e| status(what, e);
+    let reader = MessageReader::new(zebu_proto::MAX_MESSAGE_BYTES);
+    futures::stream::unfold(Some((body, reader)), move |state| async move {
+        let (mut body, mut reader) = state?;
+        loop {
+            match reader.next_message() {
+                Ok(Some(message)) => return Some((Ok(message), Some((body, reader)))),
+                Ok(None) => {}
+                Err(e) => return Some((Err(status(e)), None)),
+            }
+            let end = match body.frame().await {
+                Some(Ok(frame)) => match frame.into_data() {
+                    Ok(data) => {
+                        reader.push(data);
+                        continue;
+                    }
+                    Err(frame) if response => match frame.into_trailers() {
+                        Ok(trailers) => match tonic::Status::from_header_map(&trailers) {
+                            Some(s) if s.code() != tonic::Code::Ok => Err(s),
+                            Some(_) => reader.finish().map_err(status),
+                            None => Err(tonic::Status::internal(format!(
+                                "{what} ended with trailers that carry no gRPC status"
+                            ))),
+                        },
+                        Err(_) => continue,
+                    },
+                    Err(_) => continue,
+                },
+                Some(Err(s)) => Err(s),
+                None if response => Err(tonic::Status::internal(format!(
+                    "{what} ended without a gRPC status"
+                ))),
+                None => reader.finish().map_err(status),
+            };
+            return end.err().map(|e| (Err(e), None));
+        }
+    })
+}
+
+/// The status of a stream, named by `what`, that cannot be decoded.
+pub fn status(what: &str, e: WireError) -> tonic::Status {
+    tonic::Status::invalid_argument(format!("decoding {what}: {e}"))
 }
 
 /// Splits a gRPC message stream into messages as its frames arrive.
@@ -443,6 +569,39 @@ mod tests {
                 for (g, w) in ours.iter().zip(&theirs.requests) {
                     prop_assert!(same(g, w));
                 }
+            }
+        }
+
+        #[test]
+        fn layer_data_decodes_as_prost_encodes_it_however_the_frames_split_it(
+            layer in "[a-z0-9.-]{0,12}",
+            offset in any::<u64>(),
+            data in prop::collection::vec(any::<u8>(), 0..300),
+            crc32 in any::<u32>(),
+            punch_length in any::<u64>(),
+            epoch in any::<u64>(),
+            cuts in prop::collection::vec(any::<usize>(), 0..8),
+        ) {
+            let m = pb::LayerData { layer, offset, data: data.into(), crc32, punch_length, epoch };
+            let got = decode_layer_data(segments(&m.encode_to_vec(), &cuts)).unwrap();
+            prop_assert_eq!(
+                (&got.layer, got.offset, got.data.to_bytes(), got.crc32, got.punch_length, got.epoch),
+                (&m.layer, m.offset, m.data.clone(), m.crc32, m.punch_length, m.epoch)
+            );
+        }
+
+        #[test]
+        fn arbitrary_layer_data_bytes_never_panic_and_agree_with_prost(
+            data in prop::collection::vec(any::<u8>(), 0..64),
+            cuts in prop::collection::vec(any::<usize>(), 0..4),
+        ) {
+            let ours = decode_layer_data(segments(&data, &cuts));
+            if let Ok(m) = pb::LayerData::decode(&data[..]) {
+                let got = ours.expect("prost accepted it");
+                prop_assert_eq!(
+                    (got.layer, got.offset, got.data.to_bytes(), got.crc32, got.punch_length, got.epoch),
+                    (m.layer, m.offset, m.data, m.crc32, m.punch_length, m.epoch)
+                );
             }
         }
 
