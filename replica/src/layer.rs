@@ -240,7 +240,7 @@ impl Layer {
             let mut b = s;
             while b < e {
                 let n = STEP.min(e - b);
-                let mut buf = AlignedBuf::zeroed((n * bs) as usize);
+                let mut buf = AlignedBuf::for_read((n * bs) as usize);
                 self.data.read_exact_at(buf.as_mut_slice(), b * bs)?;
                 let crcs = block_crcs(buf.as_slice(), bs as usize);
                 self.store_crcs(b, &crcs)?;

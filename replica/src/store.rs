@@ -745,7 +745,7 @@ impl Store {
                 .run([Op::Read {
                     file: layer.data.clone(),
                     offset,
-                    buf: AlignedBuf::zeroed(len as usize),
+                    buf: AlignedBuf::for_read(len as usize),
                 }])
                 .await
                 .map_err(io_err_with(|| format!("reading {len} bytes at {offset}")))?;
@@ -767,7 +767,7 @@ impl Store {
                 Some(Op::Read {
                     file: chain.entries[level].layer.data.clone(),
                     offset: s * bs,
-                    buf: AlignedBuf::zeroed(((e - s) * bs) as usize),
+                    buf: AlignedBuf::for_read(((e - s) * bs) as usize),
                 })
             })
             .collect();
@@ -1035,7 +1035,7 @@ impl Store {
             .run([Op::Read {
                 file: from.data.clone(),
                 offset: first * bs,
-                buf: AlignedBuf::zeroed((count * bs) as usize),
+                buf: AlignedBuf::for_read((count * bs) as usize),
             }])
             .await
             .map_err(io_err_with(what))?;
@@ -1448,7 +1448,7 @@ impl Store {
                             .run([Op::Read {
                                 file,
                                 offset: b * bs,
-                                buf: AlignedBuf::zeroed((n * bs) as usize),
+                                buf: AlignedBuf::for_read((n * bs) as usize),
                             }])
                             .await
                             .map_err(io_err_with(|| {

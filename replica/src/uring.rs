@@ -59,7 +59,8 @@ pub fn keep_freed_buffers() {
 }
 
 /// A buffer aligned to [`ALIGN`] bytes: zero-filled by [`AlignedBuf::zeroed`],
-/// a copy of the source by [`AlignedBuf::copy_from`]. It lives in a slot of
+/// a copy of the source by [`AlignedBuf::copy_from`], to be filled by a read
+/// with [`AlignedBuf::for_read`]. It lives in a slot of
 /// the registered [`Arena`] while one of its size is free, else on the heap.
 pub struct AlignedBuf {
     ptr: NonNull<u8>,
@@ -93,6 +94,22 @@ impl AlignedBuf {
             return buf;
         }
         Self::heap(len, true)
+    }
+
+    /// A buffer of `len` bytes for a read to fill: an arena slot as it is,
+    /// not cleared (a 1 MiB read no longer pays a 1 MiB `memset` first), or
+    /// else a zeroed heap buffer.
+    ///
+    /// A slot's old bytes never reach a caller: both backends fail a read
+    /// that does not fill its whole buffer (a short read is an error) and
+    /// drop that buffer. Every byte of the arena is initialised (its mapping
+    /// starts zeroed), so handing a slot to the kernel or to `read_exact_at`
+    /// exposes no uninitialised memory.
+    pub fn for_read(len: usize) -> Self {
+        match Arena::get().and_then(|a| a.take(len)) {
+            Some(buf) => buf,
+            None => Self::heap(len, true),
+        }
     }
 
     /// A buffer of `len` bytes on the heap, zero-filled or not.
