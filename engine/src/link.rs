@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tonic::codec::{Codec, Streaming};
 use tonic::transport::Channel;
-use tower::ServiceExt;
 
 use crate::batch::BatchBody;
 
@@ -191,24 +190,13 @@ async fn open_stream(
     channel: Channel,
     body: BatchBody,
 ) -> Result<Streaming<pb::IoReplyBatch>, tonic::Status> {
-    let request = http::Request::builder()
-        .method(http::Method::POST)
-        .uri(IO_PATH)
-        .version(http::Version::HTTP_2)
-        .header(http::header::CONTENT_TYPE, "application/grpc")
-        .header(http::header::TE, "trailers")
-        .body(tonic::body::Body::new(body))
-        .map_err(|e| tonic::Status::internal(format!("building the data stream request: {e}")))?;
-    let response = channel
-        .oneshot(request)
-        .await
-        .map_err(|e| tonic::Status::unavailable(format!("opening the data stream: {e}")))?;
-    // A call refused outright answers with its status in the headers.
-    if let Some(status) = tonic::Status::from_header_map(response.headers())
-        && status.code() != tonic::Code::Ok
-    {
-        return Err(status);
-    }
+    let response = zebu_proto::start_call(
+        channel,
+        IO_PATH,
+        tonic::body::Body::new(body),
+        "the data stream",
+    )
+    .await?;
     let status_code = response.status();
     let decoder = tonic_prost::ProstCodec::<pb::IoBatch, pb::IoReplyBatch>::default().decoder();
     Ok(Streaming::new_response(

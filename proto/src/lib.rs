@@ -43,6 +43,37 @@ pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 /// 16 KiB default.
 pub const MAX_FRAME_BYTES: u32 = 1 << 20;
 
+/// Starts the gRPC call `path` on `channel` below tonic's codec, with `body`
+/// as its request (already framed as gRPC messages), as a generated client
+/// would: the response, whose body the caller decodes itself, or the call's
+/// status when the server refused it in the response headers. `what` names
+/// the call in errors ("opening {what}: ...").
+pub async fn start_call(
+    channel: tonic::transport::Channel,
+    path: &'static str,
+    body: tonic::body::Body,
+    what: &str,
+) -> Result<http::Response<tonic::body::Body>, tonic::Status> {
+    let request = http::Request::builder()
+        .method(http::Method::POST)
+        .uri(path)
+        .version(http::Version::HTTP_2)
+        .header(http::header::CONTENT_TYPE, "application/grpc")
+        .header(http::header::TE, "trailers")
+        .body(body)
+        .map_err(|e| tonic::Status::internal(format!("building {what} request: {e}")))?;
+    let response = tower::ServiceExt::oneshot(channel, request)
+        .await
+        .map_err(|e| tonic::Status::unavailable(format!("opening {what}: {e}")))?;
+    // A call refused outright answers with its status in the headers.
+    if let Some(status) = tonic::Status::from_header_map(response.headers())
+        && status.code() != tonic::Code::Ok
+    {
+        return Err(status);
+    }
+    Ok(response)
+}
+
 /// The client endpoint for a replica at `addr` (`HOST:PORT`), with the
 /// transport settings every caller of a replica uses: no Nagle delay, and
 /// HTTP/2 windows large enough (8 MiB per stream, 32 MiB per connection) that

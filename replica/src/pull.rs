@@ -99,9 +99,11 @@ where
                             .await
                             .map(|_| (0, 0, m.punch_length / bs))
                     } else {
-                        let n = m.data.len();
-                        let data = AlignedBuf::copy_from_chunks(m.data.chunks().map(|c| &c[..]), n);
-                        let n = n as u64;
+                        let data = AlignedBuf::copy_from_chunks(
+                            m.data.chunks().map(|c| &c[..]),
+                            m.data.len(),
+                        );
+                        let n = data.len() as u64;
                         store
                             .layer_write(&layer, m.offset, data, m.crc32, epoch)
                             .await
@@ -146,25 +148,10 @@ async fn read_layer(
     message.put_u32(len);
     r.encode(&mut message)
         .map_err(|e| Status::internal(format!("encoding the ReadLayer request: {e}")))?;
-    let request = http::Request::builder()
-        .method(http::Method::POST)
-        .uri(READ_LAYER_PATH)
-        .header(http::header::CONTENT_TYPE, "application/grpc")
-        .header(http::header::TE, "trailers")
-        .body(tonic::body::Body::new(http_body_util::Full::new(
-            message.freeze(),
-        )))
-        .map_err(|e| Status::internal(format!("building the ReadLayer request: {e}")))?;
-    let response = tower::ServiceExt::oneshot(channel, request)
-        .await
-        .map_err(|e| Status::unavailable(format!("calling ReadLayer: {e}")))?;
+    let body = tonic::body::Body::new(http_body_util::Full::new(message.freeze()));
+    let response =
+        zebu_proto::start_call(channel, READ_LAYER_PATH, body, "the ReadLayer stream").await?;
     let (head, body) = response.into_parts();
-    // An error before any data comes as a response of headers only.
-    if let Some(s) = Status::from_header_map(&head.headers)
-        && s.code() != tonic::Code::Ok
-    {
-        return Err(s);
-    }
     if head.status != http::StatusCode::OK {
         return Err(Status::unknown(format!(
             "ReadLayer answered HTTP status {}",

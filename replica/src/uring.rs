@@ -88,12 +88,11 @@ unsafe impl Sync for AlignedBuf {}
 impl AlignedBuf {
     /// A zero-filled buffer of `len` bytes.
     pub fn zeroed(len: usize) -> Self {
-        if let Some(buf) = Arena::get().and_then(|a| a.take(len)) {
-            // SAFETY: the slot holds at least `len` bytes and is ours alone.
-            unsafe { std::ptr::write_bytes(buf.ptr.as_ptr(), 0, len) };
-            return buf;
+        let mut buf = Self::for_read(len);
+        if buf.in_arena() {
+            buf.as_mut_slice().fill(0);
         }
-        Self::heap(len, true)
+        buf
     }
 
     /// A buffer of `len` bytes for a read to fill: an arena slot as it is,
