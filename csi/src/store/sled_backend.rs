@@ -37,6 +37,12 @@ struct EnvelopeIn<R> {
     record: R,
 }
 
+/// sled reports a held lock as an I/O error of kind `Other` whose message
+/// names the lock (the `WouldBlock` from the OS is only in its text).
+fn is_lock_conflict(e: &std::io::Error) -> bool {
+    e.kind() == std::io::ErrorKind::WouldBlock || e.to_string().contains("could not acquire lock")
+}
+
 #[derive(Deserialize)]
 struct VersionOnly {
     version: u64,
@@ -55,9 +61,7 @@ impl SledStore {
         let db = loop {
             match sled::Config::new().path(path).open() {
                 Ok(db) => break db,
-                Err(sled::Error::Io(e))
-                    if e.kind() == std::io::ErrorKind::WouldBlock && attempts < 100 =>
-                {
+                Err(sled::Error::Io(e)) if is_lock_conflict(&e) && attempts < 100 => {
                     attempts += 1;
                     std::thread::sleep(std::time::Duration::from_millis(20));
                 }
