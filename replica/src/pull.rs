@@ -27,13 +27,10 @@ use tonic::transport::Channel;
 
 use zebu_proto::replica as pb;
 
-use crate::server::status_of;
+use crate::server::{READ_LAYER_PATH, status_of};
 use crate::store::Store;
 use crate::uring::AlignedBuf;
 use crate::wire;
-
-/// The `ReadLayer` method's path.
-const READ_LAYER_PATH: &str = "/zebu.replica.v1.Replica/ReadLayer";
 
 /// Most chunk writes of one copy in flight at once.
 const MAX_WRITES_IN_FLIGHT: usize = 64;

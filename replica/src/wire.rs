@@ -1,5 +1,5 @@
 //! Decoding the data stream's requests without gathering them into one
-//! buffer first.
+//! buffer first, and sending rebuild chunks without copying them.
 //!
 //! tonic copies every DATA frame of a request stream into a contiguous
 //! buffer before decoding a message, and the replica then copies each write
@@ -14,13 +14,18 @@
 //! reallocating, which copied every 1 MiB chunk up to twice more before the
 //! copy into its aligned buffer (31% of the pulling replica's samples).
 //!
+//! The source of that stream sends each chunk the other way round
+//! ([`layer_data_frames`]): the message's fields as one frame and the data
+//! as the next, straight from the buffer it was read into; tonic's encoder
+//! copied it into a growing encode buffer first.
+//!
 //! The wire format is the ordinary gRPC message stream of `IoBatch` or
 //! `LayerData` (`proto/proto/replica.proto`), so any gRPC peer can speak it;
 //! only compressed messages are refused.
 
 use std::collections::VecDeque;
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, BufMut, Bytes};
 
 use zebu_proto::replica as pb;
 
@@ -368,6 +373,30 @@ pub fn decode_layer_data(mut buf: Segments) -> Result<LayerData, WireError> {
     Ok(m)
 }
 
+/// One `LayerData` message of a `ReadLayer` response, `data` at `offset`
+/// with its CRC: the message's gRPC prefix and fields before the data, then
+/// `data` itself. Sent as two DATA frames, the payload goes to the socket
+/// from the buffer it was read into instead of being copied into an encode
+/// buffer first. The fields are ordinary protobuf (data last), so any gRPC
+/// client decodes them. Fails only for a message over 4 GiB, which the
+/// prefix cannot express.
+pub fn layer_data_frames(offset: u64, crc32: u32, data: Bytes) -> Result<[Bytes; 2], WireError> {
+    use prost::encoding::{WireType, encode_key, encode_varint, uint32, uint64};
+    let mut head = bytes::BytesMut::with_capacity(32);
+    head.put_bytes(0, 5); // the prefix, filled in below
+    uint64::encode(2, &offset, &mut head);
+    uint32::encode(4, &crc32, &mut head);
+    encode_key(3, WireType::LengthDelimited, &mut head);
+    encode_varint(data.len() as u64, &mut head);
+    let len = head.len() - 5 + data.len();
+    let prefix = u32::try_from(len).map_err(|_| WireError::TooLarge {
+        len,
+        limit: u32::MAX as usize,
+    })?;
+    head[1..5].copy_from_slice(&prefix.to_be_bytes());
+    Ok([head.freeze(), data])
+}
+
 /// The gRPC messages of an HTTP/2 body as they arrive, each as the frame
 /// slices that hold it; `what` names the stream in errors ("decoding
 /// {what}: ..."). A response body (`response`) ends with trailers carrying
@@ -588,6 +617,27 @@ mod tests {
                 (&got.layer, got.offset, got.data.to_bytes(), got.crc32, got.punch_length, got.epoch),
                 (&m.layer, m.offset, m.data.clone(), m.crc32, m.punch_length, m.epoch)
             );
+        }
+
+        #[test]
+        fn layer_data_frames_are_one_grpc_message_that_prost_and_the_pull_decode(
+            offset in any::<u64>(),
+            data in prop::collection::vec(any::<u8>(), 0..300),
+            crc32 in any::<u32>(),
+        ) {
+            let data = Bytes::from(data);
+            let [head, rest] = layer_data_frames(offset, crc32, data.clone()).unwrap();
+            prop_assert!(rest.as_ptr() == data.as_ptr(), "the payload is not copied");
+            let mut reader = MessageReader::new(zebu_proto::MAX_MESSAGE_BYTES);
+            reader.push(head);
+            reader.push(rest);
+            let message = reader.next_message().unwrap().expect("one whole message");
+            prop_assert!(reader.next_message().unwrap().is_none());
+            reader.finish().unwrap();
+            let want = pb::LayerData { offset, data: data.clone(), crc32, ..Default::default() };
+            prop_assert_eq!(pb::LayerData::decode(message.to_bytes()).unwrap(), want);
+            let got = decode_layer_data(message).unwrap();
+            prop_assert_eq!((got.offset, got.data.to_bytes(), got.crc32), (offset, data, crc32));
         }
 
         #[test]

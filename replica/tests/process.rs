@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
 use bytes::Bytes;
+use prost::Message;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
@@ -1000,13 +1001,18 @@ async fn a_corrupt_source_block_stops_the_copy() {
     );
 }
 
-/// Sends `body` as the whole request stream of an `Io` call (with
+/// Sends `body` as the whole request stream of a call to `method` (with
 /// `grpc-encoding: encoding` when given) and returns the call's final status.
-async fn raw_io(channel: Channel, body: Vec<u8>, encoding: Option<&str>) -> tonic::Status {
+async fn raw_call(
+    channel: Channel,
+    method: &str,
+    body: Vec<u8>,
+    encoding: Option<&str>,
+) -> tonic::Status {
     use http_body_util::BodyExt;
     let mut req = http::Request::builder()
         .method(http::Method::POST)
-        .uri("/zebu.replica.v1.Replica/Io")
+        .uri(format!("/zebu.replica.v1.Replica/{method}"))
         .header("content-type", "application/grpc")
         .header("te", "trailers");
     if let Some(e) = encoding {
@@ -1026,11 +1032,19 @@ async fn raw_io(channel: Channel, body: Vec<u8>, encoding: Option<&str>) -> toni
     tonic::Status::from_header_map(&trailers).expect("a grpc-status trailer")
 }
 
-/// The data stream is decoded below tonic's codec: malformed, truncated or
-/// compressed input ends the stream with a status that says what is wrong,
-/// and the replica goes on serving.
-#[tokio::test]
-async fn a_malformed_data_stream_gets_a_status_that_says_why() {
+/// One bad call: (what, request stream bytes, grpc-encoding, expected code,
+/// part of the expected message).
+type BadCall = (
+    &'static str,
+    Vec<u8>,
+    Option<&'static str>,
+    tonic::Code,
+    &'static str,
+);
+
+/// Makes each call of `cases` to `method` of a fresh replica, checks the
+/// status each gets, and that the replica still serves afterwards.
+async fn expect_statuses(method: &str, cases: Vec<BadCall>) {
     let dir = tempfile::tempdir().unwrap();
     let r = Replica::start(dir.path(), Some("16M"), "uring");
     let channel = Channel::from_shared(format!("http://{}", r.addr))
@@ -1038,15 +1052,27 @@ async fn a_malformed_data_stream_gets_a_status_that_says_why() {
         .connect()
         .await
         .unwrap();
-    // (what, request stream bytes, grpc-encoding, expected code, message part)
-    type Case = (
-        &'static str,
-        Vec<u8>,
-        Option<&'static str>,
-        tonic::Code,
-        &'static str,
-    );
-    let cases: [Case; 4] = [
+    for (what, body, encoding, code, message) in cases {
+        let status = raw_call(channel.clone(), method, body, encoding).await;
+        assert_eq!(status.code(), code, "{what}: {status:?}");
+        assert!(status.message().contains(message), "{what}: {status:?}");
+    }
+    let info = r
+        .client()
+        .await
+        .info(pb::InfoRequest {})
+        .await
+        .expect("still serving")
+        .into_inner();
+    assert_eq!(info.size, 16 << 20);
+}
+
+/// The data stream is decoded below tonic's codec: malformed, truncated or
+/// compressed input ends the stream with a status that says what is wrong,
+/// and the replica goes on serving.
+#[tokio::test]
+async fn a_malformed_data_stream_gets_a_status_that_says_why() {
+    let cases: Vec<BadCall> = vec![
         (
             "a payload longer than its message",
             vec![0, 0, 0, 0, 5, 0x0a, 3, 0x2a, 9, 1],
@@ -1076,19 +1102,63 @@ async fn a_malformed_data_stream_gets_a_status_that_says_why() {
             "send them uncompressed",
         ),
     ];
-    for (what, body, encoding, code, message) in cases {
-        let status = raw_io(channel.clone(), body, encoding).await;
-        assert_eq!(status.code(), code, "{what}: {status:?}");
-        assert!(status.message().contains(message), "{what}: {status:?}");
-    }
-    let info = r
-        .client()
-        .await
-        .info(pb::InfoRequest {})
-        .await
-        .expect("still serving")
-        .into_inner();
-    assert_eq!(info.size, 16 << 20);
+    expect_statuses("Io", cases).await;
+}
+
+/// `ReadLayer` is served below tonic's codec too: a call without a usable
+/// request, or compressed, or for a layer the replica does not have, gets a
+/// status that says why, and the replica goes on serving.
+#[tokio::test]
+async fn a_bad_read_layer_call_gets_a_status_that_says_why() {
+    let request = |layer: &str| {
+        let m = pb::ReadLayerRequest {
+            layer: layer.into(),
+            extents: vec![],
+        }
+        .encode_to_vec();
+        let mut body = vec![0];
+        body.extend((m.len() as u32).to_be_bytes());
+        body.extend(m);
+        body
+    };
+    let cases: Vec<BadCall> = vec![
+        (
+            "no request message",
+            vec![],
+            None,
+            tonic::Code::InvalidArgument,
+            "ended without its request message",
+        ),
+        (
+            "a request that is not a ReadLayerRequest",
+            vec![0, 0, 0, 0, 2, 0x0a, 9],
+            None,
+            tonic::Code::InvalidArgument,
+            "decoding the ReadLayer request",
+        ),
+        (
+            "a compressed call",
+            request(""),
+            Some("gzip"),
+            tonic::Code::Unimplemented,
+            "send them uncompressed",
+        ),
+        (
+            "a layer the replica does not have",
+            request("no-such-layer"),
+            None,
+            tonic::Code::NotFound,
+            "no-such-layer",
+        ),
+        (
+            "the head, which holds nothing yet",
+            request(""),
+            None,
+            tonic::Code::Ok,
+            "",
+        ),
+    ];
+    expect_statuses("ReadLayer", cases).await;
 }
 
 /// Without CAP_IPC_LOCK and with an 8 MiB RLIMIT_MEMLOCK (the usual default
