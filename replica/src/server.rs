@@ -8,9 +8,10 @@
 //! [`ReplicaServer`] serves the `Io` stream itself, below tonic's codec: the
 //! request frames are decoded in place by [`crate::wire`], so a write
 //! payload is copied once, from the received frames into its aligned
-//! buffer. It serves `ReadLayer` (a rebuild's source) below tonic too, so
-//! each chunk is sent from the buffer it was read into. Every other method
-//! goes to tonic's generated server.
+//! buffer, and a large read payload is sent from the buffer it was read
+//! into ([`wire::reply_batch_frames`]). It serves `ReadLayer` (a rebuild's
+//! source) below tonic too, so each chunk is sent from its read buffer.
+//! Every other method goes to tonic's generated server.
 //!
 //! Invariant: a failed request gets an error response on the stream and
 //! never ends the stream or the process; only a broken transport does.
@@ -20,7 +21,7 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
 use futures::{FutureExt, Stream};
@@ -133,7 +134,7 @@ where
 {
     let body = GrpcBody {
         messages,
-        queued: None,
+        queued: Vec::new().into_iter(),
         done: false,
     };
     let mut response = http::Response::new(tonic::body::Body::new(body));
@@ -157,14 +158,8 @@ fn serve_io(
     let (tx, rx) = mpsc::channel(64);
     tokio::spawn(run_stream(store, Box::pin(inbound), tx));
     grpc_response(ReceiverStream::new(rx).map(|batch| {
-        batch.map(|batch| {
-            let len = batch.encoded_len();
-            let mut buf = BytesMut::with_capacity(5 + len);
-            buf.put_u8(0);
-            buf.put_u32(len as u32);
-            batch.encode_raw(&mut buf);
-            (buf.freeze(), None)
-        })
+        wire::reply_batch_frames(&batch?)
+            .map_err(|e| Status::internal(format!("encoding a reply batch: {e}")))
     }))
 }
 
@@ -191,9 +186,9 @@ async fn serve_read_layer(
     match chunks.await {
         Ok(chunks) => grpc_response(chunks.map(|chunk| {
             let (offset, data, crc32) = chunk?;
-            let [head, data] = wire::layer_data_frames(offset, crc32, data)
+            let frames = wire::layer_data_frames(offset, crc32, data)
                 .map_err(|e| Status::internal(format!("encoding a layer chunk: {e}")))?;
-            Ok((head, Some(data)))
+            Ok(frames.into())
         })),
         Err(status) => status.into_http(),
     }
@@ -222,17 +217,16 @@ fn request_batches(
         .map(|m| m.and_then(|m| wire::decode_batch(m).map_err(|e| wire::status(WHAT, e))))
 }
 
-/// One gRPC message as frames: the first (prefix included), and the rest
-/// of its bytes when they are sent from their own buffer.
-type Frames = (Bytes, Option<Bytes>);
+/// One gRPC message as the frames to send it in (its prefix first).
+type Frames = Vec<Bytes>;
 
 /// A gRPC response body: each message of `messages` as its frames, then
 /// the trailers with the call's status: the first error's, or OK once the
 /// messages end.
 struct GrpcBody<S> {
     messages: S,
-    /// The second frame of the message being sent.
-    queued: Option<Bytes>,
+    /// The frames of the message being sent that are still to go.
+    queued: std::vec::IntoIter<Bytes>,
     done: bool,
 }
 
@@ -247,20 +241,25 @@ where
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-        if let Some(rest) = self.queued.take() {
-            return Poll::Ready(Some(Ok(Frame::data(rest))));
-        }
-        if self.done {
-            return Poll::Ready(None);
-        }
-        let status = match std::task::ready!(self.messages.poll_next_unpin(cx)) {
-            Some(Ok((first, rest))) => {
-                self.queued = rest;
-                return Poll::Ready(Some(Ok(Frame::data(first))));
+        loop {
+            if let Some(frame) = self.queued.next() {
+                return Poll::Ready(Some(Ok(Frame::data(frame))));
             }
-            Some(Err(status)) => status,
-            None => Status::ok(""),
-        };
+            if self.done {
+                return Poll::Ready(None);
+            }
+            match std::task::ready!(self.messages.poll_next_unpin(cx)) {
+                Some(Ok(frames)) => self.queued = frames.into_iter(),
+                Some(Err(status)) => return self.finish(status),
+                None => return self.finish(Status::ok("")),
+            }
+        }
+    }
+}
+
+impl<S> GrpcBody<S> {
+    /// The trailers that end the body with `status`.
+    fn finish(&mut self, status: Status) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         self.done = true;
         let mut trailers = http::HeaderMap::new();
         if let Err(e) = status.add_header(&mut trailers) {

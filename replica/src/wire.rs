@@ -1,5 +1,5 @@
 //! Decoding the data stream's requests without gathering them into one
-//! buffer first, and sending rebuild chunks without copying them.
+//! buffer first, and sending read data without copying it.
 //!
 //! tonic copies every DATA frame of a request stream into a contiguous
 //! buffer before decoding a message, and the replica then copies each write
@@ -17,7 +17,9 @@
 //! The source of that stream sends each chunk the other way round
 //! ([`layer_data_frames`]): the message's fields as one frame and the data
 //! as the next, straight from the buffer it was read into; tonic's encoder
-//! copied it into a growing encode buffer first.
+//! copied it into a growing encode buffer first. The data stream's reply
+//! batches go out the same way ([`reply_batch_frames`]): large read
+//! payloads as frames of their own.
 //!
 //! The wire format is the ordinary gRPC message stream of `IoBatch` or
 //! `LayerData` (`proto/proto/replica.proto`), so any gRPC peer can speak it;
@@ -397,6 +399,67 @@ pub fn layer_data_frames(offset: u64, crc32: u32, data: Bytes) -> Result<[Bytes;
     Ok([head.freeze(), data])
 }
 
+/// Read payloads at least this long are sent from their own buffer as a
+/// frame of their own; shorter ones are copied in with their fields, which
+/// costs less than a frame.
+const SHARED_PAYLOAD_BYTES: usize = 32 << 10;
+
+/// One `IoReplyBatch` gRPC message as frames: byte for byte what prost
+/// encodes (prefix included), except that each read payload of at least
+/// [`SHARED_PAYLOAD_BYTES`] is its own frame, the buffer it was read into,
+/// instead of being copied into an encode buffer. Fails only for a message
+/// over 4 GiB, which the prefix cannot express.
+pub fn reply_batch_frames(batch: &pb::IoReplyBatch) -> Result<Vec<Bytes>, WireError> {
+    use prost::Message;
+    use prost::encoding::{WireType, encode_key, encode_varint, int32, string, uint32, uint64};
+    let len = batch.encoded_len();
+    let prefix = u32::try_from(len).map_err(|_| WireError::TooLarge {
+        len,
+        limit: u32::MAX as usize,
+    })?;
+    let shared: usize = batch
+        .responses
+        .iter()
+        .map(|r| r.payload.len())
+        .filter(|&n| n >= SHARED_PAYLOAD_BYTES)
+        .sum();
+    let mut frames = Vec::new();
+    let mut head = bytes::BytesMut::with_capacity(5 + len - shared);
+    head.put_u8(0);
+    head.put_u32(prefix);
+    for r in &batch.responses {
+        encode_key(1, WireType::LengthDelimited, &mut head);
+        encode_varint(r.encoded_len() as u64, &mut head);
+        // Fields in number order and defaults left out, as prost does.
+        if r.id != 0 {
+            uint64::encode(1, &r.id, &mut head);
+        }
+        if r.status != 0 {
+            int32::encode(2, &r.status, &mut head);
+        }
+        if !r.message.is_empty() {
+            string::encode(3, &r.message, &mut head);
+        }
+        if !r.payload.is_empty() {
+            encode_key(4, WireType::LengthDelimited, &mut head);
+            encode_varint(r.payload.len() as u64, &mut head);
+            if r.payload.len() >= SHARED_PAYLOAD_BYTES {
+                frames.push(head.split().freeze());
+                frames.push(r.payload.clone());
+            } else {
+                head.put_slice(&r.payload);
+            }
+        }
+        if r.crc32 != 0 {
+            uint32::encode(5, &r.crc32, &mut head);
+        }
+    }
+    if !head.is_empty() {
+        frames.push(head.freeze());
+    }
+    Ok(frames)
+}
+
 /// The gRPC messages of an HTTP/2 body as they arrive, each as the frame
 /// slices that hold it; `what` names the stream in errors ("decoding
 /// {what}: ..."). A response body (`response`) ends with trailers carrying
@@ -638,6 +701,42 @@ mod tests {
             prop_assert_eq!(pb::LayerData::decode(message.to_bytes()).unwrap(), want);
             let got = decode_layer_data(message).unwrap();
             prop_assert_eq!((got.offset, got.data.to_bytes(), got.crc32), (offset, data, crc32));
+        }
+
+        #[test]
+        fn reply_batch_frames_are_what_prost_encodes_with_large_payloads_shared(
+            responses in prop::collection::vec(
+                (
+                    any::<u64>(),
+                    -2i32..8,
+                    "[a-z ]{0,20}",
+                    prop_oneof![0usize..64, Just(SHARED_PAYLOAD_BYTES - 1), SHARED_PAYLOAD_BYTES..SHARED_PAYLOAD_BYTES + 300],
+                    any::<u32>(),
+                ),
+                0..5,
+            ),
+        ) {
+            let batch = pb::IoReplyBatch {
+                responses: responses
+                    .into_iter()
+                    .map(|(id, status, message, n, crc32)| pb::IoResponse {
+                        id,
+                        status,
+                        message,
+                        payload: (0..n).map(|i| (i * 7 + n) as u8).collect::<Vec<u8>>().into(),
+                        crc32,
+                    })
+                    .collect(),
+            };
+            let frames = reply_batch_frames(&batch).unwrap();
+            let mut want = vec![0u8];
+            want.extend((batch.encoded_len() as u32).to_be_bytes());
+            want.extend(batch.encode_to_vec());
+            prop_assert_eq!(frames.concat(), want);
+            // Large payloads are their own frames, the very buffers given.
+            for r in batch.responses.iter().filter(|r| r.payload.len() >= SHARED_PAYLOAD_BYTES) {
+                prop_assert!(frames.iter().any(|f| f.as_ptr() == r.payload.as_ptr() && f.len() == r.payload.len()));
+            }
         }
 
         #[test]
