@@ -331,12 +331,58 @@ impl Arena {
         None
     }
 
+    /// Logs how much of the arena the kernel backs with huge pages: all of
+    /// it normally; otherwise a 1 MiB disk request from the rest may be
+    /// split in two, which an operator can fix (THP `madvise` or `always`).
+    fn report_huge_pages(&self) {
+        let (mib, total) = (1 << 20, self.len);
+        let huge = smaps_field(self.base.as_ptr() as usize, total, "AnonHugePages:")
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<usize>().ok())
+            .map(|kib| (kib << 10).min(total));
+        match huge {
+            Some(huge) if huge == total => {
+                tracing::info!("buffer arena: {} MiB, all on huge pages", total / mib)
+            }
+            Some(huge) => tracing::warn!(
+                "buffer arena: only {} of {} MiB on huge pages (transparent huge pages \
+                 disabled, or memory fragmented); 1 MiB disk requests from the rest \
+                 may be split in two on a virtio disk. Set \
+                 /sys/kernel/mm/transparent_hugepage/enabled to madvise or always",
+                huge / mib,
+                total / mib
+            ),
+            None => tracing::info!(
+                "buffer arena: {} MiB; /proc/self/smaps does not say whether it is on huge pages",
+                total / mib
+            ),
+        }
+    }
+
     fn give_back(&self, class: u8, index: u32) {
         self.free[class as usize]
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .push(index);
     }
+}
+
+/// The value after `field` (such as `AnonHugePages:`) in /proc/self/smaps
+/// for the mapping that holds `[base, base + len)` (it may have merged with
+/// a neighbour); None when smaps cannot be read or has no such mapping.
+fn smaps_field(base: usize, len: usize, field: &str) -> Option<String> {
+    let smaps = std::fs::read_to_string("/proc/self/smaps").ok()?;
+    let mut inside = false;
+    for line in smaps.lines() {
+        if let Some((range, _)) = line.split_once(' ')
+            && let Some((lo, hi)) = range.split_once('-')
+            && let (Ok(lo), Ok(hi)) = (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
+        {
+            inside = lo <= base && base + len <= hi;
+        } else if inside && let Some(v) = line.strip_prefix(field) {
+            return Some(v.trim().to_owned());
+        }
+    }
+    None
 }
 
 /// Size and alignment of a transparent huge page on x86-64 and arm64 (4 KiB
@@ -461,7 +507,12 @@ impl Ring {
             // SAFETY: the arena is never freed (it is a static), so the
             // registered memory outlives the ring.
             Some(arena) => match unsafe { ring.submitter().register_buffers(&[arena.iovec()]) } {
-                Ok(()) => true,
+                Ok(()) => {
+                    // Registering pinned the arena, so its pages exist now.
+                    static REPORTED: std::sync::Once = std::sync::Once::new();
+                    REPORTED.call_once(|| arena.report_huge_pages());
+                    true
+                }
                 Err(e) => {
                     static WARNED: std::sync::Once = std::sync::Once::new();
                     WARNED.call_once(|| {
@@ -825,20 +876,7 @@ mod tests {
         }
         // The mapping holding the arena (it may have merged with a
         // neighbour) is eligible for huge pages: the advice was taken.
-        let smaps = std::fs::read_to_string("/proc/self/smaps").expect("reading smaps");
-        let mut inside = false;
-        let mut eligible = None;
-        for line in smaps.lines() {
-            if let Some((range, _)) = line.split_once(' ')
-                && let Some((lo, hi)) = range.split_once('-')
-                && let (Ok(lo), Ok(hi)) =
-                    (usize::from_str_radix(lo, 16), usize::from_str_radix(hi, 16))
-            {
-                inside = lo <= base && base + a.len <= hi;
-            } else if inside && let Some(v) = line.strip_prefix("THPeligible:") {
-                eligible = Some(v.trim().to_owned());
-            }
-        }
+        let eligible = smaps_field(base, a.len, "THPeligible:");
         assert_eq!(
             eligible.as_deref(),
             Some("1"),

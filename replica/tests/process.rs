@@ -1224,3 +1224,54 @@ async fn a_replica_that_cannot_lock_memory_warns_and_serves_all_sizes() {
         );
     }
 }
+
+/// The replica says at start whether its buffer arena got huge pages. With
+/// transparent huge pages refused to the process (`PR_SET_THP_DISABLE`, as
+/// THP `never` would), it warns that 1 MiB disk requests may be split, and
+/// says how to fix it; otherwise (THP `madvise` or `always`) it says how
+/// much of the arena is on huge pages (normally all of it).
+#[test]
+fn a_replica_says_whether_its_buffer_arena_is_on_huge_pages() {
+    use std::os::unix::process::CommandExt;
+    let thp =
+        std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+    let tmp = tempdir();
+    for refuse in [true, false] {
+        let dir = tmp.path().join(format!("r-{refuse}"));
+        let log_path = tmp.path().join(format!("stderr-{refuse}"));
+        let log = std::fs::File::create(&log_path).unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_zebu-replica"));
+        if refuse {
+            // SAFETY: prctl is async-signal-safe and touches only this
+            // child's own flags, between fork and exec.
+            unsafe {
+                cmd.pre_exec(|| {
+                    if libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) != 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let r = Replica::start_with(cmd, &dir, Some("16M"), "uring", log.into());
+        assert!(r.terminate().success());
+        let text = std::fs::read_to_string(&log_path).unwrap();
+        if refuse {
+            assert!(
+                text.contains("only 0 of 32 MiB on huge pages")
+                    && text.contains("transparent_hugepage/enabled"),
+                "{text}"
+            );
+        } else if thp.contains("[madvise]") || thp.contains("[always]") {
+            // All of it, unless memory is too fragmented for the kernel to
+            // find huge pages right now: then the warning says how much.
+            assert!(
+                text.contains("buffer arena: 32 MiB, all on huge pages")
+                    || text.contains(" of 32 MiB on huge pages"),
+                "{text}"
+            );
+        } else {
+            eprintln!("transparent huge pages are off here: only the warning is checked");
+        }
+    }
+}
