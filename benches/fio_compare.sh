@@ -249,11 +249,25 @@ cleanup() {
 # hugetlb pool this script enlarges for the run and shrinks back on exit.
 # Where that cannot be done (not root, no 2 MiB huge pages, memory too
 # fragmented), the raw jobs use fio's default buffers and the report says so.
+# A run killed outright (SIGKILL) cannot shrink the pool back; its pid and
+# the pages it added stay in $huge_state, and the next run takes them back.
 huge_pool=/proc/sys/vm/nr_hugepages huge_orig="" raw_mem=()
+huge_state=/run/zebu-fio-compare.hugepages
 raw_buffers="fio's default buffers (4 KiB pages)"
 give_back_huge_pages() {
-  [[ -n $huge_orig ]] && echo "$huge_orig" >"$huge_pool" 2>/dev/null
+  [[ -n $huge_orig ]] && echo "$huge_orig" >"$huge_pool" 2>/dev/null && rm -f "$huge_state"
   huge_orig=""
+}
+reclaim_stale_huge_pages() { # the pages a run that died without cleaning up added
+  local pid added now
+  [[ -f $huge_state && -w $huge_pool ]] || return 0
+  read -r pid added <"$huge_state" || return 0
+  [[ $pid =~ ^[0-9]+$ && $added =~ ^[0-9]+$ ]] || { rm -f "$huge_state"; return 0; }
+  if [[ $pid != "$$" ]] && kill -0 "$pid" 2>/dev/null; then return 0; fi # still running
+  now=$(cat "$huge_pool")
+  echo $((now > added ? now - added : 0)) >"$huge_pool" 2>/dev/null || return 0
+  rm -f "$huge_state"
+  echo "fio_compare: gave back $added huge pages left reserved by an earlier run (pid $pid) that did not finish" >&2
 }
 reserve_huge_pages() { # count
   local want=$1 have
@@ -265,7 +279,9 @@ reserve_huge_pages() { # count
     raw_buffers+=": $huge_pool is not writable (run as root for the huge-page baseline)"
     return
   fi
+  reclaim_stale_huge_pages
   huge_orig=$(cat "$huge_pool")
+  echo "$$ $want" >"$huge_state" 2>/dev/null || true
   echo $((huge_orig + want)) >"$huge_pool" 2>/dev/null || true
   have=$(awk '/^HugePages_Free:/ {print $2}' /proc/meminfo)
   if ((have >= want)); then
