@@ -8,8 +8,9 @@
 //! the caller and the connection. The stream is opened on the channel
 //! directly (not through the generated client) so that the body can hand
 //! large payloads to the connection without copying them. Replies are
-//! decoded by tonic and handed to a callback in the order the replica
-//! completes them.
+//! decoded from the response frames in place (`zebu_proto::wire`: a read
+//! payload stays a slice of the frame that carried it) and handed to a
+//! callback in the order the replica completes them.
 //!
 //! Invariant: when the stream ends or breaks, the callback's `broken` is
 //! called exactly once, after the last reply was delivered.
@@ -18,14 +19,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use futures::{Stream, StreamExt};
 use tokio::sync::mpsc;
-use tonic::codec::{Codec, Streaming};
 use tonic::transport::Channel;
 
 use crate::batch::BatchBody;
 
 use zebu_proto::replica as pb;
 use zebu_proto::replica::replica_client::ReplicaClient;
+use zebu_proto::wire;
 
 /// Limit for control calls whose work grows with the data (merge, sync).
 pub const LONG_CALL_TIMEOUT: Duration = Duration::from_secs(3600);
@@ -185,27 +187,18 @@ pub trait ReplyHandler: Send + Sync + 'static {
 }
 
 /// Starts the `Io` call with `body` as its request stream, as tonic's
-/// generated client would, and returns the decoded reply stream.
+/// generated client would, and returns its reply batches, decoded from the
+/// response frames in place ([`wire::decode_reply_batch`]); the stream ends
+/// with the call's status when that is not OK.
 async fn open_stream(
     channel: Channel,
     body: BatchBody,
-) -> Result<Streaming<pb::IoReplyBatch>, tonic::Status> {
-    let response = zebu_proto::start_call(
-        channel,
-        IO_PATH,
-        tonic::body::Body::new(body),
-        "the data stream",
-    )
-    .await?;
-    let status_code = response.status();
-    let decoder = tonic_prost::ProstCodec::<pb::IoBatch, pb::IoReplyBatch>::default().decoder();
-    Ok(Streaming::new_response(
-        decoder,
-        response.into_body(),
-        status_code,
-        None,
-        Some(zebu_proto::MAX_MESSAGE_BYTES),
-    ))
+) -> Result<impl Stream<Item = Result<Vec<pb::IoResponse>, tonic::Status>> + use<>, tonic::Status> {
+    const WHAT: &str = "the data stream";
+    let response =
+        zebu_proto::start_call(channel, IO_PATH, tonic::body::Body::new(body), WHAT).await?;
+    Ok(wire::messages(response.into_body(), WHAT, true)
+        .map(|m| m.and_then(|m| wire::decode_reply_batch(m).map_err(|e| wire::status(WHAT, e)))))
 }
 
 /// The sending half of a data stream.
@@ -226,7 +219,7 @@ impl DataLink {
     ) -> Result<DataLink, LinkError> {
         let (tx, rx) = mpsc::unbounded_channel::<pb::IoRequest>();
         let call = open_stream(control.channel.clone(), BatchBody::new(rx));
-        let mut inbound = match tokio::time::timeout(control.timeout, call).await {
+        let inbound = match tokio::time::timeout(control.timeout, call).await {
             Ok(Ok(inbound)) => inbound,
             Ok(Err(status)) => {
                 return Err(LinkError::Call {
@@ -249,15 +242,16 @@ impl DataLink {
         // Receiver: hand replies over; report the end once.
         let (fl, pr) = (in_flight.clone(), progress_ms.clone());
         tokio::spawn(async move {
+            let mut inbound = std::pin::pin!(inbound);
             let why = loop {
-                match inbound.message().await {
-                    Ok(Some(batch)) => {
-                        fl.fetch_sub(batch.responses.len() as u64, Ordering::AcqRel);
+                match inbound.next().await {
+                    Some(Ok(responses)) => {
+                        fl.fetch_sub(responses.len() as u64, Ordering::AcqRel);
                         pr.store(start.elapsed().as_millis() as u64, Ordering::Release);
-                        handler.replies(batch.responses);
+                        handler.replies(responses);
                     }
-                    Ok(None) => break "the replica closed the data stream".to_string(),
-                    Err(status) => break format!("data stream failed: {status}"),
+                    None => break "the replica closed the data stream".to_string(),
+                    Some(Err(status)) => break format!("data stream failed: {status}"),
                 }
             };
             handler.broken(why);

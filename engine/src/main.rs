@@ -153,6 +153,9 @@ fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
+    if !zebu_proto::keep_freed_buffers() {
+        tracing::warn!("could not tune the allocator; large I/O will be slower");
+    }
     let cli = Cli::parse();
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,

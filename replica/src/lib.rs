@@ -8,8 +8,8 @@
 //! - [`io`]: the I/O backends; [`uring`]: the io_uring ring (all other
 //!   `unsafe`).
 //! - [`meta`]: the metadata record in sled.
-//! - [`server`]: the gRPC service; [`wire`]: the data stream's requests
-//!   decoded in place from the received frames; [`pull`]: writing a layer during a sync,
+//! - [`server`]: the gRPC service (its messages decoded and encoded by
+//!   [`zebu_proto::wire`]); [`pull`]: writing a layer during a sync,
 //!   from the engine's stream or pulled from a peer replica.
 
 pub mod crcmap;
@@ -21,4 +21,3 @@ pub mod pull;
 pub mod server;
 pub mod store;
 pub mod uring;
-pub mod wire;

@@ -45,7 +45,9 @@ async fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    zebu_replica::uring::keep_freed_buffers();
+    if !zebu_proto::keep_freed_buffers() {
+        tracing::warn!("could not tune the allocator; large I/O will be slower");
+    }
     let args = Args::parse();
     let opts = OpenOptions {
         dir: args.dir.clone(),

@@ -9,7 +9,7 @@
 //! verified before its data is written.
 //!
 //! The `ReadLayer` call is made below tonic's codec: its response frames are
-//! split into messages and decoded in place ([`crate::wire`]), and each
+//! split into messages and decoded in place ([`zebu_proto::wire`]), and each
 //! chunk's data is copied once, from the frames into its aligned buffer.
 //!
 //! Invariant: a chunk whose CRC does not match its data is never written; it
@@ -30,7 +30,7 @@ use zebu_proto::replica as pb;
 use crate::server::{READ_LAYER_PATH, status_of};
 use crate::store::Store;
 use crate::uring::AlignedBuf;
-use crate::wire;
+use zebu_proto::wire;
 
 /// Most chunk writes of one copy in flight at once.
 const MAX_WRITES_IN_FLIGHT: usize = 64;
@@ -148,14 +148,7 @@ async fn read_layer(
     let body = tonic::body::Body::new(http_body_util::Full::new(message.freeze()));
     let response =
         zebu_proto::start_call(channel, READ_LAYER_PATH, body, "the ReadLayer stream").await?;
-    let (head, body) = response.into_parts();
-    if head.status != http::StatusCode::OK {
-        return Err(Status::unknown(format!(
-            "ReadLayer answered HTTP status {}",
-            head.status
-        )));
-    }
-    Ok(wire::messages(body, WHAT, true)
+    Ok(wire::messages(response.into_body(), WHAT, true)
         .map(|m| m.and_then(|m| wire::decode_layer_data(m).map_err(|e| wire::status(WHAT, e)))))
 }
 

@@ -6,7 +6,7 @@
 //! batches in completion order.
 //!
 //! [`ReplicaServer`] serves the `Io` stream itself, below tonic's codec: the
-//! request frames are decoded in place by [`crate::wire`], so a write
+//! request frames are decoded in place by [`zebu_proto::wire`], so a write
 //! payload is copied once, from the received frames into its aligned
 //! buffer, and a large read payload is sent from the buffer it was read
 //! into ([`wire::reply_batch_frames`]). It serves `ReadLayer` (a rebuild's
@@ -38,7 +38,7 @@ use zebu_proto::replica::replica_server::Replica;
 use crate::pull;
 use crate::store::{LayerStatus, ReplicaStatus, Store, StoreError};
 use crate::uring::AlignedBuf;
-use crate::wire;
+use zebu_proto::wire;
 
 /// Most requests of one stream executing at once.
 const MAX_IN_FLIGHT: usize = 512;

@@ -37,27 +37,6 @@ use crate::io::{Completion, Op, Request};
 /// Alignment of every [`AlignedBuf`]: what O_DIRECT needs on any device.
 pub const ALIGN: usize = 4096;
 
-/// Keeps freed large buffers in the process's heap instead of returning
-/// them to the kernel: payload and receive buffers of up to 32 MiB come and
-/// go with every large write, and glibc's defaults would map and unmap each
-/// one, so every write paid page faults and page zeroing for its buffers
-/// (measured: 1 MiB writes 28% faster with this). Up to 256 MiB of free heap
-/// is kept before any is trimmed. Other C libraries: nothing to do.
-pub fn keep_freed_buffers() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    {
-        // SAFETY: mallopt only changes the allocator's tuning parameters;
-        // it takes plain integers and is safe to call at any time.
-        let ok = unsafe {
-            libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20) == 1
-                && libc::mallopt(libc::M_TRIM_THRESHOLD, 256 << 20) == 1
-        };
-        if !ok {
-            tracing::warn!("could not tune the allocator; large writes will be slower");
-        }
-    }
-}
-
 /// A buffer aligned to [`ALIGN`] bytes: zero-filled by [`AlignedBuf::zeroed`],
 /// a copy of the source by [`AlignedBuf::copy_from`], to be filled by a read
 /// with [`AlignedBuf::for_read`]. It lives in a slot of
