@@ -7,7 +7,7 @@
 //! that is 3 MiB of `memcpy` in the engine before the kernel copies it
 //! again. Here a message is a list of chunks: the protobuf framing of every
 //! request in one buffer, and each payload of at least
-//! [`ZERO_COPY_MIN`] bytes as a chunk of its own that shares the payload the
+//! [`SHARED_PAYLOAD_BYTES`] bytes as a chunk of its own that shares the payload the
 //! frontend received (a reference count, not a copy). h2 writes large DATA
 //! frames with vectored writes straight from those chunks. Smaller payloads
 //! are copied into the framing buffer, where one DATA frame per batch costs
@@ -34,15 +34,13 @@ use prost::encoding::{WireType, encode_key, encode_varint, encoded_len_varint, k
 use tokio::sync::mpsc;
 
 use zebu_proto::replica as pb;
+use zebu_proto::wire::SHARED_PAYLOAD_BYTES;
 
 /// Most requests in one batch message.
 pub const MAX_BATCH: usize = 256;
 
 /// Payload bytes after which a batch takes no further request.
 pub const MAX_BATCH_PAYLOAD: usize = 16 << 20;
-
-/// Payloads at least this long are sent as chunks of their own, not copied.
-pub const ZERO_COPY_MIN: usize = 64 << 10;
 
 /// `IoBatch.requests`.
 const BATCH_REQUESTS_FIELD: u32 = 1;
@@ -144,7 +142,7 @@ pub fn encode(batch: Vec<pb::IoRequest>, out: &mut VecDeque<Bytes>) {
     for (_, payload, len) in &parts {
         let framed = key_len(BATCH_REQUESTS_FIELD) + encoded_len_varint(*len as u64) + len;
         body += framed;
-        copied += if payload.len() >= ZERO_COPY_MIN {
+        copied += if payload.len() >= SHARED_PAYLOAD_BYTES {
             framed - payload.len()
         } else {
             framed
@@ -162,7 +160,7 @@ pub fn encode(batch: Vec<pb::IoRequest>, out: &mut VecDeque<Bytes>) {
         }
         encode_key(REQUEST_PAYLOAD_FIELD, WireType::LengthDelimited, &mut buf);
         encode_varint(payload.len() as u64, &mut buf);
-        if payload.len() >= ZERO_COPY_MIN {
+        if payload.len() >= SHARED_PAYLOAD_BYTES {
             out.push_back(buf.split().freeze());
             out.push_back(payload);
         } else {
@@ -212,7 +210,14 @@ mod tests {
             vec![4096],
             vec![4096, 0, 512, 4096],
             vec![1 << 20],
-            vec![4096, 1 << 20, 0, ZERO_COPY_MIN - 1, ZERO_COPY_MIN, 300],
+            vec![
+                4096,
+                1 << 20,
+                0,
+                SHARED_PAYLOAD_BYTES - 1,
+                SHARED_PAYLOAD_BYTES,
+                300,
+            ],
             vec![0; 200],
         ] {
             let batch: Vec<pb::IoRequest> = sizes

@@ -32,9 +32,6 @@ use zebu_proto::wire;
 /// Limit for control calls whose work grows with the data (merge, sync).
 pub const LONG_CALL_TIMEOUT: Duration = Duration::from_secs(3600);
 
-/// The data stream's method.
-const IO_PATH: &str = "/zebu.replica.v1.Replica/Io";
-
 /// Errors of replica connections.
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
@@ -196,7 +193,7 @@ async fn open_stream(
 ) -> Result<impl Stream<Item = Result<Vec<pb::IoResponse>, tonic::Status>> + use<>, tonic::Status> {
     const WHAT: &str = "the data stream";
     let response =
-        zebu_proto::start_call(channel, IO_PATH, tonic::body::Body::new(body), WHAT).await?;
+        zebu_proto::start_call(channel, wire::IO_PATH, tonic::body::Body::new(body), WHAT).await?;
     Ok(wire::messages(response.into_body(), WHAT, true)
         .map(|m| m.and_then(|m| wire::decode_reply_batch(m).map_err(|e| wire::status(WHAT, e)))))
 }

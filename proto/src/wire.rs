@@ -429,6 +429,28 @@ pub fn decode_layer_data(mut buf: Segments) -> Result<LayerData, WireError> {
     Ok(m)
 }
 
+/// The data stream's method path.
+pub const IO_PATH: &str = "/zebu.replica.v1.Replica/Io";
+/// The `ReadLayer` method's path.
+pub const READ_LAYER_PATH: &str = "/zebu.replica.v1.Replica/ReadLayer";
+
+/// Payloads at least this long are sent as HTTP/2 frames of their own,
+/// sharing the payload's buffer; shorter ones are copied in with their
+/// message's fields, which costs less than a frame. Both ends use it: the
+/// engine for write payloads, the replica for read payloads.
+pub const SHARED_PAYLOAD_BYTES: usize = 64 << 10;
+
+/// The 5-byte prefix of an uncompressed gRPC message of `len` bytes; fails
+/// for a message over 4 GiB, which the prefix cannot express.
+pub fn message_prefix(len: usize) -> Result<[u8; 5], WireError> {
+    let len32 = u32::try_from(len).map_err(|_| WireError::TooLarge {
+        len,
+        limit: u32::MAX as usize,
+    })?;
+    let [a, b, c, d] = len32.to_be_bytes();
+    Ok([0, a, b, c, d])
+}
+
 /// One `LayerData` message of a `ReadLayer` response, `data` at `offset`
 /// with its CRC: the message's gRPC prefix and fields before the data, then
 /// `data` itself. Sent as two DATA frames, the payload goes to the socket
@@ -444,19 +466,10 @@ pub fn layer_data_frames(offset: u64, crc32: u32, data: Bytes) -> Result<[Bytes;
     uint32::encode(4, &crc32, &mut head);
     encode_key(3, WireType::LengthDelimited, &mut head);
     encode_varint(data.len() as u64, &mut head);
-    let len = head.len() - 5 + data.len();
-    let prefix = u32::try_from(len).map_err(|_| WireError::TooLarge {
-        len,
-        limit: u32::MAX as usize,
-    })?;
-    head[1..5].copy_from_slice(&prefix.to_be_bytes());
+    let prefix = message_prefix(head.len() - 5 + data.len())?;
+    head[..5].copy_from_slice(&prefix);
     Ok([head.freeze(), data])
 }
-
-/// Read payloads at least this long are sent from their own buffer as a
-/// frame of their own; shorter ones are copied in with their fields, which
-/// costs less than a frame.
-const SHARED_PAYLOAD_BYTES: usize = 32 << 10;
 
 /// One `IoReplyBatch` gRPC message as frames: byte for byte what prost
 /// encodes (prefix included), except that each read payload of at least
@@ -467,10 +480,7 @@ pub fn reply_batch_frames(batch: &pb::IoReplyBatch) -> Result<Vec<Bytes>, WireEr
     use prost::Message;
     use prost::encoding::{WireType, encode_key, encode_varint, int32, string, uint32, uint64};
     let len = batch.encoded_len();
-    let prefix = u32::try_from(len).map_err(|_| WireError::TooLarge {
-        len,
-        limit: u32::MAX as usize,
-    })?;
+    let prefix = message_prefix(len)?;
     let shared: usize = batch
         .responses
         .iter()
@@ -479,8 +489,7 @@ pub fn reply_batch_frames(batch: &pb::IoReplyBatch) -> Result<Vec<Bytes>, WireEr
         .sum();
     let mut frames = Vec::new();
     let mut head = bytes::BytesMut::with_capacity(5 + len - shared);
-    head.put_u8(0);
-    head.put_u32(prefix);
+    head.put_slice(&prefix);
     for r in &batch.responses {
         encode_key(1, WireType::LengthDelimited, &mut head);
         encode_varint(r.encoded_len() as u64, &mut head);

@@ -27,7 +27,7 @@ use tonic::transport::Channel;
 
 use zebu_proto::replica as pb;
 
-use crate::server::{READ_LAYER_PATH, status_of};
+use crate::server::status_of;
 use crate::store::Store;
 use crate::uring::AlignedBuf;
 use zebu_proto::wire;
@@ -138,16 +138,17 @@ async fn read_layer(
     r: &pb::ReadLayerRequest,
 ) -> Result<impl Stream<Item = Result<wire::LayerData, Status>> + use<>, Status> {
     const WHAT: &str = "the layer data";
-    let len = u32::try_from(r.encoded_len())
+    let len = r.encoded_len();
+    let prefix = wire::message_prefix(len)
         .map_err(|_| Status::invalid_argument("a ReadLayer request of over 4 GiB"))?;
-    let mut message = BytesMut::with_capacity(5 + len as usize);
-    message.put_u8(0);
-    message.put_u32(len);
+    let mut message = BytesMut::with_capacity(5 + len);
+    message.put_slice(&prefix);
     r.encode(&mut message)
         .map_err(|e| Status::internal(format!("encoding the ReadLayer request: {e}")))?;
     let body = tonic::body::Body::new(http_body_util::Full::new(message.freeze()));
     let response =
-        zebu_proto::start_call(channel, READ_LAYER_PATH, body, "the ReadLayer stream").await?;
+        zebu_proto::start_call(channel, wire::READ_LAYER_PATH, body, "the ReadLayer stream")
+            .await?;
     Ok(wire::messages(response.into_body(), WHAT, true)
         .map(|m| m.and_then(|m| wire::decode_layer_data(m).map_err(|e| wire::status(WHAT, e)))))
 }

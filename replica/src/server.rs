@@ -70,13 +70,8 @@ impl ReplicaService {
     }
 }
 
-/// The `Io` method's path.
-const IO_PATH: &str = "/zebu.replica.v1.Replica/Io";
-/// The `ReadLayer` method's path.
-pub(crate) const READ_LAYER_PATH: &str = "/zebu.replica.v1.Replica/ReadLayer";
-
-/// The replica's gRPC server: serves the `Io` stream below tonic's codec
-/// (see the module docs) and hands every other call to tonic.
+/// The replica's gRPC server: serves the `Io` stream and `ReadLayer` below
+/// tonic's codec (see the module docs) and hands every other call to tonic.
 #[derive(Clone)]
 pub struct ReplicaServer {
     grpc: pb::replica_server::ReplicaServer<ReplicaService>,
@@ -98,10 +93,15 @@ impl tower::Service<http::Request<tonic::body::Body>> for ReplicaServer {
     }
 
     fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
-        let store = self.store.clone();
         match req.uri().path() {
-            IO_PATH => Box::pin(async move { Ok(serve_io(store, req)) }),
-            READ_LAYER_PATH => Box::pin(async move { Ok(serve_read_layer(store, req).await) }),
+            wire::IO_PATH => {
+                let store = self.store.clone();
+                Box::pin(async move { Ok(serve_io(store, req)) })
+            }
+            wire::READ_LAYER_PATH => {
+                let store = self.store.clone();
+                Box::pin(async move { Ok(serve_read_layer(store, req).await) })
+            }
             _ => {
                 let mut grpc = self.grpc.clone();
                 Box::pin(async move { tower::Service::call(&mut grpc, req).await })
