@@ -58,29 +58,30 @@ fn engine_refuses_bad_command_lines() {
         r.stderr
     );
 
-    // A bad --nbd form (needs a replica to get that far; a real one).
+    // Bad values of the other flags (they need a replica to get that far; a
+    // real one). Each case: the flag, its bad value, what the message names.
     let rep = Replica::start(&tmp.path().join("r0"), Some("64M"));
-    for bad in ["bogus:/tmp/x.sock", "unix:", "tcp:nohostport"] {
-        let r = run(
-            Command::new(engine_bin()).args([
-                "--volume",
-                "v",
-                "--size",
-                "64M",
-                "--replica",
-                &rep.addr,
-                "--nbd",
-                bad,
-                "--listen",
-                "127.0.0.1:0",
-            ]),
-            SHORT,
-        )
-        .expect_fail();
-        eprintln!("--nbd {bad}: {}", r.stderr.trim());
+    let cases = [
+        ("--nbd", "bogus:/tmp/x.sock", "nbd"),
+        ("--nbd", "unix:", "nbd"),
+        ("--nbd", "tcp:nohostport", "nbd"),
+        ("--worker-threads", "0", "--worker-threads"),
+        ("--worker-threads", "many", "--worker-threads"),
+        ("--worker-threads", "100000", "--worker-threads"),
+    ];
+    for (flag, bad, named) in cases {
+        let nbd_arg = if flag == "--nbd" { bad } else { nbd.as_str() };
+        let mut c = Command::new(engine_bin());
+        c.args(["--volume", "v", "--size", "64M", "--replica", &rep.addr])
+            .args(["--nbd", nbd_arg, "--listen", "127.0.0.1:0"]);
+        if flag != "--nbd" {
+            c.args([flag, bad]);
+        }
+        let r = run(&mut c, SHORT).expect_fail();
+        eprintln!("{flag} {bad}: {}", r.stderr.trim());
         assert!(
-            mentions_any(&r.stderr, &["nbd"]),
-            "unclear message for --nbd {bad}: {}",
+            mentions_any(&r.stderr, &[named]),
+            "unclear message for {flag} {bad}: {}",
             r.stderr
         );
     }
