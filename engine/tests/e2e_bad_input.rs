@@ -70,13 +70,15 @@ fn engine_refuses_bad_command_lines() {
         ("--worker-threads", "100000", "--worker-threads"),
     ];
     for (flag, bad, named) in cases {
-        let nbd_arg = if flag == "--nbd" { bad } else { nbd.as_str() };
+        // The case's flag replaces the good --nbd, or comes after it.
+        let (nbd_arg, extra) = match flag {
+            "--nbd" => (bad, vec![]),
+            _ => (nbd.as_str(), vec![flag, bad]),
+        };
         let mut c = Command::new(engine_bin());
         c.args(["--volume", "v", "--size", "64M", "--replica", &rep.addr])
-            .args(["--nbd", nbd_arg, "--listen", "127.0.0.1:0"]);
-        if flag != "--nbd" {
-            c.args([flag, bad]);
-        }
+            .args(["--nbd", nbd_arg, "--listen", "127.0.0.1:0"])
+            .args(extra);
         let r = run(&mut c, SHORT).expect_fail();
         eprintln!("{flag} {bad}: {}", r.stderr.trim());
         assert!(
