@@ -7,7 +7,8 @@
 //!   mapping's lifetime).
 //! - [`io`]: the I/O backends; [`uring`]: the io_uring ring (all other
 //!   `unsafe`).
-//! - [`meta`]: the metadata record in sled.
+//! - [`meta`]: the metadata record in sled; [`order`]: overlapping writes
+//!   applied in the order they arrived.
 //! - [`server`]: the gRPC service (its messages decoded and encoded by
 //!   [`zebu_proto::wire`]); [`pull`]: writing a layer during a sync,
 //!   from the engine's stream or pulled from a peer replica.
@@ -17,6 +18,7 @@ pub mod extent;
 pub mod io;
 pub mod layer;
 pub mod meta;
+pub mod order;
 pub mod pull;
 pub mod server;
 pub mod store;

@@ -35,6 +35,7 @@ use tonic::{Request, Response, Status, Streaming};
 use zebu_proto::replica as pb;
 use zebu_proto::replica::replica_server::Replica;
 
+use crate::order::Ticket;
 use crate::pull;
 use crate::store::{LayerStatus, ReplicaStatus, Store, StoreError};
 use crate::uring::AlignedBuf;
@@ -301,11 +302,14 @@ fn io_status_of(e: &StoreError) -> pb::IoStatus {
     }
 }
 
-async fn handle(store: Arc<Store>, r: wire::IoRequest) -> pb::IoResponse {
+/// Runs one request of a data stream; writes and unmaps come with their
+/// ticket (taken when they arrived).
+async fn handle(store: Arc<Store>, r: wire::IoRequest, ticket: Option<Ticket>) -> pb::IoResponse {
     let op = pb::Op::try_from(r.op);
+    let ticket = || ticket.unwrap_or_else(|| store.ticket(r.offset, r.length as u64));
     let result = match op {
         Ok(pb::Op::Read) => store
-            .read(r.offset, r.length as u64, r.epoch)
+            .read_verified(r.offset, r.length as u64, r.epoch)
             .await
             .map(Some),
         Ok(pb::Op::Write) => {
@@ -319,13 +323,13 @@ async fn handle(store: Arc<Store>, r: wire::IoRequest) -> pb::IoResponse {
                 let chunks = r.payload.chunks().map(|c| &c[..]);
                 let buf = AlignedBuf::copy_from_chunks(chunks, r.payload.len());
                 store
-                    .write_aligned(r.offset, buf, r.crc32, r.epoch, r.revision)
+                    .write_aligned(ticket(), r.offset, buf, r.crc32, r.epoch, r.revision)
                     .await
                     .map(|_| None)
             }
         }
         Ok(pb::Op::Unmap) => store
-            .unmap(r.offset, r.length as u64, r.epoch)
+            .unmap_in_order(ticket(), r.offset, r.length as u64, r.epoch)
             .await
             .map(|_| None),
         Ok(pb::Op::Flush) => store.flush(r.epoch).await.map(|_| None),
@@ -335,17 +339,15 @@ async fn handle(store: Arc<Store>, r: wire::IoRequest) -> pb::IoResponse {
         ))),
     };
     match result {
-        Ok(payload) => {
-            let payload = payload.unwrap_or_default();
+        Ok(read) => {
+            // A read's CRC was combined from its blocks' while they were
+            // checked against the stored ones; other replies carry none.
+            let (payload, crc32) = read.unwrap_or_default();
             pb::IoResponse {
                 id: r.id,
                 status: pb::IoStatus::IoOk as i32,
                 message: String::new(),
-                crc32: if payload.is_empty() {
-                    0
-                } else {
-                    crc32fast::hash(&payload)
-                },
+                crc32,
                 payload,
             }
         }
@@ -382,7 +384,14 @@ async fn run_stream(
                 match msg {
                     Some(Ok(batch)) => {
                         for r in batch {
-                            in_flight.push(handle(store.clone(), r));
+                            // Writes and unmaps take their place in the
+                            // order as they arrive (see `order`).
+                            let ticket = matches!(
+                                pb::Op::try_from(r.op),
+                                Ok(pb::Op::Write | pb::Op::Unmap)
+                            )
+                            .then(|| store.ticket(r.offset, r.length as u64));
+                            in_flight.push(handle(store.clone(), r, ticket));
                         }
                     }
                     None => inbound_open = false,

@@ -17,6 +17,11 @@
 //! were written and its blocks are in the head's index; a flush returns only
 //! after every layer written before it started is fdatasync'ed.
 //!
+//! Invariant: a read returns only blocks that match the CRC their layer
+//! stored for them ([`Store::read_verified`]); overlapping writes and unmaps
+//! run in the order of their tickets ([`crate::order`]), so a block's data
+//! and CRC entry always come from the same write.
+//!
 //! Invariant: an unmapped block of the head reads as zeros even when an older
 //! layer holds it (the head then stores explicit zeros instead of a hole),
 //! and while a sync is in progress (older layers not yet trustworthy) unmap
@@ -39,6 +44,7 @@ use tokio::sync::{RwLock, mpsc};
 use crate::io::{Completion, EngineKind, IoEngine, Op};
 use crate::layer::{Layer, block_crcs, block_crcs_and_total};
 use crate::meta::{FORMAT, LayerMeta, MergeMeta, Meta, MetaError, MetaStore, SledMeta};
+use crate::order::{Ticket, WriteOrder};
 use crate::uring::AlignedBuf;
 
 /// Largest single I/O the store accepts.
@@ -69,7 +75,8 @@ pub enum StoreError {
     },
     /// A block read from disk does not match its stored checksum.
     #[error(
-        "block {block} of layer {layer:?} does not match its stored checksum (stored {stored:#010x}, read {actual:#010x}): the data on this replica's disk is corrupt"
+        "block {block} of {} does not match its stored checksum (stored {stored:#010x}, read {actual:#010x}): the data on this replica's disk is corrupt; the volume's other replicas hold good copies, and rebuilding this replica rewrites the block",
+        layer_label(layer)
     )]
     Corrupt {
         /// Layer name ("" is the head).
@@ -139,10 +146,26 @@ pub enum StoreError {
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
 
+/// How [`StoreError::Corrupt`] names a layer ("" is the head).
+fn layer_label(name: &str) -> String {
+    if name.is_empty() {
+        "the head layer".to_owned()
+    } else {
+        format!("layer {name:?}")
+    }
+}
+
 /// Checks the blocks of `data` (starting at block `first` of `layer`)
-/// against the layer's stored CRCs; returns the crc32 of all of `data`
-/// (combined from the blocks' CRCs, not computed over the bytes again).
-fn verify_stored_crcs(layer: &Layer, name: &str, first: u64, data: &[u8], bs: u64) -> Result<u32> {
+/// against the layer's stored CRCs; returns the blocks' CRC-file bytes and
+/// the crc32 of all of `data` (combined from the blocks' CRCs, not computed
+/// over the bytes again).
+fn verify_stored_crcs(
+    layer: &Layer,
+    name: &str,
+    first: u64,
+    data: &[u8],
+    bs: u64,
+) -> Result<(Vec<u8>, u32)> {
     let n = data.len() as u64 / bs;
     let stored = layer.read_crcs(first, n);
     let (crcs, total) = block_crcs_and_total(data, bs as usize);
@@ -159,7 +182,7 @@ fn verify_stored_crcs(layer: &Layer, name: &str, first: u64, data: &[u8], bs: u6
             });
         }
     }
-    Ok(total)
+    Ok((crcs, total))
 }
 
 /// [`io_err`] with the context built only on failure (for the data path,
@@ -318,6 +341,7 @@ pub struct Store {
     was_clean: bool,
     streams: AtomicUsize,
     closed: std::sync::atomic::AtomicBool,
+    write_order: Arc<WriteOrder>,
 }
 
 /// Parameters to open or create a store.
@@ -506,6 +530,7 @@ impl Store {
             was_clean,
             streams: AtomicUsize::new(0),
             closed: std::sync::atomic::AtomicBool::new(false),
+            write_order: Arc::default(),
         })
     }
 
@@ -643,7 +668,9 @@ impl Store {
         epoch: u64,
         revision: u64,
     ) -> Result<()> {
+        let ticket = self.ticket(offset, payload.len() as u64);
         self.write_aligned(
+            ticket,
             offset,
             AlignedBuf::copy_from(&payload),
             crc,
@@ -653,10 +680,20 @@ impl Store {
         .await
     }
 
+    /// A place in the order of writes and unmaps for the bytes `[offset,
+    /// offset + len)` (see [`crate::order`]): the data stream takes one for
+    /// each request as it arrives, so overlapping requests apply in the
+    /// order they were sent.
+    pub fn ticket(&self, offset: u64, len: u64) -> Ticket {
+        self.write_order.ticket(offset, len)
+    }
+
     /// [`Self::write`] of a payload already in an aligned buffer (the data
-    /// stream copies it there straight from the received frames).
+    /// stream copies it there straight from the received frames), once every
+    /// earlier overlapping `ticket` is done.
     pub async fn write_aligned(
         &self,
+        ticket: Ticket,
         offset: u64,
         payload: AlignedBuf,
         crc: u32,
@@ -671,6 +708,7 @@ impl Store {
                 actual,
             });
         }
+        ticket.ready().await;
         let chain = self.chain.read().await;
         self.check_range(&chain, offset, payload.len() as u64)?;
         let head = chain.head().clone();
@@ -682,19 +720,9 @@ impl Store {
 
     /// Writes whole blocks into `layer` (data, then CRCs, then the index).
     async fn write_layer_blocks(&self, layer: &Arc<Layer>, offset: u64, data: &[u8]) -> Result<()> {
-        self.write_layer_buf(layer, offset, AlignedBuf::copy_from(data))
+        let crcs = block_crcs(data, self.block_size as usize);
+        self.write_blocks_with_crcs(layer, offset, AlignedBuf::copy_from(data), crcs)
             .await
-    }
-
-    /// [`Self::write_layer_blocks`] of data already in an aligned buffer.
-    async fn write_layer_buf(
-        &self,
-        layer: &Arc<Layer>,
-        offset: u64,
-        data: AlignedBuf,
-    ) -> Result<()> {
-        let crcs = block_crcs(data.as_slice(), self.block_size as usize);
-        self.write_blocks_with_crcs(layer, offset, data, crcs).await
     }
 
     /// [`Self::write_layer_blocks`] with the CRC-file bytes of `data` already
@@ -731,31 +759,92 @@ impl Store {
 
     /// Reads `len` bytes at `offset` through the chain.
     pub async fn read(&self, offset: u64, len: u64, epoch: u64) -> Result<Bytes> {
+        self.read_verified(offset, len, epoch)
+            .await
+            .map(|(data, _)| data)
+    }
+
+    /// [`Self::read`], also returning the crc32 of the data (for the reply).
+    ///
+    /// Every block read from disk is checked against the CRC its layer
+    /// stored when it was written; blocks no layer holds read as zeros
+    /// without disk I/O. A read that overlaps a write of the same block may
+    /// see the new data beside the old CRC (or a mix of old and new data),
+    /// so a mismatch is not believed at once: the read is done again with
+    /// the chain held exclusively, when no write is in flight. If the block
+    /// still does not match, this disk corrupted it: the read fails with
+    /// [`StoreError::Corrupt`] and the block's CRC entry is invalidated
+    /// ([`Self::invalidate_crc`]).
+    pub async fn read_verified(&self, offset: u64, len: u64, epoch: u64) -> Result<(Bytes, u32)> {
         self.check_epoch(epoch)?;
-        let chain = self.chain.read().await;
-        self.check_range(&chain, offset, len)?;
+        {
+            let chain = self.chain.read().await;
+            self.check_range(&chain, offset, len)?;
+            match self.read_chain(&chain, offset, len).await {
+                Err(StoreError::Corrupt { .. }) => {}
+                done => return done,
+            }
+        }
+        let chain = self.chain.write().await;
+        match self.read_chain(&chain, offset, len).await {
+            Err(StoreError::Corrupt {
+                layer,
+                block,
+                stored,
+                actual,
+            }) => {
+                if let Some(e) = chain.entries.iter().find(|e| e.meta.name == layer) {
+                    self.invalidate_crc(&e.layer, block, actual);
+                }
+                let e = StoreError::Corrupt {
+                    layer,
+                    block,
+                    stored,
+                    actual,
+                };
+                tracing::error!(error = %e, offset, len, "a read found corrupt data on disk");
+                Err(e)
+            }
+            done => {
+                if done.is_ok() {
+                    tracing::debug!(
+                        offset,
+                        len,
+                        "a checksum mismatch went away once no write was in flight"
+                    );
+                }
+                done
+            }
+        }
+    }
+
+    /// The reads of [`Self::read_verified`] under a chain guard.
+    async fn read_chain(&self, chain: &Chain, offset: u64, len: u64) -> Result<(Bytes, u32)> {
         let bs = self.block_size as u64;
         let (first, end) = (offset / bs, (offset + len) / bs);
         let mut runs = Vec::new();
         chain.resolve(chain.entries.len() - 1, first, end, &mut runs);
+        let no_buffer = || StoreError::Io {
+            context: "reading".into(),
+            source: io::Error::other("backend returned no buffer"),
+        };
         if let [(Some(level), _, _)] = runs[..] {
-            let layer = &chain.entries[level].layer;
+            let entry = &chain.entries[level];
             let done = self
                 .io
                 .run([Op::Read {
-                    file: layer.data.clone(),
+                    file: entry.layer.data.clone(),
                     offset,
                     buf: AlignedBuf::for_read(len as usize),
                 }])
                 .await
                 .map_err(io_err_with(|| format!("reading {len} bytes at {offset}")))?;
-            return match done.into_iter().next() {
-                Some(Completion::Read(buf)) => Ok(buf.into_bytes()),
-                _ => Err(StoreError::Io {
-                    context: "reading".into(),
-                    source: io::Error::other("backend returned no buffer"),
-                }),
+            let Some(Completion::Read(buf)) = done.into_iter().next() else {
+                return Err(no_buffer());
             };
+            let (_, crc) =
+                verify_stored_crcs(&entry.layer, &entry.meta.name, first, buf.as_slice(), bs)?;
+            return Ok((buf.into_bytes(), crc));
         }
         let mut out = vec![0u8; len as usize];
         let mut placed = Vec::new();
@@ -763,7 +852,7 @@ impl Store {
             .iter()
             .filter_map(|&(level, s, e)| {
                 let level = level?;
-                placed.push(((s - first) * bs) as usize);
+                placed.push((level, s));
                 Some(Op::Read {
                     file: chain.entries[level].layer.data.clone(),
                     offset: s * bs,
@@ -777,18 +866,49 @@ impl Store {
                 .run(ops)
                 .await
                 .map_err(io_err_with(|| format!("reading {len} bytes at {offset}")))?;
-            for (c, at) in done.into_iter().zip(placed) {
-                if let Completion::Read(buf) = c {
-                    out[at..at + buf.len()].copy_from_slice(buf.as_slice());
-                }
+            for (c, (level, s)) in done.into_iter().zip(placed) {
+                let Completion::Read(buf) = c else {
+                    return Err(no_buffer());
+                };
+                let entry = &chain.entries[level];
+                verify_stored_crcs(&entry.layer, &entry.meta.name, s, buf.as_slice(), bs)?;
+                let at = ((s - first) * bs) as usize;
+                out[at..at + buf.len()].copy_from_slice(buf.as_slice());
             }
         }
-        Ok(Bytes::from(out))
+        let crc = crc32fast::hash(&out);
+        Ok((Bytes::from(out), crc))
+    }
+
+    /// Records that block `block` of `layer` holds data that does not match
+    /// its CRC entry: the entry becomes the complement of the CRC of the data
+    /// found. That data can never match it, so the block keeps failing reads
+    /// instead of being served, and it differs from the entry the volume's
+    /// healthy replicas hold, so the next resync of this replica (a CRC diff)
+    /// copies the block. Durable with the layer's next flush.
+    fn invalidate_crc(&self, layer: &Arc<Layer>, block: u64, actual: u32) {
+        if let Err(e) = layer.store_crcs(block, &(!actual).to_le_bytes()) {
+            tracing::warn!(error = %e, block, "could not invalidate a corrupt block's CRC entry");
+        }
+        self.mark_dirty(layer);
     }
 
     /// Deallocates `[offset, offset + len)`: it reads back as zeros.
     pub async fn unmap(&self, offset: u64, len: u64, epoch: u64) -> Result<()> {
+        let ticket = self.ticket(offset, len);
+        self.unmap_in_order(ticket, offset, len, epoch).await
+    }
+
+    /// [`Self::unmap`] once every earlier overlapping `ticket` is done.
+    pub async fn unmap_in_order(
+        &self,
+        ticket: Ticket,
+        offset: u64,
+        len: u64,
+        epoch: u64,
+    ) -> Result<()> {
         self.check_epoch(epoch)?;
+        ticket.ready().await;
         let chain = self.chain.read().await;
         self.check_range(&chain, offset, len)?;
         let bs = self.block_size as u64;
@@ -995,7 +1115,7 @@ impl Store {
                 // Copy only what the child does not hold: the child's blocks are newer.
                 let held = into.index().runs(b, b + n);
                 for (gs, ge) in gaps(b, b + n, &held) {
-                    self.copy_blocks(&from, &into, gs, ge - gs, || {
+                    self.copy_blocks(&from, name, &into, gs, ge - gs, || {
                         format!("reading snapshot {name:?} to merge it")
                     })
                     .await?;
@@ -1019,11 +1139,16 @@ impl Store {
         Ok(self.status().await)
     }
 
-    /// Copies blocks `[first, first + count)` of layer `from` into layer
-    /// `into` (data and CRC entries).
+    /// Copies blocks `[first, first + count)` of layer `from` (named
+    /// `from_name`) into layer `into` (data and CRC entries). Each block is
+    /// checked against `from`'s stored CRC first, so a merge never turns
+    /// corrupt data into data with a valid CRC: a mismatch fails the copy
+    /// with [`StoreError::Corrupt`] and invalidates the entry. Callers hold
+    /// `from` still (a frozen layer, or the chain held exclusively).
     async fn copy_blocks(
         &self,
         from: &Arc<Layer>,
+        from_name: &str,
         into: &Arc<Layer>,
         first: u64,
         count: u64,
@@ -1040,7 +1165,17 @@ impl Store {
             .await
             .map_err(io_err_with(what))?;
         if let Some(Completion::Read(buf)) = data.into_iter().next() {
-            self.write_layer_buf(into, first * bs, buf).await?;
+            let crcs = match verify_stored_crcs(from, from_name, first, buf.as_slice(), bs) {
+                Ok((crcs, _)) => crcs,
+                Err(e) => {
+                    if let StoreError::Corrupt { block, actual, .. } = e {
+                        self.invalidate_crc(from, block, actual);
+                    }
+                    return Err(e);
+                }
+            };
+            self.write_blocks_with_crcs(into, first * bs, buf, crcs)
+                .await?;
         }
         Ok(())
     }
@@ -1093,7 +1228,7 @@ impl Store {
                 let mut b = s;
                 while b < e {
                     let n = COPY_STEP_BLOCKS.min(e - b);
-                    self.copy_blocks(&head, &snap, b, n, || {
+                    self.copy_blocks(&head, "", &snap, b, n, || {
                         format!("reading the head to fold snapshot {name:?} into it")
                     })
                     .await?;
@@ -1456,7 +1591,8 @@ impl Store {
                             }))?;
                         match done.into_iter().next() {
                             Some(Completion::Read(buf)) => {
-                                let crc = verify_stored_crcs(&layer, &name, b, buf.as_slice(), bs)?;
+                                let (_, crc) =
+                                    verify_stored_crcs(&layer, &name, b, buf.as_slice(), bs)?;
                                 Ok((b * bs, buf.into_bytes(), crc))
                             }
                             _ => Err(StoreError::Io {

@@ -1138,6 +1138,31 @@ impl NbdConn {
         }
         NbdConn { sock: s, size }
     }
+
+    /// NBD_CMD_READ of `len` bytes at `offset` (simple reply): the data, or
+    /// the error the server answered with (an errno value).
+    pub fn read(&mut self, offset: u64, len: u32) -> Result<Vec<u8>, u32> {
+        let cookie = rand_u64();
+        let mut req = Vec::with_capacity(28);
+        req.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+        req.extend_from_slice(&0u16.to_be_bytes()); // flags
+        req.extend_from_slice(&0u16.to_be_bytes()); // NBD_CMD_READ
+        req.extend_from_slice(&cookie.to_be_bytes());
+        req.extend_from_slice(&offset.to_be_bytes());
+        req.extend_from_slice(&len.to_be_bytes());
+        self.sock.write_all(&req).expect("send NBD read");
+        let mut rep = [0u8; 16];
+        self.sock.read_exact(&mut rep).expect("NBD reply");
+        assert_eq!(rep[..4], 0x6744_6698u32.to_be_bytes(), "simple reply magic");
+        assert_eq!(rep[8..16], cookie.to_be_bytes(), "reply cookie");
+        let error = u32::from_be_bytes(rep[4..8].try_into().unwrap());
+        if error != 0 {
+            return Err(error);
+        }
+        let mut data = vec![0u8; len as usize];
+        self.sock.read_exact(&mut data).expect("NBD read payload");
+        Ok(data)
+    }
 }
 
 impl Drop for NbdConn {

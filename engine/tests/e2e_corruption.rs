@@ -1,0 +1,154 @@
+//! End to end: a block that rots on one replica's disk (changed behind the
+//! replica's back) is never returned to the client. The replica finds it
+//! does not match its stored CRC; the engine ejects that replica and answers
+//! the read from a healthy one; re-adding the replica resyncs that one
+//! block. With no other replica to read from, the read fails with EIO.
+
+mod common;
+
+use common::*;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+/// The head layer's data file of a replica that has no snapshots.
+fn head_data_file(replica_dir: &Path) -> PathBuf {
+    let files: Vec<PathBuf> = std::fs::read_dir(replica_dir.join("layers"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "img"))
+        .collect();
+    assert_eq!(files.len(), 1, "expected only the head layer: {files:?}");
+    files[0].clone()
+}
+
+/// Flips bytes inside block `b` of `file` and syncs them, bypassing the
+/// replica (which reads with O_DIRECT, so it sees them).
+fn corrupt_block(file: &Path, b: u64) {
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(file)
+        .unwrap();
+    let mut bytes = [0u8; 64];
+    f.read_exact_at(&mut bytes, b * BS + 512).unwrap();
+    for x in &mut bytes {
+        *x = !*x;
+    }
+    f.write_all_at(&bytes, b * BS + 512).unwrap();
+    f.sync_all().unwrap();
+}
+
+#[test]
+fn a_block_rotten_on_one_replica_is_read_from_another_then_resynced() {
+    let _serial = serial();
+    require_tool("nbdcopy", "libnbd-bin");
+    let tmp = tempdir();
+    let replicas = start_replicas(tmp.path(), 3, "64M");
+    let addrs: Vec<String> = replicas.iter().map(|r| r.addr.clone()).collect();
+    let addr_refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    let mut engine = Engine::start(tmp.path(), "rotvol", "64M", &addr_refs);
+    let uri = engine.uri();
+    let data = pattern(rand_u64(), (8 * MIB) as usize);
+    let src = tmp.path().join("data.img");
+    write_file(&src, &data);
+    nbd_write_file(&uri, &src);
+    engine.wait_healthy(3);
+
+    let victim = &replicas[1];
+    let b = 700u64;
+    let want = &data[(b * BS) as usize..((b + 1) * BS) as usize];
+    corrupt_block(&head_data_file(&victim.dir), b);
+
+    // Reads go to the least loaded replica, ties taken in turn: within a
+    // few reads of the block one goes to the victim, which refuses it.
+    let mut conn = NbdConn::connect(&engine.socket, "rotvol");
+    let mut reads = 0;
+    loop {
+        let got = conn
+            .read(b * BS, BS as u32)
+            .unwrap_or_else(|e| panic!("read {reads} of the block failed with NBD error {e}"));
+        assert_same("the rotten block as the client reads it", &got, want);
+        reads += 1;
+        let st = engine.status();
+        if replica_entry(&st, &victim.addr).is_some_and(|r| r["mode"] == "ERR") {
+            assert_eq!(st["state"], "degraded", "{st}");
+            break;
+        }
+        assert!(
+            reads < 12,
+            "{reads} reads of the block and the victim was never ejected: {st}"
+        );
+    }
+    let log = victim.log_tail();
+    assert!(
+        log.contains("a read found corrupt data on disk") && log.contains("block 700"),
+        "the victim's log does not report the corrupt block:\n{log}"
+    );
+    let elog = engine.log_tail();
+    assert!(
+        elog.contains("does not match its stored checksum"),
+        "the engine's log does not say why the replica failed:\n{elog}"
+    );
+    drop(conn);
+    assert_same(
+        "the volume read back after the ejection",
+        &nbd_read_all(&uri, tmp.path())[..data.len()],
+        &data,
+    );
+
+    // Back in (same process, same address): the block's CRC entry was
+    // invalidated when it was found, so the resync copies it, and only it.
+    engine
+        .ctl_timeout(&["replica", "add", &victim.addr, "--wait"], LONG)
+        .expect_ok();
+    let st = engine.wait_healthy(3);
+    let e = replica_entry(&st, &victim.addr).expect("victim listed");
+    assert_eq!(e["rebuild"]["state"], "done", "{st}");
+    assert_eq!(
+        e["rebuild"]["blocks_copied"].as_u64(),
+        Some(1),
+        "the resync should copy the rotten block alone: {st}"
+    );
+    engine.stop();
+    // Each replica read directly: every block passes its CRC check again.
+    let all = assert_replicas_identical(&addr_refs);
+    assert_same("replica data", &all[..data.len()], &data);
+}
+
+#[test]
+fn a_rotten_block_on_the_only_replica_fails_with_eio() {
+    let _serial = serial();
+    require_tool("nbdcopy", "libnbd-bin");
+    let tmp = tempdir();
+    let replicas = start_replicas(tmp.path(), 1, "16M");
+    let mut engine = Engine::start(tmp.path(), "onevol", "16M", &[&replicas[0].addr]);
+    let data = pattern(rand_u64(), (2 * MIB) as usize);
+    let src = tmp.path().join("data.img");
+    write_file(&src, &data);
+    nbd_write_file(&engine.uri(), &src);
+    corrupt_block(&head_data_file(&replicas[0].dir), 3);
+
+    let mut conn = NbdConn::connect(&engine.socket, "onevol");
+    for _ in 0..2 {
+        assert_eq!(
+            conn.read(3 * BS, BS as u32).map(|_| ()),
+            Err(5),
+            "the rotten block must fail with EIO, every time"
+        );
+        // A larger read that covers it fails too; its neighbours read fine.
+        assert_eq!(conn.read(0, 64 * 1024).map(|_| ()), Err(5));
+        let ok = conn
+            .read(4 * BS, 8 * BS as u32)
+            .expect("the next blocks read fine");
+        assert_same(
+            "blocks 4-11",
+            &ok,
+            &data[(4 * BS) as usize..(12 * BS) as usize],
+        );
+    }
+    let st = engine.status();
+    let e = replica_entry(&st, &replicas[0].addr).expect("listed");
+    assert_eq!(e["mode"], "RW", "the last replica is never ejected: {st}");
+    drop(conn);
+    engine.stop();
+}
