@@ -121,6 +121,14 @@ impl Engine for EngineService {
         check(self.volume.expand(r.into_inner().size).await)?;
         Ok(Response::new(self.volume.status()))
     }
+
+    async fn scrub(
+        &self,
+        r: Request<epb::ScrubRequest>,
+    ) -> Result<Response<epb::ScrubResponse>, Status> {
+        let replicas = self.volume.scrub(r.into_inner().repair).await;
+        Ok(Response::new(epb::ScrubResponse { replicas }))
+    }
 }
 
 /// JSON form of a volume status (the `ctl status -o json` schema).

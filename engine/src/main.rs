@@ -91,6 +91,15 @@ enum CtlOp {
         #[arg(value_parser = zebu_proto::size::parse)]
         size: u64,
     },
+    /// Read every block of every replica and check it against its stored
+    /// CRC; prints what each replica holds (JSON) and fails if corrupt
+    /// blocks remain.
+    Scrub {
+        /// Take each replica found with corrupt blocks out and add it back:
+        /// a resync rewrites those blocks from a healthy replica.
+        #[arg(long)]
+        repair: bool,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -403,6 +412,39 @@ async fn ctl(engine: &str, op: CtlOp) -> anyhow::Result<()> {
                 .await
                 .map_err(grpc_err("expanding"))?;
             println!("volume expanded to {size} bytes");
+        }
+        CtlOp::Scrub { repair } => {
+            let replicas = c
+                .scrub(epb::ScrubRequest { repair })
+                .await
+                .map_err(grpc_err("scrubbing"))?
+                .into_inner()
+                .replicas;
+            let v: Vec<_> = replicas
+                .iter()
+                .map(|r| {
+                    serde_json::json!({
+                        "address": r.address, "id": r.id, "blocks_checked": r.blocks_checked,
+                        "corrupt_blocks": r.corrupt_blocks, "corrupt": r.corrupt,
+                        "repaired": r.repaired, "error": r.error,
+                    })
+                })
+                .collect();
+            println!("{}", serde_json::Value::Array(v));
+            let mut problems = Vec::new();
+            for r in &replicas {
+                if !r.error.is_empty() {
+                    problems.push(format!("replica {}: {}", r.address, r.error));
+                } else if r.corrupt_blocks > 0 && !r.repaired {
+                    problems.push(format!(
+                        "replica {} holds {} corrupt blocks (run `scrub --repair` to resync them)",
+                        r.address, r.corrupt_blocks
+                    ));
+                }
+            }
+            if !problems.is_empty() {
+                bail!("{}", problems.join("; "));
+            }
         }
     }
     Ok(())

@@ -93,6 +93,10 @@ struct Inner {
     /// Ids of replicas ejected and not rebuilt since, including ones pruned
     /// from the member list: what every replica records as ejected.
     ejected: std::collections::BTreeSet<String>,
+    /// Ids of replicas the last scrub found holding corrupt blocks, until
+    /// they are resynced: a rebuild reads from them only if no other RW
+    /// replica is left.
+    corrupt: std::collections::BTreeSet<String>,
 }
 
 /// Options of a volume.
@@ -286,6 +290,7 @@ impl Volume {
                 out: Vec::with_capacity(64),
                 next_link_gen: 1,
                 ejected: Default::default(),
+                corrupt: Default::default(),
             }),
             gate: RwLock::new(()),
             rmw: tokio::sync::Mutex::new(()),
@@ -701,13 +706,20 @@ impl Volume {
             .collect()
     }
 
+    /// An RW replica to read from, one not known to hold corrupt blocks if
+    /// there is one.
     fn rw_member(&self) -> Option<Control> {
         let inner = self.lock();
-        inner
+        let rw: Vec<&Member> = inner
             .sm
             .modes()
-            .find(|(_, m)| *m == Mode::Rw)
-            .and_then(|(r, _)| inner.members.get(&r).map(|m| m.control.clone()))
+            .filter(|(_, m)| *m == Mode::Rw)
+            .filter_map(|(r, _)| inner.members.get(&r))
+            .collect();
+        rw.iter()
+            .find(|m| !inner.corrupt.contains(&m.uuid))
+            .or(rw.first())
+            .map(|m| m.control.clone())
     }
 
     /// Ejects a replica that failed a control operation (unless it is the
@@ -1163,6 +1175,94 @@ impl Volume {
         inner.members.remove(&rid);
         self.execute(&mut inner);
         Ok(())
+    }
+
+    /// Checks every block of every RW replica against its stored CRC (each
+    /// replica's `Scrub`, all at once). With `repair`, each replica found
+    /// with corrupt blocks is then, one at a time, removed and added back:
+    /// the resync copies the blocks whose CRCs differ from a healthy
+    /// replica's, and the replica's corrupt blocks were given CRC entries
+    /// that differ. A replica that cannot be repaired (the last RW one, or
+    /// a rebuild that fails) says why in its report.
+    pub async fn scrub(&self, repair: bool) -> Vec<epb::ReplicaScrub> {
+        let targets: Vec<(String, Control)> = {
+            let inner = self.lock();
+            inner
+                .members
+                .iter()
+                .filter(|(r, _)| inner.sm.mode(**r) == Some(Mode::Rw))
+                .map(|(_, m)| (m.uuid.clone(), m.control.clone()))
+                .collect()
+        };
+        let epoch = self.epoch;
+        let scrubs = targets.iter().map(|(id, c)| async move {
+            let r = c
+                .call_long("scrubbing", |mut cl| async move {
+                    cl.scrub(pb::ScrubRequest { epoch }).await
+                })
+                .await;
+            let mut report = epb::ReplicaScrub {
+                address: c.addr.clone(),
+                id: id.clone(),
+                ..Default::default()
+            };
+            match r {
+                Ok(s) => {
+                    report.blocks_checked = s.blocks_checked;
+                    report.corrupt_blocks = s.corrupt_blocks;
+                    report.corrupt = s
+                        .corrupt
+                        .iter()
+                        .map(|b| {
+                            let layer = if b.layer.is_empty() { "head" } else { &b.layer };
+                            format!("{layer}:{}", b.block)
+                        })
+                        .collect();
+                }
+                Err(e) => report.error = e.to_string(),
+            }
+            report
+        });
+        let mut reports = futures::future::join_all(scrubs).await;
+        {
+            let mut inner = self.lock();
+            for r in &reports {
+                if r.corrupt_blocks > 0 {
+                    tracing::warn!(
+                        replica = %r.address,
+                        corrupt = r.corrupt_blocks,
+                        repair,
+                        "scrub found corrupt blocks"
+                    );
+                    inner.corrupt.insert(r.id.clone());
+                } else if r.error.is_empty() {
+                    inner.corrupt.remove(&r.id);
+                }
+            }
+        }
+        if repair {
+            for r in reports.iter_mut().filter(|r| r.corrupt_blocks > 0) {
+                match self.resync(&r.address).await {
+                    Ok(()) => {
+                        r.repaired = true;
+                        self.lock().corrupt.remove(&r.id);
+                    }
+                    Err(why) => r.error = format!("repair failed: {why}"),
+                }
+            }
+        }
+        reports
+    }
+
+    /// Takes the replica at `addr` out and adds it back, waiting for its
+    /// rebuild.
+    async fn resync(&self, addr: &str) -> Result<(), String> {
+        self.remove_replica(addr).await.map_err(|e| e.to_string())?;
+        let task = self.add_replica(addr).await.map_err(|e| e.to_string())?;
+        match task.await {
+            Ok(done) => done,
+            Err(e) => Err(format!("the rebuild did not finish: {e}")),
+        }
     }
 
     /// The volume's state for the control API.

@@ -38,21 +38,55 @@ fn corrupt_block(file: &Path, b: u64) {
     f.sync_all().unwrap();
 }
 
+/// `n` replicas of `size` and an engine for volume `name`, with `mib` MiB
+/// of random data written (and flushed) from offset 0. Bind `_tmp` when
+/// destructuring: the directory is removed when it is dropped.
+struct Setup {
+    _tmp: tempfile::TempDir,
+    tmp: PathBuf,
+    replicas: Vec<Replica>,
+    addrs: Vec<String>,
+    engine: Engine,
+    data: Vec<u8>,
+}
+
+fn setup(n: usize, size: &str, name: &str, mib: u64) -> Setup {
+    require_tool("nbdcopy", "libnbd-bin");
+    let tmp_dir = tempdir();
+    let tmp = tmp_dir.path().to_owned();
+    let replicas = start_replicas(&tmp, n, size);
+    let addrs: Vec<String> = replicas.iter().map(|r| r.addr.clone()).collect();
+    let addr_refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    let engine = Engine::start(&tmp, name, size, &addr_refs);
+    let data = pattern(rand_u64(), (mib * MIB) as usize);
+    let src = tmp.join("data.img");
+    write_file(&src, &data);
+    nbd_write_file(&engine.uri(), &src);
+    engine.wait_healthy(n);
+    Setup {
+        _tmp: tmp_dir,
+        tmp,
+        replicas,
+        addrs,
+        engine,
+        data,
+    }
+}
+
 #[test]
 fn a_block_rotten_on_one_replica_is_read_from_another_then_resynced() {
     let _serial = serial();
-    require_tool("nbdcopy", "libnbd-bin");
-    let tmp = tempdir();
-    let replicas = start_replicas(tmp.path(), 3, "64M");
-    let addrs: Vec<String> = replicas.iter().map(|r| r.addr.clone()).collect();
+    let Setup {
+        _tmp: _keep,
+        tmp,
+        replicas,
+        addrs,
+        mut engine,
+        data,
+        ..
+    } = setup(3, "64M", "rotvol", 8);
     let addr_refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
-    let mut engine = Engine::start(tmp.path(), "rotvol", "64M", &addr_refs);
     let uri = engine.uri();
-    let data = pattern(rand_u64(), (8 * MIB) as usize);
-    let src = tmp.path().join("data.img");
-    write_file(&src, &data);
-    nbd_write_file(&uri, &src);
-    engine.wait_healthy(3);
 
     let victim = &replicas[1];
     let b = 700u64;
@@ -92,7 +126,7 @@ fn a_block_rotten_on_one_replica_is_read_from_another_then_resynced() {
     drop(conn);
     assert_same(
         "the volume read back after the ejection",
-        &nbd_read_all(&uri, tmp.path())[..data.len()],
+        &nbd_read_all(&uri, &tmp)[..data.len()],
         &data,
     );
 
@@ -118,14 +152,13 @@ fn a_block_rotten_on_one_replica_is_read_from_another_then_resynced() {
 #[test]
 fn a_rotten_block_on_the_only_replica_fails_with_eio() {
     let _serial = serial();
-    require_tool("nbdcopy", "libnbd-bin");
-    let tmp = tempdir();
-    let replicas = start_replicas(tmp.path(), 1, "16M");
-    let mut engine = Engine::start(tmp.path(), "onevol", "16M", &[&replicas[0].addr]);
-    let data = pattern(rand_u64(), (2 * MIB) as usize);
-    let src = tmp.path().join("data.img");
-    write_file(&src, &data);
-    nbd_write_file(&engine.uri(), &src);
+    let Setup {
+        _tmp: _keep,
+        replicas,
+        mut engine,
+        data,
+        ..
+    } = setup(1, "16M", "onevol", 2);
     corrupt_block(&head_data_file(&replicas[0].dir), 3);
 
     let mut conn = NbdConn::connect(&engine.socket, "onevol");
@@ -151,4 +184,78 @@ fn a_rotten_block_on_the_only_replica_fails_with_eio() {
     assert_eq!(e["mode"], "RW", "the last replica is never ejected: {st}");
     drop(conn);
     engine.stop();
+}
+
+/// Blocks that rot where nobody reads them are found by a scrub; with
+/// `--repair` each replica holding some is resynced from one that holds
+/// none, even when two replicas rotted (in different blocks).
+#[test]
+fn scrub_finds_rot_in_cold_data_and_repair_resyncs_it() {
+    let _serial = serial();
+    let Setup {
+        _tmp: _keep,
+        replicas,
+        addrs,
+        mut engine,
+        data,
+        ..
+    } = setup(3, "64M", "scrubvol", 8);
+    let addr_refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    let blocks = 8 * MIB / BS;
+
+    // Runs `ctl ARGS`, expecting it to succeed or fail; its JSON report.
+    let scrub = |args: &[&str], ok: bool| -> (Run, Vec<serde_json::Value>) {
+        let r = engine.ctl_timeout(args, LONG);
+        let r = if ok { r.expect_ok() } else { r.expect_fail() };
+        let v: Vec<serde_json::Value> = serde_json::from_str(r.stdout.trim())
+            .unwrap_or_else(|e| panic!("scrub output is not JSON ({e}): {}", r.stdout));
+        (r, v)
+    };
+    let of = |v: &[serde_json::Value], addr: &str| -> serde_json::Value {
+        v.iter()
+            .find(|x| x["address"] == addr)
+            .unwrap_or_else(|| panic!("no report for {addr}: {v:?}"))
+            .clone()
+    };
+    let (_, v) = scrub(&["scrub"], true);
+    for a in &addrs {
+        let x = of(&v, a);
+        assert_eq!(x["blocks_checked"], blocks, "{x}");
+        assert_eq!(x["corrupt_blocks"], 0, "{x}");
+    }
+
+    corrupt_block(&head_data_file(&replicas[0].dir), 100);
+    corrupt_block(&head_data_file(&replicas[0].dir), 1500);
+    corrupt_block(&head_data_file(&replicas[1].dir), 200);
+    // Corrupt blocks left fail the command.
+    let (r, v) = scrub(&["scrub"], false);
+    assert!(
+        r.stderr.contains("corrupt blocks") && r.stderr.contains("--repair"),
+        "{}",
+        r.stderr
+    );
+    let x0 = of(&v, &addrs[0]);
+    assert_eq!(x0["corrupt_blocks"], 2, "{x0}");
+    assert_eq!(x0["corrupt"], serde_json::json!(["head:100", "head:1500"]));
+    assert_eq!(
+        of(&v, &addrs[1])["corrupt"],
+        serde_json::json!(["head:200"])
+    );
+    assert_eq!(of(&v, &addrs[2])["corrupt_blocks"], 0);
+    engine.wait_healthy(3); // a scrub alone ejects nobody
+
+    let (_, v) = scrub(&["scrub", "--repair"], true);
+    assert_eq!(of(&v, &addrs[0])["repaired"], true);
+    assert_eq!(of(&v, &addrs[1])["repaired"], true);
+    assert_eq!(of(&v, &addrs[2])["repaired"], false);
+    let st = engine.wait_healthy(3);
+    for (a, n) in [(&addrs[0], 2), (&addrs[1], 1)] {
+        let e = replica_entry(&st, a).expect("listed");
+        assert_eq!(e["rebuild"]["blocks_copied"], n, "{st}");
+    }
+    let (_, v) = scrub(&["scrub"], true);
+    assert!(v.iter().all(|x| x["corrupt_blocks"] == 0), "{v:?}");
+    engine.stop();
+    let all = assert_replicas_identical(&addr_refs);
+    assert_same("replica data", &all[..data.len()], &data);
 }

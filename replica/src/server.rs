@@ -546,6 +546,23 @@ impl Replica for ReplicaService {
         reply(self.store.expand(r.size, r.epoch).await)
     }
 
+    async fn scrub(
+        &self,
+        request: Request<pb::ScrubRequest>,
+    ) -> Result<Response<pb::ScrubResponse>, Status> {
+        let r = request.into_inner();
+        let report = self.store.scrub(r.epoch).await.map_err(|e| status_of(&e))?;
+        Ok(Response::new(pb::ScrubResponse {
+            blocks_checked: report.blocks_checked,
+            corrupt_blocks: report.corrupt_blocks,
+            corrupt: report
+                .corrupt
+                .into_iter()
+                .map(|(layer, block)| pb::CorruptBlock { layer, block })
+                .collect(),
+        }))
+    }
+
     async fn set_ejected(
         &self,
         request: Request<pb::SetEjectedRequest>,

@@ -51,6 +51,10 @@ use crate::uring::AlignedBuf;
 pub const MAX_IO_BYTES: u64 = 32 << 20;
 /// Blocks moved per step of a merge or layer read.
 const COPY_STEP_BLOCKS: u64 = 256;
+/// Chunks of [`COPY_STEP_BLOCKS`] a scrub reads at once.
+const SCRUB_DEPTH: usize = 4;
+/// Corrupt blocks a [`ScrubReport`] lists (all are counted).
+const SCRUB_LIST_MAX: usize = 1000;
 /// Bytes of one `ReadLayer` stream being read at once; the number of reads
 /// in flight is this over the largest chunk, within `READ_LAYER_DEPTH`.
 const READ_LAYER_BYTES: u64 = 16 << 20;
@@ -145,6 +149,20 @@ pub enum StoreError {
 }
 
 type Result<T, E = StoreError> = std::result::Result<T, E>;
+
+/// The present blocks of `layer` inside the block ranges `ranges`, as
+/// chunks `(first block, count)` of at most [`COPY_STEP_BLOCKS`].
+fn present_chunks(layer: &Layer, ranges: impl IntoIterator<Item = (u64, u64)>) -> Vec<(u64, u64)> {
+    ranges
+        .into_iter()
+        .flat_map(|(from, to)| layer.index().runs(from, to))
+        .flat_map(|(s, e)| {
+            (s..e)
+                .step_by(COPY_STEP_BLOCKS as usize)
+                .map(move |b| (b, COPY_STEP_BLOCKS.min(e - b)))
+        })
+        .collect()
+}
 
 /// How [`StoreError::Corrupt`] names a layer ("" is the head).
 fn layer_label(name: &str) -> String {
@@ -277,6 +295,17 @@ impl Chain {
             self.resolve(level - 1, first, end, out);
         }
     }
+}
+
+/// What [`Store::scrub`] found.
+#[derive(Clone, Debug, Default)]
+pub struct ScrubReport {
+    /// Blocks read and checked, over every layer.
+    pub blocks_checked: u64,
+    /// Blocks that did not match their stored CRC.
+    pub corrupt_blocks: u64,
+    /// The first of them (at most 1000): layer name ("" is the head), block.
+    pub corrupt: Vec<(String, u64)>,
 }
 
 /// Summary of a layer for [`ReplicaStatus`].
@@ -1155,29 +1184,18 @@ impl Store {
         what: impl FnOnce() -> String,
     ) -> Result<()> {
         let bs = self.block_size as u64;
-        let data = self
-            .io
-            .run([Op::Read {
-                file: from.data.clone(),
-                offset: first * bs,
-                buf: AlignedBuf::for_read((count * bs) as usize),
-            }])
-            .await
-            .map_err(io_err_with(what))?;
-        if let Some(Completion::Read(buf)) = data.into_iter().next() {
-            let crcs = match verify_stored_crcs(from, from_name, first, buf.as_slice(), bs) {
-                Ok((crcs, _)) => crcs,
-                Err(e) => {
-                    if let StoreError::Corrupt { block, actual, .. } = e {
-                        self.invalidate_crc(from, block, actual);
-                    }
-                    return Err(e);
+        let buf = self.read_blocks_with(from, first, count, what).await?;
+        let crcs = match verify_stored_crcs(from, from_name, first, buf.as_slice(), bs) {
+            Ok((crcs, _)) => crcs,
+            Err(e) => {
+                if let StoreError::Corrupt { block, actual, .. } = e {
+                    self.invalidate_crc(from, block, actual);
                 }
-            };
-            self.write_blocks_with_crcs(into, first * bs, buf, crcs)
-                .await?;
-        }
-        Ok(())
+                return Err(e);
+            }
+        };
+        self.write_blocks_with_crcs(into, first * bs, buf, crcs)
+            .await
     }
 
     /// fsyncs a layer's data and CRC files.
@@ -1534,6 +1552,137 @@ impl Store {
         Ok(rx)
     }
 
+    /// Reads every present block of every layer and checks it against the
+    /// layer's stored CRC (see [`ScrubReport`]). A mismatch is read again
+    /// with the chain held exclusively, as for a normal read, and a block
+    /// that still does not match has its CRC entry invalidated
+    /// ([`Self::invalidate_crc`]). Runs under the control mutex (no merge
+    /// or other chain change meanwhile); I/O goes on. Refused during a sync.
+    pub async fn scrub(&self, epoch: u64) -> Result<ScrubReport> {
+        self.check_epoch(epoch)?;
+        let _c = self.control.lock().await;
+        let layers: Vec<(String, Arc<Layer>)> = {
+            let chain = self.chain.read().await;
+            if chain.syncing {
+                return Err(StoreError::FailedPrecondition(
+                    "a rebuild into this replica is in progress; scrub it once it has finished"
+                        .into(),
+                ));
+            }
+            chain
+                .entries
+                .iter()
+                .map(|e| (e.meta.name.clone(), e.layer.clone()))
+                .collect()
+        };
+        let bs = self.block_size as u64;
+        let mut report = ScrubReport::default();
+        for (name, layer) in &layers {
+            let reads = futures::stream::iter(present_chunks(layer, [(0, u64::MAX)]))
+                .map(|(b, n)| async move {
+                    let buf = self.read_blocks(layer, b, n, "to scrub them").await?;
+                    Ok::<_, StoreError>((b, buf))
+                })
+                .buffered(SCRUB_DEPTH);
+            let mut reads = std::pin::pin!(reads);
+            while let Some(item) = reads.next().await {
+                let (b, buf) = item?;
+                report.blocks_checked += buf.len() as u64 / bs;
+                let stored = layer.read_crcs(b, buf.len() as u64 / bs);
+                for (i, (blk, want)) in buf.as_slice().chunks(bs as usize).zip(stored).enumerate() {
+                    if crc32fast::hash(blk) != want {
+                        self.confirm_corrupt(name, layer, b + i as u64, &mut report)
+                            .await?;
+                    }
+                }
+            }
+        }
+        if report.corrupt_blocks > 0 {
+            let first: Vec<String> = report
+                .corrupt
+                .iter()
+                .take(8)
+                .map(|(l, b)| format!("{} block {b}", layer_label(l)))
+                .collect();
+            tracing::error!(
+                corrupt = report.corrupt_blocks,
+                checked = report.blocks_checked,
+                first = %first.join(", "),
+                "a scrub found corrupt data on disk; a resync rewrites it from a healthy replica"
+            );
+        }
+        Ok(report)
+    }
+
+    /// Reads block `block` of `layer` again with the chain held exclusively
+    /// (no write in flight) and, if it still does not match its entry,
+    /// invalidates the entry and counts the block.
+    async fn confirm_corrupt(
+        &self,
+        name: &str,
+        layer: &Arc<Layer>,
+        block: u64,
+        report: &mut ScrubReport,
+    ) -> Result<()> {
+        let bs = self.block_size as u64;
+        let _excl = self.chain.write().await;
+        let buf = self
+            .read_blocks(layer, block, 1, "to check it again")
+            .await?;
+        if let Err(StoreError::Corrupt { actual, .. }) =
+            verify_stored_crcs(layer, name, block, buf.as_slice(), bs)
+        {
+            self.invalidate_crc(layer, block, actual);
+            report.corrupt_blocks += 1;
+            if report.corrupt.len() < SCRUB_LIST_MAX {
+                report.corrupt.push((name.to_owned(), block));
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads blocks `[first, first + count)` of `layer`'s data file; an
+    /// error says what was read and `why`.
+    async fn read_blocks(
+        &self,
+        layer: &Layer,
+        first: u64,
+        count: u64,
+        why: &str,
+    ) -> Result<AlignedBuf> {
+        self.read_blocks_with(layer, first, count, || {
+            format!("reading {count} blocks at block {first} {why}")
+        })
+        .await
+    }
+
+    /// [`Self::read_blocks`] with the error's whole context built by `what`.
+    async fn read_blocks_with(
+        &self,
+        layer: &Layer,
+        first: u64,
+        count: u64,
+        what: impl FnOnce() -> String,
+    ) -> Result<AlignedBuf> {
+        let bs = self.block_size as u64;
+        let done = self
+            .io
+            .run([Op::Read {
+                file: layer.data.clone(),
+                offset: first * bs,
+                buf: AlignedBuf::for_read((count * bs) as usize),
+            }])
+            .await
+            .map_err(io_err_with(what))?;
+        match done.into_iter().next() {
+            Some(Completion::Read(buf)) => Ok(buf),
+            _ => Err(StoreError::Io {
+                context: "reading blocks".into(),
+                source: io::Error::other("backend returned no buffer"),
+            }),
+        }
+    }
+
     /// Streams `(offset, data, crc32 of data)` for the present blocks of layer `name` inside
     /// `extents` (byte ranges; empty means the whole layer). Every block is
     /// checked against its stored CRC, so a rebuild never copies data this
@@ -1559,15 +1708,7 @@ impl Store {
         // Chunks of at most COPY_STEP_BLOCKS within the present runs, read
         // several at a time (many when they are small: a delta resync's
         // scattered blocks) and sent in order.
-        let chunks: Vec<(u64, u64)> = ranges
-            .into_iter()
-            .flat_map(|(from, to)| layer.index().runs(from, to))
-            .flat_map(|(s, e)| {
-                (s..e)
-                    .step_by(COPY_STEP_BLOCKS as usize)
-                    .map(move |b| (b, COPY_STEP_BLOCKS.min(e - b)))
-            })
-            .collect();
+        let chunks = present_chunks(&layer, ranges);
         let largest = chunks.iter().map(|&(_, n)| n * bs).max().unwrap_or(bs);
         let depth = (READ_LAYER_BYTES / largest).clamp(READ_LAYER_DEPTH.0, READ_LAYER_DEPTH.1);
         let (tx, rx) = mpsc::channel(8);
@@ -1576,30 +1717,10 @@ impl Store {
             let reads = futures::stream::iter(chunks)
                 .map(|(b, n)| {
                     let (store, layer, name) = (store.clone(), layer.clone(), name.clone());
-                    let file = layer.data.clone();
                     async move {
-                        let done = store
-                            .io
-                            .run([Op::Read {
-                                file,
-                                offset: b * bs,
-                                buf: AlignedBuf::for_read((n * bs) as usize),
-                            }])
-                            .await
-                            .map_err(io_err_with(|| {
-                                format!("reading {n} blocks at block {b} for a rebuild")
-                            }))?;
-                        match done.into_iter().next() {
-                            Some(Completion::Read(buf)) => {
-                                let (_, crc) =
-                                    verify_stored_crcs(&layer, &name, b, buf.as_slice(), bs)?;
-                                Ok((b * bs, buf.into_bytes(), crc))
-                            }
-                            _ => Err(StoreError::Io {
-                                context: "reading a layer".into(),
-                                source: io::Error::other("backend returned no buffer"),
-                            }),
-                        }
+                        let buf = store.read_blocks(&layer, b, n, "for a rebuild").await?;
+                        let (_, crc) = verify_stored_crcs(&layer, &name, b, buf.as_slice(), bs)?;
+                        Ok((b * bs, buf.into_bytes(), crc))
                     }
                 })
                 .buffered(depth as usize);

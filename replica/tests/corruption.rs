@@ -248,3 +248,46 @@ fn overlapping_reads_and_writes_are_not_taken_for_corruption() {
         }
     });
 }
+
+#[test]
+fn a_scrub_finds_every_rotten_block_of_every_layer() {
+    runtime().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), Some(64)).await;
+        for b in 0..16 {
+            write(&store, b, block(1, b)).await;
+        }
+        store.snapshot("s1", true, EPOCH).await.unwrap();
+        for b in 0..4 {
+            write(&store, b, block(2, b)).await;
+        }
+        store.flush(EPOCH).await.unwrap();
+        let clean = store.scrub(EPOCH).await.unwrap();
+        assert_eq!((clean.blocks_checked, clean.corrupt_blocks), (20, 0));
+
+        let snap_file = data_file_holding(dir.path(), 10, &block(1, 10));
+        rot(&snap_file, 10);
+        rot(&snap_file, 12);
+        rot(&data_file_holding(dir.path(), 2, &block(2, 2)), 2);
+        for round in 0..2 {
+            // Found again the second time: their entries stay invalid.
+            let r = store.scrub(EPOCH).await.unwrap();
+            assert_eq!(r.blocks_checked, 20, "round {round}");
+            assert_eq!(r.corrupt_blocks, 3, "round {round}: {r:?}");
+            let mut found = r.corrupt.clone();
+            found.sort();
+            assert_eq!(
+                found,
+                [
+                    ("".to_owned(), 2),
+                    ("s1".to_owned(), 10),
+                    ("s1".to_owned(), 12)
+                ],
+                "round {round}"
+            );
+        }
+        // Reads agree with the scrub.
+        expect_corrupt(store.read(10 * BS, BS, EPOCH).await, 10, "s1");
+        assert_eq!(store.read(11 * BS, BS, EPOCH).await.unwrap(), block(1, 11));
+    });
+}
