@@ -60,6 +60,11 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Replica(ReplicaCmd::List { volume, output }) => {
             replica::list(&driver, &volume, output.format).await
         }
+        Command::Replica(ReplicaCmd::Scrub {
+            volume,
+            repair,
+            output,
+        }) => replica::scrub(&driver, &volume, repair, output.format).await,
         Command::Status(o) => status::status(&driver, o.format).await,
     }
 }
@@ -296,6 +301,13 @@ mod tests {
                 .command,
             Command::Replica(ReplicaCmd::List { .. })
         ));
+        assert!(matches!(
+            parse(&["replica", "scrub", "v1", "--repair"])
+                .unwrap()
+                .command,
+            Command::Replica(ReplicaCmd::Scrub { repair: true, .. })
+        ));
+        assert!(parse(&["replica", "scrub"]).is_err());
         assert!(parse(&["replica", "list"]).is_err());
         assert!(parse(&["volume", "delete"]).is_err());
         assert!(parse(&["volume", "delete", "v1", "-o", "json"]).is_err());

@@ -114,6 +114,17 @@ fn the_cli_drives_the_whole_volume_life() {
     assert_eq!(modes, ["RW", "RW", "RW"], "{replicas}");
     let table = z.ok(&["replica", "list", &v]);
     assert!(table.contains("RW") && table.contains("healthy"), "{table}");
+    // Every block of every replica checks out against its stored CRC.
+    let scrub = z.json(&["replica", "scrub", &v]);
+    let lines = scrub.as_array().expect("one line per replica");
+    assert_eq!(lines.len(), 3, "{scrub}");
+    for l in lines {
+        assert!(l["blocks_checked"].as_u64() > Some(0), "{scrub}");
+        assert_eq!(l["corrupt_blocks"], 0, "{scrub}");
+        assert_eq!(l["error"], "", "{scrub}");
+    }
+    let table = z.ok(&["replica", "scrub", &v]);
+    assert!(table.contains("CORRUPT"), "{table}");
     let err = z.fails(&["volume", "delete", &v]);
     assert!(err.contains("attach"), "{err}");
 
@@ -176,6 +187,11 @@ fn the_cli_drives_the_whole_volume_life() {
 
     // Expand while detached; the next attach grows ext4.
     z.ok(&["volume", "detach", &v]);
+    let err = z.fails(&["replica", "scrub", &v]);
+    assert!(
+        err.contains("detached") && err.contains("attach it"),
+        "{err}"
+    );
     z.ok(&["volume", "expand", &v, "256M"]);
     z.ok(&["volume", "attach", &v, "--mount", &mnt_s]);
     let st = nix::sys::statvfs::statvfs(&mnt).expect("statvfs");

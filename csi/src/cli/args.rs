@@ -199,6 +199,18 @@ pub enum ReplicaCmd {
         #[command(flatten)]
         output: OutputArgs,
     },
+    /// Read every block of every replica of an attached volume and check it
+    /// against its stored CRC; fails while corrupt blocks remain.
+    Scrub {
+        /// Volume id.
+        volume: String,
+        /// Resync each replica found with corrupt blocks from a clean one.
+        #[arg(long)]
+        repair: bool,
+        /// Output format.
+        #[command(flatten)]
+        output: OutputArgs,
+    },
 }
 
 /// Output format of read commands.
