@@ -3,7 +3,8 @@
 
 mod common;
 
-use std::path::Path;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 use common::*;
@@ -48,6 +49,71 @@ impl Zebu<'_> {
         a.extend(["-o", "json"]);
         serde_json::from_str(&self.ok(&a)).expect("valid JSON")
     }
+}
+
+/// A filesystem frozen with `fsfreeze` (no writes reach its device) until
+/// dropped, also when the test fails.
+struct Frozen(String);
+
+impl Frozen {
+    fn new(mountpoint: &str) -> Frozen {
+        let o = Command::new("fsfreeze")
+            .args(["-f", mountpoint])
+            .output()
+            .expect("run fsfreeze");
+        assert!(o.status.success(), "fsfreeze -f {mountpoint}: {o:?}");
+        Frozen(mountpoint.to_owned())
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = Command::new("fsfreeze").args(["-u", &self.0]).status();
+    }
+}
+
+/// The data files of every replica under `root` (each replica directory
+/// holds `layers/<id>.img`).
+fn layer_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            layer_files(&p, out);
+        } else if p.extension().is_some_and(|x| x == "img")
+            && p.parent().is_some_and(|d| d.ends_with("layers"))
+        {
+            out.push(p);
+        }
+    }
+}
+
+/// Flips bytes in the first block holding data of the first replica data
+/// file found under `root` (the only volume's replicas), behind the
+/// replica's back; returns the file.
+fn corrupt_first_data_block(root: &Path) -> PathBuf {
+    let mut files = Vec::new();
+    layer_files(root, &mut files);
+    files.sort();
+    for f in files {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&f)
+            .expect("open a layer file");
+        let Ok(at) = nix::unistd::lseek(&file, 0, nix::unistd::Whence::SeekData) else {
+            continue; // no data in this layer
+        };
+        let mut b = [0u8; 32];
+        file.read_exact_at(&mut b, at as u64 + 100).expect("read");
+        b.iter_mut().for_each(|x| *x = !*x);
+        file.write_all_at(&b, at as u64 + 100).expect("write");
+        file.sync_all().expect("sync");
+        return f;
+    }
+    panic!("no replica data file with data under {}", root.display());
 }
 
 #[test]
@@ -125,6 +191,45 @@ fn the_cli_drives_the_whole_volume_life() {
     }
     let table = z.ok(&["replica", "scrub", &v]);
     assert!(table.contains("CORRUPT"), "{table}");
+    // A block rots on one replica's disk: the scrub finds it and fails;
+    // --repair resyncs that replica from a clean one. The filesystem is
+    // frozen meanwhile, so it cannot rewrite the block first.
+    let frozen = Frozen::new(&mnt_s);
+    let file = corrupt_first_data_block(&root);
+    let o = z.run(&["replica", "scrub", &v, "-o", "json"]);
+    assert!(!o.status.success(), "corruption left must fail the scrub");
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(stderr.contains("--repair"), "{stderr}");
+    let found: serde_json::Value = serde_json::from_slice(&o.stdout).expect("JSON");
+    let corrupt: Vec<u64> = found
+        .as_array()
+        .expect("lines")
+        .iter()
+        .filter_map(|l| l["corrupt_blocks"].as_u64())
+        .collect();
+    assert_eq!(
+        corrupt.iter().sum::<u64>(),
+        1,
+        "{found} ({})",
+        file.display()
+    );
+    let fixed = z.json(&["replica", "scrub", &v, "--repair"]);
+    let repaired = fixed.as_array().expect("lines");
+    assert_eq!(
+        repaired.iter().filter(|l| l["repaired"] == true).count(),
+        1,
+        "{fixed}"
+    );
+    let again = z.json(&["replica", "scrub", &v]);
+    assert!(
+        again
+            .as_array()
+            .expect("lines")
+            .iter()
+            .all(|l| l["corrupt_blocks"] == 0),
+        "{again}"
+    );
+    drop(frozen);
     let err = z.fails(&["volume", "delete", &v]);
     assert!(err.contains("attach"), "{err}");
 
