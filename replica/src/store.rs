@@ -1556,19 +1556,15 @@ impl Store {
     /// layer's stored CRC (see [`ScrubReport`]). A mismatch is read again
     /// with the chain held exclusively, as for a normal read, and a block
     /// that still does not match has its CRC entry invalidated
-    /// ([`Self::invalidate_crc`]). Runs under the control mutex (no merge
-    /// or other chain change meanwhile); I/O goes on. Refused during a sync.
+    /// ([`Self::invalidate_crc`]). I/O goes on meanwhile; the control mutex
+    /// is held for one group of [`SCRUB_DEPTH`] chunks at a time, so a
+    /// snapshot or merge waits for one group, not for the whole scrub, and
+    /// a layer merged away meanwhile is not read further. Refused (also
+    /// midway) while a sync into this replica runs.
     pub async fn scrub(&self, epoch: u64) -> Result<ScrubReport> {
         self.check_epoch(epoch)?;
-        let _c = self.control.lock().await;
         let layers: Vec<(String, Arc<Layer>)> = {
             let chain = self.chain.read().await;
-            if chain.syncing {
-                return Err(StoreError::FailedPrecondition(
-                    "a rebuild into this replica is in progress; scrub it once it has finished"
-                        .into(),
-                ));
-            }
             chain
                 .entries
                 .iter()
@@ -1578,21 +1574,35 @@ impl Store {
         let bs = self.block_size as u64;
         let mut report = ScrubReport::default();
         for (name, layer) in &layers {
-            let reads = futures::stream::iter(present_chunks(layer, [(0, u64::MAX)]))
-                .map(|(b, n)| async move {
+            let chunks = present_chunks(layer, [(0, u64::MAX)]);
+            for group in chunks.chunks(SCRUB_DEPTH) {
+                let _c = self.control.lock().await;
+                {
+                    let chain = self.chain.read().await;
+                    if chain.syncing {
+                        return Err(StoreError::FailedPrecondition(
+                            "a rebuild into this replica is in progress; scrub it once it has \
+                             finished"
+                                .into(),
+                        ));
+                    }
+                    if !chain.entries.iter().any(|e| Arc::ptr_eq(&e.layer, layer)) {
+                        break; // merged into its child, which is scrubbed too
+                    }
+                }
+                let reads = group.iter().map(|&(b, n)| async move {
                     let buf = self.read_blocks(layer, b, n, "to scrub them").await?;
                     Ok::<_, StoreError>((b, buf))
-                })
-                .buffered(SCRUB_DEPTH);
-            let mut reads = std::pin::pin!(reads);
-            while let Some(item) = reads.next().await {
-                let (b, buf) = item?;
-                report.blocks_checked += buf.len() as u64 / bs;
-                let stored = layer.read_crcs(b, buf.len() as u64 / bs);
-                for (i, (blk, want)) in buf.as_slice().chunks(bs as usize).zip(stored).enumerate() {
-                    if crc32fast::hash(blk) != want {
-                        self.confirm_corrupt(name, layer, b + i as u64, &mut report)
-                            .await?;
+                });
+                for (b, buf) in futures::future::try_join_all(reads).await? {
+                    report.blocks_checked += buf.len() as u64 / bs;
+                    let stored = layer.read_crcs(b, buf.len() as u64 / bs);
+                    let blocks = buf.as_slice().chunks(bs as usize);
+                    for (i, (blk, want)) in blocks.zip(stored).enumerate() {
+                        if crc32fast::hash(blk) != want {
+                            self.confirm_corrupt(name, layer, b + i as u64, &mut report)
+                                .await?;
+                        }
                     }
                 }
             }
@@ -1615,8 +1625,9 @@ impl Store {
     }
 
     /// Reads block `block` of `layer` again with the chain held exclusively
-    /// (no write in flight) and, if it still does not match its entry,
-    /// invalidates the entry and counts the block.
+    /// (no write in flight) and, if the layer still holds it (an unmap may
+    /// have deallocated it since it was listed) and it still does not match
+    /// its entry, invalidates the entry and counts the block.
     async fn confirm_corrupt(
         &self,
         name: &str,
@@ -1626,6 +1637,9 @@ impl Store {
     ) -> Result<()> {
         let bs = self.block_size as u64;
         let _excl = self.chain.write().await;
+        if !layer.index().contains(block) {
+            return Ok(());
+        }
         let buf = self
             .read_blocks(layer, block, 1, "to check it again")
             .await?;
