@@ -431,17 +431,20 @@ async fn ctl(engine: &str, op: CtlOp) -> anyhow::Result<()> {
                 })
                 .collect();
             println!("{}", serde_json::Value::Array(v));
-            let mut problems = Vec::new();
-            for r in &replicas {
-                if !r.error.is_empty() {
-                    problems.push(format!("replica {}: {}", r.address, r.error));
-                } else if r.corrupt_blocks > 0 && !r.repaired {
-                    problems.push(format!(
-                        "replica {} holds {} corrupt blocks (run `scrub --repair` to resync them)",
-                        r.address, r.corrupt_blocks
-                    ));
-                }
-            }
+            let problems: Vec<String> = replicas
+                .iter()
+                .filter(|r| r.unresolved())
+                .map(|r| {
+                    if r.error.is_empty() {
+                        format!(
+                            "replica {} holds {} corrupt blocks (run `scrub --repair` to resync them)",
+                            r.address, r.corrupt_blocks
+                        )
+                    } else {
+                        format!("replica {}: {}", r.address, r.error)
+                    }
+                })
+                .collect();
             if !problems.is_empty() {
                 bail!("{}", problems.join("; "));
             }

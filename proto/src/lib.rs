@@ -22,6 +22,14 @@ pub mod replica {
 #[allow(missing_docs, clippy::all)]
 pub mod engine {
     tonic::include_proto!("zebu.engine.v1");
+
+    impl ReplicaScrub {
+        /// The scrub or the repair of this replica failed, or it still holds
+        /// corrupt blocks.
+        pub fn unresolved(&self) -> bool {
+            !self.error.is_empty() || (self.corrupt_blocks > 0 && !self.repaired)
+        }
+    }
 }
 
 /// `zebu.agent.v1`: the node agent's API and the controller's node registry.

@@ -182,16 +182,17 @@ impl CrcMap {
     /// The CRCs of blocks `[first, first + count)`; entries past the mapped
     /// ones read as 0, like never-written entries.
     pub fn load(&self, first: u64, count: u64) -> Vec<u32> {
-        let slots = self.slots();
         (0..count)
-            .map(|i| {
-                first
-                    .checked_add(i)
-                    .and_then(|b| usize::try_from(b).ok())
-                    .and_then(|b| slots.get(b))
-                    .map_or(0, |s| s.load(Ordering::Relaxed))
-            })
+            .map(|i| first.checked_add(i).map_or(0, |b| self.get(b)))
             .collect()
+    }
+
+    /// The CRC of block `block`; 0 past the mapped entries.
+    pub fn get(&self, block: u64) -> u32 {
+        usize::try_from(block)
+            .ok()
+            .and_then(|b| self.slots().get(b))
+            .map_or(0, |s| s.load(Ordering::Relaxed))
     }
 }
 

@@ -45,6 +45,17 @@ pub struct Layer {
     index: RwLock<ExtentIndex>,
 }
 
+/// A block whose data does not match its stored CRC ([`Layer::check_crcs`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Mismatch {
+    /// Block number.
+    pub block: u64,
+    /// The CRC in the layer's CRC file.
+    pub stored: u32,
+    /// The CRC of the data.
+    pub actual: u32,
+}
+
 /// Paths of a layer's data and CRC files.
 pub fn paths(dir: &Path, id: u64) -> (PathBuf, PathBuf) {
     let layers = dir.join("layers");
@@ -197,6 +208,33 @@ impl Layer {
     /// (entries never written read as 0).
     pub fn read_crcs(&self, first: u64, count: u64) -> Vec<u32> {
         self.crc_map().load(first, count)
+    }
+
+    /// Checks the `block_size` blocks of `data`, starting at block `first`,
+    /// against their stored CRCs, without allocating (the read path runs it
+    /// on every read): the crc32 of all of `data` (combined from the
+    /// blocks' CRCs), or the first block that does not match.
+    pub fn check_crcs(&self, first: u64, data: &[u8], block_size: usize) -> Result<u32, Mismatch> {
+        let map = self.crc_map();
+        let mut total: Option<crc32fast::Hasher> = None;
+        for (i, blk) in data.chunks(block_size.max(1)).enumerate() {
+            let mut h = crc32fast::Hasher::new();
+            h.update(blk);
+            let block = first + i as u64;
+            let (actual, stored) = (h.clone().finalize(), map.get(block));
+            if actual != stored {
+                return Err(Mismatch {
+                    block,
+                    stored,
+                    actual,
+                });
+            }
+            match &mut total {
+                None => total = Some(h),
+                Some(t) => t.combine(&h),
+            }
+        }
+        Ok(total.map_or_else(|| crc32fast::hash(&[]), |t| t.finalize()))
     }
 
     /// Stores the CRC-file bytes of the blocks from `first` on (see

@@ -173,34 +173,18 @@ fn layer_label(name: &str) -> String {
     }
 }
 
-/// Checks the blocks of `data` (starting at block `first` of `layer`)
-/// against the layer's stored CRCs; returns the blocks' CRC-file bytes and
-/// the crc32 of all of `data` (combined from the blocks' CRCs, not computed
-/// over the bytes again).
-fn verify_stored_crcs(
-    layer: &Layer,
-    name: &str,
-    first: u64,
-    data: &[u8],
-    bs: u64,
-) -> Result<(Vec<u8>, u32)> {
-    let n = data.len() as u64 / bs;
-    let stored = layer.read_crcs(first, n);
-    let (crcs, total) = block_crcs_and_total(data, bs as usize);
-    let read = crcs
-        .chunks_exact(4)
-        .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]));
-    for (i, (got, want)) in read.zip(stored).enumerate() {
-        if got != want {
-            return Err(StoreError::Corrupt {
-                layer: name.to_owned(),
-                block: first + i as u64,
-                stored: want,
-                actual: got,
-            });
-        }
-    }
-    Ok((crcs, total))
+/// Checks the blocks of `data` (starting at block `first` of `layer`,
+/// named `name`) against the layer's stored CRCs ([`Layer::check_crcs`]);
+/// returns the crc32 of all of `data`.
+fn verify_stored_crcs(layer: &Layer, name: &str, first: u64, data: &[u8], bs: u64) -> Result<u32> {
+    layer
+        .check_crcs(first, data, bs as usize)
+        .map_err(|m| StoreError::Corrupt {
+            layer: name.to_owned(),
+            block: m.block,
+            stored: m.stored,
+            actual: m.actual,
+        })
 }
 
 /// [`io_err`] with the context built only on failure (for the data path,
@@ -816,21 +800,17 @@ impl Store {
         }
         let chain = self.chain.write().await;
         match self.read_chain(&chain, offset, len).await {
-            Err(StoreError::Corrupt {
-                layer,
-                block,
-                stored,
-                actual,
-            }) => {
-                if let Some(e) = chain.entries.iter().find(|e| e.meta.name == layer) {
-                    self.invalidate_crc(&e.layer, block, actual);
-                }
-                let e = StoreError::Corrupt {
+            Err(e @ StoreError::Corrupt { .. }) => {
+                if let StoreError::Corrupt {
                     layer,
                     block,
-                    stored,
                     actual,
-                };
+                    ..
+                } = &e
+                    && let Some(entry) = chain.entries.iter().find(|x| x.meta.name == *layer)
+                {
+                    self.invalidate_crc(&entry.layer, *block, *actual);
+                }
                 tracing::error!(error = %e, offset, len, "a read found corrupt data on disk");
                 Err(e)
             }
@@ -859,19 +839,12 @@ impl Store {
         };
         if let [(Some(level), _, _)] = runs[..] {
             let entry = &chain.entries[level];
-            let done = self
-                .io
-                .run([Op::Read {
-                    file: entry.layer.data.clone(),
-                    offset,
-                    buf: AlignedBuf::for_read(len as usize),
-                }])
-                .await
-                .map_err(io_err_with(|| format!("reading {len} bytes at {offset}")))?;
-            let Some(Completion::Read(buf)) = done.into_iter().next() else {
-                return Err(no_buffer());
-            };
-            let (_, crc) =
+            let buf = self
+                .read_blocks_with(&entry.layer, first, end - first, || {
+                    format!("reading {len} bytes at {offset}")
+                })
+                .await?;
+            let crc =
                 verify_stored_crcs(&entry.layer, &entry.meta.name, first, buf.as_slice(), bs)?;
             return Ok((buf.into_bytes(), crc));
         }
@@ -1185,15 +1158,18 @@ impl Store {
     ) -> Result<()> {
         let bs = self.block_size as u64;
         let buf = self.read_blocks_with(from, first, count, what).await?;
-        let crcs = match verify_stored_crcs(from, from_name, first, buf.as_slice(), bs) {
-            Ok((crcs, _)) => crcs,
-            Err(e) => {
-                if let StoreError::Corrupt { block, actual, .. } = e {
-                    self.invalidate_crc(from, block, actual);
-                }
-                return Err(e);
+        if let Err(e) = verify_stored_crcs(from, from_name, first, buf.as_slice(), bs) {
+            if let StoreError::Corrupt { block, actual, .. } = e {
+                self.invalidate_crc(from, block, actual);
             }
-        };
+            return Err(e);
+        }
+        // The stored entries are the data's CRCs: they were just checked.
+        let crcs: Vec<u8> = from
+            .read_crcs(first, count)
+            .iter()
+            .flat_map(|c| c.to_le_bytes())
+            .collect();
         self.write_blocks_with_crcs(into, first * bs, buf, crcs)
             .await
     }
@@ -1596,13 +1572,16 @@ impl Store {
                 });
                 for (b, buf) in futures::future::try_join_all(reads).await? {
                     report.blocks_checked += buf.len() as u64 / bs;
-                    let stored = layer.read_crcs(b, buf.len() as u64 / bs);
-                    let blocks = buf.as_slice().chunks(bs as usize);
-                    for (i, (blk, want)) in blocks.zip(stored).enumerate() {
-                        if crc32fast::hash(blk) != want {
-                            self.confirm_corrupt(name, layer, b + i as u64, &mut report)
-                                .await?;
-                        }
+                    // Every mismatch of the chunk, each checked again.
+                    let mut from = b;
+                    while let Err(m) = layer.check_crcs(
+                        from,
+                        &buf.as_slice()[((from - b) * bs) as usize..],
+                        bs as usize,
+                    ) {
+                        self.confirm_corrupt(name, layer, m.block, &mut report)
+                            .await?;
+                        from = m.block + 1;
                     }
                 }
             }
@@ -1733,7 +1712,7 @@ impl Store {
                     let (store, layer, name) = (store.clone(), layer.clone(), name.clone());
                     async move {
                         let buf = store.read_blocks(&layer, b, n, "for a rebuild").await?;
-                        let (_, crc) = verify_stored_crcs(&layer, &name, b, buf.as_slice(), bs)?;
+                        let crc = verify_stored_crcs(&layer, &name, b, buf.as_slice(), bs)?;
                         Ok((b * bs, buf.into_bytes(), crc))
                     }
                 })

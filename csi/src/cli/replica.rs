@@ -115,10 +115,10 @@ pub async fn scrub(d: &Driver, volume: &str, repair: bool, format: Format) -> an
         }
         t
     });
-    let left: Vec<String> = lines
+    let left: Vec<&str> = replicas
         .iter()
-        .filter(|l| !l.error.is_empty() || (l.corrupt_blocks > 0 && !l.repaired))
-        .map(|l| l.address.to_owned())
+        .filter(|r| r.unresolved())
+        .map(|r| r.address.as_str())
         .collect();
     if !left.is_empty() {
         bail!(
