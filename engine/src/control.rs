@@ -6,6 +6,7 @@ use tonic::{Request, Response, Status};
 
 use zebu_proto::engine as epb;
 use zebu_proto::engine::engine_server::Engine;
+use zebu_proto::interval::span;
 
 use crate::volume::{Volume, VolumeError};
 
@@ -126,7 +127,9 @@ impl Engine for EngineService {
         &self,
         r: Request<epb::ScrubRequest>,
     ) -> Result<Response<epb::ScrubResponse>, Status> {
-        let replicas = self.volume.scrub(r.into_inner().repair).await;
+        let r = r.into_inner();
+        zebu_proto::size::check_rate(r.max_bytes_per_sec).map_err(Status::invalid_argument)?;
+        let replicas = self.volume.scrub(r.repair, r.max_bytes_per_sec).await;
         Ok(Response::new(epb::ScrubResponse { replicas }))
     }
 }
@@ -170,7 +173,60 @@ pub fn status_json(s: &epb::VolumeStatus) -> serde_json::Value {
             "write_p50_us": io.write_p50_us,
             "write_p99_us": io.write_p99_us,
         },
+        "scrub": s.scrub.as_ref().map(|c| serde_json::json!({
+            "interval_seconds": c.interval_seconds,
+            "max_bytes_per_sec": c.max_bytes_per_sec,
+            "next_unix": c.next_unix,
+            "running": c.running,
+            "runs": c.runs,
+            "replicas_repaired": c.replicas_repaired,
+            "last_finished_unix": c.last_finished_unix,
+            "last": c.last.iter().map(scrub_json).collect::<Vec<_>>(),
+        })),
     })
+}
+
+/// JSON form of one replica's scrub report (`ctl scrub`'s schema).
+pub fn scrub_json(r: &epb::ReplicaScrub) -> serde_json::Value {
+    serde_json::json!({
+        "address": r.address, "id": r.id, "blocks_checked": r.blocks_checked,
+        "corrupt_blocks": r.corrupt_blocks, "corrupt": r.corrupt,
+        "repaired": r.repaired, "error": r.error,
+    })
+}
+
+/// One line on the volume's scrubs: schedule, and the last one's outcome.
+fn scrub_line(c: &epb::ScrubStatus, now: i64) -> String {
+    let schedule = if c.interval_seconds == 0 {
+        "not scheduled".to_string()
+    } else {
+        let rate = match c.max_bytes_per_sec {
+            0 => "no rate limit".to_string(),
+            r => format!("{} MiB/s per replica", r >> 20),
+        };
+        let next = match c.next_unix {
+            0 => String::new(),
+            t if t <= now => ", next now".to_string(),
+            t => format!(", next in {}", span(t - now)),
+        };
+        format!("every {}, {rate}{next}", span(c.interval_seconds as i64))
+    };
+    let last = if c.running {
+        "running now".to_string()
+    } else if c.last_finished_unix == 0 {
+        "none since the engine started".to_string()
+    } else {
+        let checked: u64 = c.last.iter().map(|r| r.blocks_checked).sum();
+        let corrupt: u64 = c.last.iter().map(|r| r.corrupt_blocks).sum();
+        let repaired = c.last.iter().filter(|r| r.repaired).count();
+        let failed = c.last.iter().filter(|r| !r.error.is_empty()).count();
+        format!(
+            "last {} ago: {checked} blocks checked, {corrupt} corrupt, {repaired} replicas \
+             repaired, {failed} failed",
+            span(now.saturating_sub(c.last_finished_unix))
+        )
+    };
+    format!("scrub: {schedule}; {last}\n")
 }
 
 /// Human-readable form of a volume status.
@@ -210,6 +266,9 @@ pub fn status_table(s: &epb::VolumeStatus) -> String {
             "io: {} reads (p50 {} us, p99 {} us), {} writes (p50 {} us, p99 {} us), {} flushes, {} unmaps\n",
             io.reads, io.read_p50_us, io.read_p99_us, io.writes, io.write_p50_us, io.write_p99_us, io.flushes, io.unmaps
         ));
+    }
+    if let Some(c) = &s.scrub {
+        out.push_str(&scrub_line(c, crate::scrub::now_unix()));
     }
     out
 }

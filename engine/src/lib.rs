@@ -18,5 +18,6 @@ pub mod frontend;
 pub mod link;
 pub mod rebuild;
 pub mod replication;
+pub mod scrub;
 pub mod stats;
 pub mod volume;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 
-use zebu_engine::control::{EngineService, status_json, status_table};
+use zebu_engine::control::{EngineService, scrub_json, status_json, status_table};
 use zebu_engine::frontend::nbd;
 use zebu_engine::volume::{Device, Volume, VolumeOptions};
 use zebu_proto::engine as epb;
@@ -48,6 +48,17 @@ struct ServeArgs {
     /// the engine shares with replicas; more let one volume use more cores.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
     worker_threads: u16,
+    /// Scrub the volume on its own at this interval (e.g. 7d, 168h, 30m):
+    /// every RW replica reads its data back and checks it against its
+    /// stored CRCs, and a replica found corrupt is resynced from a healthy
+    /// one. Counted from each replica's last complete scrub, across engine
+    /// restarts. 0 or off: no scheduled scrubs.
+    #[arg(long, default_value = "off", value_parser = zebu_proto::interval::parse)]
+    scrub_interval: std::option::Option<Duration>,
+    /// Read rate limit of a scheduled scrub, per replica, per second
+    /// (e.g. 64M); 0 is no limit.
+    #[arg(long, default_value = "64M", value_parser = zebu_proto::size::parse_rate)]
+    scrub_rate: u64,
 }
 
 #[derive(Subcommand, Debug)]
@@ -99,6 +110,10 @@ enum CtlOp {
         /// a resync rewrites those blocks from a healthy replica.
         #[arg(long)]
         repair: bool,
+        /// Read no faster than this per replica, per second (e.g. 64M);
+        /// 0 is no limit.
+        #[arg(long, default_value = "0", value_parser = zebu_proto::size::parse_rate)]
+        rate: u64,
     },
 }
 
@@ -240,9 +255,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         size: args.size,
         replicas: args.replicas.clone(),
         io_timeout: args.io_timeout,
+        scrub: zebu_engine::scrub::Policy {
+            interval: args.scrub_interval,
+            max_bytes_per_sec: args.scrub_rate,
+        },
     })
     .await
     .context("starting the volume")?;
+    let schedule = tokio::spawn(zebu_engine::scrub::run(
+        Arc::downgrade(&volume),
+        volume.scrub_policy(),
+    ));
 
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let device = Arc::new(Device(volume.clone()));
@@ -296,6 +319,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         }
     }
     tracing::info!("stopping: draining NBD clients and flushing every replica");
+    // A scheduled scrub stops where it is; the next engine starts it again.
+    schedule.abort();
     let _ = stop_tx.send(true);
     while servers.join_next().await.is_some() {}
     volume
@@ -413,23 +438,17 @@ async fn ctl(engine: &str, op: CtlOp) -> anyhow::Result<()> {
                 .map_err(grpc_err("expanding"))?;
             println!("volume expanded to {size} bytes");
         }
-        CtlOp::Scrub { repair } => {
+        CtlOp::Scrub { repair, rate } => {
             let replicas = c
-                .scrub(epb::ScrubRequest { repair })
+                .scrub(epb::ScrubRequest {
+                    repair,
+                    max_bytes_per_sec: rate,
+                })
                 .await
                 .map_err(grpc_err("scrubbing"))?
                 .into_inner()
                 .replicas;
-            let v: Vec<_> = replicas
-                .iter()
-                .map(|r| {
-                    serde_json::json!({
-                        "address": r.address, "id": r.id, "blocks_checked": r.blocks_checked,
-                        "corrupt_blocks": r.corrupt_blocks, "corrupt": r.corrupt,
-                        "repaired": r.repaired, "error": r.error,
-                    })
-                })
-                .collect();
+            let v: Vec<_> = replicas.iter().map(scrub_json).collect();
             println!("{}", serde_json::Value::Array(v));
             let problems: Vec<String> = replicas
                 .iter()

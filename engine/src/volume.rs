@@ -110,6 +110,8 @@ pub struct VolumeOptions {
     pub replicas: Vec<String>,
     /// Limit for a replica to answer.
     pub io_timeout: Duration,
+    /// Scheduled scrubs.
+    pub scrub: crate::scrub::Policy,
 }
 
 /// One replicated volume.
@@ -122,6 +124,10 @@ pub struct Volume {
     gate: RwLock<()>,
     rmw: tokio::sync::Mutex<()>,
     control_lock: tokio::sync::Mutex<()>,
+    /// Held by the running scrub: one at a time.
+    scrub_lock: tokio::sync::Mutex<()>,
+    scrub_policy: crate::scrub::Policy,
+    scrub_record: Mutex<crate::scrub::Record>,
     stats: IoStats,
     nbd_clients: AtomicU32,
     me: Weak<Volume>,
@@ -144,6 +150,15 @@ impl ReplyHandler for LinkHandler {
         if let Some(v) = self.volume.upgrade() {
             v.on_broken(self.replica, self.generation, why);
         }
+    }
+}
+
+/// Runs its closure when dropped.
+struct Cleanup<F: FnMut()>(F);
+
+impl<F: FnMut()> Drop for Cleanup<F> {
+    fn drop(&mut self) {
+        (self.0)();
     }
 }
 
@@ -295,6 +310,9 @@ impl Volume {
             gate: RwLock::new(()),
             rmw: tokio::sync::Mutex::new(()),
             control_lock: tokio::sync::Mutex::new(()),
+            scrub_lock: tokio::sync::Mutex::new(()),
+            scrub_policy: opts.scrub,
+            scrub_record: Mutex::new(Default::default()),
             stats: IoStats::default(),
             nbd_clients: AtomicU32::new(0),
             me: me.clone(),
@@ -1183,8 +1201,54 @@ impl Volume {
     /// the resync copies the blocks whose CRCs differ from a healthy
     /// replica's, and the replica's corrupt blocks were given CRC entries
     /// that differ. A replica that cannot be repaired (the last RW one, or
-    /// a rebuild that fails) says why in its report.
-    pub async fn scrub(&self, repair: bool) -> Vec<epb::ReplicaScrub> {
+    /// a rebuild that fails) says why in its report. Each replica reads no
+    /// faster than `max_bytes_per_sec` (0: no limit). Scrubs run one at a
+    /// time; a second waits for the first.
+    pub async fn scrub(&self, repair: bool, max_bytes_per_sec: u64) -> Vec<epb::ReplicaScrub> {
+        let _one = self.scrub_lock.lock().await;
+        self.with_scrub_record(|r| r.running = true);
+        // Also when the caller goes away mid-scrub (this future dropped).
+        let _running = Cleanup(|| self.with_scrub_record(|r| r.running = false));
+        let reports = self.scrub_once(repair, max_bytes_per_sec).await;
+        self.with_scrub_record(|r| {
+            r.runs += 1;
+            r.replicas_repaired += reports.iter().filter(|x| x.repaired).count() as u64;
+            r.last_finished_unix = crate::scrub::now_unix();
+            r.last = reports.clone();
+        });
+        reports
+    }
+
+    fn with_scrub_record<T>(&self, f: impl FnOnce(&mut crate::scrub::Record) -> T) -> T {
+        f(&mut self.scrub_record.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The scrub schedule the volume was started with.
+    pub fn scrub_policy(&self) -> crate::scrub::Policy {
+        self.scrub_policy
+    }
+
+    /// Records when the next scheduled scrub starts (0: none planned).
+    pub fn set_next_scrub(&self, unix: i64) {
+        self.with_scrub_record(|r| r.next_unix = unix);
+    }
+
+    /// What the RW replicas say of themselves (those that answer).
+    pub async fn rw_replica_infos(&self) -> Vec<pb::ReplicaInfo> {
+        let controls: Vec<Control> = {
+            let inner = self.lock();
+            inner
+                .members
+                .iter()
+                .filter(|(r, _)| inner.sm.mode(**r) == Some(Mode::Rw))
+                .map(|(_, m)| m.control.clone())
+                .collect()
+        };
+        let infos = futures::future::join_all(controls.iter().map(|c| c.info())).await;
+        infos.into_iter().filter_map(Result::ok).collect()
+    }
+
+    async fn scrub_once(&self, repair: bool, max_bytes_per_sec: u64) -> Vec<epb::ReplicaScrub> {
         let targets: Vec<(String, Control)> = {
             let inner = self.lock();
             inner
@@ -1198,7 +1262,11 @@ impl Volume {
         let scrubs = targets.iter().map(|(id, c)| async move {
             let r = c
                 .call_long("scrubbing", |mut cl| async move {
-                    cl.scrub(pb::ScrubRequest { epoch }).await
+                    cl.scrub(pb::ScrubRequest {
+                        epoch,
+                        max_bytes_per_sec,
+                    })
+                    .await
                 })
                 .await;
             let mut report = epb::ReplicaScrub {
@@ -1336,6 +1404,7 @@ impl Volume {
                 write_p99_us: st.writes.quantile(0.99),
             }),
             nbd_clients: self.nbd_clients.load(Ordering::Acquire),
+            scrub: Some(self.with_scrub_record(|r| r.status(&self.scrub_policy))),
         }
     }
 }

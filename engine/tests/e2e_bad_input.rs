@@ -68,6 +68,10 @@ fn engine_refuses_bad_command_lines() {
         ("--worker-threads", "0", "--worker-threads"),
         ("--worker-threads", "many", "--worker-threads"),
         ("--worker-threads", "100000", "--worker-threads"),
+        ("--scrub-interval", "soon", "7d"),
+        ("--scrub-interval", "0h", "invalid interval"),
+        ("--scrub-rate", "100K", "use at least 1m"),
+        ("--scrub-rate", "fast", "--scrub-rate"),
     ];
     for (flag, bad, named) in cases {
         // The case's flag replaces the good --nbd, or comes after it.

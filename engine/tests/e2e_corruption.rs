@@ -9,6 +9,7 @@ mod common;
 use common::*;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use zebu_proto::replica as pb;
 
 /// The head layer's data file of a replica that has no snapshots.
 fn head_data_file(replica_dir: &Path) -> PathBuf {
@@ -255,6 +256,128 @@ fn scrub_finds_rot_in_cold_data_and_repair_resyncs_it() {
     }
     let (_, v) = scrub(&["scrub"], true);
     assert!(v.iter().all(|x| x["corrupt_blocks"] == 0), "{v:?}");
+    engine.stop();
+    let all = assert_replicas_identical(&addr_refs);
+    assert_same("replica data", &all[..data.len()], &data);
+}
+
+/// Each replica's `last_scrub_unix`, read from the replica itself.
+fn last_scrubs(addrs: &[String]) -> Vec<i64> {
+    block_on(async {
+        let mut out = Vec::new();
+        for a in addrs {
+            let info = replica_client(a)
+                .await
+                .info(pb::InfoRequest {})
+                .await
+                .unwrap_or_else(|e| panic!("info of {a}: {e}"))
+                .into_inner();
+            out.push(info.last_scrub_unix);
+        }
+        out
+    })
+}
+
+/// With a schedule, the engine scrubs on its own: rot nobody reads is found
+/// and the replica holding it resynced without anyone asking. The replicas
+/// record when they were scrubbed, and an engine started later counts its
+/// schedule from that, not from its own start.
+#[test]
+fn a_scheduled_scrub_repairs_rot_on_its_own_and_counts_from_the_replicas() {
+    let _serial = serial();
+    let Setup {
+        _tmp: _keep,
+        tmp,
+        replicas,
+        addrs,
+        mut engine,
+        data,
+    } = setup(3, "64M", "schedvol", 8);
+    let addr_refs: Vec<&str> = addrs.iter().map(String::as_str).collect();
+    assert_eq!(last_scrubs(&addrs), [0, 0, 0], "nothing scrubbed yet");
+    let st = engine.status();
+    assert_eq!(
+        st["scrub"]["interval_seconds"], 0,
+        "no schedule by default: {st}"
+    );
+    assert_eq!(st["scrub"]["next_unix"], 0, "{st}");
+    engine.stop();
+
+    let mut engine = Engine::start_with(
+        &tmp,
+        "schedvol",
+        "64M",
+        &addr_refs,
+        &["--scrub-interval", "1s", "--scrub-rate", "0"],
+    );
+    corrupt_block(&head_data_file(&replicas[2].dir), 300);
+    let st = engine.wait_status("a scheduled scrub repaired a replica", |s| {
+        s["scrub"]["replicas_repaired"].as_u64() >= Some(1)
+    });
+    let runs = st["scrub"]["runs"].as_u64().unwrap();
+    // The next run finds nothing left.
+    let st = engine.wait_status("a later scheduled scrub finished", |s| {
+        s["scrub"]["runs"].as_u64() > Some(runs)
+    });
+    let last = st["scrub"]["last"].as_array().unwrap().clone();
+    assert_eq!(last.len(), 3, "{st}");
+    for r in &last {
+        assert_eq!(r["corrupt_blocks"], 0, "{st}");
+        assert_eq!(r["error"], "", "{st}");
+    }
+    assert_eq!(
+        st["scrub"]["replicas_repaired"], 1,
+        "only the rotten one: {st}"
+    );
+    let st = engine.wait_healthy(3);
+    let e = replica_entry(&st, &addrs[2]).expect("listed");
+    assert_eq!(
+        e["rebuild"]["blocks_copied"], 1,
+        "the rotten block alone: {st}"
+    );
+    let log = engine.log_tail();
+    assert!(
+        log.contains("scrub found corrupt blocks") && log.contains("scheduled scrub finished"),
+        "{log}"
+    );
+    let table = engine.ctl_ok(&["status"]).stdout;
+    assert!(table.contains("scrub: every 1s, no rate limit"), "{table}");
+    engine.stop();
+
+    // Every replica recorded its last complete scrub; a new engine on a
+    // daily schedule is due a day after the least recent of them. (Read
+    // once the new engine has opened the replicas: a scrub of the old
+    // engine's epoch can no longer complete then.)
+    let mut engine = Engine::start_with(
+        &tmp,
+        "schedvol",
+        "64M",
+        &addr_refs,
+        &["--scrub-interval", "1d"],
+    );
+    let st = engine.wait_status("the schedule planned", |s| {
+        s["scrub"]["next_unix"].as_i64() > Some(0)
+    });
+    let scrubbed = last_scrubs(&addrs);
+    assert!(scrubbed.iter().all(|&t| t > 0), "{scrubbed:?}");
+    let oldest = scrubbed.iter().min().copied().unwrap();
+    assert_eq!(st["scrub"]["next_unix"], oldest + 86_400, "{st}");
+    assert_eq!(st["scrub"]["interval_seconds"], 86_400, "{st}");
+    assert_eq!(
+        st["scrub"]["max_bytes_per_sec"],
+        64 << 20,
+        "the default rate: {st}"
+    );
+    assert_eq!(st["scrub"]["runs"], 0, "{st}");
+    let table = engine.ctl_ok(&["status"]).stdout;
+    assert!(
+        table.contains("scrub: every 24h, 64 MiB/s per replica, next in ")
+            && table.contains("none since the engine started"),
+        "{table}"
+    );
+    // A rate too slow to finish is refused with a hint.
+    let r = engine.ctl(&["scrub", "--rate", "10"]).expect_fail();
+    assert!(r.stderr.contains("at least 1M"), "{}", r.stderr);
     engine.stop();
     let all = assert_replicas_identical(&addr_refs);
     assert_same("replica data", &all[..data.len()], &data);

@@ -26,9 +26,39 @@ pub fn parse(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("invalid size {s:?}: too large"))
 }
 
+/// Slowest read rate limit accepted (bytes per second); below it a scrub of
+/// a large volume would take months.
+pub const MIN_RATE: u64 = 1 << 20;
+
+/// Parses a read rate limit in bytes per second: 0 (no limit) or at least
+/// [`MIN_RATE`], e.g. `64M`.
+pub fn parse_rate(s: &str) -> Result<u64, String> {
+    let r = parse(s)?;
+    check_rate(r).map(|()| r)
+}
+
+/// Checks a read rate limit: 0 (no limit) or at least [`MIN_RATE`].
+pub fn check_rate(r: u64) -> Result<(), String> {
+    if r != 0 && r < MIN_RATE {
+        return Err(format!(
+            "a rate limit of {r} bytes/s is too slow to finish: use at least 1M (per second), \
+             or 0 for no limit"
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
-    use super::parse;
+    use super::{parse, parse_rate};
+
+    #[test]
+    fn rates_are_off_or_at_least_a_mebibyte() {
+        assert_eq!(parse_rate("0"), Ok(0));
+        assert_eq!(parse_rate("64M"), Ok(64 << 20));
+        assert!(parse_rate("100K").unwrap_err().contains("at least 1M"));
+        assert!(parse_rate("fast").is_err());
+    }
 
     #[test]
     fn parses_units() {

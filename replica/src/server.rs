@@ -452,6 +452,7 @@ pub fn info_of(s: &ReplicaStatus) -> pb::ReplicaInfo {
         syncing: s.syncing,
         extent_index_bytes: s.extent_index_bytes,
         attached: s.attached,
+        last_scrub_unix: s.last_scrub_unix,
     }
 }
 
@@ -551,7 +552,12 @@ impl Replica for ReplicaService {
         request: Request<pb::ScrubRequest>,
     ) -> Result<Response<pb::ScrubResponse>, Status> {
         let r = request.into_inner();
-        let report = self.store.scrub(r.epoch).await.map_err(|e| status_of(&e))?;
+        zebu_proto::size::check_rate(r.max_bytes_per_sec).map_err(Status::invalid_argument)?;
+        let report = self
+            .store
+            .scrub(r.epoch, r.max_bytes_per_sec)
+            .await
+            .map_err(|e| status_of(&e))?;
         Ok(Response::new(pb::ScrubResponse {
             blocks_checked: report.blocks_checked,
             corrupt_blocks: report.corrupt_blocks,

@@ -36,6 +36,7 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
@@ -336,6 +337,8 @@ pub struct ReplicaStatus {
     pub extent_index_bytes: u64,
     /// An engine opened the replica and has not closed it cleanly.
     pub attached: bool,
+    /// When the last complete scrub finished (Unix seconds), 0 if never.
+    pub last_scrub_unix: i64,
 }
 
 /// The replica's storage.
@@ -375,6 +378,17 @@ fn now_unix() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
+}
+
+/// How long a scrub that has read `done` bytes in `elapsed` must pause to
+/// average no more than `rate` bytes per second; `None` when it need not
+/// (or `rate` is 0, no limit).
+fn pace(done: u64, rate: u64, elapsed: Duration) -> Option<Duration> {
+    if rate == 0 {
+        return None;
+    }
+    let due = Duration::from_secs_f64(done as f64 / rate as f64);
+    due.checked_sub(elapsed).filter(|d| !d.is_zero())
 }
 
 /// Checks a snapshot name given by a client.
@@ -458,6 +472,7 @@ impl Store {
                     syncing: false,
                     merging: None,
                     attached: false,
+                    last_scrub_unix: 0,
                 };
                 meta_store.save(&meta)?;
                 (
@@ -1537,8 +1552,15 @@ impl Store {
     /// snapshot or merge waits for one group, not for the whole scrub, and
     /// a layer merged away meanwhile is not read further. Refused (also
     /// midway) while a sync into this replica runs.
-    pub async fn scrub(&self, epoch: u64) -> Result<ScrubReport> {
+    ///
+    /// With `max_bytes_per_sec` above 0 the scrub pauses between groups,
+    /// outside every lock, so that it reads no faster than that on average;
+    /// 0 reads as fast as the disk allows. A scrub that reaches its end
+    /// records the time in the metadata ([`ReplicaStatus::last_scrub_unix`]),
+    /// which is what a scrub schedule counts from.
+    pub async fn scrub(&self, epoch: u64, max_bytes_per_sec: u64) -> Result<ScrubReport> {
         self.check_epoch(epoch)?;
+        let started = Instant::now();
         let layers: Vec<(String, Arc<Layer>)> = {
             let chain = self.chain.read().await;
             chain
@@ -1552,37 +1574,48 @@ impl Store {
         for (name, layer) in &layers {
             let chunks = present_chunks(layer, [(0, u64::MAX)]);
             for group in chunks.chunks(SCRUB_DEPTH) {
-                let _c = self.control.lock().await;
+                // A newer engine has taken over: this scrub is not its.
+                self.check_epoch(epoch)?;
                 {
-                    let chain = self.chain.read().await;
-                    if chain.syncing {
-                        return Err(StoreError::FailedPrecondition(
-                            "a rebuild into this replica is in progress; scrub it once it has \
-                             finished"
-                                .into(),
-                        ));
+                    let _c = self.control.lock().await;
+                    {
+                        let chain = self.chain.read().await;
+                        if chain.syncing {
+                            return Err(StoreError::FailedPrecondition(
+                                "a rebuild into this replica is in progress; scrub it once it \
+                                 has finished"
+                                    .into(),
+                            ));
+                        }
+                        if !chain.entries.iter().any(|e| Arc::ptr_eq(&e.layer, layer)) {
+                            break; // merged into its child, which is scrubbed too
+                        }
                     }
-                    if !chain.entries.iter().any(|e| Arc::ptr_eq(&e.layer, layer)) {
-                        break; // merged into its child, which is scrubbed too
+                    let reads = group.iter().map(|&(b, n)| async move {
+                        let buf = self.read_blocks(layer, b, n, "to scrub them").await?;
+                        Ok::<_, StoreError>((b, buf))
+                    });
+                    for (b, buf) in futures::future::try_join_all(reads).await? {
+                        report.blocks_checked += buf.len() as u64 / bs;
+                        // Every mismatch of the chunk, each checked again.
+                        let mut from = b;
+                        while let Err(m) = layer.check_crcs(
+                            from,
+                            &buf.as_slice()[((from - b) * bs) as usize..],
+                            bs as usize,
+                        ) {
+                            self.confirm_corrupt(name, layer, m.block, &mut report)
+                                .await?;
+                            from = m.block + 1;
+                        }
                     }
                 }
-                let reads = group.iter().map(|&(b, n)| async move {
-                    let buf = self.read_blocks(layer, b, n, "to scrub them").await?;
-                    Ok::<_, StoreError>((b, buf))
-                });
-                for (b, buf) in futures::future::try_join_all(reads).await? {
-                    report.blocks_checked += buf.len() as u64 / bs;
-                    // Every mismatch of the chunk, each checked again.
-                    let mut from = b;
-                    while let Err(m) = layer.check_crcs(
-                        from,
-                        &buf.as_slice()[((from - b) * bs) as usize..],
-                        bs as usize,
-                    ) {
-                        self.confirm_corrupt(name, layer, m.block, &mut report)
-                            .await?;
-                        from = m.block + 1;
-                    }
+                if let Some(ahead) = pace(
+                    report.blocks_checked * bs,
+                    max_bytes_per_sec,
+                    started.elapsed(),
+                ) {
+                    tokio::time::sleep(ahead).await;
                 }
             }
         }
@@ -1600,6 +1633,12 @@ impl Store {
                 "a scrub found corrupt data on disk; a resync rewrites it from a healthy replica"
             );
         }
+        // Recorded only for the current epoch's scrub; the record is made
+        // in memory right after the check, with no await between, so an
+        // engine that opens the replica later sees it.
+        self.check_epoch(epoch)?;
+        let finished = now_unix();
+        self.update_meta(|m| m.last_scrub_unix = finished).await?;
         Ok(report)
     }
 
@@ -1756,6 +1795,7 @@ impl Store {
                 .map(|e| e.layer.index().memory_bytes() as u64)
                 .sum(),
             attached: meta.attached,
+            last_scrub_unix: meta.last_scrub_unix,
         }
     }
 

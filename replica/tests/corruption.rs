@@ -262,7 +262,7 @@ fn a_scrub_finds_every_rotten_block_of_every_layer() {
             write(&store, b, block(2, b)).await;
         }
         store.flush(EPOCH).await.unwrap();
-        let clean = store.scrub(EPOCH).await.unwrap();
+        let clean = store.scrub(EPOCH, 0).await.unwrap();
         assert_eq!((clean.blocks_checked, clean.corrupt_blocks), (20, 0));
 
         let snap_file = data_file_holding(dir.path(), 10, &block(1, 10));
@@ -271,7 +271,7 @@ fn a_scrub_finds_every_rotten_block_of_every_layer() {
         rot(&data_file_holding(dir.path(), 2, &block(2, 2)), 2);
         for round in 0..2 {
             // Found again the second time: their entries stay invalid.
-            let r = store.scrub(EPOCH).await.unwrap();
+            let r = store.scrub(EPOCH, 0).await.unwrap();
             assert_eq!(r.blocks_checked, 20, "round {round}");
             assert_eq!(r.corrupt_blocks, 3, "round {round}: {r:?}");
             let mut found = r.corrupt.clone();
@@ -325,10 +325,50 @@ fn a_scrub_during_writes_unmaps_and_merges_finds_nothing() {
         };
         let mut scrubs = 0;
         while !busy.is_finished() || scrubs < 2 {
-            let r = store.scrub(EPOCH).await.unwrap();
+            let r = store.scrub(EPOCH, 0).await.unwrap();
             assert_eq!(r.corrupt_blocks, 0, "scrub {scrubs}: {r:?}");
             scrubs += 1;
         }
         busy.await.unwrap();
+    });
+}
+
+/// A scrub with a rate limit pauses between its reads to keep to it; one
+/// that completes records when it finished, durably.
+#[test]
+fn a_paced_scrub_keeps_to_its_rate_and_records_when_it_finished() {
+    runtime().block_on(async {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), Some(1024)).await;
+        for b in 0..512 {
+            write(&store, b, block(3, b)).await;
+        }
+        store.flush(EPOCH).await.unwrap();
+        assert_eq!(store.status().await.last_scrub_unix, 0, "never scrubbed");
+
+        let before = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs() as i64;
+        // 2 MiB at 4 MiB/s: at least half a second, however fast the disk.
+        let started = std::time::Instant::now();
+        let r = store.scrub(EPOCH, 4 << 20).await.unwrap();
+        let took = started.elapsed();
+        assert_eq!((r.blocks_checked, r.corrupt_blocks), (512, 0));
+        assert!(
+            took >= std::time::Duration::from_millis(490),
+            "2 MiB scrubbed in {took:?} at a limit of 4 MiB/s"
+        );
+        let last = store.status().await.last_scrub_unix;
+        assert!(last >= before, "last scrub {last}, started at {before}");
+
+        store.shutdown().await.unwrap();
+        drop(store);
+        let store = open(dir.path(), None).await;
+        assert_eq!(
+            store.status().await.last_scrub_unix,
+            last,
+            "kept over a restart"
+        );
     });
 }

@@ -83,7 +83,14 @@ pub async fn scrub(d: &Driver, volume: &str, repair: bool, format: Format) -> an
     };
     let mut client = d.engine(addr).await?;
     let replicas = d
-        .engine_call(addr, "Scrub", client.scrub(ScrubRequest { repair }))
+        .engine_call(
+            addr,
+            "Scrub",
+            client.scrub(ScrubRequest {
+                repair,
+                max_bytes_per_sec: 0,
+            }),
+        )
         .await?
         .replicas;
     let lines: Vec<ScrubLine> = replicas.iter().map(ScrubLine::from).collect();

@@ -1,0 +1,197 @@
+//! Scheduled scrubs: at an interval, every RW replica reads its data back
+//! and checks it against its stored CRCs, and a replica found holding
+//! corrupt blocks is resynced from a healthy one (as `ctl scrub --repair`
+//! does; safe, because the CRCs say which copy is bad).
+//!
+//! The schedule counts from the replicas, not from the engine's start: each
+//! replica records when its last complete scrub finished
+//! (`ReplicaInfo::last_scrub_unix`; a replica never scrubbed counts from its
+//! oldest layer's creation). A volume is due when its least recently
+//! scrubbed RW replica is, so a volume attached a few hours at a time is
+//! still scrubbed on schedule across engine restarts, and a manual scrub
+//! moves the next scheduled one back.
+//!
+//! Invariant: one scrub of a volume runs at a time, manual or scheduled
+//! (`Volume::scrub` holds the volume's scrub lock).
+//! Invariant: a scheduled scrub that failed, or left corrupt blocks it could
+//! not repair, is not retried before [`RETRY_AFTER`] (or the interval, if
+//! shorter): a replica whose scrub keeps failing must not keep the disk busy.
+
+use std::sync::Weak;
+use std::time::Duration;
+
+use zebu_proto::engine as epb;
+use zebu_proto::replica as pb;
+
+use crate::volume::Volume;
+
+/// Earliest retry of a scheduled scrub that did not complete everywhere.
+pub const RETRY_AFTER: Duration = Duration::from_secs(3600);
+/// The schedule is looked at again at least this often, so a replica added
+/// meanwhile (or a manual scrub) is taken into account.
+const MAX_NAP: Duration = Duration::from_secs(600);
+
+/// How a volume is scrubbed on its own.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Policy {
+    /// Time between scrubs of each replica; `None`: no scheduled scrubs.
+    pub interval: Option<Duration>,
+    /// Read rate limit of a scheduled scrub, per replica; 0 is no limit.
+    pub max_bytes_per_sec: u64,
+}
+
+/// What the engine knows of its volume's scrubs, for the status.
+#[derive(Clone, Debug, Default)]
+pub struct Record {
+    /// When the next scheduled scrub starts; 0 if none is planned.
+    pub next_unix: i64,
+    /// A scrub (scheduled or manual) is running.
+    pub running: bool,
+    /// Scrubs finished since the engine started.
+    pub runs: u64,
+    /// Replicas those scrubs resynced.
+    pub replicas_repaired: u64,
+    /// When the last of them finished; 0 if none has.
+    pub last_finished_unix: i64,
+    /// Its reports.
+    pub last: Vec<epb::ReplicaScrub>,
+}
+
+impl Record {
+    /// The status form, with the policy.
+    pub fn status(&self, policy: &Policy) -> epb::ScrubStatus {
+        epb::ScrubStatus {
+            interval_seconds: policy.interval.map_or(0, |d| d.as_secs()),
+            max_bytes_per_sec: policy.max_bytes_per_sec,
+            next_unix: self.next_unix,
+            running: self.running,
+            runs: self.runs,
+            replicas_repaired: self.replicas_repaired,
+            last_finished_unix: self.last_finished_unix,
+            last: self.last.clone(),
+        }
+    }
+}
+
+/// When the replica described by `info` is next due: its last scrub (or,
+/// if it never had one, its oldest layer's creation) plus `interval`.
+pub fn replica_due(info: &pb::ReplicaInfo, interval: Duration) -> i64 {
+    let since = if info.last_scrub_unix > 0 {
+        info.last_scrub_unix
+    } else {
+        info.chain.iter().map(|l| l.created_unix).min().unwrap_or(0)
+    };
+    since.saturating_add(i64::try_from(interval.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// When the volume is next due: the earliest of its RW replicas, no earlier
+/// than `not_before`. `None` without replicas to scrub.
+pub fn volume_due<'a>(
+    rw: impl IntoIterator<Item = &'a pb::ReplicaInfo>,
+    interval: Duration,
+    not_before: i64,
+) -> Option<i64> {
+    rw.into_iter()
+        .map(|i| replica_due(i, interval))
+        .min()
+        .map(|d| d.max(not_before))
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
+}
+
+/// Runs `policy`'s schedule for `volume` until the volume is dropped.
+pub async fn run(volume: Weak<Volume>, policy: Policy) {
+    let Some(interval) = policy.interval else {
+        return;
+    };
+    let retry = RETRY_AFTER.min(interval);
+    let mut not_before = 0;
+    loop {
+        let due = {
+            let Some(v) = volume.upgrade() else { return };
+            let infos = v.rw_replica_infos().await;
+            let due = volume_due(&infos, interval, not_before);
+            v.set_next_scrub(due.unwrap_or(0));
+            due
+        };
+        let now = now_unix();
+        let wait = match due {
+            Some(d) if d <= now => Duration::ZERO,
+            Some(d) => Duration::from_secs(d.abs_diff(now)).min(MAX_NAP),
+            None => MAX_NAP,
+        };
+        if !wait.is_zero() {
+            tokio::time::sleep(wait).await;
+            continue;
+        }
+        let Some(v) = volume.upgrade() else { return };
+        tracing::info!(
+            rate = policy.max_bytes_per_sec,
+            "scheduled scrub: checking every RW replica against its stored CRCs"
+        );
+        let reports = v.scrub(true, policy.max_bytes_per_sec).await;
+        let checked: u64 = reports.iter().map(|r| r.blocks_checked).sum();
+        let repaired = reports.iter().filter(|r| r.repaired).count();
+        let unresolved: Vec<&str> = reports
+            .iter()
+            .filter(|r| r.unresolved())
+            .map(|r| r.address.as_str())
+            .collect();
+        if unresolved.is_empty() {
+            tracing::info!(checked, repaired, "scheduled scrub finished");
+            not_before = 0;
+        } else {
+            // Each replica's own failure was logged where it happened.
+            tracing::warn!(
+                checked,
+                repaired,
+                unresolved = %unresolved.join(", "),
+                retry_in_secs = retry.as_secs(),
+                "scheduled scrub did not complete on every replica"
+            );
+            not_before = now_unix().saturating_add(retry.as_secs() as i64);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(last_scrub_unix: i64, created: &[i64]) -> pb::ReplicaInfo {
+        pb::ReplicaInfo {
+            last_scrub_unix,
+            chain: created
+                .iter()
+                .map(|&c| pb::LayerInfo {
+                    created_unix: c,
+                    ..Default::default()
+                })
+                .collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_replica_counts_from_its_last_scrub_or_else_its_oldest_layer() {
+        let day = Duration::from_secs(86_400);
+        assert_eq!(replica_due(&info(1_000, &[10, 20]), day), 87_400);
+        assert_eq!(replica_due(&info(0, &[500, 20]), day), 86_420);
+        assert_eq!(replica_due(&info(0, &[]), day), 86_400);
+    }
+
+    #[test]
+    fn the_volume_is_due_with_its_least_recently_scrubbed_replica() {
+        let h = Duration::from_secs(3600);
+        let rw = [info(10_000, &[0]), info(2_000, &[0]), info(0, &[5_000])];
+        assert_eq!(volume_due(&rw, h, 0), Some(5_600));
+        // A failed run pushes the retry back.
+        assert_eq!(volume_due(&rw, h, 9_000), Some(9_000));
+        assert_eq!(volume_due(&[], h, 0), None);
+    }
+}
