@@ -869,6 +869,14 @@ impl Agent {
                 req.io_timeout
             )));
         }
+        if !req.scrub_interval.is_empty() {
+            zebu_proto::interval::parse(&req.scrub_interval)
+                .map_err(|e| AgentError::InvalidArgument(format!("scrub_interval: {e}")))?;
+        }
+        if !req.scrub_rate.is_empty() {
+            zebu_proto::size::parse_rate(&req.scrub_rate)
+                .map_err(|e| AgentError::InvalidArgument(format!("scrub_rate: {e}")))?;
+        }
         let socket = engine_socket(&self.inner.ctx.engines_dir, &req.volume_id);
         let socket = socket
             .to_str()
@@ -895,6 +903,8 @@ impl Agent {
             replica_addresses: req.replica_addresses.clone(),
             io_timeout: req.io_timeout.clone(),
             nbd_socket: socket,
+            scrub_interval: req.scrub_interval.clone(),
+            scrub_rate: req.scrub_rate.clone(),
         };
         if let Some(proc) = self.proc(&key) {
             let snap = proc.snapshot();

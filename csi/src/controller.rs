@@ -67,6 +67,10 @@ pub struct ControllerConfig {
     pub replacement_delay: Duration,
     /// Engine `--io-timeout` (empty: the engine's default).
     pub io_timeout: String,
+    /// Engine `--scrub-interval` (empty: the engine's default, off).
+    pub scrub_interval: String,
+    /// Engine `--scrub-rate` (empty: the engine's default).
+    pub scrub_rate: String,
 }
 
 impl Default for ControllerConfig {
@@ -77,6 +81,8 @@ impl Default for ControllerConfig {
             allow_same_disk: false,
             replacement_delay: Duration::from_secs(60),
             io_timeout: String::new(),
+            scrub_interval: String::new(),
+            scrub_rate: String::new(),
         }
     }
 }
@@ -501,6 +507,8 @@ impl Controller {
             size_bytes: v.size_bytes,
             replica_addresses: v.replicas.iter().map(|r| r.address.clone()).collect(),
             io_timeout: self.inner.cfg.io_timeout.clone(),
+            scrub_interval: self.inner.cfg.scrub_interval.clone(),
+            scrub_rate: self.inner.cfg.scrub_rate.clone(),
         };
         agent
             .start_engine(with_deadline(req, AGENT_CALL))

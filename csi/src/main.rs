@@ -81,6 +81,15 @@ struct ControllerOpts {
     /// Engine I/O timeout (e.g. 8s) after which a silent replica is ejected.
     #[arg(long, default_value = "")]
     io_timeout: String,
+    /// How often each attached volume is scrubbed: every replica reads its
+    /// data back and checks it against its stored CRCs, and a replica found
+    /// corrupt is resynced from a healthy one (e.g. 7d, 24h; off for never).
+    /// Counted from each replica's last scrub, across attachments.
+    #[arg(long, default_value = "7d", value_parser = check_interval)]
+    scrub_interval: String,
+    /// Read rate limit of a scheduled scrub, per replica, per second.
+    #[arg(long, default_value = "64M", value_parser = check_rate)]
+    scrub_rate: String,
     /// How often the controller reconciles processes with its records.
     #[arg(long, default_value = "2s", value_parser = parse_duration)]
     reconcile_interval: Duration,
@@ -133,6 +142,16 @@ struct StandaloneArgs {
     opts: ControllerOpts,
 }
 
+/// An interval the engine accepts, kept as written (for its command line).
+fn check_interval(s: &str) -> Result<String, String> {
+    zebu_proto::interval::parse(s).map(|_| s.trim().to_owned())
+}
+
+/// A rate limit the engine accepts, kept as written (for its command line).
+fn check_rate(s: &str) -> Result<String, String> {
+    zebu_proto::size::parse_rate(s).map(|_| s.trim().to_owned())
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = s
         .find(|c: char| !c.is_ascii_digit())
@@ -171,6 +190,8 @@ fn controller_config(o: &ControllerOpts) -> Result<ControllerConfig> {
         allow_same_disk: o.allow_same_disk,
         replacement_delay: o.replica_replacement_delay,
         io_timeout: o.io_timeout.clone(),
+        scrub_interval: o.scrub_interval.clone(),
+        scrub_rate: o.scrub_rate.clone(),
     })
 }
 

@@ -424,6 +424,8 @@ async fn engines_serve_and_processes_survive_an_agent_restart() {
         size_bytes: 64 * MIB,
         replica_addresses: addrs.clone(),
         io_timeout: "8s".into(),
+        scrub_interval: "7d".into(),
+        scrub_rate: "32M".into(),
     };
     let eng = c.start_engine(req.clone()).await.unwrap().into_inner();
     assert!(eng.running && eng.pid != 0 && eng.epoch > 0, "{eng:?}");
@@ -447,6 +449,15 @@ async fn engines_serve_and_processes_survive_an_agent_restart() {
     let e = c.start_engine(long).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
     assert!(e.message().contains("Unix socket"), "{e:?}");
+    for (interval, rate, says) in [("soon", "", "scrub_interval"), ("7d", "1K", "scrub_rate")] {
+        let mut bad = req.clone();
+        bad.volume_id = "vol-x".into();
+        bad.scrub_interval = interval.into();
+        bad.scrub_rate = rate.into();
+        let e = c.start_engine(bad).await.unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains(says), "{e:?}");
+    }
 
     // SIGKILL the engine: restarted with the same arguments, a new epoch.
     sigkill(eng.pid);

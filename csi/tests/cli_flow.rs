@@ -178,8 +178,23 @@ fn the_cli_drives_the_whole_volume_life() {
         .filter_map(|r| r["mode"].as_str())
         .collect();
     assert_eq!(modes, ["RW", "RW", "RW"], "{replicas}");
+    // The driver starts engines with its scrub schedule (weekly, 64 MiB/s).
+    assert_eq!(
+        replicas["scrub"]["interval_seconds"],
+        7 * 86_400,
+        "{replicas}"
+    );
+    assert_eq!(
+        replicas["scrub"]["max_bytes_per_sec"],
+        64 << 20,
+        "{replicas}"
+    );
     let table = z.ok(&["replica", "list", &v]);
     assert!(table.contains("RW") && table.contains("healthy"), "{table}");
+    assert!(
+        table.contains("scrub: every 7d at 64.0 MiB/s per replica"),
+        "{table}"
+    );
     // Every block of every replica checks out against its stored CRC.
     let scrub = z.json(&["replica", "scrub", &v]);
     let lines = scrub.as_array().expect("one line per replica");

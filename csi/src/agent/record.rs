@@ -82,6 +82,12 @@ pub(crate) enum Spec {
         /// `--io-timeout`, empty for the engine's default.
         io_timeout: String,
         nbd_socket: String,
+        /// `--scrub-interval`, empty for the engine's default.
+        #[serde(default)]
+        scrub_interval: String,
+        /// `--scrub-rate`, empty for the engine's default.
+        #[serde(default)]
+        scrub_rate: String,
     },
 }
 
@@ -139,6 +145,8 @@ impl Spec {
                 replica_addresses,
                 io_timeout,
                 nbd_socket,
+                scrub_interval,
+                scrub_rate,
             } => {
                 let mut a = vec![
                     "--volume".into(),
@@ -154,9 +162,15 @@ impl Spec {
                 a.push(format!("unix:{nbd_socket}"));
                 a.push("--listen".into());
                 a.push(listen);
-                if !io_timeout.is_empty() {
-                    a.push("--io-timeout".into());
-                    a.push(io_timeout.clone());
+                for (flag, v) in [
+                    ("--io-timeout", io_timeout),
+                    ("--scrub-interval", scrub_interval),
+                    ("--scrub-rate", scrub_rate),
+                ] {
+                    if !v.is_empty() {
+                        a.push(flag.into());
+                        a.push(v.clone());
+                    }
                 }
                 a
             }
@@ -522,6 +536,8 @@ mod tests {
             replica_addresses: vec!["127.0.0.1:1".into(), "127.0.0.1:2".into()],
             io_timeout: "3s".into(),
             nbd_socket: "/s/v.sock".into(),
+            scrub_interval: "7d".into(),
+            scrub_rate: String::new(),
         };
         assert_eq!(
             spec.args("127.0.0.1"),
@@ -539,7 +555,9 @@ mod tests {
                 "--listen",
                 "127.0.0.1:0",
                 "--io-timeout",
-                "3s"
+                "3s",
+                "--scrub-interval",
+                "7d"
             ]
         );
     }

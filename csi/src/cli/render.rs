@@ -6,7 +6,8 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 use zebu_proto::csi::{Snapshot, Volume, VolumeCondition, volume_content_source};
-use zebu_proto::engine::{RebuildProgress, ReplicaStatus, VolumeStatus};
+use zebu_proto::engine::{RebuildProgress, ReplicaStatus, ScrubStatus, VolumeStatus};
+use zebu_proto::interval::span;
 
 use crate::context::{
     VOLUME_ATTACHED_NODE, VOLUME_ENGINE, VOLUME_REPLICA_PLACEMENT, VOLUME_REPLICAS,
@@ -484,8 +485,81 @@ pub struct ReplicaReport {
     pub epoch: Option<u64>,
     /// Replicas.
     pub replicas: Vec<ReplicaView>,
+    /// The engine's scrub schedule and last scrub (known while attached).
+    pub scrub: Option<ScrubView>,
     /// Why the detail is missing, if it is.
     pub note: Option<String>,
+}
+
+/// A volume's scrubs as the engine reports them.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ScrubView {
+    /// Time between scheduled scrubs; 0: none scheduled.
+    pub interval_seconds: u64,
+    /// Read rate limit per replica; 0: none.
+    pub max_bytes_per_sec: u64,
+    /// Next scheduled scrub (Unix seconds); 0: none planned.
+    pub next_unix: i64,
+    /// A scrub is running.
+    pub running: bool,
+    /// Scrubs finished since the engine started.
+    pub runs: u64,
+    /// Replicas they resynced.
+    pub replicas_repaired: u64,
+    /// When the last one finished (Unix seconds); 0: none yet.
+    pub last_finished_unix: i64,
+}
+
+impl ScrubView {
+    fn new(s: &ScrubStatus) -> ScrubView {
+        ScrubView {
+            interval_seconds: s.interval_seconds,
+            max_bytes_per_sec: s.max_bytes_per_sec,
+            next_unix: s.next_unix,
+            running: s.running,
+            runs: s.runs,
+            replicas_repaired: s.replicas_repaired,
+            last_finished_unix: s.last_finished_unix,
+        }
+    }
+
+    /// One line, with times relative to `now` (Unix seconds).
+    pub fn text(&self, now: i64) -> String {
+        let mut out = if self.interval_seconds == 0 {
+            "scrub: not scheduled".to_owned()
+        } else {
+            let mut s = format!("scrub: every {}", span(self.interval_seconds as i64));
+            if self.max_bytes_per_sec > 0 {
+                let _ = write!(
+                    s,
+                    " at {}/s per replica",
+                    format_size(self.max_bytes_per_sec)
+                );
+            }
+            match self.next_unix {
+                0 => {}
+                t if t <= now => s.push_str(", next now"),
+                t => {
+                    let _ = write!(s, ", next in {}", span(t - now));
+                }
+            }
+            s
+        };
+        if self.running {
+            out.push_str("; running now");
+        } else if self.last_finished_unix > 0 {
+            let _ = write!(
+                out,
+                "; last finished {} ago",
+                span(now.saturating_sub(self.last_finished_unix))
+            );
+        }
+        if self.replicas_repaired > 0 {
+            let _ = write!(out, "; {} replica(s) repaired", self.replicas_repaired);
+        }
+        out.push('\n');
+        out
+    }
 }
 
 impl ReplicaReport {
@@ -518,6 +592,7 @@ impl ReplicaReport {
                     errors: Some(r.errors),
                 })
                 .collect(),
+            scrub: st.scrub.as_ref().map(ScrubView::new),
             note: None,
         }
     }
@@ -544,6 +619,7 @@ impl ReplicaReport {
                     errors: None,
                 })
                 .collect(),
+            scrub: None,
             note: Some(note),
         }
     }
@@ -586,6 +662,12 @@ impl ReplicaReport {
                 ]);
             }
             out.push_str(&t.render());
+            if let Some(s) = &self.scrub {
+                let now = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs() as i64);
+                out.push_str(&s.text(now));
+            }
         } else {
             if let Some(n) = &self.note {
                 let _ = writeln!(out, "volume {}: {n}", self.volume);
@@ -860,6 +942,28 @@ mod tests {
             ],
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn scrub_line_reads_the_schedule() {
+        let mut s = ScrubView {
+            interval_seconds: 7 * 86_400,
+            max_bytes_per_sec: 64 << 20,
+            next_unix: 1_000 + 3 * 86_400,
+            running: false,
+            runs: 1,
+            replicas_repaired: 1,
+            last_finished_unix: 1_000 - 90,
+        };
+        assert_eq!(
+            s.text(1_000),
+            "scrub: every 7d at 64.0 MiB/s per replica, next in 3d; last finished 90s ago; \
+             1 replica(s) repaired\n"
+        );
+        s.interval_seconds = 0;
+        s.running = true;
+        s.replicas_repaired = 0;
+        assert_eq!(s.text(1_000), "scrub: not scheduled; running now\n");
     }
 
     #[test]
