@@ -84,7 +84,7 @@ struct ControllerOpts {
     /// How often each attached volume is scrubbed: every replica reads its
     /// data back and checks it against its stored CRCs, and a replica found
     /// corrupt is resynced from a healthy one (e.g. 7d, 24h; off for never).
-    /// Counted from each replica's last scrub, across attachments.
+    /// Counted from each replica's last clean scrub, across attachments.
     #[arg(long, default_value = "7d", value_parser = check_interval)]
     scrub_interval: String,
     /// Read rate limit of a scheduled scrub, per replica, per second.

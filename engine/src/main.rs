@@ -51,7 +51,7 @@ struct ServeArgs {
     /// Scrub the volume on its own at this interval (e.g. 7d, 168h, 30m):
     /// every RW replica reads its data back and checks it against its
     /// stored CRCs, and a replica found corrupt is resynced from a healthy
-    /// one. Counted from each replica's last complete scrub, across engine
+    /// one. Counted from each replica's last clean scrub, across engine
     /// restarts. 0 or off: no scheduled scrubs.
     #[arg(long, default_value = "off", value_parser = zebu_proto::interval::parse)]
     scrub_interval: std::option::Option<Duration>,

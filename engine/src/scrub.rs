@@ -4,18 +4,20 @@
 //! does; safe, because the CRCs say which copy is bad).
 //!
 //! The schedule counts from the replicas, not from the engine's start: each
-//! replica records when its last complete scrub finished
-//! (`ReplicaInfo::last_scrub_unix`; a replica never scrubbed counts from its
-//! oldest layer's creation). A volume is due when its least recently
-//! scrubbed RW replica is, so a volume attached a few hours at a time is
-//! still scrubbed on schedule across engine restarts, and a manual scrub
-//! moves the next scheduled one back.
+//! replica records when its last complete scrub that found nothing corrupt
+//! finished (`ReplicaInfo::last_clean_scrub_unix`; a replica never scrubbed
+//! clean counts from its oldest layer's creation). A volume is due when its
+//! least recently scrubbed RW replica is, so a volume attached a few hours
+//! at a time is still scrubbed on schedule across engine restarts, a manual
+//! scrub moves the next scheduled one back, and a replica repaired after a
+//! scrub found rot is scrubbed again at once (its repair is checked).
 //!
 //! Invariant: one scrub of a volume runs at a time, manual or scheduled
 //! (`Volume::scrub` holds the volume's scrub lock).
 //! Invariant: a scheduled scrub that failed, or left corrupt blocks it could
-//! not repair, is not retried before [`RETRY_AFTER`] (or the interval, if
-//! shorter): a replica whose scrub keeps failing must not keep the disk busy.
+//! not repair, is retried after [`RETRY_AFTER`], then after twice as long
+//! each time it fails again, never waiting longer than the interval: a
+//! replica whose scrub keeps failing must not keep the disk busy.
 
 use std::sync::Weak;
 use std::time::Duration;
@@ -76,8 +78,8 @@ impl Record {
 /// When the replica described by `info` is next due: its last scrub (or,
 /// if it never had one, its oldest layer's creation) plus `interval`.
 pub fn replica_due(info: &pb::ReplicaInfo, interval: Duration) -> i64 {
-    let since = if info.last_scrub_unix > 0 {
-        info.last_scrub_unix
+    let since = if info.last_clean_scrub_unix > 0 {
+        info.last_clean_scrub_unix
     } else {
         info.chain.iter().map(|l| l.created_unix).min().unwrap_or(0)
     };
@@ -109,7 +111,7 @@ pub async fn run(volume: Weak<Volume>, policy: Policy) {
     let Some(interval) = policy.interval else {
         return;
     };
-    let retry = RETRY_AFTER.min(interval);
+    let mut retry = RETRY_AFTER.min(interval);
     let mut not_before = 0;
     loop {
         let due = {
@@ -145,6 +147,7 @@ pub async fn run(volume: Weak<Volume>, policy: Policy) {
         if unresolved.is_empty() {
             tracing::info!(checked, repaired, "scheduled scrub finished");
             not_before = 0;
+            retry = RETRY_AFTER.min(interval);
         } else {
             // Each replica's own failure was logged where it happened.
             tracing::warn!(
@@ -155,6 +158,7 @@ pub async fn run(volume: Weak<Volume>, policy: Policy) {
                 "scheduled scrub did not complete on every replica"
             );
             not_before = now_unix().saturating_add(retry.as_secs() as i64);
+            retry = retry.saturating_mul(2).min(interval);
         }
     }
 }
@@ -163,9 +167,9 @@ pub async fn run(volume: Weak<Volume>, policy: Policy) {
 mod tests {
     use super::*;
 
-    fn info(last_scrub_unix: i64, created: &[i64]) -> pb::ReplicaInfo {
+    fn info(last_clean_scrub_unix: i64, created: &[i64]) -> pb::ReplicaInfo {
         pb::ReplicaInfo {
-            last_scrub_unix,
+            last_clean_scrub_unix,
             chain: created
                 .iter()
                 .map(|&c| pb::LayerInfo {

@@ -261,7 +261,7 @@ fn scrub_finds_rot_in_cold_data_and_repair_resyncs_it() {
     assert_same("replica data", &all[..data.len()], &data);
 }
 
-/// Each replica's `last_scrub_unix`, read from the replica itself.
+/// Each replica's `last_clean_scrub_unix`, read from the replica itself.
 fn last_scrubs(addrs: &[String]) -> Vec<i64> {
     block_on(async {
         let mut out = Vec::new();
@@ -272,7 +272,7 @@ fn last_scrubs(addrs: &[String]) -> Vec<i64> {
                 .await
                 .unwrap_or_else(|e| panic!("info of {a}: {e}"))
                 .into_inner();
-            out.push(info.last_scrub_unix);
+            out.push(info.last_clean_scrub_unix);
         }
         out
     })

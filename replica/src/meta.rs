@@ -99,10 +99,10 @@ pub struct Meta {
     /// An engine opened the replica and has not closed it cleanly.
     #[serde(default)]
     pub attached: bool,
-    /// When the last scrub of every layer finished, seconds since the Unix
-    /// epoch; 0 if none has.
+    /// When the last scrub that read every block of every layer and found
+    /// none corrupt finished, seconds since the Unix epoch; 0 if none has.
     #[serde(default)]
-    pub last_scrub_unix: i64,
+    pub last_clean_scrub_unix: i64,
 }
 
 /// Current [`Meta::format`].
@@ -265,18 +265,18 @@ mod tests {
             syncing: false,
             merging: None,
             attached: false,
-            last_scrub_unix: 1_700_000_000,
+            last_clean_scrub_unix: 1_700_000_000,
         };
         store.save(&meta).unwrap();
         assert_eq!(store.load().unwrap().unwrap(), meta);
         // A record written before replicas recorded their scrubs: never scrubbed.
         let mut old = serde_json::to_value(&meta).unwrap();
-        old.as_object_mut().unwrap().remove("last_scrub_unix");
+        old.as_object_mut().unwrap().remove("last_clean_scrub_unix");
         store
             .db
             .insert(KEY, serde_json::to_vec(&old).unwrap())
             .unwrap();
-        assert_eq!(store.load().unwrap().unwrap().last_scrub_unix, 0);
+        assert_eq!(store.load().unwrap().unwrap().last_clean_scrub_unix, 0);
         store.db.insert(KEY, b"{not json".to_vec()).unwrap();
         let err = store.load().unwrap_err();
         assert!(matches!(err, MetaError::Corrupt { .. }), "{err}");

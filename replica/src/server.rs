@@ -452,7 +452,7 @@ pub fn info_of(s: &ReplicaStatus) -> pb::ReplicaInfo {
         syncing: s.syncing,
         extent_index_bytes: s.extent_index_bytes,
         attached: s.attached,
-        last_scrub_unix: s.last_scrub_unix,
+        last_clean_scrub_unix: s.last_clean_scrub_unix,
     }
 }
 

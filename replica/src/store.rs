@@ -337,8 +337,9 @@ pub struct ReplicaStatus {
     pub extent_index_bytes: u64,
     /// An engine opened the replica and has not closed it cleanly.
     pub attached: bool,
-    /// When the last complete scrub finished (Unix seconds), 0 if never.
-    pub last_scrub_unix: i64,
+    /// When the last complete scrub that found nothing corrupt finished
+    /// (Unix seconds), 0 if none has.
+    pub last_clean_scrub_unix: i64,
 }
 
 /// The replica's storage.
@@ -472,7 +473,7 @@ impl Store {
                     syncing: false,
                     merging: None,
                     attached: false,
-                    last_scrub_unix: 0,
+                    last_clean_scrub_unix: 0,
                 };
                 meta_store.save(&meta)?;
                 (
@@ -1555,9 +1556,10 @@ impl Store {
     ///
     /// With `max_bytes_per_sec` above 0 the scrub pauses between groups,
     /// outside every lock, so that it reads no faster than that on average;
-    /// 0 reads as fast as the disk allows. A scrub that reaches its end
-    /// records the time in the metadata ([`ReplicaStatus::last_scrub_unix`]),
-    /// which is what a scrub schedule counts from.
+    /// 0 reads as fast as the disk allows. A scrub that reaches its end and
+    /// finds nothing corrupt records the time in the metadata
+    /// ([`ReplicaStatus::last_clean_scrub_unix`]), which is what a scrub
+    /// schedule counts from: a replica left corrupt stays due.
     pub async fn scrub(&self, epoch: u64, max_bytes_per_sec: u64) -> Result<ScrubReport> {
         self.check_epoch(epoch)?;
         let started = Instant::now();
@@ -1637,8 +1639,11 @@ impl Store {
         // in memory right after the check, with no await between, so an
         // engine that opens the replica later sees it.
         self.check_epoch(epoch)?;
-        let finished = now_unix();
-        self.update_meta(|m| m.last_scrub_unix = finished).await?;
+        if report.corrupt_blocks == 0 {
+            let finished = now_unix();
+            self.update_meta(|m| m.last_clean_scrub_unix = finished)
+                .await?;
+        }
         Ok(report)
     }
 
@@ -1795,7 +1800,7 @@ impl Store {
                 .map(|e| e.layer.index().memory_bytes() as u64)
                 .sum(),
             attached: meta.attached,
-            last_scrub_unix: meta.last_scrub_unix,
+            last_clean_scrub_unix: meta.last_clean_scrub_unix,
         }
     }
 

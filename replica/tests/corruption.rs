@@ -334,7 +334,8 @@ fn a_scrub_during_writes_unmaps_and_merges_finds_nothing() {
 }
 
 /// A scrub with a rate limit pauses between its reads to keep to it; one
-/// that completes records when it finished, durably.
+/// that completes and finds nothing corrupt records when it finished,
+/// durably.
 #[test]
 fn a_paced_scrub_keeps_to_its_rate_and_records_when_it_finished() {
     runtime().block_on(async {
@@ -344,7 +345,18 @@ fn a_paced_scrub_keeps_to_its_rate_and_records_when_it_finished() {
             write(&store, b, block(3, b)).await;
         }
         store.flush(EPOCH).await.unwrap();
-        assert_eq!(store.status().await.last_scrub_unix, 0, "never scrubbed");
+        assert_eq!(
+            store.status().await.last_clean_scrub_unix,
+            0,
+            "never scrubbed"
+        );
+        // A scrub that finds rot is not a clean one: nothing recorded.
+        rot(&data_file_holding(dir.path(), 5, &block(3, 5)), 5);
+        let r = store.scrub(EPOCH, 0).await.unwrap();
+        assert_eq!(r.corrupt_blocks, 1, "{r:?}");
+        assert_eq!(store.status().await.last_clean_scrub_unix, 0, "still due");
+        write(&store, 5, block(3, 5)).await;
+        store.flush(EPOCH).await.unwrap();
 
         let before = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -359,14 +371,14 @@ fn a_paced_scrub_keeps_to_its_rate_and_records_when_it_finished() {
             took >= std::time::Duration::from_millis(490),
             "2 MiB scrubbed in {took:?} at a limit of 4 MiB/s"
         );
-        let last = store.status().await.last_scrub_unix;
+        let last = store.status().await.last_clean_scrub_unix;
         assert!(last >= before, "last scrub {last}, started at {before}");
 
         store.shutdown().await.unwrap();
         drop(store);
         let store = open(dir.path(), None).await;
         assert_eq!(
-            store.status().await.last_scrub_unix,
+            store.status().await.last_clean_scrub_unix,
             last,
             "kept over a restart"
         );
