@@ -1223,6 +1223,11 @@ impl Volume {
         f(&mut self.scrub_record.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
+    /// A scrub (scheduled or asked for) is running.
+    pub fn scrub_running(&self) -> bool {
+        self.with_scrub_record(|r| r.running)
+    }
+
     /// The scrub schedule the volume was started with.
     pub fn scrub_policy(&self) -> crate::scrub::Policy {
         self.scrub_policy

@@ -9,6 +9,7 @@ mod common;
 use common::*;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 use zebu_proto::replica as pb;
 
 /// The head layer's data file of a replica that has no snapshots.
@@ -378,6 +379,22 @@ fn a_scheduled_scrub_repairs_rot_on_its_own_and_counts_from_the_replicas() {
     // A rate too slow to finish is refused with a hint.
     let r = engine.ctl(&["scrub", "--rate", "10"]).expect_fail();
     assert!(r.stderr.contains("at least 1M"), "{}", r.stderr);
+    // One scrub at a time: a second is refused while the first (8 MiB per
+    // replica at 1 MiB/s: at least 8 s) runs, and says why.
+    let first = Bg::spawn(
+        Command::new(engine_bin())
+            .args(["ctl", "--engine", &engine.control])
+            .args(["scrub", "--rate", "1M"]),
+    );
+    engine.wait_status("a scrub running", |s| s["scrub"]["running"] == true);
+    let r = engine.ctl(&["scrub"]).expect_fail();
+    assert!(r.stderr.contains("already running"), "{}", r.stderr);
+    let done = first.wait(LONG).expect_ok();
+    assert!(
+        done.stdout.contains("\"corrupt_blocks\":0"),
+        "{}",
+        done.stdout
+    );
     engine.stop();
     let all = assert_replicas_identical(&addr_refs);
     assert_same("replica data", &all[..data.len()], &data);
