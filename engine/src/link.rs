@@ -142,7 +142,8 @@ impl Control {
             .await
     }
 
-    async fn call_within<T, F>(
+    /// [`Self::call`] bounded by `timeout` (at least the I/O timeout).
+    pub async fn call_within<T, F>(
         &self,
         timeout: Duration,
         what: &str,

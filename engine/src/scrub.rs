@@ -25,6 +25,7 @@ use std::time::Duration;
 use zebu_proto::engine as epb;
 use zebu_proto::replica as pb;
 
+use crate::link::LONG_CALL_TIMEOUT;
 use crate::volume::Volume;
 
 /// Earliest retry of a scheduled scrub that did not complete everywhere.
@@ -97,6 +98,20 @@ pub fn volume_due<'a>(
         .map(|i| replica_due(i, interval))
         .min()
         .map(|d| d.max(not_before))
+}
+
+/// How long a replica's scrub may take: the bound of every long call, plus,
+/// under a rate limit, the time to read what the replica stores at that
+/// rate (a week of it at 64 MiB/s is 37 TiB; a paced scrub of a large
+/// replica must not be cut off after an hour and start over).
+pub fn replica_deadline(stored_bytes: u64, max_bytes_per_sec: u64) -> Duration {
+    let paced = stored_bytes.checked_div(max_bytes_per_sec).unwrap_or(0);
+    LONG_CALL_TIMEOUT.saturating_add(Duration::from_secs(paced))
+}
+
+/// What a replica stores, over all its layers, from its info.
+pub fn stored_bytes(info: &pb::ReplicaInfo) -> u64 {
+    info.chain.iter().map(|l| l.allocated_bytes).sum()
 }
 
 /// Seconds since the Unix epoch.
@@ -187,6 +202,30 @@ mod tests {
         assert_eq!(replica_due(&info(1_000, &[10, 20]), day), 87_400);
         assert_eq!(replica_due(&info(0, &[500, 20]), day), 86_420);
         assert_eq!(replica_due(&info(0, &[]), day), 86_400);
+    }
+
+    #[test]
+    fn a_paced_scrub_gets_the_time_its_rate_needs() {
+        let hour = LONG_CALL_TIMEOUT;
+        assert_eq!(
+            replica_deadline(1 << 40, 0),
+            hour,
+            "no limit: the long-call bound"
+        );
+        // 1 TiB at 64 MiB/s: 16,384 s on top.
+        assert_eq!(
+            replica_deadline(1 << 40, 64 << 20),
+            hour + Duration::from_secs(16_384)
+        );
+        let mut i = info(0, &[]);
+        i.chain = [3u64, 5]
+            .iter()
+            .map(|&mib| pb::LayerInfo {
+                allocated_bytes: mib << 20,
+                ..Default::default()
+            })
+            .collect();
+        assert_eq!(stored_bytes(&i), 8 << 20);
     }
 
     #[test]

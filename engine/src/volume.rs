@@ -1265,8 +1265,16 @@ impl Volume {
         };
         let epoch = self.epoch;
         let scrubs = targets.iter().map(|(id, c)| async move {
+            // Without a rate limit the long-call bound alone applies. A
+            // replica that cannot say what it stores fails the scrub call too.
+            let stored = if max_bytes_per_sec == 0 {
+                0
+            } else {
+                c.info().await.map_or(0, |i| crate::scrub::stored_bytes(&i))
+            };
+            let deadline = crate::scrub::replica_deadline(stored, max_bytes_per_sec);
             let r = c
-                .call_long("scrubbing", |mut cl| async move {
+                .call_within(deadline, "scrubbing", |mut cl| async move {
                     cl.scrub(pb::ScrubRequest {
                         epoch,
                         max_bytes_per_sec,
