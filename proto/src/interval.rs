@@ -27,13 +27,15 @@ pub fn parse(s: &str) -> Result<Option<Duration>, String> {
     }
 }
 
-/// A span of seconds for people, roughly: `45s`, `12m`, `5h`, `7d`.
+/// A span of seconds for people, rounded to the nearest unit: `45s`,
+/// `12m`, `5h`, `7d` (so a week less a second still reads `7d`).
 pub fn span(secs: i64) -> String {
+    let round = |unit: i64| secs.saturating_add(unit / 2) / unit;
     match secs {
         s if s < 120 => format!("{s}s"),
-        s if s < 2 * 3_600 => format!("{}m", s / 60),
-        s if s < 2 * 86_400 => format!("{}h", s / 3_600),
-        s => format!("{}d", s / 86_400),
+        s if s < 2 * 3_600 => format!("{}m", round(60)),
+        s if s < 2 * 86_400 => format!("{}h", round(3_600)),
+        _ => format!("{}d", round(86_400)),
     }
 }
 
@@ -46,7 +48,9 @@ mod tests {
         assert_eq!(span(45), "45s");
         assert_eq!(span(720), "12m");
         assert_eq!(span(5 * 3_600 + 59), "5h");
+        assert_eq!(span(5 * 3_600 + 1_800), "6h");
         assert_eq!(span(7 * 86_400), "7d");
+        assert_eq!(span(7 * 86_400 - 1), "7d");
     }
     use std::time::Duration;
 
