@@ -25,6 +25,17 @@ pub enum MetaError {
         #[source]
         source: sled::Error,
     },
+    /// A file of the store could not be opened or synced.
+    #[error("{doing} of the metadata store at {path}: {source}")]
+    File {
+        /// What was being done.
+        doing: &'static str,
+        /// Where the store lives.
+        path: PathBuf,
+        /// What the system said.
+        #[source]
+        source: std::io::Error,
+    },
     /// Another process holds the store's lock.
     #[error(
         "metadata store at {path} is locked by another process (is another zebu-replica \
@@ -114,6 +125,13 @@ pub trait MetaStore: Send + Sync {
     fn load(&self) -> Result<Option<Meta>, MetaError>;
     /// Replaces the record; returns once it is durable.
     fn save(&self, meta: &Meta) -> Result<(), MetaError>;
+    /// Replaces the record and writes it to the file, without making the
+    /// disk persist it: a power loss before the next [`MetaStore::save`]
+    /// (or the filesystem's next journal commit) may bring back the
+    /// previous record. Only for updates whose loss is harmless, such as
+    /// the revision after a flush (a replica that looks older than it is
+    /// is resynced, never trusted beyond its data).
+    fn save_unsynced(&self, meta: &Meta) -> Result<(), MetaError>;
 }
 
 const KEY: &[u8] = b"replica";
@@ -121,6 +139,11 @@ const KEY: &[u8] = b"replica";
 /// [`MetaStore`] on sled.
 pub struct SledMeta {
     db: sled::Db,
+    /// sled's one data file (`<path>/db`), for fsync: sled's own flush
+    /// only starts and waits for the writes (`sync_file_range`), which
+    /// neither asks the disk to persist its cache nor commits a change of
+    /// the file's size.
+    file: std::fs::File,
     path: PathBuf,
 }
 
@@ -139,17 +162,18 @@ impl SledMeta {
     pub fn open(path: &Path) -> Result<Self, MetaError> {
         let deadline = Instant::now() + LOCK_WAIT;
         loop {
+            // No background flusher: `save` makes every record durable
+            // itself, and sled's flusher would otherwise fsync the database
+            // twice a second even when nothing changed. On ext4 every fsync
+            // sends the disk a cache flush, so each idle replica would keep
+            // stalling the node's other I/O.
             match sled::Config::new()
                 .path(path)
                 .cache_capacity(1 << 20)
+                .flush_every_ms(None)
                 .open()
             {
-                Ok(db) => {
-                    return Ok(SledMeta {
-                        db,
-                        path: path.to_owned(),
-                    });
-                }
+                Ok(db) => return Self::with_file(db, path),
                 Err(sled::Error::Io(e)) if is_lock_conflict(&e) => {
                     if Instant::now() >= deadline {
                         return Err(MetaError::Locked {
@@ -166,6 +190,43 @@ impl SledMeta {
                 }
             }
         }
+    }
+}
+
+impl SledMeta {
+    /// Opens sled's data file for fsync, and makes the store's directory
+    /// entries (created on first open) durable.
+    fn with_file(db: sled::Db, path: &Path) -> Result<Self, MetaError> {
+        let err = |doing| {
+            move |source| MetaError::File {
+                doing,
+                path: path.to_owned(),
+                source,
+            }
+        };
+        let file = std::fs::File::open(path.join("db")).map_err(err("opening the data file"))?;
+        std::fs::File::open(path)
+            .and_then(|dir| dir.sync_all())
+            .map_err(err("syncing the directory"))?;
+        Ok(SledMeta {
+            db,
+            file,
+            path: path.to_owned(),
+        })
+    }
+
+    fn write(&self, meta: &Meta) -> Result<(), MetaError> {
+        let raw = serde_json::to_vec(meta).map_err(|e| MetaError::Corrupt {
+            path: self.path.clone(),
+            reason: format!("cannot encode: {e}"),
+        })?;
+        let err = |source| MetaError::Store {
+            path: self.path.clone(),
+            source,
+        };
+        self.db.insert(KEY, raw).map_err(err)?;
+        self.db.flush().map_err(err)?;
+        Ok(())
     }
 }
 
@@ -204,17 +265,16 @@ impl MetaStore for SledMeta {
     }
 
     fn save(&self, meta: &Meta) -> Result<(), MetaError> {
-        let raw = serde_json::to_vec(meta).map_err(|e| MetaError::Corrupt {
-            path: self.path.clone(),
-            reason: format!("cannot encode: {e}"),
-        })?;
-        let err = |source| MetaError::Store {
+        self.write(meta)?;
+        self.file.sync_data().map_err(|source| MetaError::File {
+            doing: "syncing the data file",
             path: self.path.clone(),
             source,
-        };
-        self.db.insert(KEY, raw).map_err(err)?;
-        self.db.flush().map_err(err)?;
-        Ok(())
+        })
+    }
+
+    fn save_unsynced(&self, meta: &Meta) -> Result<(), MetaError> {
+        self.write(meta)
     }
 }
 
@@ -280,5 +340,57 @@ mod tests {
         store.db.insert(KEY, b"{not json".to_vec()).unwrap();
         let err = store.load().unwrap_err();
         assert!(matches!(err, MetaError::Corrupt { .. }), "{err}");
+    }
+
+    /// With sled's background flusher off, nothing cleans its log in the
+    /// background: a record rewritten over and over (the revision, at every
+    /// flush) must still not grow the store without bound.
+    #[test]
+    fn a_record_saved_many_times_keeps_the_store_small() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("meta");
+        let store = SledMeta::open(&path).unwrap();
+        let mut meta = Meta {
+            format: FORMAT,
+            id: "r1".into(),
+            size: 1 << 30,
+            block_size: 4096,
+            chain: (0..8)
+                .map(|id| LayerMeta {
+                    id,
+                    name: format!("snapshot-{id}"),
+                    user_created: true,
+                    created_unix: 1_700_000_000,
+                })
+                .collect(),
+            epoch: 1,
+            revision: 0,
+            clean: false,
+            ejected: vec![],
+            next_layer_id: 8,
+            syncing: false,
+            merging: None,
+            attached: true,
+            last_clean_scrub_unix: 0,
+        };
+        let record = serde_json::to_vec(&meta).unwrap().len();
+        assert!(record > 800, "{record}");
+        // Over 16 MiB written in all.
+        for revision in 1..=20_000 {
+            meta.revision = revision;
+            if revision % 1000 == 0 {
+                store.save(&meta).unwrap();
+            } else {
+                store.save_unsynced(&meta).unwrap();
+            }
+        }
+        let used = std::fs::metadata(path.join("db")).unwrap().len();
+        assert!(used < 6 << 20, "the store grew to {used} bytes");
+        // The last record, unsynced or not, is what a restart reads.
+        meta.revision += 1;
+        store.save_unsynced(&meta).unwrap();
+        drop(store);
+        let store = SledMeta::open(&path).unwrap();
+        assert_eq!(store.load().unwrap().unwrap(), meta);
     }
 }

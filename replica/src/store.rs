@@ -580,18 +580,30 @@ impl Store {
     /// Applies `f` to the metadata record and saves it durably (on a
     /// blocking thread: sled's flush is synchronous).
     async fn update_meta(&self, f: impl FnOnce(&mut Meta)) -> Result<()> {
+        self.update_meta_with(f, true).await
+    }
+
+    /// [`Store::update_meta`], or with `durable` false,
+    /// [`MetaStore::save_unsynced`].
+    async fn update_meta_with(&self, f: impl FnOnce(&mut Meta), durable: bool) -> Result<()> {
         let snapshot = {
             let mut m = self.meta();
             f(&mut m);
             m.clone()
         };
         let store = self.meta_store.clone();
-        tokio::task::spawn_blocking(move || store.save(&snapshot))
-            .await
-            .map_err(|e| StoreError::Io {
-                context: "saving metadata".into(),
-                source: io::Error::other(e.to_string()),
-            })??;
+        tokio::task::spawn_blocking(move || {
+            if durable {
+                store.save(&snapshot)
+            } else {
+                store.save_unsynced(&snapshot)
+            }
+        })
+        .await
+        .map_err(|e| StoreError::Io {
+            context: "saving metadata".into(),
+            source: io::Error::other(e.to_string()),
+        })??;
         Ok(())
     }
 
@@ -985,9 +997,14 @@ impl Store {
             d.drain().map(|(_, l)| l).collect()
         };
         self.sync_layers(&layers).await?;
+        // The revision only ranks replicas at crash recovery, and one
+        // recorded too low is harmless (the replica is resynced from a
+        // fresher one, which holds every flushed write too): so it is
+        // written without a second cache flush of the disk per FLUSH.
+        // The next durable save (at the latest, the clean close) carries it.
         let rev = self.revision.load(Ordering::Acquire);
         if rev > self.meta().revision {
-            self.update_meta(|m| m.revision = m.revision.max(rev))
+            self.update_meta_with(|m| m.revision = m.revision.max(rev), false)
                 .await?;
         }
         Ok(())

@@ -784,7 +784,13 @@ fn small_fs(dir: &Path) -> (PathBuf, LoopMount) {
     let mnt = dir.join("mnt");
     std::fs::create_dir(&mnt).unwrap();
     must_run(Command::new("truncate").args(["-s", "24M"]).arg(&img));
-    must_run(Command::new("mkfs.ext4").args(["-q", "-F"]).arg(&img));
+    // Inode tables and journal written now, not by a background thread
+    // after mounting, so the filesystem does no I/O of its own once mounted.
+    must_run(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"])
+            .arg(&img),
+    );
     must_run(
         Command::new("mount")
             .args(["-o", "loop"])
@@ -934,6 +940,59 @@ async fn full_disk_returns_no_space_and_keeps_serving() {
     assert_eq!(status(&resp), pb::IoStatus::IoOk);
     assert_eq!(&resp.payload[..], &first[..]);
     c.info(pb::InfoRequest {}).await.unwrap();
+}
+
+/// Cache flushes the block device under `mnt` has completed (the 16th field
+/// of its `stat`).
+fn disk_flushes(mnt: &Path) -> u64 {
+    let out = Command::new("findmnt")
+        .args(["-n", "-o", "SOURCE"])
+        .arg(mnt)
+        .output()
+        .expect("run findmnt");
+    let dev = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let name = Path::new(&dev).file_name().expect("a device path");
+    let stat = std::fs::read_to_string(Path::new("/sys/block").join(name).join("stat"))
+        .unwrap_or_else(|e| panic!("reading the stat of {dev}: {e}"));
+    let field = stat.split_whitespace().nth(15).expect("a flush count");
+    field.parse().unwrap()
+}
+
+/// A replica that has nothing to do sends its disk no cache flushes. Each
+/// one makes the disk write back its whole cache and stalls every other
+/// request meanwhile (a flush of a virtual disk can take a host fsync, many
+/// milliseconds), so a node with many idle replicas would slow down the
+/// busy ones. sled's own flusher used to do just that, twice a second per
+/// replica; the metadata is flushed when it is written instead.
+#[tokio::test]
+async fn an_idle_replica_sends_its_disk_no_cache_flushes() {
+    let tmp = tempdir();
+    let (mnt, _mount) = small_fs(tmp.path());
+    let r = Replica::start(&mnt.join("r"), Some("16M"), "uring");
+    let mut c = r.client().await;
+    c.open(pb::OpenRequest { epoch: 1 }).await.unwrap();
+    let mut io = Io::open(&mut c, 1).await;
+    let resp = io.one(write_req(0, pattern(3, BS as usize))).await;
+    assert_eq!(status(&resp), pb::IoStatus::IoOk, "{}", resp.message);
+    // The count sees this replica's flushes: a FLUSH request sends one.
+    let before = disk_flushes(&mnt);
+    assert_eq!(status(&io.one(flush_req()).await), pb::IoStatus::IoOk);
+    assert!(disk_flushes(&mnt) > before, "a FLUSH reached the disk");
+    // Commit whatever the filesystem still holds (timestamps), so that
+    // nothing but the replica could flush from here on.
+    must_run(Command::new("sync").arg("-f").arg(&mnt));
+    let idle_from = disk_flushes(&mnt);
+    // Attached, with its data stream open, and idle for 3 s: sled's old
+    // flusher would have flushed 6 times.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    let flushed = disk_flushes(&mnt) - idle_from;
+    assert_eq!(
+        flushed, 0,
+        "an idle replica sent its disk {flushed} cache flushes in 3 s"
+    );
+    // And it still serves.
+    let resp = io.one(read_req(0, BS)).await;
+    assert_eq!(&resp.payload[..], &pattern(3, BS as usize)[..]);
 }
 
 /// A block that rotted on the source's disk is never copied: reading the
