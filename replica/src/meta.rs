@@ -191,9 +191,7 @@ impl SledMeta {
             }
         }
     }
-}
 
-impl SledMeta {
     /// Opens sled's data file for fsync, and makes the store's directory
     /// entries (created on first open) durable.
     fn with_file(db: sled::Db, path: &Path) -> Result<Self, MetaError> {
@@ -266,7 +264,12 @@ impl MetaStore for SledMeta {
 
     fn save(&self, meta: &Meta) -> Result<(), MetaError> {
         self.write(meta)?;
-        self.file.sync_data().map_err(|source| MetaError::File {
+        // fsync, not fdatasync: the record may name a layer whose files were
+        // just created, and a full fsync commits the filesystem's running
+        // journal transaction (sled's write changed the file's times), which
+        // on ext4 and XFS also holds those files' creation. This is what
+        // sled's own flusher did.
+        self.file.sync_all().map_err(|source| MetaError::File {
             doing: "syncing the data file",
             path: self.path.clone(),
             source,
