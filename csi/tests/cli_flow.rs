@@ -379,3 +379,131 @@ fn the_cli_drives_the_whole_volume_life() {
         mounts_under(&root)
     );
 }
+
+/// Runs `cmd` and requires success.
+fn must_run(cmd: &mut Command) {
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Cache flushes the block device mounted at `mnt` has completed (the 16th
+/// field of its `stat`).
+fn disk_flushes(mnt: &Path) -> u64 {
+    let out = Command::new("findmnt")
+        .args(["-n", "-o", "SOURCE"])
+        .arg(mnt)
+        .output()
+        .expect("run findmnt");
+    let dev = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let name = Path::new(&dev).file_name().expect("a device path");
+    let stat = std::fs::read_to_string(Path::new("/sys/block").join(name).join("stat"))
+        .unwrap_or_else(|e| panic!("reading the stat of {dev}: {e}"));
+    let field = stat.split_whitespace().nth(15).expect("a flush count");
+    field.parse().unwrap()
+}
+
+/// A node serving an attached volume that nobody uses asks the disk holding
+/// its replicas for no cache flush. A flush makes the disk write back its
+/// whole cache and holds up every other request meanwhile, so a node with
+/// idle volumes would slow down the busy ones: sled's background flusher
+/// used to do that twice a second in every replica. Here the replicas'
+/// disks are a filesystem of their own (on a loop device, whose flushes are
+/// counted) and the volume is attached as a block device (no filesystem of
+/// its own that would write in the background).
+#[test]
+fn an_idle_attached_volume_sends_its_disk_no_cache_flushes() {
+    let _serial = serial();
+    require_node_tools();
+    require_data_path_bins();
+    let tmp = tempdir();
+    let root = tmp.path().to_owned();
+    let _scrub = Scrub(root.clone());
+    let disk = root.join("disk");
+    std::fs::create_dir(&disk).expect("mkdir");
+    let img = root.join("disk.img");
+    must_run(Command::new("truncate").args(["-s", "256M"]).arg(&img));
+    must_run(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"])
+            .arg(&img),
+    );
+    must_run(
+        Command::new("mount")
+            .args(["-o", "loop"])
+            .arg(&img)
+            .arg(&disk),
+    );
+    let disks: Vec<String> = (0..3)
+        .map(|i| disk.join(format!("d{i}")).display().to_string())
+        .flat_map(|d| ["--disk".to_owned(), d])
+        .collect();
+    let disks: Vec<&str> = disks.iter().map(String::as_str).collect();
+    let driver = Driver::standalone(&root, "idle-node", 0, &disks);
+    let cli_state = root.join("cli");
+    let z = Zebu {
+        endpoint: driver.endpoint.clone(),
+        state: &cli_state,
+    };
+    let v = z.ok(&[
+        "volume",
+        "create",
+        "idle",
+        "--size",
+        "64M",
+        "--replicas",
+        "3",
+    ]);
+    let dev = root.join("dev");
+    z.ok(&[
+        "volume",
+        "attach",
+        &v,
+        "--block",
+        &dev.display().to_string(),
+    ]);
+
+    // The count sees the volume's flushes: a synced write through the block
+    // device reaches every replica's disk as a flush.
+    let before = disk_flushes(&disk);
+    let out = Command::new("dd")
+        .args([
+            "if=/dev/urandom",
+            "bs=1M",
+            "count=4",
+            "oflag=direct",
+            "conv=fsync",
+        ])
+        .arg(format!("of={}", dev.display()))
+        .output()
+        .expect("run dd");
+    assert!(
+        out.status.success(),
+        "dd: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        disk_flushes(&disk) > before,
+        "a synced write flushed the disk"
+    );
+    // Commit whatever the filesystem still holds, so that only Zebu's
+    // processes could flush from here on.
+    must_run(Command::new("sync").arg("-f").arg(&disk));
+    let idle_from = disk_flushes(&disk);
+    // Engine, bridge, agent and 3 replicas idle for 11 s: sled's old
+    // flusher alone would have flushed 66 times.
+    std::thread::sleep(std::time::Duration::from_secs(11));
+    let flushed = disk_flushes(&disk) - idle_from;
+    assert_eq!(
+        flushed, 0,
+        "an idle node sent its disk {flushed} cache flushes in 11 s"
+    );
+
+    z.ok(&["volume", "detach", &v]);
+    z.ok(&["volume", "delete", &v]);
+}
