@@ -1150,6 +1150,8 @@ impl<D: BlockDevice> SocketServer<D> {
 
 #[tokio::test]
 async fn shutdown_lets_in_flight_requests_finish_then_closes() {
+    // It checks at the end that the closed listener refuses connections.
+    let _no_forks = FORKS.write().await;
     let (device, mut started) = GatedDevice::new(8192, u64::MAX);
     device.inner.fill(0, 16, 0x33).unwrap();
     let server = SocketServer::start(device).await;
@@ -1193,8 +1195,8 @@ async fn shutdown_closes_idle_and_handshaking_connections() {
     assert_eof(&mut handshaking).await;
 }
 
-/// Held (shared) by tests while they start a process, and exclusively by a
-/// test that needs every socket it closes to be closed at once: a process
+/// Held (shared) by tests while they start a process, and exclusively by the
+/// tests that need every socket they close to be closed at once: a process
 /// forked by another test holds copies of this process's descriptors until
 /// it executes its program, which would keep a dropped listener accepting.
 static FORKS: tokio::sync::RwLock<()> = tokio::sync::RwLock::const_new(());
