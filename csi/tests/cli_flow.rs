@@ -471,21 +471,16 @@ fn an_idle_attached_volume_sends_its_disk_no_cache_flushes() {
     // The count sees the volume's flushes: a synced write through the block
     // device reaches every replica's disk as a flush.
     let before = disk_flushes(&disk);
-    let out = Command::new("dd")
-        .args([
-            "if=/dev/urandom",
-            "bs=1M",
-            "count=4",
-            "oflag=direct",
-            "conv=fsync",
-        ])
-        .arg(format!("of={}", dev.display()))
-        .output()
-        .expect("run dd");
-    assert!(
-        out.status.success(),
-        "dd: {}",
-        String::from_utf8_lossy(&out.stderr)
+    must_run(
+        Command::new("dd")
+            .args([
+                "if=/dev/urandom",
+                "bs=1M",
+                "count=4",
+                "oflag=direct",
+                "conv=fsync",
+            ])
+            .arg(format!("of={}", dev.display())),
     );
     assert!(
         disk_flushes(&disk) > before,

@@ -131,13 +131,12 @@ impl Engine for EngineService {
         zebu_proto::size::check_rate(r.max_bytes_per_sec).map_err(Status::invalid_argument)?;
         // One scrub at a time: say so rather than wait, maybe for hours,
         // behind a scheduled one.
-        if self.volume.scrub_running() {
+        let Some(replicas) = self.volume.try_scrub(r.repair, r.max_bytes_per_sec).await else {
             return Err(Status::failed_precondition(
                 "a scrub of this volume is already running (scheduled, or asked for by another \
                  client); `ctl status` shows when it has finished; try again then",
             ));
-        }
-        let replicas = self.volume.scrub(r.repair, r.max_bytes_per_sec).await;
+        };
         Ok(Response::new(epb::ScrubResponse { replicas }))
     }
 }

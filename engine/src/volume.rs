@@ -1203,9 +1203,29 @@ impl Volume {
     /// that differ. A replica that cannot be repaired (the last RW one, or
     /// a rebuild that fails) says why in its report. Each replica reads no
     /// faster than `max_bytes_per_sec` (0: no limit). Scrubs run one at a
-    /// time; a second waits for the first.
+    /// time; a second waits for the first (see [`Volume::try_scrub`]).
     pub async fn scrub(&self, repair: bool, max_bytes_per_sec: u64) -> Vec<epb::ReplicaScrub> {
-        let _one = self.scrub_lock.lock().await;
+        let one = self.scrub_lock.lock().await;
+        self.scrub_holding(one, repair, max_bytes_per_sec).await
+    }
+
+    /// [`Volume::scrub`], or `None` at once if a scrub is already running.
+    pub async fn try_scrub(
+        &self,
+        repair: bool,
+        max_bytes_per_sec: u64,
+    ) -> Option<Vec<epb::ReplicaScrub>> {
+        let one = self.scrub_lock.try_lock().ok()?;
+        Some(self.scrub_holding(one, repair, max_bytes_per_sec).await)
+    }
+
+    /// A scrub, holding the scrub lock.
+    async fn scrub_holding(
+        &self,
+        _one: tokio::sync::MutexGuard<'_, ()>,
+        repair: bool,
+        max_bytes_per_sec: u64,
+    ) -> Vec<epb::ReplicaScrub> {
         self.with_scrub_record(|r| r.running = true);
         // Also when the caller goes away mid-scrub (this future dropped).
         let _running = Cleanup(|| self.with_scrub_record(|r| r.running = false));
@@ -1221,11 +1241,6 @@ impl Volume {
 
     fn with_scrub_record<T>(&self, f: impl FnOnce(&mut crate::scrub::Record) -> T) -> T {
         f(&mut self.scrub_record.lock().unwrap_or_else(|p| p.into_inner()))
-    }
-
-    /// A scrub (scheduled or asked for) is running.
-    pub fn scrub_running(&self) -> bool {
-        self.with_scrub_record(|r| r.running)
     }
 
     /// The scrub schedule the volume was started with.

@@ -76,11 +76,11 @@ impl SledStore {
             }
         };
         let file = std::fs::File::open(path.join("db"))
-            .map_err(|e| file_error(&location, "opening the data file", e))?;
+            .map_err(|e| backend(&location, "opening the data file", e))?;
         // The files sled created on a first open must stay found.
         std::fs::File::open(path)
             .and_then(|dir| dir.sync_all())
-            .map_err(|e| file_error(&location, "syncing the directory", e))?;
+            .map_err(|e| backend(&location, "syncing the directory", e))?;
         Self::from_db(db, Some(file), location)
     }
 
@@ -127,7 +127,7 @@ impl SledStore {
         self.db.flush().map_err(|e| self.err("flush", e))?;
         if let Some(file) = &self.file {
             file.sync_data()
-                .map_err(|e| file_error(&self.location, "syncing the data file", e))?;
+                .map_err(|e| backend(&self.location, "syncing the data file", e))?;
         }
         Ok(())
     }
@@ -233,11 +233,7 @@ impl SledStore {
     }
 }
 
-fn backend(location: &str, op: &str, e: sled::Error) -> StoreError {
-    StoreError::Backend(format!("sled database at {location}: {op}: {e}"))
-}
-
-fn file_error(location: &str, op: &str, e: std::io::Error) -> StoreError {
+fn backend(location: &str, op: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(format!("sled database at {location}: {op}: {e}"))
 }
 
