@@ -125,6 +125,14 @@ echo "== $system: prefilling $size with sequential 1 MiB writes" >&2
 fio --name=prefill --ioengine=nbd --uri="$uri" --rw=write --bs=1M --iodepth=8 \
   --size="$size" >"$work/prefill.log" 2>&1 || die "the prefill failed: $(tail -5 "$work/prefill.log")"
 
+check_alive() { # dies, with the logs' last lines, when a process of the system has exited
+  local p
+  for p in "${pids[@]}"; do
+    kill -0 "$p" 2>/dev/null && [[ $(sed 's/.*) //' "/proc/$p/stat" | cut -d' ' -f1) != Z ]] && continue
+    tail -n 5 "$work"/*.err >&2 2>/dev/null || true
+    die "a process of $system (pid $p) exited during the scan"
+  done
+}
 ticks() { # summed utime + stime of the system's processes
   local p t=0
   for p in "${pids[@]}"; do
@@ -141,11 +149,13 @@ results=$work/runs.tsv
 IFS=, read -ra qds <<<"$depths"
 for ((r = 1; r <= runs; r++)); do
   for qd in "${qds[@]}"; do
+    check_alive
     sync -f "$work"
     t0=$(ticks) c0=$(cpu_line) d0=$(disk_line) s0=$(date +%s%N)
     fio --name=scan --ioengine=nbd --uri="$uri" --rw=randwrite --bs=4k --iodepth="$qd" \
       --size="$size" --time_based --runtime="$seconds" --output-format=json \
       >"$work/fio.json" 2>"$work/fio.err" || die "fio failed at depth $qd: $(tail -5 "$work/fio.err")"
+    check_alive
     t1=$(ticks) c1=$(cpu_line) d1=$(disk_line) s1=$(date +%s%N)
     line=$(python3 - "$work/fio.json" "$qd" "$r" "$((t1 - t0))" "$(getconf CLK_TCK)" \
       "$c0" "$c1" "$d0" "$d1" "$(((s1 - s0) / 1000000))" <<'PY'
