@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# Where 4 KiB random writes spend their time as the queue depth grows: one
-# system, fio's 4 KiB random writes at several depths, and beside each run
+# Where 4 KiB random writes spend their time as the queue depth grows: fio's
+# 4 KiB random writes at several depths on each system, and beside each run
 # what the machine and the disk did meanwhile.
 #
-#   benches/depth_scan.sh [--system zebu-3] [--depths 16,32,64,128] [--runs 3]
-#                         [--seconds 5] [--size 1G] [--bin-dir DIR | --debug] [--smoke]
+#   benches/depth_scan.sh [--systems zebu-3,nbdkit-file] [--depths 16,32,64,128]
+#                         [--runs 3] [--seconds 5] [--size 1G]
+#                         [--bin-dir DIR | --debug] [--smoke]
 #
-# --system is nbdkit-file (`nbdkit file`, one copy through the page cache) or
-# zebu-N (an engine and N replicas, N = 1..3), started once on files under
-# $DEPTH_SCAN_TMP (default /var/tmp) and prefilled once with sequential 1 MiB
-# writes. Then each round runs every depth once (`sync -f` first). Per run:
+# A system is nbdkit-file (`nbdkit file`, one copy through the page cache) or
+# zebu-N (an engine and N replicas, N = 1..3). Each is started once on files
+# under $DEPTH_SCAN_TMP (default /var/tmp) and prefilled once with sequential
+# 1 MiB writes. Then each round runs every depth on every system, one run at
+# a time (`sync -f` before each; the order of the systems rotates from round
+# to round, so the machine's noise hits them alike). Per run:
 #   IOPS and p50 latency (fio's nbd engine on a Unix socket);
 #   CPU µs per write: utime + stime of the system's processes over the run,
 #     divided by the writes fio completed;
@@ -17,7 +20,9 @@
 #   disk: writes it completed per write fio completed, their mean latency
 #     (ms) and the mean queue (requests in flight, over the run's wall time)
 #     of the block device holding the files, from /proc/diskstats.
-# The medians over the rounds are printed as a Markdown table at the end.
+# Printed at the end, as Markdown: the medians over the rounds, and, when
+# nbdkit-file is among the systems, each Zebu system's IOPS over
+# nbdkit-file's, taken round by round (median [min-max]).
 # Building: release binaries (cargo build --release) unless --bin-dir or
 # --debug. --smoke (what CI runs): depths 1,4, 1 run of 1 s, 64M.
 set -euo pipefail
@@ -25,10 +30,10 @@ set -euo pipefail
 die() { echo "depth_scan: $*" >&2; exit 1; }
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-0}"; }
 
-system=zebu-3 depths=16,32,64,128 runs=3 seconds=5 size=1G bin_dir="" debug=0 smoke=0
+systems_arg=zebu-3,nbdkit-file depths=16,32,64,128 runs=3 seconds=5 size=1G bin_dir="" debug=0 smoke=0
 while (($#)); do
   case $1 in
-    --system) [[ $# -ge 2 ]] || die "--system needs a value"; system=$2; shift ;;
+    --systems) [[ $# -ge 2 ]] || die "--systems needs a value"; systems_arg=$2; shift ;;
     --depths) [[ $# -ge 2 ]] || die "--depths needs a value"; depths=$2; shift ;;
     --runs) [[ $# -ge 2 ]] || die "--runs needs a value"; runs=$2; shift ;;
     --seconds) [[ $# -ge 2 ]] || die "--seconds needs a value"; seconds=$2; shift ;;
@@ -47,19 +52,27 @@ done
 [[ $seconds =~ ^[1-9][0-9]*$ ]] || die "--seconds must be a positive integer (got '$seconds')"
 [[ $depths =~ ^[1-9][0-9]*(,[1-9][0-9]*)*$ ]] || die "--depths must be a comma-separated list of positive integers (got '$depths')"
 [[ $size =~ ^[1-9][0-9]*[MG]$ ]] || die "--size must be a number of MiB or GiB, like 512M or 2G (got '$size')"
-case $system in
-  nbdkit-file) nrep=0 ;;
-  zebu-[123]) nrep=${system#zebu-} ;;
-  *) die "--system must be nbdkit-file, zebu-1, zebu-2 or zebu-3 (got '$system')" ;;
-esac
+IFS=, read -ra systems <<<"$systems_arg"
+((${#systems[@]})) || die "--systems needs at least one system"
+zebu=0
+declare -A seen=()
+for s in "${systems[@]}"; do
+  case $s in
+    nbdkit-file) ;;
+    zebu-[123]) zebu=1 ;;
+    *) die "unknown system '$s': use nbdkit-file, zebu-1, zebu-2 or zebu-3" ;;
+  esac
+  [[ -z ${seen[$s]:-} ]] || die "system '$s' is listed twice"
+  seen[$s]=1
+done
 
 command -v fio >/dev/null || die "fio is missing (apt-get install fio)"
 fio --enghelp=nbd >/dev/null 2>&1 || die "this fio has no nbd engine (fio >= 3.33 needed)"
 command -v python3 >/dev/null || die "python3 is missing"
-((nrep)) || command -v nbdkit >/dev/null || die "nbdkit is missing (apt-get install nbdkit)"
+[[ -z ${seen[nbdkit-file]:-} ]] || command -v nbdkit >/dev/null || die "nbdkit is missing (apt-get install nbdkit)"
 
 root=$(cd "$(dirname "$0")/.." && pwd)
-if ((nrep)) && [[ -z $bin_dir ]]; then
+if ((zebu)) && [[ -z $bin_dir ]]; then
   profile=release build=(cargo build --release -p zebu-replica -p zebu-engine)
   ((debug)) && profile=debug build=(cargo build -p zebu-replica -p zebu-engine)
   echo "== building ($profile): ${build[*]}" >&2
@@ -67,17 +80,18 @@ if ((nrep)) && [[ -z $bin_dir ]]; then
   bin_dir=$(cd "$root" && cargo metadata --format-version 1 --no-deps |
     python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/$profile
 fi
-if ((nrep)); then
+if ((zebu)); then
   for b in zebu-replica zebu-engine; do [[ -x $bin_dir/$b ]] || die "no executable $bin_dir/$b"; done
 fi
 
 base=${DEPTH_SCAN_TMP:-/var/tmp}
 work=$(mktemp -d "$base/zebu-depth-scan.XXXXXX")
-pids=()
+all_pids=()
+declare -A pids_of=() uri_of=()
 cleanup() {
   local p
-  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  for p in "${all_pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${all_pids[@]}"; do wait "$p" 2>/dev/null || true; done
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -87,6 +101,10 @@ dev=$(df --output=source "$work" | tail -1)
 dev=${dev#/dev/}
 grep -q " $dev " /proc/diskstats || dev=""
 
+started() { # system pid: records a process of the system
+  all_pids+=("$2")
+  pids_of[$1]="${pids_of[$1]:-} $2"
+}
 wait_for() { # pid file regex what
   local i
   for ((i = 0; i < 1200; i++)); do
@@ -97,45 +115,51 @@ wait_for() { # pid file regex what
   die "$4 did not start: $(tail -5 "$2" "${2%.out}.err" 2>/dev/null)"
 }
 
-if ((nrep)); then
-  addrs=()
-  for ((i = 1; i <= nrep; i++)); do
-    "$bin_dir/zebu-replica" --dir "$work/r$i" --listen 127.0.0.1:0 --size "$size" \
-      >"$work/r$i.out" 2>"$work/r$i.err" &
-    pids+=($!)
-    wait_for $! "$work/r$i.out" ' on [0-9.]+:[0-9]+ ' "replica $i"
-    addrs+=(--replica "$(sed -n 's/^zebu-replica serving .* on \([0-9.]*:[0-9]*\) .*/\1/p' "$work/r$i.out" | head -1)")
-  done
-  "$bin_dir/zebu-engine" --volume scan --size "$size" "${addrs[@]}" \
-    --nbd "unix:$work/nbd.sock" --listen 127.0.0.1:0 >"$work/e.out" 2>"$work/e.err" &
-  pids+=($!)
-  wait_for $! "$work/e.out" '^zebu-engine volume scan ready' "the engine"
-  uri="nbd+unix:///scan?socket=$work/nbd.sock"
-else
-  fallocate -l "$size" "$work/nbdkit.img"
-  nbdkit file "$work/nbdkit.img" --unix "$work/nbdkit.sock" --foreground \
-    >"$work/nbdkit.out" 2>"$work/nbdkit.err" &
-  pids+=($!)
-  for ((i = 0; i < 300; i++)); do [[ -S $work/nbdkit.sock ]] && break; sleep 0.1; done
-  [[ -S $work/nbdkit.sock ]] || die "nbdkit did not start: $(tail -5 "$work/nbdkit.err")"
-  uri="nbd+unix:///?socket=$work/nbdkit.sock"
-fi
+start_system() { # system
+  local s=$1 d=$work/$1 i addrs=()
+  mkdir -p "$d"
+  case $s in
+    zebu-*)
+      for ((i = 1; i <= ${s#zebu-}; i++)); do
+        "$bin_dir/zebu-replica" --dir "$d/r$i" --listen 127.0.0.1:0 --size "$size" \
+          >"$d/r$i.out" 2>"$d/r$i.err" &
+        started "$s" $!
+        wait_for $! "$d/r$i.out" ' on [0-9.]+:[0-9]+ ' "$s's replica $i"
+        addrs+=(--replica "$(sed -n 's/^zebu-replica serving .* on \([0-9.]*:[0-9]*\) .*/\1/p' "$d/r$i.out" | head -1)")
+      done
+      "$bin_dir/zebu-engine" --volume scan --size "$size" "${addrs[@]}" \
+        --nbd "unix:$d/nbd.sock" --listen 127.0.0.1:0 >"$d/e.out" 2>"$d/e.err" &
+      started "$s" $!
+      wait_for $! "$d/e.out" '^zebu-engine volume scan ready' "$s's engine"
+      uri_of[$s]="nbd+unix:///scan?socket=$d/nbd.sock"
+      ;;
+    nbdkit-file)
+      fallocate -l "$size" "$d/nbdkit.img"
+      nbdkit file "$d/nbdkit.img" --unix "$d/nbdkit.sock" --foreground \
+        >"$d/nbdkit.out" 2>"$d/nbdkit.err" &
+      started "$s" $!
+      for ((i = 0; i < 300; i++)); do [[ -S $d/nbdkit.sock ]] && break; sleep 0.1; done
+      [[ -S $d/nbdkit.sock ]] || die "nbdkit did not start: $(tail -5 "$d/nbdkit.err")"
+      uri_of[$s]="nbd+unix:///?socket=$d/nbdkit.sock"
+      ;;
+  esac
+  echo "== $s: prefilling $size with sequential 1 MiB writes" >&2
+  fio --name=prefill --ioengine=nbd --uri="${uri_of[$s]}" --rw=write --bs=1M --iodepth=8 \
+    --size="$size" >"$d/prefill.log" 2>&1 || die "$s's prefill failed: $(tail -5 "$d/prefill.log")"
+}
+for s in "${systems[@]}"; do start_system "$s"; done
 
-echo "== $system: prefilling $size with sequential 1 MiB writes" >&2
-fio --name=prefill --ioengine=nbd --uri="$uri" --rw=write --bs=1M --iodepth=8 \
-  --size="$size" >"$work/prefill.log" 2>&1 || die "the prefill failed: $(tail -5 "$work/prefill.log")"
-
-check_alive() { # dies, with the logs' last lines, when a process of the system has exited
+check_alive() { # system: dies, with the logs' last lines, when one of its processes has exited
   local p
-  for p in "${pids[@]}"; do
+  for p in ${pids_of[$1]}; do
     kill -0 "$p" 2>/dev/null && [[ $(sed 's/.*) //' "/proc/$p/stat" | cut -d' ' -f1) != Z ]] && continue
-    tail -n 5 "$work"/*.err >&2 2>/dev/null || true
-    die "a process of $system (pid $p) exited during the scan"
+    tail -n 5 "$work/$1"/*.err >&2 2>/dev/null || true
+    die "a process of $1 (pid $p) exited during the scan"
   done
 }
-ticks() { # summed utime + stime of the system's processes
+ticks() { # system: summed utime + stime of its processes
   local p t=0
-  for p in "${pids[@]}"; do
+  for p in ${pids_of[$1]}; do
     t=$((t + $(sed 's/.*) //' "/proc/$p/stat" | awk '{print $12 + $13}')))
   done
   echo "$t"
@@ -147,29 +171,32 @@ disk_line() { # writes, write ms, weighted ms in queue
 
 results=$work/runs.tsv
 IFS=, read -ra qds <<<"$depths"
+nsys=${#systems[@]}
 for ((r = 1; r <= runs; r++)); do
   for qd in "${qds[@]}"; do
-    check_alive
-    sync -f "$work"
-    t0=$(ticks) c0=$(cpu_line) d0=$(disk_line) s0=$(date +%s%N)
-    fio --name=scan --ioengine=nbd --uri="$uri" --rw=randwrite --bs=4k --iodepth="$qd" \
-      --size="$size" --time_based --runtime="$seconds" --output-format=json \
-      >"$work/fio.json" 2>"$work/fio.err" || die "fio failed at depth $qd: $(tail -5 "$work/fio.err")"
-    check_alive
-    t1=$(ticks) c1=$(cpu_line) d1=$(disk_line) s1=$(date +%s%N)
-    line=$(python3 - "$work/fio.json" "$qd" "$r" "$((t1 - t0))" "$(getconf CLK_TCK)" \
-      "$c0" "$c1" "$d0" "$d1" "$(((s1 - s0) / 1000000))" <<'PY'
+    for ((k = 0; k < nsys; k++)); do
+      s=${systems[$(((k + r - 1) % nsys))]} # rotate the order each round
+      check_alive "$s"
+      sync -f "$work"
+      t0=$(ticks "$s") c0=$(cpu_line) d0=$(disk_line) s0=$(date +%s%N)
+      fio --name=scan --ioengine=nbd --uri="${uri_of[$s]}" --rw=randwrite --bs=4k --iodepth="$qd" \
+        --size="$size" --time_based --runtime="$seconds" --output-format=json \
+        >"$work/fio.json" 2>"$work/fio.err" || die "fio failed on $s at depth $qd: $(tail -5 "$work/fio.err")"
+      check_alive "$s"
+      t1=$(ticks "$s") c1=$(cpu_line) d1=$(disk_line) s1=$(date +%s%N)
+      line=$(python3 - "$work/fio.json" "$s" "$qd" "$r" "$((t1 - t0))" "$(getconf CLK_TCK)" \
+        "$c0" "$c1" "$d0" "$d1" "$(((s1 - s0) / 1000000))" <<'PY'
 import json, sys
-f, qd, r, dticks, hz, c0, c1, d0, d1, ms = sys.argv[1:]
+f, system, qd, r, dticks, hz, c0, c1, d0, d1, ms = sys.argv[1:]
 text = open(f).read()
 w = json.loads(text[text.index("{"):])["jobs"][0]["write"]
 ios = w["total_ios"]
 if ios == 0:
-    sys.exit(f"depth_scan: fio completed no write at depth {qd}")
+    sys.exit(f"depth_scan: fio completed no write on {system} at depth {qd}")
 cpu_us = int(dticks) * 1e6 / int(hz) / ios
 (ct0, ci0), (ct1, ci1) = map(int, c0.split()), map(int, c1.split())
 idle = 100 * (ci1 - ci0) / max(ct1 - ct0, 1)
-cells = [qd, r, f"{w['iops']:.0f}", f"{w['clat_ns']['percentile']['50.000000'] / 1000:.0f}",
+cells = [system, qd, r, f"{w['iops']:.0f}", f"{w['clat_ns']['percentile']['50.000000'] / 1000:.0f}",
          f"{cpu_us:.1f}", f"{idle:.0f}"]
 if "-" in d0:
     cells += ["-", "-", "-"]
@@ -180,25 +207,41 @@ else:
               f"{(q1 - q0) / int(ms):.1f}"]
 print("\t".join(cells))
 PY
-    ) || exit 1
-    echo "$line" >>"$results"
-    echo "[round $r] $(echo "$line" | awk -F'\t' '{printf "QD%s: %s IOPS, p50 %s us, %s us CPU per write, %s%% idle, %s disk writes per write", $1, $3, $4, $5, $6, $7}')" >&2
+      ) || exit 1
+      echo "$line" >>"$results"
+      echo "[round $r] $(echo "$line" | awk -F'\t' '{printf "%s QD%s: %s IOPS, p50 %s us, %s us CPU per write, %s%% idle, %s disk writes per write", $1, $2, $4, $5, $6, $7, $8}')" >&2
+    done
   done
 done
 
-python3 - "$results" "$system" "$size" "$seconds" "$runs" "${dev:-none}" <<'PY'
+python3 - "$results" "$size" "$seconds" "$runs" "${dev:-none}" <<'PY'
 import statistics, sys
-path, system, size, seconds, runs, dev = sys.argv[1:]
+path, size, seconds, runs, dev = sys.argv[1:]
 rows = [l.rstrip("\n").split("\t") for l in open(path)]
-print(f"{system}, 4 KiB random writes, {size} volume, {seconds} s per run, medians of {runs} run(s); disk {dev}\n")
-print("| QD | IOPS | p50 µs | CPU µs per write | machine idle % | disk writes per write | disk write ms | disk queue |")
-print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+systems = list(dict.fromkeys(r[0] for r in rows))
+depths = list(dict.fromkeys(r[1] for r in rows))
 def med(vals):
     nums = [float(v) for v in vals if v != "-"]
     return statistics.median(nums) if nums else None
-for qd in dict.fromkeys(r[0] for r in rows):
-    sel = [r for r in rows if r[0] == qd]
-    m = [med([r[i] for r in sel]) for i in range(2, 9)]
-    fmt = ["{:,.0f}", "{:,.0f}", "{:.1f}", "{:.0f}", "{:.2f}", "{:.2f}", "{:.1f}"]
-    print(f"| {qd} | " + " | ".join("-" if v is None else f.format(v) for f, v in zip(fmt, m)) + " |")
+fmt = ["{:,.0f}", "{:,.0f}", "{:.1f}", "{:.0f}", "{:.2f}", "{:.2f}", "{:.1f}"]
+print(f"4 KiB random writes, {size} volume, {seconds} s per run, medians of {runs} run(s); disk {dev}\n")
+print("| system | QD | IOPS | p50 µs | CPU µs per write | machine idle % | disk writes per write | disk write ms | disk queue |")
+print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+for s in systems:
+    for qd in depths:
+        sel = [r for r in rows if r[0] == s and r[1] == qd]
+        m = [med([r[i] for r in sel]) for i in range(3, 10)]
+        print(f"| {s} | {qd} | " + " | ".join("-" if v is None else f.format(v) for f, v in zip(fmt, m)) + " |")
+if "nbdkit-file" in systems and len(systems) > 1:
+    print("\nIOPS over nbdkit-file's, round by round: median [min-max]\n")
+    others = [s for s in systems if s != "nbdkit-file"]
+    print("| QD | " + " | ".join(others) + " |")
+    print("|---:|" + "---:|" * len(others))
+    for qd in depths:
+        base = {r[2]: float(r[3]) for r in rows if r[0] == "nbdkit-file" and r[1] == qd}
+        cells = []
+        for s in others:
+            q = [float(r[3]) / base[r[2]] for r in rows if r[0] == s and r[1] == qd and base.get(r[2])]
+            cells.append(f"{statistics.median(q):.2f} [{min(q):.2f}-{max(q):.2f}]" if q else "-")
+        print(f"| {qd} | " + " | ".join(cells) + " |")
 PY
