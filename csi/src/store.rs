@@ -300,7 +300,9 @@ pub struct DiskRecord {
     pub path: String,
     /// Total bytes.
     pub capacity_bytes: u64,
-    /// Bytes not yet promised to replicas.
+    /// Free space of the disk's filesystem as the agent last recorded it
+    /// (informational: placement uses capacities and the volumes' sizes;
+    /// a steady node's record is rewritten once a minute, see `registry`).
     pub free_bytes: u64,
 }
 
@@ -313,7 +315,8 @@ pub struct NodeRecord {
     pub address: String,
     /// Its disks.
     pub disks: Vec<DiskRecord>,
-    /// Last heartbeat, seconds since the Unix epoch.
+    /// Last recorded heartbeat, seconds since the Unix epoch: heartbeats
+    /// that change nothing else are recorded once a minute.
     pub last_heartbeat_unix: i64,
 }
 
