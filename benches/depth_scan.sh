@@ -3,14 +3,26 @@
 # 4 KiB random writes at several depths on each system, and beside each run
 # what the machine and the disk did meanwhile.
 #
-#   benches/depth_scan.sh [--systems zebu-3,nbdkit-file] [--depths 16,32,64,128]
-#                         [--runs 3] [--seconds 5] [--size 1G]
+#   benches/depth_scan.sh [--systems zebu-3,nbdkit-file,nbdkit-file-evicted,raw-3]
+#                         [--depths 16,32,64,128] [--runs 3] [--seconds 5] [--size 1G]
 #                         [--bin-dir DIR | --debug] [--smoke]
 #
-# A system is nbdkit-file (`nbdkit file`, one copy through the page cache) or
-# zebu-N (an engine and N replicas, N = 1..3). Each is started once on files
-# under $DEPTH_SCAN_TMP (default /var/tmp) and prefilled once with sequential
-# 1 MiB writes. Then each round runs every depth on every system, one run at
+# A system is one of:
+#   nbdkit-file: `nbdkit file`, one copy through the page cache;
+#   nbdkit-file-evicted: the same, but once prefilled its file's cached pages
+#     are written back and dropped (fsync + POSIX_FADV_DONTNEED). The
+#     sequential prefill leaves the file cached in large folios, and ext4 then
+#     walks every block of a folio for each 4 KiB write into it; after the
+#     drop, the random writes cache the file in 4 KiB folios. Same server,
+#     same file, only the page cache differs;
+#   zebu-N: an engine and N replicas (N = 1..3);
+#   raw-3: the disk alone taking three copies: three files written at once
+#     by one fio job each (io_uring, O_DIRECT, the depth per file), as
+#     zebu-3's replicas each get the depth's writes; its IOPS are the
+#     three jobs' sum / 3, the most three copies of each write can reach on
+#     this disk (it has no server process: no CPU figure).
+# Each is started once on files under $DEPTH_SCAN_TMP (default /var/tmp) and
+# prefilled once with sequential 1 MiB writes. Then each round runs every depth on every system, one run at
 # a time (`sync -f` before each; the order of the systems rotates from round
 # to round, so the machine's noise hits them alike). Per run:
 #   IOPS and p50 latency (fio's nbd engine on a Unix socket);
@@ -20,9 +32,9 @@
 #   disk: writes it completed per write fio completed, their mean latency
 #     (ms) and the mean queue (requests in flight, over the run's wall time)
 #     of the block device holding the files, from /proc/diskstats.
-# Printed at the end, as Markdown: the medians over the rounds, and, when
-# nbdkit-file is among the systems, each Zebu system's IOPS over
-# nbdkit-file's, taken round by round (median [min-max]).
+# Printed at the end, as Markdown: the medians over the rounds, and, for
+# each nbdkit system among them, every other system's IOPS over that one's,
+# taken round by round (median [min-max]).
 # Building: release binaries (cargo build --release) unless --bin-dir or
 # --debug. --smoke (what CI runs): depths 1,4, 1 run of 1 s, 64M.
 set -euo pipefail
@@ -30,7 +42,7 @@ set -euo pipefail
 die() { echo "depth_scan: $*" >&2; exit 1; }
 usage() { sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit "${1:-0}"; }
 
-systems_arg=zebu-3,nbdkit-file depths=16,32,64,128 runs=3 seconds=5 size=1G bin_dir="" debug=0 smoke=0
+systems_arg=zebu-3,nbdkit-file,nbdkit-file-evicted,raw-3 depths=16,32,64,128 runs=3 seconds=5 size=1G bin_dir="" debug=0 smoke=0
 while (($#)); do
   case $1 in
     --systems) [[ $# -ge 2 ]] || die "--systems needs a value"; systems_arg=$2; shift ;;
@@ -58,9 +70,9 @@ zebu=0
 declare -A seen=()
 for s in "${systems[@]}"; do
   case $s in
-    nbdkit-file) ;;
+    nbdkit-file | nbdkit-file-evicted | raw-3) ;;
     zebu-[123]) zebu=1 ;;
-    *) die "unknown system '$s': use nbdkit-file, zebu-1, zebu-2 or zebu-3" ;;
+    *) die "unknown system '$s': use nbdkit-file, nbdkit-file-evicted, zebu-1, zebu-2, zebu-3 or raw-3" ;;
   esac
   [[ -z ${seen[$s]:-} ]] || die "system '$s' is listed twice"
   seen[$s]=1
@@ -69,7 +81,8 @@ done
 command -v fio >/dev/null || die "fio is missing (apt-get install fio)"
 fio --enghelp=nbd >/dev/null 2>&1 || die "this fio has no nbd engine (fio >= 3.33 needed)"
 command -v python3 >/dev/null || die "python3 is missing"
-[[ -z ${seen[nbdkit-file]:-} ]] || command -v nbdkit >/dev/null || die "nbdkit is missing (apt-get install nbdkit)"
+[[ -z ${seen[nbdkit-file]:-}${seen[nbdkit-file-evicted]:-} ]] || command -v nbdkit >/dev/null ||
+  die "nbdkit is missing (apt-get install nbdkit)"
 
 root=$(cd "$(dirname "$0")/.." && pwd)
 if ((zebu)) && [[ -z $bin_dir ]]; then
@@ -133,7 +146,7 @@ start_system() { # system
       wait_for $! "$d/e.out" '^zebu-engine volume scan ready' "$s's engine"
       uri_of[$s]="nbd+unix:///scan?socket=$d/nbd.sock"
       ;;
-    nbdkit-file)
+    nbdkit-file | nbdkit-file-evicted)
       fallocate -l "$size" "$d/nbdkit.img"
       nbdkit file "$d/nbdkit.img" --unix "$d/nbdkit.sock" --foreground \
         >"$d/nbdkit.out" 2>"$d/nbdkit.err" &
@@ -142,16 +155,28 @@ start_system() { # system
       [[ -S $d/nbdkit.sock ]] || die "nbdkit did not start: $(tail -5 "$d/nbdkit.err")"
       uri_of[$s]="nbd+unix:///?socket=$d/nbdkit.sock"
       ;;
+    raw-3)
+      for i in 1 2 3; do fallocate -l "$size" "$d/raw$i.img"; done
+      ;;
   esac
   echo "== $s: prefilling $size with sequential 1 MiB writes" >&2
+  if [[ $s == raw-3 ]]; then
+    fio --name=prefill --ioengine=io_uring --direct=1 --rw=write --bs=1M --iodepth=8 --size="$size" \
+      --filename="$d/raw1.img:$d/raw2.img:$d/raw3.img" >"$d/prefill.log" 2>&1 ||
+      die "$s's prefill failed: $(tail -5 "$d/prefill.log")"
+    return
+  fi
   fio --name=prefill --ioengine=nbd --uri="${uri_of[$s]}" --rw=write --bs=1M --iodepth=8 \
     --size="$size" >"$d/prefill.log" 2>&1 || die "$s's prefill failed: $(tail -5 "$d/prefill.log")"
+  if [[ $s == nbdkit-file-evicted ]]; then
+    python3 "$root/benches/drop_page_cache.py" "$d/nbdkit.img" || die "could not drop the page cache of $d/nbdkit.img"
+  fi
 }
 for s in "${systems[@]}"; do start_system "$s"; done
 
 check_alive() { # system: dies, with the logs' last lines, when one of its processes has exited
   local p
-  for p in ${pids_of[$1]}; do
+  for p in ${pids_of[$1]:-}; do
     kill -0 "$p" 2>/dev/null && [[ $(sed 's/.*) //' "/proc/$p/stat" | cut -d' ' -f1) != Z ]] && continue
     tail -n 5 "$work/$1"/*.err >&2 2>/dev/null || true
     die "a process of $1 (pid $p) exited during the scan"
@@ -159,7 +184,7 @@ check_alive() { # system: dies, with the logs' last lines, when one of its proce
 }
 ticks() { # system: summed utime + stime of its processes
   local p t=0
-  for p in ${pids_of[$1]}; do
+  for p in ${pids_of[$1]:-}; do
     t=$((t + $(sed 's/.*) //' "/proc/$p/stat" | awk '{print $12 + $13}')))
   done
   echo "$t"
@@ -179,9 +204,17 @@ for ((r = 1; r <= runs; r++)); do
       check_alive "$s"
       sync -f "$work"
       t0=$(ticks "$s") c0=$(cpu_line) d0=$(disk_line) s0=$(date +%s%N)
-      fio --name=scan --ioengine=nbd --uri="${uri_of[$s]}" --rw=randwrite --bs=4k --iodepth="$qd" \
-        --size="$size" --time_based --runtime="$seconds" --output-format=json \
-        >"$work/fio.json" 2>"$work/fio.err" || die "fio failed on $s at depth $qd: $(tail -5 "$work/fio.err")"
+      if [[ $s == raw-3 ]]; then
+        target=(--ioengine=io_uring --direct=1
+          --name=copy1 --filename="$work/$s/raw1.img" --name=copy2 --filename="$work/$s/raw2.img"
+          --name=copy3 --filename="$work/$s/raw3.img")
+      else
+        target=(--name=scan --ioengine=nbd --uri="${uri_of[$s]}")
+      fi
+      # Global options first: with raw-3 they apply to each of its three jobs.
+      fio --rw=randwrite --bs=4k --iodepth="$qd" --size="$size" --time_based --runtime="$seconds" \
+        --output-format=json "${target[@]}" >"$work/fio.json" 2>"$work/fio.err" ||
+        die "fio failed on $s at depth $qd: $(tail -5 "$work/fio.err")"
       check_alive "$s"
       t1=$(ticks "$s") c1=$(cpu_line) d1=$(disk_line) s1=$(date +%s%N)
       line=$(python3 - "$work/fio.json" "$s" "$qd" "$r" "$((t1 - t0))" "$(getconf CLK_TCK)" \
@@ -189,15 +222,18 @@ for ((r = 1; r <= runs; r++)); do
 import json, sys
 f, system, qd, r, dticks, hz, c0, c1, d0, d1, ms = sys.argv[1:]
 text = open(f).read()
-w = json.loads(text[text.index("{"):])["jobs"][0]["write"]
-ios = w["total_ios"]
-if ios == 0:
+jobs = [j["write"] for j in json.loads(text[text.index("{"):])["jobs"]]
+# raw-3's three jobs each write one copy: a write is three of their writes.
+copies = len(jobs)
+ios = sum(w["total_ios"] for w in jobs) / copies
+if min(w["total_ios"] for w in jobs) == 0:
     sys.exit(f"depth_scan: fio completed no write on {system} at depth {qd}")
-cpu_us = int(dticks) * 1e6 / int(hz) / ios
+iops = sum(w["iops"] for w in jobs) / copies
+p50 = sorted(w["clat_ns"]["percentile"]["50.000000"] for w in jobs)[copies // 2] / 1000
+cpu = f"{int(dticks) * 1e6 / int(hz) / ios:.1f}" if system != "raw-3" else "-"
 (ct0, ci0), (ct1, ci1) = map(int, c0.split()), map(int, c1.split())
 idle = 100 * (ci1 - ci0) / max(ct1 - ct0, 1)
-cells = [system, qd, r, f"{w['iops']:.0f}", f"{w['clat_ns']['percentile']['50.000000'] / 1000:.0f}",
-         f"{cpu_us:.1f}", f"{idle:.0f}"]
+cells = [system, qd, r, f"{iops:.0f}", f"{p50:.0f}", cpu, f"{idle:.0f}"]
 if "-" in d0:
     cells += ["-", "-", "-"]
 else:
@@ -232,13 +268,15 @@ for s in systems:
         sel = [r for r in rows if r[0] == s and r[1] == qd]
         m = [med([r[i] for r in sel]) for i in range(3, 10)]
         print(f"| {s} | {qd} | " + " | ".join("-" if v is None else f.format(v) for f, v in zip(fmt, m)) + " |")
-if "nbdkit-file" in systems and len(systems) > 1:
-    print("\nIOPS over nbdkit-file's, round by round: median [min-max]\n")
-    others = [s for s in systems if s != "nbdkit-file"]
+others = [s for s in systems if not s.startswith("nbdkit")]
+for baseline in [s for s in systems if s.startswith("nbdkit")]:
+    if not others:
+        break
+    print(f"\nIOPS over {baseline}'s, round by round: median [min-max]\n")
     print("| QD | " + " | ".join(others) + " |")
     print("|---:|" + "---:|" * len(others))
     for qd in depths:
-        base = {r[2]: float(r[3]) for r in rows if r[0] == "nbdkit-file" and r[1] == qd}
+        base = {r[2]: float(r[3]) for r in rows if r[0] == baseline and r[1] == qd}
         cells = []
         for s in others:
             q = [float(r[3]) / base[r[2]] for r in rows if r[0] == s and r[1] == qd and base.get(r[2])]

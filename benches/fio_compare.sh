@@ -28,7 +28,10 @@
 # same copies (fio reading one file while writing another, O_DIRECT): the
 # bound for a rebuild on one disk. Before the fill, each round also times
 # 4 KiB random reads of never-written blocks at QD1 and QD32 (no disk I/O:
-# the floor of Zebu's own path). --no-rebuild skips the section.
+# the floor of Zebu's own path), and after the copies the bound of the 4 KiB
+# QD32 write target: the raw disk taking three copies (three files, QD32
+# each) and nbdkit-file on a fresh file, as prefilled and again with its
+# page cache dropped. --no-rebuild skips the section.
 #
 # The raw disk's fio jobs use buffers on 2 MiB huge pages, as Zebu's replicas
 # do (from 4 KiB pages a 1 MiB request is split in two on a virtio disk): run
@@ -735,7 +738,69 @@ run_rebuild() {
   ((fio_rc == 0)) || { rb_fail "the raw delta-copy baseline failed (fio exit $fio_rc)"; return 1; }
   rb_put raw_delta_json "$work/out/$p-raw-delta.json"
   rm -rf "$d"
+  write_bound || return 1
   return 0
+}
+# The 4 KiB QD32 write target's bound, in the same round: the disk alone
+# taking three copies (three files written at once by one fio job each,
+# 4 KiB random at QD32 per file, as each of zebu-3's replicas gets the
+# writes), and nbdkit-file on a fresh file as prefilled (its file cached in
+# the large folios the sequential writes left, where ext4 walks every block
+# of a folio for each 4 KiB write) and again once its cached pages are
+# written back and dropped (the random writes then cache it in 4 KiB folios).
+write_bound() {
+  local d=$work/bound-$rb_round p=bound-$rb_round i files=() jobs=()
+  mkdir -p "$d"
+  local raw=(--ioengine=io_uring --direct=1 ${raw_mem[@]+"${raw_mem[@]}"})
+  echo "== rebuild round $rb_round: 4 KiB write bound: the raw disk writing three copies, QD32 each"
+  for i in 1 2 3; do
+    files+=("$d/copy$i")
+    jobs+=("--name=copy$i" "--filename=$d/copy$i")
+  done
+  rb_raw "$work/out/$p-raw3-prep.json" "$work/out/$p-raw3-prep.log" --name=raw3-prep \
+    "--filename=$(IFS=:; echo "${files[*]}")" --rw=write --bs=1M --iodepth=8 "--size=$((3 * rb_size))" "${raw[@]}"
+  ((fio_rc == 0)) || { rb_fail "the three-copy bound's files could not be written (fio exit $fio_rc)"; return 1; }
+  sync_fs >/dev/null
+  # Global options first: they apply to each of the three jobs.
+  rb_raw "$work/out/$p-raw3.json" "$work/out/$p-raw3.log" --rw=randwrite --bs=4k --iodepth=32 \
+    "--size=$rb_size" --time_based "--runtime=$seconds" "${raw[@]}" "${jobs[@]}"
+  ((fio_rc == 0)) || { rb_fail "the three-copy bound failed (fio exit $fio_rc)"; return 1; }
+  rb_put raw3_qd32_json "$work/out/$p-raw3.json"
+  rm -f "${files[@]}"
+
+  echo "== rebuild round $rb_round: 4 KiB write bound: nbdkit-file as prefilled, then with its page cache dropped"
+  fallocate -l "$rb_size" "$d/nbdkit.img"
+  local label=nbdkit-$p
+  man_put setup "$label" - - - - - - - - - "$(q nbdkit file "$d/nbdkit.img" --unix "$d/nbdkit.sock" --foreground)"
+  nbdkit file "$d/nbdkit.img" --unix "$d/nbdkit.sock" --foreground \
+    >"$work/logs/$label.out" 2>"$work/logs/$label.err" &
+  pid_of[$label]=$!
+  pid_order+=("$label")
+  for ((i = 0; i < 300; i++)); do
+    [[ -S $d/nbdkit.sock ]] && break
+    alive "${pid_of[$label]}" || break
+    sleep 0.1
+  done
+  [[ -S $d/nbdkit.sock ]] || { rb_fail "nbdkit did not start: $(tail -3 "$work/logs/$label.err")"; return 1; }
+  local nbd=(--ioengine=nbd "--uri=nbd+unix:///?socket=$d/nbdkit.sock")
+  rb_raw "$work/out/$p-nbdkit-prep.json" "$work/out/$p-nbdkit-prep.log" --name=nbdkit-prep \
+    --rw=write --bs=1M --iodepth=8 "--size=$rb_size" "${nbd[@]}"
+  ((fio_rc == 0)) || { rb_fail "nbdkit's prefill failed (fio exit $fio_rc)"; return 1; }
+  local state
+  for state in prefilled evicted; do
+    if [[ $state == evicted ]]; then
+      man_put setup "$label" - - - - - - - - - "$(q python3 "$here/drop_page_cache.py" "$d/nbdkit.img")"
+      python3 "$here/drop_page_cache.py" "$d/nbdkit.img" || { rb_fail "could not drop the page cache of nbdkit's file"; return 1; }
+    fi
+    sync_fs >/dev/null
+    rb_raw "$work/out/$p-nbdkit-$state.json" "$work/out/$p-nbdkit-$state.log" "--name=nbdkit-$state" \
+      --rw=randwrite --bs=4k --iodepth=32 "--size=$rb_size" --time_based "--runtime=$seconds" "${nbd[@]}"
+    ((fio_rc == 0)) || { rb_fail "nbdkit's 4 KiB writes ($state) failed (fio exit $fio_rc)"; return 1; }
+    rb_put "nbdkit_${state}_qd32_json" "$work/out/$p-nbdkit-$state.json"
+  done
+  stop_pid "$label" "${pid_of[$label]}" 30
+  unset "pid_of[$label]"
+  rm -rf "$d"
 }
 if has_system zebu-3 && ((rebuild)); then
   for ((rb_round = 1; rb_round <= runs; rb_round++)); do
