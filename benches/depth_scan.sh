@@ -161,8 +161,11 @@ start_system() { # system
   esac
   echo "== $s: prefilling $size with sequential 1 MiB writes" >&2
   if [[ $s == raw-3 ]]; then
-    fio --name=prefill --ioengine=io_uring --direct=1 --rw=write --bs=1M --iodepth=8 --size="$size" \
-      --filename="$d/raw1.img:$d/raw2.img:$d/raw3.img" >"$d/prefill.log" 2>&1 ||
+    # One job per file: --size is then each file's (with one job over the
+    # three files it would be their total).
+    fio --ioengine=io_uring --direct=1 --rw=write --bs=1M --iodepth=8 --size="$size" \
+      --name=prefill1 --filename="$d/raw1.img" --name=prefill2 --filename="$d/raw2.img" \
+      --name=prefill3 --filename="$d/raw3.img" >"$d/prefill.log" 2>&1 ||
       die "$s's prefill failed: $(tail -5 "$d/prefill.log")"
     return
   fi
