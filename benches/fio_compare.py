@@ -407,26 +407,27 @@ def cpu_usage(path, meta, per_run, systems, runs):
     }
 
 
-def raw_copy_seconds(path):
-    """Seconds the raw disk took for a copy: the longest of the concurrent
-    fio jobs (reader and writer) of one fio JSON output."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        text = f.read()
-    doc = json.loads(text[text.find("{"):])
-    jobs = doc["jobs"]
-    if not jobs or any(j.get("error") for j in jobs):
-        raise ValueError("a raw copy job failed")
-    return max(j["job_runtime"] for j in jobs) / 1000.0
-
-
-def copies_iops(path):
-    """IOPS of three copies written at once: the sum of the concurrent fio
-    jobs' write IOPS over the number of jobs (one job per copy)."""
+def concurrent_jobs(path):
+    """The jobs of one fio JSON output whose jobs ran at once; raises
+    ValueError when there is none or one of them failed."""
     with open(path, encoding="utf-8", errors="replace") as f:
         text = f.read()
     jobs = json.loads(text[text.find("{"):])["jobs"]
     if not jobs or any(j.get("error") for j in jobs):
-        raise ValueError("a copy job failed")
+        raise ValueError("a concurrent fio job failed")
+    return jobs
+
+
+def raw_copy_seconds(path):
+    """Seconds the raw disk took for a copy: the longest of the concurrent
+    fio jobs (reader and writer) of one fio JSON output."""
+    return max(j["job_runtime"] for j in concurrent_jobs(path)) / 1000.0
+
+
+def copies_iops(path):
+    """IOPS of copies written at once: the sum of the concurrent fio jobs'
+    write IOPS over the number of jobs (one job per copy)."""
+    jobs = concurrent_jobs(path)
     return sum(j["write"]["iops"] for j in jobs) / len(jobs)
 
 
@@ -601,7 +602,7 @@ def target_rows(meta, medians, ratios, cpu, rebuild):
             b = (f"≤ {wb['raw3_over_nbdkit_evicted']:.2f} against nbdkit-file at its best: the disk alone takes "
                  f"three copies at {wb['raw3_iops']:,.0f} IOPS (three files, QD32 each), while nbdkit-file "
                  f"writes {wb['nbdkit_evicted_iops']:,.0f} once its file's page cache is dropped "
-                 f"({wb.get('nbdkit_prefilled_iops') or 0:,.0f} as prefilled; see *4 KiB write bound*). {b}")
+                 f"({fmt(wb.get('nbdkit_prefilled_iops'), 'iops')} as prefilled; see *4 KiB write bound*). {b}")
         rows.append(("4 KiB random write QD32 IOPS ≥ 1.0 × nbdkit-file", f"{r:.2f}", 1.0, r >= 1.0, b))
     r = ratio("randwrite-4k-qd1", "zebu-3/nbdkit p50")
     nbd, raw = med("randwrite-4k-qd1", "nbdkit-file", "p50_us"), med("randwrite-4k-qd1", "raw", "p50_us")

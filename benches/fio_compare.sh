@@ -388,6 +388,20 @@ start_zebu() { # system nreplicas
   uri_of[$sys]="nbd+unix:///$vol?socket=$work/$sys/nbd.sock"
 }
 
+start_nbdkit() { # label image socket: `nbdkit file` on image, serving on socket; 1 if it did not start
+  local label=$1 img=$2 sock=$3 i
+  man_put setup "$label" - - - - - - - - - "$(q nbdkit file "$img" --unix "$sock" --foreground)"
+  nbdkit file "$img" --unix "$sock" --foreground >"$work/logs/$label.out" 2>"$work/logs/$label.err" &
+  pid_of[$label]=$!
+  pid_order+=("$label")
+  # nbdkit prints nothing when ready: wait for its socket instead.
+  for ((i = 0; i < 300; i++)); do
+    [[ -S $sock ]] && return 0
+    alive "${pid_of[$label]}" || break
+    sleep 0.1
+  done
+  [[ -S $sock ]]
+}
 start_system() {
   case $1 in
     raw)
@@ -398,19 +412,8 @@ start_system() {
     nbdkit-file)
       fallocate -l "$size" "$work/nbdkit.img"
       man_put setup nbdkit-file - - - - - - - - - "$(q fallocate -l "$size" "$work/nbdkit.img")"
-      # nbdkit prints nothing when ready: wait for its socket instead.
-      man_put setup nbdkit-file - - - - - - - - - "$(q nbdkit file "$work/nbdkit.img" --unix "$work/nbdkit.sock" --foreground)"
-      nbdkit file "$work/nbdkit.img" --unix "$work/nbdkit.sock" --foreground \
-        >"$work/logs/nbdkit.out" 2>"$work/logs/nbdkit.err" &
-      pid_of[nbdkit]=$!
-      pid_order+=(nbdkit)
-      local i
-      for ((i = 0; i < 300; i++)); do
-        [[ -S $work/nbdkit.sock ]] && break
-        alive "${pid_of[nbdkit]}" || break
-        sleep 0.1
-      done
-      [[ -S $work/nbdkit.sock ]] || { cat "$work/logs/nbdkit.err" >&2; die "nbdkit did not start"; }
+      start_nbdkit nbdkit "$work/nbdkit.img" "$work/nbdkit.sock" ||
+        { cat "$work/logs/nbdkit.err" >&2; die "nbdkit did not start"; }
       uri_of[nbdkit-file]="nbd+unix:///?socket=$work/nbdkit.sock"
       ;;
     zebu-1) start_zebu zebu-1 1 ;;
@@ -771,17 +774,8 @@ write_bound() {
   echo "== rebuild round $rb_round: 4 KiB write bound: nbdkit-file as prefilled, then with its page cache dropped"
   fallocate -l "$rb_size" "$d/nbdkit.img"
   local label=nbdkit-$p
-  man_put setup "$label" - - - - - - - - - "$(q nbdkit file "$d/nbdkit.img" --unix "$d/nbdkit.sock" --foreground)"
-  nbdkit file "$d/nbdkit.img" --unix "$d/nbdkit.sock" --foreground \
-    >"$work/logs/$label.out" 2>"$work/logs/$label.err" &
-  pid_of[$label]=$!
-  pid_order+=("$label")
-  for ((i = 0; i < 300; i++)); do
-    [[ -S $d/nbdkit.sock ]] && break
-    alive "${pid_of[$label]}" || break
-    sleep 0.1
-  done
-  [[ -S $d/nbdkit.sock ]] || { rb_fail "nbdkit did not start: $(tail -3 "$work/logs/$label.err")"; return 1; }
+  start_nbdkit "$label" "$d/nbdkit.img" "$d/nbdkit.sock" ||
+    { rb_fail "nbdkit did not start: $(tail -3 "$work/logs/$label.err")"; return 1; }
   local nbd=(--ioengine=nbd "--uri=nbd+unix:///?socket=$d/nbdkit.sock")
   rb_raw "$work/out/$p-nbdkit-prep.json" "$work/out/$p-nbdkit-prep.log" --name=nbdkit-prep \
     --rw=write --bs=1M --iodepth=8 "--size=$rb_size" "${nbd[@]}"
