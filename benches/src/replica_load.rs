@@ -183,6 +183,8 @@ impl Payload {
 /// and revisions increase across runs.
 struct Session {
     epoch: u64,
+    /// The data-stream session the replica's `Open` returned.
+    stream_session: u64,
     next_id: u64,
     next_revision: u64,
 }
@@ -417,8 +419,13 @@ async fn drive(
         return Ok(out);
     }
     send_requests(&tx, first).await?;
+    let mut request = tonic::Request::new(ReceiverStream::new(rx));
+    request.metadata_mut().insert(
+        zebu_proto::wire::SESSION_HEADER,
+        session.stream_session.to_string().parse()?,
+    );
     let mut replies = client
-        .io(ReceiverStream::new(rx))
+        .io(request)
         .await
         .map_err(|s| anyhow!("opening the data stream: {} ({:?})", s.message(), s.code()))?
         .into_inner();
@@ -666,7 +673,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     let epoch = info.epoch + 1;
-    client.open(OpenRequest { epoch }).await.map_err(|s| {
+    let opened = client.open(OpenRequest { epoch }).await.map_err(|s| {
         anyhow!(
             "Open with epoch {epoch} failed: {} ({:?})",
             s.message(),
@@ -675,6 +682,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     })?;
     let mut session = Session {
         epoch,
+        stream_session: opened.into_inner().session,
         next_id: 1,
         next_revision: info.revision + 1,
     };

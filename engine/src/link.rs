@@ -12,11 +12,22 @@
 //! payload stays a slice of the frame that carried it) and handed to a
 //! callback in the order the replica completes them.
 //!
+//! Each data stream runs on a TCP connection of its own, opened with
+//! `SO_LINGER` 0, and dropping its [`DataLink`] cuts that connection: the
+//! socket is shut down and its last close resets it, discarding whatever
+//! the kernel still held queued for the replica. An ejected replica's
+//! stream therefore cannot deliver requests after the engine gave up on
+//! them, even when the link heals later (the replica refuses them anyway:
+//! each stream names the session its `Open` started, and a later `Open`
+//! supersedes it).
+//!
 //! Invariant: when the stream ends or breaks, the callback's `broken` is
-//! called exactly once, after the last reply was delivered.
+//! called exactly once, after the last reply was delivered, unless the
+//! engine dropped the [`DataLink`] first (it no longer wants to hear).
 
-use std::sync::Arc;
+use std::os::fd::AsFd;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::{Stream, StreamExt};
@@ -81,8 +92,6 @@ pub struct Control {
     pub addr: String,
     /// The gRPC client.
     pub client: ReplicaClient<Channel>,
-    /// Its channel, for the data stream.
-    channel: Channel,
     /// Limit for each control call.
     pub timeout: Duration,
 }
@@ -102,13 +111,12 @@ impl Control {
                 addr: addr.into(),
                 source,
             })?;
-        let client = ReplicaClient::new(channel.clone())
+        let client = ReplicaClient::new(channel)
             .max_decoding_message_size(zebu_proto::MAX_MESSAGE_BYTES)
             .max_encoding_message_size(zebu_proto::MAX_MESSAGE_BYTES);
         Ok(Control {
             addr: addr.into(),
             client,
-            channel,
             timeout,
         })
     }
@@ -184,22 +192,82 @@ pub trait ReplyHandler: Send + Sync + 'static {
     fn broken(&self, why: String);
 }
 
-/// Starts the `Io` call with `body` as its request stream, as tonic's
-/// generated client would, and returns its reply batches, decoded from the
-/// response frames in place ([`wire::decode_reply_batch`]); the stream ends
-/// with the call's status when that is not OK.
+/// The socket of a data connection, kept to cut the connection at will.
+#[derive(Clone, Default)]
+struct Severable(Arc<Mutex<Option<std::net::TcpStream>>>);
+
+impl Severable {
+    /// Shuts the connection's socket down in both directions (the HTTP/2
+    /// connection on it ends at once) and drops this handle to it; with
+    /// `SO_LINGER` 0, the socket's last close then resets the connection
+    /// and discards what was still queued.
+    fn sever(&self) {
+        let socket = self.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(s) = socket {
+            let _ = s.shutdown(std::net::Shutdown::Both);
+        }
+    }
+}
+
+/// Opens a connection of its own to `control`'s replica for one data
+/// stream: a channel over a single TCP connection (`SO_LINGER` 0, no
+/// Nagle) and the handle that cuts it.
+async fn data_channel(control: &Control) -> Result<(Channel, Severable), LinkError> {
+    let endpoint =
+        zebu_proto::replica_endpoint(&control.addr, control.timeout).map_err(|reason| {
+            LinkError::Address {
+                addr: control.addr.clone(),
+                reason,
+            }
+        })?;
+    let socket = Severable::default();
+    let (addr, slot) = (control.addr.clone(), socket.clone());
+    let connector = tower::service_fn(move |_: http::Uri| {
+        let (addr, slot) = (addr.clone(), slot.clone());
+        async move {
+            let stream = tokio::net::TcpStream::connect(&addr).await?;
+            stream.set_nodelay(true)?;
+            stream.set_zero_linger()?;
+            let handle = stream.as_fd().try_clone_to_owned()?;
+            *slot.0.lock().unwrap_or_else(|p| p.into_inner()) =
+                Some(std::net::TcpStream::from(handle));
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+        }
+    });
+    let channel = endpoint
+        .connect_with_connector(connector)
+        .await
+        .map_err(|source| LinkError::Connect {
+            addr: control.addr.clone(),
+            source,
+        })?;
+    Ok((channel, socket))
+}
+
+/// Starts the `Io` call of `session` with `body` as its request stream, as
+/// tonic's generated client would, and returns its reply batches, decoded
+/// from the response frames in place ([`wire::decode_reply_batch`]); the
+/// stream ends with the call's status when that is not OK.
 async fn open_stream(
     channel: Channel,
+    session: u64,
     body: BatchBody,
 ) -> Result<impl Stream<Item = Result<Vec<pb::IoResponse>, tonic::Status>> + use<>, tonic::Status> {
     const WHAT: &str = "the data stream";
-    let response =
-        zebu_proto::start_call(channel, wire::IO_PATH, tonic::body::Body::new(body), WHAT).await?;
+    let response = zebu_proto::start_call(
+        channel,
+        wire::IO_PATH,
+        &[(wire::SESSION_HEADER, session.to_string())],
+        tonic::body::Body::new(body),
+        WHAT,
+    )
+    .await?;
     Ok(wire::messages(response.into_body(), WHAT, true)
         .map(|m| m.and_then(|m| wire::decode_reply_batch(m).map_err(|e| wire::status(WHAT, e)))))
 }
 
-/// The sending half of a data stream.
+/// The sending half of a data stream. Dropping it cuts the stream's
+/// connection (see the module docs).
 pub struct DataLink {
     tx: mpsc::UnboundedSender<pb::IoRequest>,
     /// Requests sent and not answered.
@@ -207,25 +275,45 @@ pub struct DataLink {
     /// Milliseconds since `start` when the stream last made progress.
     progress_ms: Arc<AtomicU64>,
     start: Instant,
+    /// The stream's connection.
+    socket: Severable,
+    /// The task that receives the replies.
+    receiver: tokio::task::AbortHandle,
+}
+
+impl Drop for DataLink {
+    fn drop(&mut self) {
+        self.receiver.abort();
+        self.socket.sever();
+    }
 }
 
 impl DataLink {
-    /// Opens the data stream on `control`'s channel; replies go to `handler`.
+    /// Opens the data stream of `session` (what the replica's `Open`
+    /// returned) on a connection of its own to `control`'s replica; replies
+    /// go to `handler`.
     pub async fn open<H: ReplyHandler>(
         control: &Control,
+        session: u64,
         handler: Arc<H>,
     ) -> Result<DataLink, LinkError> {
         let (tx, rx) = mpsc::unbounded_channel::<pb::IoRequest>();
-        let call = open_stream(control.channel.clone(), BatchBody::new(rx));
-        let inbound = match tokio::time::timeout(control.timeout, call).await {
-            Ok(Ok(inbound)) => inbound,
-            Ok(Err(status)) => {
-                return Err(LinkError::Call {
+        let connected = async {
+            let (channel, socket) = data_channel(control).await?;
+            let call = open_stream(channel, session, BatchBody::new(rx));
+            let stream = call.await.map_err(|status| {
+                socket.sever();
+                LinkError::Call {
                     addr: control.addr.clone(),
                     what: "opening the data stream".into(),
                     status,
-                });
-            }
+                }
+            })?;
+            Ok::<_, LinkError>((stream, socket))
+        };
+        let (inbound, socket) = match tokio::time::timeout(control.timeout, connected).await {
+            Ok(Ok(connected)) => connected,
+            Ok(Err(e)) => return Err(e),
             Err(_) => {
                 return Err(LinkError::Timeout {
                     addr: control.addr.clone(),
@@ -239,7 +327,7 @@ impl DataLink {
         let start = Instant::now();
         // Receiver: hand replies over; report the end once.
         let (fl, pr) = (in_flight.clone(), progress_ms.clone());
-        tokio::spawn(async move {
+        let receiver = tokio::spawn(async move {
             let mut inbound = std::pin::pin!(inbound);
             let why = loop {
                 match inbound.next().await {
@@ -253,12 +341,15 @@ impl DataLink {
                 }
             };
             handler.broken(why);
-        });
+        })
+        .abort_handle();
         Ok(DataLink {
             tx,
             in_flight,
             progress_ms,
             start,
+            socket,
+            receiver,
         })
     }
 

@@ -80,6 +80,9 @@ struct Member {
     control: Control,
     /// Replica UUID (from its metadata).
     uuid: String,
+    /// The data-stream session the replica's `Open` started for this
+    /// engine's attachment of it; its data streams name it.
+    session: u64,
     link: Option<(u64, DataLink)>,
     rebuild: Option<Arc<Progress>>,
 }
@@ -318,7 +321,7 @@ impl Volume {
             me: me.clone(),
         });
         for (c, info) in members {
-            let rid = volume.admit(c, info.id.clone()).await?;
+            let rid = volume.admit(c, info.id.clone(), info.session).await?;
             let mut inner = volume.lock();
             let Inner { sm, out, .. } = &mut *inner;
             sm.set_rw(rid, out)?;
@@ -343,8 +346,14 @@ impl Volume {
         self.epoch
     }
 
-    /// Adds a replica to the machine (write-only) and opens its data stream.
-    async fn admit(&self, control: Control, uuid: String) -> Result<ReplicaId, VolumeError> {
+    /// Adds a replica to the machine (write-only) and opens its data stream
+    /// of `session` (what the replica's `Open` returned).
+    async fn admit(
+        &self,
+        control: Control,
+        uuid: String,
+        session: u64,
+    ) -> Result<ReplicaId, VolumeError> {
         let (rid, generation) = {
             let mut inner = self.lock();
             let Inner { sm, out, .. } = &mut *inner;
@@ -356,6 +365,7 @@ impl Volume {
                 Member {
                     control: control.clone(),
                     uuid,
+                    session,
                     link: None,
                     rebuild: None,
                 },
@@ -368,7 +378,7 @@ impl Volume {
             replica: rid,
             generation,
         });
-        match DataLink::open(&control, handler).await {
+        match DataLink::open(&control, session, handler).await {
             Ok(link) => {
                 let mut inner = self.lock();
                 if let Some(m) = inner.members.get_mut(&rid) {
@@ -943,15 +953,19 @@ impl Volume {
                 inner.next_link_gen += 1;
                 g
             };
-            if self.lock().sm.mode(rid) == Some(Mode::Err) {
-                continue;
-            }
+            let session = {
+                let inner = self.lock();
+                if inner.sm.mode(rid) == Some(Mode::Err) {
+                    continue;
+                }
+                inner.members.get(&rid).map_or(0, |m| m.session)
+            };
             let handler = Arc::new(LinkHandler {
                 volume: self.me.clone(),
                 replica: rid,
                 generation,
             });
-            match DataLink::open(&c, handler).await {
+            match DataLink::open(&c, session, handler).await {
                 Ok(link) => {
                     if let Some(m) = self.lock().members.get_mut(&rid) {
                         m.link = Some((generation, link));
@@ -1041,7 +1055,7 @@ impl Volume {
             }
         }
         let epoch = self.epoch;
-        control
+        let opened = control
             .call("opening with the engine's epoch", |mut cl| async move {
                 cl.open(pb::OpenRequest { epoch }).await
             })
@@ -1059,7 +1073,9 @@ impl Volume {
         );
         let rid = {
             let _quiet = self.gate.write().await;
-            let rid = self.admit(control.clone(), info.id.clone()).await?;
+            let rid = self
+                .admit(control.clone(), info.id.clone(), opened.session)
+                .await?;
             if let Err(e) = self.snapshot_all(&snap, false).await {
                 let mut inner = self.lock();
                 let Inner { sm, out, .. } = &mut *inner;

@@ -78,23 +78,28 @@ pub fn keep_freed_buffers() -> bool {
 }
 
 /// Starts the gRPC call `path` on `channel` below tonic's codec, with `body`
-/// as its request (already framed as gRPC messages), as a generated client
-/// would: the response, whose body the caller decodes itself, or the call's
+/// as its request (already framed as gRPC messages) and `headers` as its
+/// metadata, as a generated client would: the response, whose body the caller decodes itself, or the call's
 /// status when the server refused it in the response headers (or answered
 /// an HTTP status other than 200). `what` names
 /// the call in errors ("opening {what}: ...").
 pub async fn start_call(
     channel: tonic::transport::Channel,
     path: &'static str,
+    headers: &[(&'static str, String)],
     body: tonic::body::Body,
     what: &str,
 ) -> Result<http::Response<tonic::body::Body>, tonic::Status> {
-    let request = http::Request::builder()
+    let mut request = http::Request::builder()
         .method(http::Method::POST)
         .uri(path)
         .version(http::Version::HTTP_2)
         .header(http::header::CONTENT_TYPE, "application/grpc")
-        .header(http::header::TE, "trailers")
+        .header(http::header::TE, "trailers");
+    for (name, value) in headers {
+        request = request.header(*name, value);
+    }
+    let request = request
         .body(body)
         .map_err(|e| tonic::Status::internal(format!("building {what} request: {e}")))?;
     let response = tower::ServiceExt::oneshot(channel, request)

@@ -431,6 +431,10 @@ pub fn decode_layer_data(mut buf: Segments) -> Result<LayerData, WireError> {
 
 /// The data stream's method path.
 pub const IO_PATH: &str = "/zebu.replica.v1.Replica/Io";
+/// Request header of an `Io` stream naming the data-stream session that the
+/// replica's `Open` returned (`ReplicaInfo.session`); a stream without it,
+/// or of a superseded session, is refused.
+pub const SESSION_HEADER: &str = "zebu-session";
 /// The `ReadLayer` method's path.
 pub const READ_LAYER_PATH: &str = "/zebu.replica.v1.Replica/ReadLayer";
 

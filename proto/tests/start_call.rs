@@ -33,9 +33,15 @@ async fn a_call_answered_with_http_503_fails_with_a_status_that_says_so() {
         .await
         .unwrap();
     let body = tonic::body::Body::new(http_body_util::Full::new(bytes::Bytes::new()));
-    let err = zebu_proto::start_call(channel, zebu_proto::wire::IO_PATH, body, "the test call")
-        .await
-        .expect_err("a 503 answer must not be taken for a gRPC response");
+    let err = zebu_proto::start_call(
+        channel,
+        zebu_proto::wire::IO_PATH,
+        &[],
+        body,
+        "the test call",
+    )
+    .await
+    .expect_err("a 503 answer must not be taken for a gRPC response");
     assert_eq!(err.code(), tonic::Code::Unknown, "{err:?}");
     assert!(
         err.message().contains("opening the test call")

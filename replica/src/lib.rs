@@ -8,7 +8,8 @@
 //! - [`io`]: the I/O backends; [`uring`]: the io_uring ring (all other
 //!   `unsafe`).
 //! - [`meta`]: the metadata record in sled; [`order`]: overlapping writes
-//!   applied in the order they arrived.
+//!   applied in the order they arrived; [`session`]: which data stream may
+//!   still change data (every `Open` supersedes the streams before it).
 //! - [`server`]: the gRPC service (its messages decoded and encoded by
 //!   [`zebu_proto::wire`]); [`pull`]: writing a layer during a sync,
 //!   from the engine's stream or pulled from a peer replica.
@@ -21,5 +22,6 @@ pub mod meta;
 pub mod order;
 pub mod pull;
 pub mod server;
+pub mod session;
 pub mod store;
 pub mod uring;

@@ -114,6 +114,10 @@ pub struct Meta {
     /// none corrupt finished, seconds since the Unix epoch; 0 if none has.
     #[serde(default)]
     pub last_clean_scrub_unix: i64,
+    /// The data-stream session the last `Open` started (see
+    /// [`crate::session`]); 0 before the first.
+    #[serde(default)]
+    pub session: u64,
 }
 
 /// Current [`Meta::format`].
@@ -329,6 +333,7 @@ mod tests {
             merging: None,
             attached: false,
             last_clean_scrub_unix: 1_700_000_000,
+            session: 7,
         };
         store.save(&meta).unwrap();
         assert_eq!(store.load().unwrap().unwrap(), meta);
@@ -375,6 +380,7 @@ mod tests {
             merging: None,
             attached: true,
             last_clean_scrub_unix: 0,
+            session: 0,
         };
         let record = serde_json::to_vec(&meta).unwrap().len();
         assert!(record > 800, "{record}");

@@ -146,9 +146,14 @@ async fn read_layer(
     r.encode(&mut message)
         .map_err(|e| Status::internal(format!("encoding the ReadLayer request: {e}")))?;
     let body = tonic::body::Body::new(http_body_util::Full::new(message.freeze()));
-    let response =
-        zebu_proto::start_call(channel, wire::READ_LAYER_PATH, body, "the ReadLayer stream")
-            .await?;
+    let response = zebu_proto::start_call(
+        channel,
+        wire::READ_LAYER_PATH,
+        &[],
+        body,
+        "the ReadLayer stream",
+    )
+    .await?;
     Ok(wire::messages(response.into_body(), WHAT, true)
         .map(|m| m.and_then(|m| wire::decode_layer_data(m).map_err(|e| wire::status(WHAT, e)))))
 }

@@ -14,7 +14,10 @@
 //! Every other method goes to tonic's generated server.
 //!
 //! Invariant: a failed request gets an error response on the stream and
-//! never ends the stream or the process; only a broken transport does.
+//! never ends the stream or the process; only a broken transport does, or
+//! a later `Open` superseding the stream's session ([`crate::session`]):
+//! every request enters the stream's session before it touches the store,
+//! and a superseded stream stops reading requests and ends.
 
 use std::convert::Infallible;
 use std::pin::Pin;
@@ -37,6 +40,7 @@ use zebu_proto::replica::replica_server::Replica;
 
 use crate::order::Ticket;
 use crate::pull;
+use crate::session::Superseded;
 use crate::store::{LayerStatus, ReplicaStatus, Store, StoreError};
 use crate::uring::AlignedBuf;
 use zebu_proto::wire;
@@ -155,9 +159,13 @@ fn serve_io(
     if let Err(status) = refuse_compressed(&req, "the data stream") {
         return status.into_http();
     }
+    let session = match stream_session(req.headers()) {
+        Ok(s) => s,
+        Err(status) => return status.into_http(),
+    };
     let inbound = request_batches(req.into_body());
     let (tx, rx) = mpsc::channel(64);
-    tokio::spawn(run_stream(store, Box::pin(inbound), tx));
+    tokio::spawn(run_stream(store, session, Box::pin(inbound), tx));
     grpc_response(ReceiverStream::new(rx).map(|batch| {
         wire::reply_batch_frames(&batch?)
             .map_err(|e| Status::internal(format!("encoding a reply batch: {e}")))
@@ -206,6 +214,28 @@ async fn layer_chunks(
         .await
         .map_err(|e| status_of(&e))?;
     Ok(ReceiverStream::new(rx).map(|r| r.map_err(|e| status_of(&e))))
+}
+
+/// The data-stream session an `Io` call names in its
+/// [`wire::SESSION_HEADER`] header.
+fn stream_session(headers: &http::HeaderMap) -> Result<u64, Status> {
+    let value = headers.get(wire::SESSION_HEADER).ok_or_else(|| {
+        Status::failed_precondition(format!(
+            "the data stream must name its session in the {:?} header: call Open and pass \
+             the session it returned",
+            wire::SESSION_HEADER
+        ))
+    })?;
+    value
+        .to_str()
+        .ok()
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "the {:?} header must be the session number Open returned, not {value:?}",
+                wire::SESSION_HEADER
+            ))
+        })
 }
 
 /// The request batches of an `Io` stream, decoded from its frames as they
@@ -280,6 +310,7 @@ pub fn status_of(e: &StoreError) -> Status {
         }
         StoreError::OutOfRange { .. } => Status::out_of_range(msg),
         StoreError::StaleEpoch { .. }
+        | StoreError::StaleSession(_)
         | StoreError::NotOpen { .. }
         | StoreError::FailedPrecondition(_) => Status::failed_precondition(msg),
         StoreError::NoSpace(_) => Status::resource_exhausted(msg),
@@ -297,14 +328,24 @@ fn io_status_of(e: &StoreError) -> pb::IoStatus {
         StoreError::CrcMismatch { .. } => pb::IoStatus::IoCrcMismatch,
         StoreError::StaleEpoch { .. } => pb::IoStatus::IoStaleEpoch,
         StoreError::NotOpen { .. } => pb::IoStatus::IoNotOpen,
+        StoreError::StaleSession(_) => pb::IoStatus::IoStaleSession,
         StoreError::NoSpace(_) => pb::IoStatus::IoNoSpace,
         _ => pb::IoStatus::IoError,
     }
 }
 
-/// Runs one request of a data stream; writes and unmaps come with their
-/// ticket (taken when they arrived).
-async fn handle(store: Arc<Store>, r: wire::IoRequest, ticket: Option<Ticket>) -> pb::IoResponse {
+/// Runs one request of a data stream of `session`; writes and unmaps come
+/// with their ticket (taken when they arrived).
+async fn handle(
+    store: Arc<Store>,
+    session: u64,
+    r: wire::IoRequest,
+    ticket: Option<Ticket>,
+) -> pb::IoResponse {
+    let _entered = match store.enter_session(session, r.epoch) {
+        Ok(guard) => guard,
+        Err(e) => return error_response(&r, &e),
+    };
     let op = pb::Op::try_from(r.op);
     let ticket = || ticket.unwrap_or_else(|| store.ticket(r.offset, r.length as u64));
     let result = match op {
@@ -351,35 +392,55 @@ async fn handle(store: Arc<Store>, r: wire::IoRequest, ticket: Option<Ticket>) -
                 payload,
             }
         }
-        Err(e) => {
-            tracing::debug!(id = r.id, offset = r.offset, error = %e, "I/O request failed");
-            pb::IoResponse {
-                id: r.id,
-                status: io_status_of(&e) as i32,
-                message: e.to_string(),
-                payload: Bytes::new(),
-                crc32: 0,
-            }
-        }
+        Err(e) => error_response(&r, &e),
     }
 }
 
-/// Runs the requests of one data stream as they arrive, at most
-/// `MAX_IN_FLIGHT` at once, and sends their responses to `tx` in reply
+/// The response to a request that failed with `e`.
+fn error_response(r: &wire::IoRequest, e: &StoreError) -> pb::IoResponse {
+    tracing::debug!(id = r.id, offset = r.offset, error = %e, "I/O request failed");
+    pb::IoResponse {
+        id: r.id,
+        status: io_status_of(e) as i32,
+        message: e.to_string(),
+        payload: Bytes::new(),
+        crc32: 0,
+    }
+}
+
+/// Runs the requests of one data stream of `session` as they arrive, at
+/// most `MAX_IN_FLIGHT` at once, and sends their responses to `tx` in reply
 /// batches, in completion order. A stream that cannot be read further ends
 /// once the requests already taken have answered; when it failed, its
-/// status follows the last reply batch.
+/// status follows the last reply batch. A stream whose session a later
+/// `Open` superseded stops reading and fails the same way (the requests it
+/// had taken are refused as they enter the session).
 async fn run_stream(
     store: Arc<Store>,
+    session: u64,
     mut inbound: Pin<Box<dyn Stream<Item = Result<Vec<wire::IoRequest>, Status>> + Send>>,
     tx: mpsc::Sender<Result<pb::IoReplyBatch, Status>>,
 ) {
     let _guard = store.stream_guard();
+    let mut sessions = store.watch_session();
+    if *sessions.borrow() != session {
+        // Superseded before it started: end it at once.
+        sessions.mark_changed();
+    }
     let mut in_flight = FuturesUnordered::new();
     let mut inbound_open = true;
     let mut failed = None;
     loop {
         tokio::select! {
+            changed = sessions.changed(), if inbound_open => {
+                let current = *sessions.borrow_and_update();
+                if changed.is_err() || current != session {
+                    let e = StoreError::from(Superseded { got: session, current });
+                    tracing::info!(session, current, "a data stream was superseded; ending it");
+                    inbound_open = false;
+                    failed = Some(status_of(&e));
+                }
+            }
             msg = inbound.next(), if inbound_open && in_flight.len() < MAX_IN_FLIGHT => {
                 match msg {
                     Some(Ok(batch)) => {
@@ -391,7 +452,7 @@ async fn run_stream(
                                 Ok(pb::Op::Write | pb::Op::Unmap)
                             )
                             .then(|| store.ticket(r.offset, r.length as u64));
-                            in_flight.push(handle(store.clone(), r, ticket));
+                            in_flight.push(handle(store.clone(), session, r, ticket));
                         }
                     }
                     None => inbound_open = false,
@@ -453,6 +514,7 @@ pub fn info_of(s: &ReplicaStatus) -> pb::ReplicaInfo {
         extent_index_bytes: s.extent_index_bytes,
         attached: s.attached,
         last_clean_scrub_unix: s.last_clean_scrub_unix,
+        session: s.session,
     }
 }
 
@@ -471,11 +533,17 @@ impl Replica for ReplicaService {
         &self,
         request: Request<Streaming<pb::IoBatch>>,
     ) -> Result<Response<Self::IoStream>, Status> {
+        let session = stream_session(request.metadata().as_ref())?;
         let inbound = request.into_inner().map(|batch| {
             batch.map(|b| b.requests.into_iter().map(wire::IoRequest::from).collect())
         });
         let (tx, rx) = mpsc::channel(64);
-        tokio::spawn(run_stream(self.store.clone(), Box::pin(inbound), tx));
+        tokio::spawn(run_stream(
+            self.store.clone(),
+            session,
+            Box::pin(inbound),
+            tx,
+        ));
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 

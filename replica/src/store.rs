@@ -30,6 +30,9 @@
 //! Invariant (fencing): every data and mutating control operation carries the
 //! epoch of the engine that sends it; a lower epoch than the one persisted by
 //! [`Store::open_epoch`] is rejected, so a replaced engine cannot change data.
+//! Within one epoch, every `Open` also starts a new data-stream session
+//! ([`crate::session`]), so the streams of an earlier attachment of the same
+//! engine cannot either.
 
 use std::collections::HashMap;
 use std::io;
@@ -46,6 +49,7 @@ use crate::io::{Completion, EngineKind, IoEngine, Op};
 use crate::layer::{Layer, block_crcs, block_crcs_and_total};
 use crate::meta::{FORMAT, LayerMeta, MergeMeta, Meta, MetaError, MetaStore, SledMeta};
 use crate::order::{Ticket, WriteOrder};
+use crate::session::{SessionGuard, Sessions, Superseded};
 use crate::uring::AlignedBuf;
 
 /// Largest single I/O the store accepts.
@@ -113,6 +117,9 @@ pub enum StoreError {
         /// The replica's epoch.
         current: u64,
     },
+    /// The request's data stream belongs to a superseded session.
+    #[error(transparent)]
+    StaleSession(#[from] Superseded),
     /// The request's epoch was never opened.
     #[error(
         "epoch {got} was not opened on this replica (current epoch {current}); call Open first"
@@ -340,6 +347,8 @@ pub struct ReplicaStatus {
     /// When the last complete scrub that found nothing corrupt finished
     /// (Unix seconds), 0 if none has.
     pub last_clean_scrub_unix: i64,
+    /// The data-stream session the last `Open` started.
+    pub session: u64,
 }
 
 /// The replica's storage.
@@ -359,6 +368,7 @@ pub struct Store {
     streams: AtomicUsize,
     closed: std::sync::atomic::AtomicBool,
     write_order: Arc<WriteOrder>,
+    sessions: Sessions,
 }
 
 /// Parameters to open or create a store.
@@ -474,6 +484,7 @@ impl Store {
                     merging: None,
                     attached: false,
                     last_clean_scrub_unix: 0,
+                    session: 0,
                 };
                 meta_store.save(&meta)?;
                 (
@@ -551,6 +562,7 @@ impl Store {
             meta_store,
             epoch: AtomicU64::new(meta.epoch),
             revision: AtomicU64::new(meta.revision),
+            sessions: Sessions::new(meta.session),
             meta: Mutex::new(meta),
             chain: RwLock::new(chain),
             control: tokio::sync::Mutex::new(()),
@@ -651,7 +663,10 @@ impl Store {
         Ok(())
     }
 
-    /// Takes `epoch` (persisted before returning). Lower epochs are refused.
+    /// Takes `epoch` (persisted before returning) and starts a new
+    /// data-stream session: once this returns, no request of an older
+    /// session's stream is executing or will be applied. Lower epochs are
+    /// refused.
     pub async fn open_epoch(&self, epoch: u64) -> Result<ReplicaStatus> {
         let _c = self.control.lock().await;
         let current = self.epoch.load(Ordering::Acquire);
@@ -666,14 +681,15 @@ impl Store {
                 current,
             });
         }
-        if epoch > current || !self.meta().attached {
-            self.update_meta(|m| {
-                m.epoch = epoch;
-                m.attached = true;
-            })
-            .await?;
-            self.epoch.store(epoch, Ordering::Release);
-        }
+        let session = self.meta().session.max(self.sessions.current()) + 1;
+        self.sessions.supersede(session).await;
+        self.update_meta(|m| {
+            m.epoch = epoch;
+            m.attached = true;
+            m.session = session;
+        })
+        .await?;
+        self.epoch.store(epoch, Ordering::Release);
         drop(_c);
         Ok(self.status().await)
     }
@@ -687,6 +703,20 @@ impl Store {
         self.update_meta(|m| m.attached = false).await?;
         drop(_c);
         Ok(self.status().await)
+    }
+
+    /// Admits one data-stream request of `session` and `epoch` (see
+    /// [`crate::session`]): hold the guard until the request is done. A
+    /// stale or unopened epoch is refused as such first.
+    pub fn enter_session(&self, session: u64, epoch: u64) -> Result<SessionGuard<'_>> {
+        self.check_epoch(epoch)?;
+        Ok(self.sessions.enter(session)?)
+    }
+
+    /// Sees every change of the current session (a stream ends itself once
+    /// a later `Open` superseded it).
+    pub fn watch_session(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.sessions.watch()
     }
 
     /// Registers an open data stream; revert is refused while any is open.
@@ -1818,6 +1848,7 @@ impl Store {
                 .sum(),
             attached: meta.attached,
             last_clean_scrub_unix: meta.last_clean_scrub_unix,
+            session: meta.session,
         }
     }
 

@@ -102,9 +102,27 @@ struct Io {
 }
 
 impl Io {
+    /// Opens a data stream of the replica's current session (that of its
+    /// last `Open`).
     async fn open(client: &mut ReplicaClient<Channel>, epoch: u64) -> Io {
+        let session = client
+            .info(pb::InfoRequest {})
+            .await
+            .unwrap()
+            .into_inner()
+            .session;
+        Io::open_session(client, epoch, session).await
+    }
+
+    /// Opens a data stream naming `session`.
+    async fn open_session(client: &mut ReplicaClient<Channel>, epoch: u64, session: u64) -> Io {
         let (tx, rx) = mpsc::channel(16);
-        let resp = client.io(ReceiverStream::new(rx)).await.unwrap();
+        let mut request = tonic::Request::new(ReceiverStream::new(rx));
+        request.metadata_mut().insert(
+            zebu_proto::wire::SESSION_HEADER,
+            session.to_string().parse().unwrap(),
+        );
+        let resp = client.io(request).await.unwrap();
         Io {
             tx,
             rx: resp.into_inner(),
@@ -142,6 +160,38 @@ impl Io {
 
     async fn one(&mut self, r: pb::IoRequest) -> pb::IoResponse {
         self.batch(vec![r]).await.remove(0)
+    }
+
+    /// Sends `r` on a stream a later `Open` superseded and asserts that it
+    /// was refused: answered as stale, or the stream ended with a status
+    /// that says it was superseded.
+    async fn expect_refused(&mut self, mut r: pb::IoRequest) {
+        r.id = self.next_id;
+        self.next_id += 1;
+        if r.epoch == 0 {
+            r.epoch = self.epoch;
+        }
+        // The replica may already have ended the stream: then the send fails.
+        let _ = self.tx.send(pb::IoBatch { requests: vec![r] }).await;
+        match self.rx.next().await {
+            Some(Ok(b)) => {
+                let resp = &b.responses[0];
+                assert!(
+                    matches!(
+                        status(resp),
+                        pb::IoStatus::IoStaleSession | pb::IoStatus::IoStaleEpoch
+                    ),
+                    "a superseded stream's request was answered {:?}: {}",
+                    status(resp),
+                    resp.message
+                );
+            }
+            Some(Err(st)) => {
+                assert_eq!(st.code(), tonic::Code::FailedPrecondition, "{st:?}");
+                assert!(st.message().contains("superseded"), "{st:?}");
+            }
+            None => panic!("the superseded stream ended without a status"),
+        }
     }
 }
 
@@ -342,10 +392,10 @@ async fn bad_requests_are_rejected(engine: &str) {
     assert!(resp.message.contains("fenced"), "{}", resp.message);
     let err = c.open(pb::OpenRequest { epoch: 4 }).await.unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
-    // Newer engine takes over: the old epoch's writes fail from now on.
+    // Newer engine takes over: the old epoch's writes fail from now on
+    // (its stream was superseded by the new Open).
     c.open(pb::OpenRequest { epoch: 6 }).await.unwrap();
-    let resp = io.one(write_req(0, vec![3; BS as usize])).await;
-    assert_eq!(status(&resp), pb::IoStatus::IoStaleEpoch);
+    io.expect_refused(write_req(0, vec![3; BS as usize])).await;
     let mut io6 = Io::open(&mut c, 6).await;
     let resp = io6.one(read_req(0, BS)).await;
     assert!(resp.payload.iter().all(|&b| b == 7));
@@ -1079,7 +1129,9 @@ async fn raw_call(
         .method(http::Method::POST)
         .uri(format!("/zebu.replica.v1.Replica/{method}"))
         .header("content-type", "application/grpc")
-        .header("te", "trailers");
+        .header("te", "trailers")
+        // The replica was never opened: session 0 is current.
+        .header(zebu_proto::wire::SESSION_HEADER, "0");
     if let Some(e) = encoding {
         req = req.header("grpc-encoding", e);
     }
@@ -1339,4 +1391,60 @@ fn a_replica_says_whether_its_buffer_arena_is_on_huge_pages() {
             eprintln!("transparent huge pages are off here: only the warning is checked");
         }
     }
+}
+
+/// An engine that ejected a replica and added it back opens it again with
+/// the same epoch; the data stream of its earlier attachment must never
+/// write again, whether it is still open (a request the network delivers
+/// late) or opened anew naming the old session.
+#[tokio::test]
+async fn a_superseded_session_never_writes() {
+    let tmp = tempdir();
+    let r = Replica::start(&tmp.path().join("r"), Some("8M"), "uring");
+    let mut c = r.client().await;
+    let first = c
+        .open(pb::OpenRequest { epoch: 3 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(first.session > 0, "Open returns the session it started");
+    let mut old = Io::open(&mut c, 3).await;
+    let resp = old.one(write_req(0, vec![1; BS as usize])).await;
+    assert_eq!(status(&resp), pb::IoStatus::IoOk, "{}", resp.message);
+
+    // The same engine opens the replica again (re-added after an ejection).
+    let second = c
+        .open(pb::OpenRequest { epoch: 3 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(second.session > first.session, "{first:?} then {second:?}");
+    old.expect_refused(write_req(0, vec![2; BS as usize])).await;
+    let mut late = Io::open_session(&mut c, 3, first.session).await;
+    late.expect_refused(write_req(0, vec![3; BS as usize]))
+        .await;
+
+    let mut current = Io::open(&mut c, 3).await;
+    let resp = current.one(read_req(0, BS)).await;
+    assert!(
+        resp.payload.iter().all(|&b| b == 1),
+        "a superseded stream changed data"
+    );
+    let resp = current.one(write_req(0, vec![4; BS as usize])).await;
+    assert_eq!(status(&resp), pb::IoStatus::IoOk, "{}", resp.message);
+
+    // The session survives a restart: numbers never repeat.
+    drop((old, late, current));
+    let dir = tmp.path().join("r");
+    drop(r);
+    let r = Replica::start(&dir, None, "uring");
+    let mut c = r.client().await;
+    let info = c.info(pb::InfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(info.session, second.session, "the session is persisted");
+    let third = c
+        .open(pb::OpenRequest { epoch: 3 })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(third.session > second.session, "{second:?} then {third:?}");
 }

@@ -32,6 +32,10 @@ use tonic::transport::Channel;
 use zebu_proto::replica as pb;
 use zebu_proto::replica::replica_client::ReplicaClient;
 
+mod proxy;
+#[allow(unused_imports)]
+pub use proxy::{FaultProxy, Toward};
+
 pub const BS: u64 = 4096;
 pub const MIB: u64 = 1 << 20;
 
@@ -966,12 +970,25 @@ pub struct RawIo {
 }
 
 impl RawIo {
+    /// Opens a data stream of the replica's current session (that of its
+    /// last `Open`).
     pub async fn open(client: &mut ReplicaClient<Channel>, epoch: u64) -> RawIo {
-        let (tx, rx) = mpsc::channel(16);
-        let resp = client
-            .io(ReceiverStream::new(rx))
+        let session = client
+            .info(pb::InfoRequest {})
             .await
-            .expect("open Io stream");
+            .expect("Info")
+            .into_inner()
+            .session;
+        let (tx, rx) = mpsc::channel(16);
+        let mut request = tonic::Request::new(ReceiverStream::new(rx));
+        request.metadata_mut().insert(
+            zebu_proto::wire::SESSION_HEADER,
+            session
+                .to_string()
+                .parse()
+                .expect("a number is a header value"),
+        );
+        let resp = client.io(request).await.expect("open Io stream");
         RawIo {
             tx,
             rx: resp.into_inner(),
@@ -1162,6 +1179,41 @@ impl NbdConn {
         let mut data = vec![0u8; len as usize];
         self.sock.read_exact(&mut data).expect("NBD read payload");
         Ok(data)
+    }
+}
+
+impl NbdConn {
+    /// Sends one request (`typ` = NBD_CMD_*) and waits for its simple
+    /// reply: Ok, or the error the server answered with (an errno value).
+    fn command(&mut self, typ: u16, offset: u64, len: u32, payload: &[u8]) -> Result<(), u32> {
+        let cookie = rand_u64();
+        let mut req = Vec::with_capacity(28 + payload.len());
+        req.extend_from_slice(&0x2560_9513u32.to_be_bytes());
+        req.extend_from_slice(&0u16.to_be_bytes()); // flags
+        req.extend_from_slice(&typ.to_be_bytes());
+        req.extend_from_slice(&cookie.to_be_bytes());
+        req.extend_from_slice(&offset.to_be_bytes());
+        req.extend_from_slice(&len.to_be_bytes());
+        req.extend_from_slice(payload);
+        self.sock.write_all(&req).expect("send NBD request");
+        let mut rep = [0u8; 16];
+        self.sock.read_exact(&mut rep).expect("NBD reply");
+        assert_eq!(rep[..4], 0x6744_6698u32.to_be_bytes(), "simple reply magic");
+        assert_eq!(rep[8..16], cookie.to_be_bytes(), "reply cookie");
+        match u32::from_be_bytes(rep[4..8].try_into().unwrap()) {
+            0 => Ok(()),
+            error => Err(error),
+        }
+    }
+
+    /// NBD_CMD_WRITE of `data` at `offset`.
+    pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), u32> {
+        self.command(1, offset, data.len() as u32, data)
+    }
+
+    /// NBD_CMD_FLUSH.
+    pub fn flush(&mut self) -> Result<(), u32> {
+        self.command(3, 0, 0, &[])
     }
 }
 
