@@ -1,8 +1,10 @@
-//! End to end, faults between the engine and its replicas: a link that
-//! stops delivering (a fault proxy holds the bytes, as a TCP send queue
-//! behind a dead link would, and delivers them late). After each: every
-//! acknowledged and flushed write reads back, and every replica read alone
-//! holds the same image.
+//! End to end, faults between the engine and its replicas: links that stop
+//! delivering in one direction or both (a fault proxy holds the bytes, as a
+//! TCP send queue behind a dead link would, and delivers them late), a
+//! replica paused past the I/O timeout and resumed, and a second engine
+//! taking over the replicas of a running one. After each: every
+//! acknowledged and flushed write reads back, nothing unacknowledged is
+//! reported written, and every replica read alone holds the same image.
 
 mod common;
 
@@ -82,4 +84,199 @@ fn a_late_write_on_an_ejected_replicas_old_connection_is_never_applied() {
         cut,
         "the engine did not close its connection to the ejected replica"
     );
+}
+
+/// Starts three replicas, a fault proxy in front of each, and an engine on
+/// the proxies with a 1 s I/O timeout.
+fn proxied(tmp: &std::path::Path, volume: &str) -> (Vec<Replica>, Vec<FaultProxy>, Engine) {
+    let replicas = start_replicas(tmp, 3, "8M");
+    let proxies: Vec<FaultProxy> = replicas
+        .iter()
+        .map(|r| FaultProxy::start(&r.addr))
+        .collect();
+    let addrs: Vec<&str> = proxies.iter().map(|p| p.addr.as_str()).collect();
+    let engine = Engine::start_with(tmp, volume, "8M", &addrs, &["--io-timeout", "1s"]);
+    engine.wait_healthy(3);
+    (replicas, proxies, engine)
+}
+
+fn replica_addrs(replicas: &[Replica]) -> Vec<&str> {
+    replicas.iter().map(|r| r.addr.as_str()).collect()
+}
+
+/// The replies of one replica stop coming back (a one-way partition,
+/// replica → engine): the engine ejects it after the I/O timeout and goes
+/// on with the others; after the link heals and the replica is added back,
+/// the late replies on the old connection change nothing.
+#[test]
+fn replies_lost_one_way_eject_the_replica_and_arrive_too_late_to_matter() {
+    let _serial = serial();
+    let tmp = tempdir();
+    let (replicas, proxies, mut engine) = proxied(tmp.path(), "oneway");
+    let mut nbd = NbdConn::connect(&engine.socket, "oneway");
+    let (a, b) = (pattern(11, BS as usize), pattern(12, BS as usize));
+    nbd.write(0, &a).expect("write A");
+    nbd.flush().expect("flush A");
+
+    assert!(proxies[2].freeze_toward(Toward::Engine) > 0);
+    nbd.write(BS, &b)
+        .expect("write B is acknowledged by the two others");
+    nbd.flush().expect("flush B");
+    engine.wait_status("degraded with replica 2 ejected", |s| {
+        replica_entry(s, &proxies[2].addr).is_some_and(|r| r["mode"] == "ERR")
+    });
+    engine.ctl_ok(&["replica", "add", &proxies[2].addr, "--wait"]);
+    engine.wait_healthy(3);
+    proxies[2].release();
+
+    for _ in 0..6 {
+        assert_same("block 0", &nbd.read(0, BS as u32).expect("read"), &a);
+        assert_same("block 1", &nbd.read(BS, BS as u32).expect("read"), &b);
+    }
+    drop(nbd);
+    engine.stop();
+    let image = assert_replicas_identical(&replica_addrs(&replicas));
+    assert_same(
+        "block 1 of every replica",
+        &image[BS as usize..2 * BS as usize],
+        &b,
+    );
+}
+
+/// The engine's host loses every replica at once: the write in flight is
+/// never acknowledged (the client gets an error), and after the links heal
+/// a new engine serves the replicas, all equal, with every write that was
+/// acknowledged before the cut.
+#[test]
+fn an_engine_cut_off_from_every_replica_acknowledges_nothing() {
+    let _serial = serial();
+    let tmp = tempdir();
+    let (replicas, proxies, mut engine) = proxied(tmp.path(), "cutoff");
+    let mut nbd = NbdConn::connect(&engine.socket, "cutoff");
+    let (a, b) = (pattern(21, BS as usize), pattern(22, BS as usize));
+    nbd.write(0, &a).expect("write A");
+    nbd.flush().expect("flush A");
+
+    for p in &proxies {
+        assert!(p.freeze_toward(Toward::Both) > 0);
+    }
+    let written = nbd.write(0, &b);
+    assert!(
+        written.is_err(),
+        "a write no replica received was acknowledged; engine log:\n{}",
+        engine.log_tail()
+    );
+    let flushed = nbd.flush();
+    assert!(flushed.is_err(), "a flush no replica received succeeded");
+    drop(nbd);
+
+    // The links heal; the old engine is gone (as after a node loss).
+    engine.kill9();
+    for p in &proxies {
+        p.release();
+    }
+    let addrs = replica_addrs(&replicas);
+    let mut engine = Engine::start(tmp.path(), "cutoff", "8M", &addrs);
+    engine.wait_healthy(3);
+    let mut nbd = NbdConn::connect(&engine.socket, "cutoff");
+    let got = nbd.read(0, BS as u32).expect("read block 0");
+    assert!(
+        got == a || got == b,
+        "block 0 holds neither the acknowledged write nor the unacknowledged one"
+    );
+    drop(nbd);
+    engine.stop();
+    assert_replicas_identical(&addrs);
+}
+
+/// A replica paused past the I/O timeout is ejected; resumed, it does not
+/// come back into service by itself (it missed writes): it stays ejected
+/// until it is added back, and its resync makes it equal to the others.
+#[test]
+fn a_paused_replica_stays_ejected_after_it_resumes_until_resynced() {
+    let _serial = serial();
+    let tmp = tempdir();
+    let replicas = start_replicas(tmp.path(), 3, "8M");
+    let addrs = replica_addrs(&replicas);
+    let mut engine =
+        Engine::start_with(tmp.path(), "paused", "8M", &addrs, &["--io-timeout", "1s"]);
+    engine.wait_healthy(3);
+    let mut nbd = NbdConn::connect(&engine.socket, "paused");
+    nbd.write(0, &pattern(31, BS as usize)).expect("write");
+
+    replicas[1].signal(nix::sys::signal::Signal::SIGSTOP);
+    let missed = pattern(32, BS as usize);
+    nbd.write(0, &missed).expect("write while paused");
+    engine.wait_status("degraded with replica 1 ejected", |s| {
+        replica_entry(s, &replicas[1].addr).is_some_and(|r| r["mode"] == "ERR")
+    });
+    replicas[1].signal(nix::sys::signal::Signal::SIGCONT);
+    // More writes and reads after it resumed: it must take no part.
+    let after = pattern(33, BS as usize);
+    nbd.write(BS, &after).expect("write after resume");
+    nbd.flush().expect("flush");
+    for _ in 0..6 {
+        assert_same("block 0", &nbd.read(0, BS as u32).expect("read"), &missed);
+    }
+    let st = engine.status();
+    assert_eq!(
+        replica_entry(&st, &replicas[1].addr).map(|r| r["mode"].clone()),
+        Some("ERR".into()),
+        "a resumed replica came back without a resync: {st}"
+    );
+
+    engine.ctl_ok(&["replica", "add", &replicas[1].addr, "--wait"]);
+    engine.wait_healthy(3);
+    drop(nbd);
+    engine.stop();
+    let image = assert_replicas_identical(&addrs);
+    assert_same("block 0 of every replica", &image[..BS as usize], &missed);
+    assert_same(
+        "block 1 of every replica",
+        &image[BS as usize..2 * BS as usize],
+        &after,
+    );
+}
+
+/// Split brain: a second engine starts on the replicas of a running one
+/// (a new epoch). The old engine's client gets errors for its writes from
+/// then on — never an acknowledgement of a write the new engine will not
+/// see — and the new engine serves what was acknowledged before.
+#[test]
+fn a_fenced_engine_never_acknowledges_a_write() {
+    let _serial = serial();
+    let tmp = tempdir();
+    let replicas = start_replicas(tmp.path(), 3, "8M");
+    let addrs = replica_addrs(&replicas);
+    let mut old = Engine::start_with(tmp.path(), "split", "8M", &addrs, &["--io-timeout", "1s"]);
+    old.wait_healthy(3);
+    let mut old_client = NbdConn::connect(&old.socket, "split");
+    let a = pattern(41, BS as usize);
+    old_client.write(0, &a).expect("write A");
+    old_client.flush().expect("flush A");
+
+    let mut new = Engine::start(tmp.path(), "split", "8M", &addrs);
+    assert!(new.epoch > old.epoch, "{} then {}", old.epoch, new.epoch);
+    new.wait_healthy(3);
+    let stale = pattern(42, BS as usize);
+    assert!(
+        old_client.write(0, &stale).is_err(),
+        "the fenced engine acknowledged a write; its log:\n{}",
+        old.log_tail()
+    );
+    assert!(
+        old_client.flush().is_err(),
+        "the fenced engine acknowledged a flush"
+    );
+    drop(old_client);
+    old.kill9();
+
+    let mut client = NbdConn::connect(&new.socket, "split");
+    for _ in 0..6 {
+        assert_same("block 0", &client.read(0, BS as u32).expect("read"), &a);
+    }
+    drop(client);
+    new.stop();
+    let image = assert_replicas_identical(&addrs);
+    assert_same("block 0 of every replica", &image[..BS as usize], &a);
 }
