@@ -487,28 +487,16 @@ fn read_state(layout: &Layout, context: &str) -> Result<Option<StateRecord>> {
         })
 }
 
-/// Writes the record atomically (temp file, fsync, rename).
+/// Writes the record atomically and durably ([`crate::durable`]): detach
+/// reads it after a restart.
 fn write_state(layout: &Layout, rec: &StateRecord, context: &str) -> Result<()> {
     let json = serde_json::to_vec_pretty(rec).map_err(|source| AttachError::StateFile {
         context: context.to_owned(),
         path: layout.state_file.clone(),
         source,
     })?;
-    let tmp = layout.state_file.with_extension("json.tmp");
-    let ctx = format!("{context}: writing {}", tmp.display());
-    {
-        use std::io::Write;
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io_err(&ctx))?;
-        f.write_all(&json).map_err(io_err(&ctx))?;
-        f.sync_all().map_err(io_err(&ctx))?;
-    }
-    std::fs::rename(&tmp, &layout.state_file).map_err(io_err(&ctx))
+    let ctx = format!("{context}: writing {}", layout.state_file.display());
+    crate::durable::write(&layout.state_file, &json, 0o600).map_err(io_err(&ctx))
 }
 
 /// Attaches `nbd_uri` with [`Backend::Bridge`] (Zebu's own FUSE bridge:

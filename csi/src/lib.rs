@@ -5,6 +5,8 @@
 //!   (`nbdfuse` + loop), make a filesystem only if blank, mount / bind /
 //!   unmount, grow, volume statistics.
 //! - [`context`]: the driver name and the keys of CSI context maps.
+//! - [`durable`]: small files replaced atomically and durably (every
+//!   record the driver, agent, CLI and bridge keep on disk).
 //! - [`grpc`]: serving and dialling gRPC over Unix sockets and TCP.
 //! - [`controller`]: the CSI Controller service, replica placement, the
 //!   reconcile loop.
@@ -22,6 +24,7 @@ pub mod attach;
 pub mod cli;
 pub mod context;
 pub mod controller;
+pub mod durable;
 pub mod grpc;
 pub mod identity;
 pub mod inflight;

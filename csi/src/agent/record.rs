@@ -7,7 +7,6 @@
 //! in-memory versions were made (see [`Proc::persist`]), so a slow write can
 //! never overwrite a newer one.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
@@ -250,49 +249,25 @@ pub(crate) fn validate_id(field: &str, id: &str) -> Result<(), AgentError> {
     Ok(())
 }
 
-/// Writes `rec` to `path` atomically (tmp + fsync + rename + fsync of the dir).
+/// Writes `rec` to `path` atomically and durably ([`crate::durable`]).
 pub(crate) fn write(path: &Path, rec: &Record) -> Result<(), AgentError> {
-    let io = |what: &str| {
-        let context = format!("{what} {}", path.display());
-        move |source| AgentError::Io { context, source }
-    };
-    let json = serde_json::to_vec_pretty(rec).map_err(|source| AgentError::Record {
+    let mut json = serde_json::to_vec_pretty(rec).map_err(|source| AgentError::Record {
         path: path.to_owned(),
         source,
     })?;
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    {
-        let mut f = std::fs::File::create(&tmp).map_err(io("creating"))?;
-        f.write_all(&json).map_err(io("writing"))?;
-        f.write_all(b"\n").map_err(io("writing"))?;
-        f.sync_all().map_err(io("syncing"))?;
-    }
-    std::fs::rename(&tmp, path).map_err(io("renaming into place"))?;
-    sync_dir(path)
+    json.push(b'\n');
+    crate::durable::write(path, &json, 0o600).map_err(|source| AgentError::Io {
+        context: format!("writing {}", path.display()),
+        source,
+    })
 }
 
 /// Removes the record at `path` (absent is fine) and syncs the directory.
 pub(crate) fn remove(path: &Path) -> Result<(), AgentError> {
-    match std::fs::remove_file(path) {
-        Ok(()) => sync_dir(path),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
-        Err(source) => Err(AgentError::Io {
-            context: format!("removing {}", path.display()),
-            source,
-        }),
-    }
-}
-
-fn sync_dir(path: &Path) -> Result<(), AgentError> {
-    let Some(dir) = path.parent() else {
-        return Ok(());
-    };
-    std::fs::File::open(dir)
-        .and_then(|d| d.sync_all())
+    crate::durable::remove(path)
+        .map(|_| ())
         .map_err(|source| AgentError::Io {
-            context: format!("syncing {}", dir.display()),
+            context: format!("removing {}", path.display()),
             source,
         })
 }

@@ -562,11 +562,8 @@ fn split_file(file: &Path) -> Result<(PathBuf, OsString), BridgeError> {
 
 fn write_pidfile(path: &Path) -> Result<(), BridgeError> {
     let ctx = format!("writing the pid file {}", path.display());
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(".tmp");
-    let tmp = PathBuf::from(tmp);
-    std::fs::write(&tmp, format!("{}\n", std::process::id())).map_err(io_err(&ctx))?;
-    std::fs::rename(&tmp, path).map_err(io_err(&ctx))
+    let pid = format!("{}\n", std::process::id());
+    crate::durable::write(path, pid.as_bytes(), 0o644).map_err(io_err(&ctx))
 }
 
 /// Unmounts `dir`; lazily when it is busy (a loop device holds the file: the

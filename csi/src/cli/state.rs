@@ -99,23 +99,18 @@ impl StateDir {
         })
     }
 
-    /// Records `att` (atomically: a temporary file renamed over the record).
+    /// Records `att` (atomically and durably: see [`crate::durable`]).
     pub fn save(&self, att: &Attachment) -> io::Result<()> {
         let p = self.record_path(&att.volume_id);
         let dir = p.parent().unwrap_or(&self.root);
         std::fs::create_dir_all(dir)?;
-        let tmp = p.with_extension("json.tmp");
         let text = serde_json::to_vec_pretty(att).map_err(io::Error::other)?;
-        std::fs::write(&tmp, text)?;
-        std::fs::rename(&tmp, &p)
+        crate::durable::write(&p, &text, 0o600)
     }
 
     /// Forgets the attachment of `volume`.
     pub fn remove(&self, volume: &str) -> io::Result<()> {
-        match std::fs::remove_file(self.record_path(volume)) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
-        }
+        crate::durable::remove(&self.record_path(volume)).map(|_| ())
     }
 }
 

@@ -17,8 +17,8 @@
 //!   NodeUnpublishVolume has not removed yet.
 
 use std::collections::BTreeMap;
-use std::io::{self, Write};
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::io;
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -205,42 +205,22 @@ impl Records {
                 source,
             })?;
         let path = dir.join(RECORD_FILE);
-        let tmp = dir.join(format!("{RECORD_FILE}.tmp"));
         let json = serde_json::to_vec_pretty(rec).map_err(|source| RecordError::Json {
             path: path.clone(),
             source,
         })?;
-        let io_err = |path: &Path| {
-            let path = path.to_owned();
-            move |source| RecordError::Io { path, source }
-        };
-        let mut f = std::fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io_err(&tmp))?;
-        f.write_all(&json).map_err(io_err(&tmp))?;
-        f.sync_all().map_err(io_err(&tmp))?;
-        drop(f);
-        std::fs::rename(&tmp, &path).map_err(io_err(&path))?;
-        // Make the rename durable.
-        std::fs::File::open(&dir)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err(&dir))
+        crate::durable::write(&path, &json, 0o600)
+            .map_err(|source| RecordError::Io { path, source })
     }
 
     /// Removes the record and then the volume directory if it is empty
     /// (the caller detached first, which removes the attach files).
     pub fn remove(&self, volume_id: &str) -> Result<(), RecordError> {
         let dir = self.dir(volume_id)?;
-        for f in [RECORD_FILE.to_owned(), format!("{RECORD_FILE}.tmp")] {
-            let path = dir.join(f);
-            match std::fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(source) => return Err(RecordError::Io { path, source }),
+        let path = dir.join(RECORD_FILE);
+        for path in [crate::durable::temp_path(&path), path] {
+            if let Err(source) = crate::durable::remove(&path) {
+                return Err(RecordError::Io { path, source });
             }
         }
         match std::fs::remove_dir(&dir) {
