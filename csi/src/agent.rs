@@ -859,18 +859,12 @@ impl Agent {
                 )));
             }
         }
-        if !req
-            .io_timeout
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '.')
-        {
-            return Err(AgentError::InvalidArgument(format!(
-                "io_timeout {:?} is not a duration like 8s or 500ms",
-                req.io_timeout
-            )));
+        if !req.io_timeout.is_empty() {
+            zebu_proto::duration::parse(&req.io_timeout)
+                .map_err(|e| AgentError::InvalidArgument(format!("io_timeout: {e}")))?;
         }
         if !req.scrub_interval.is_empty() {
-            zebu_proto::interval::parse(&req.scrub_interval)
+            zebu_proto::duration::parse_interval(&req.scrub_interval)
                 .map_err(|e| AgentError::InvalidArgument(format!("scrub_interval: {e}")))?;
         }
         if !req.scrub_rate.is_empty() {

@@ -33,7 +33,8 @@ use zebu_proto::csi::node_server::NodeServer;
 #[command(
     name = "zebu-csi",
     version,
-    about = "Zebu CSI driver: replicated block volumes"
+    about = "Zebu CSI driver: replicated block volumes",
+    after_help = "Durations are a number and a unit, several may be joined: 500ms, 8s, 2m, 1h30m, 7d."
 )]
 struct Cli {
     #[command(subcommand)]
@@ -76,10 +77,11 @@ struct ControllerOpts {
     #[arg(long)]
     allow_same_disk: bool,
     /// How long a replica may be unreachable before it is replaced elsewhere.
-    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    #[arg(long, default_value = "60s", value_parser = zebu_proto::duration::parse)]
     replica_replacement_delay: Duration,
-    /// Engine I/O timeout (e.g. 8s) after which a silent replica is ejected.
-    #[arg(long, default_value = "")]
+    /// Engine I/O timeout (e.g. 8s) after which a silent replica is ejected
+    /// (empty: the engine's default).
+    #[arg(long, default_value = "", value_parser = check_duration)]
     io_timeout: String,
     /// How often each attached volume is scrubbed: every replica reads its
     /// data back and checks it against its stored CRCs, and a replica found
@@ -91,7 +93,7 @@ struct ControllerOpts {
     #[arg(long, default_value = "64M", value_parser = check_rate)]
     scrub_rate: String,
     /// How often the controller reconciles processes with its records.
-    #[arg(long, default_value = "2s", value_parser = parse_duration)]
+    #[arg(long, default_value = "2s", value_parser = zebu_proto::duration::parse)]
     reconcile_interval: Duration,
 }
 
@@ -142,30 +144,23 @@ struct StandaloneArgs {
     opts: ControllerOpts,
 }
 
+/// A duration the engine accepts (or empty), kept as written (for its
+/// command line).
+fn check_duration(s: &str) -> Result<String, String> {
+    if s.trim().is_empty() {
+        return Ok(String::new());
+    }
+    zebu_proto::duration::parse(s).map(|_| s.trim().to_owned())
+}
+
 /// An interval the engine accepts, kept as written (for its command line).
 fn check_interval(s: &str) -> Result<String, String> {
-    zebu_proto::interval::parse(s).map(|_| s.trim().to_owned())
+    zebu_proto::duration::parse_interval(s).map(|_| s.trim().to_owned())
 }
 
 /// A rate limit the engine accepts, kept as written (for its command line).
 fn check_rate(s: &str) -> Result<String, String> {
     zebu_proto::size::parse_rate(s).map(|_| s.trim().to_owned())
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let (num, unit) = s
-        .find(|c: char| !c.is_ascii_digit())
-        .map(|i| s.split_at(i))
-        .unwrap_or((s, "s"));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?}: use e.g. 500ms, 8s, 2m"))?;
-    match unit {
-        "ms" => Ok(Duration::from_millis(n)),
-        "s" => Ok(Duration::from_secs(n)),
-        "m" => Ok(Duration::from_secs(n * 60)),
-        _ => Err(format!("invalid duration {s:?}: use e.g. 500ms, 8s, 2m")),
-    }
 }
 
 fn unix_path(endpoint: &str) -> Result<PathBuf> {

@@ -4,9 +4,9 @@ use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
 
+use zebu_proto::duration::span;
 use zebu_proto::engine as epb;
 use zebu_proto::engine::engine_server::Engine;
-use zebu_proto::interval::span;
 
 use crate::volume::{Volume, VolumeError};
 

@@ -15,7 +15,12 @@ use zebu_proto::engine::engine_client::EngineClient;
 
 /// Serve a replicated Zebu volume over NBD, or control a running engine.
 #[derive(Parser, Debug)]
-#[command(name = "zebu-engine", version, args_conflicts_with_subcommands = true)]
+#[command(
+    name = "zebu-engine",
+    version,
+    args_conflicts_with_subcommands = true,
+    after_help = "Durations are a number and a unit, several may be joined: 500ms, 8s, 2m, 1h30m, 7d."
+)]
 struct Cli {
     #[command(flatten)]
     serve: Option<ServeArgs>,
@@ -41,7 +46,7 @@ struct ServeArgs {
     #[arg(long)]
     listen: String,
     /// A replica that does not answer within this time is ejected (e.g. 8s, 500ms).
-    #[arg(long, default_value = "8s", value_parser = parse_duration)]
+    #[arg(long, default_value = "8s", value_parser = zebu_proto::duration::parse)]
     io_timeout: Duration,
     /// Threads for the engine's own work. With 1 everything runs on one
     /// thread, which costs the least CPU per I/O on a host whose few cores
@@ -53,7 +58,7 @@ struct ServeArgs {
     /// stored CRCs, and a replica found corrupt is resynced from a healthy
     /// one. Counted from each replica's last clean scrub, across engine
     /// restarts. 0 or off: no scheduled scrubs.
-    #[arg(long, default_value = "off", value_parser = zebu_proto::interval::parse)]
+    #[arg(long, default_value = "off", value_parser = zebu_proto::duration::parse_interval)]
     scrub_interval: std::option::Option<Duration>,
     /// Read rate limit of a scheduled scrub, per replica, per second
     /// (e.g. 64M); 0 is no limit.
@@ -152,26 +157,6 @@ enum SnapshotOp {
         /// Snapshot name.
         name: String,
     },
-}
-
-fn parse_duration(s: &str) -> Result<Duration, String> {
-    let s = s.trim();
-    let (num, mul) = if let Some(n) = s.strip_suffix("ms") {
-        (n, 0.001)
-    } else if let Some(n) = s.strip_suffix('s') {
-        (n, 1.0)
-    } else if let Some(n) = s.strip_suffix('m') {
-        (n, 60.0)
-    } else {
-        (s, 1.0)
-    };
-    let v: f64 = num
-        .parse()
-        .map_err(|_| format!("invalid duration {s:?}: use e.g. 8s, 500ms or 1m"))?;
-    if v.is_nan() || v <= 0.0 {
-        return Err(format!("invalid duration {s:?}: must be positive"));
-    }
-    Ok(Duration::from_secs_f64(v * mul))
 }
 
 fn main() -> std::process::ExitCode {

@@ -9,7 +9,7 @@
 //! - [`wire`]: the data path's messages decoded from (and large payloads
 //!   sent as) HTTP/2 frames directly, below tonic's codec.
 
-pub mod interval;
+pub mod duration;
 pub mod size;
 pub mod wire;
 

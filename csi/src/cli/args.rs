@@ -27,8 +27,8 @@ pub struct Cli {
     /// Directory where `zebu volume attach` records attachments and stages volumes.
     #[arg(long, global = true, env = "ZEBU_CLI_STATE", default_value = DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
-    /// Longest wait for one reply from the driver, in seconds (or 90s, 5m).
-    #[arg(long, global = true, default_value = "300", value_parser = parse_timeout)]
+    /// Longest wait for one reply from the driver (e.g. 90s, 5m).
+    #[arg(long, global = true, default_value = "5m", value_parser = zebu_proto::duration::parse)]
     pub timeout: Duration,
     /// What to do.
     #[command(subcommand)]
@@ -242,21 +242,4 @@ pub fn parse_volume_size(s: &str) -> Result<u64, String> {
         return Err(format!("invalid size {s:?}: too large"));
     }
     Ok(n)
-}
-
-/// Parses a timeout: seconds (`300`), or with a unit (`90s`, `5m`, `1h`).
-pub fn parse_timeout(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    let (num, mult) = match t.char_indices().last() {
-        Some((i, 's')) => (&t[..i], 1),
-        Some((i, 'm')) => (&t[..i], 60),
-        Some((i, 'h')) => (&t[..i], 3600),
-        _ => (t, 1),
-    };
-    match num.parse::<u64>() {
-        Ok(n) if n > 0 => Ok(Duration::from_secs(n.saturating_mul(mult))),
-        _ => Err(format!(
-            "invalid timeout {s:?}: use seconds (300) or a number with s, m or h (90s, 5m)"
-        )),
-    }
 }

@@ -6,8 +6,8 @@ use std::fmt::Write as _;
 
 use serde::Serialize;
 use zebu_proto::csi::{Snapshot, Volume, VolumeCondition, volume_content_source};
+use zebu_proto::duration::span;
 use zebu_proto::engine::{RebuildProgress, ReplicaStatus, ScrubStatus, VolumeStatus};
-use zebu_proto::interval::span;
 
 use crate::context::{
     VOLUME_ATTACHED_NODE, VOLUME_ENGINE, VOLUME_REPLICA_PLACEMENT, VOLUME_REPLICAS,
