@@ -275,7 +275,7 @@ pub fn status_table(s: &epb::VolumeStatus) -> String {
         ));
     }
     if let Some(c) = &s.scrub {
-        out.push_str(&scrub_line(c, crate::scrub::now_unix()));
+        out.push_str(&scrub_line(c, crate::volume::scrub::now_unix()));
     }
     out
 }

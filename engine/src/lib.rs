@@ -3,7 +3,8 @@
 //! - [`replication`]: the sans-IO state machine (modes, in-flight table,
 //!   revisions, ejection rules).
 //! - [`volume`]: the async layer around it: replica links, the block device
-//!   the frontend serves, snapshots, expansion, replica admission.
+//!   the frontend serves, snapshots, expansion, replica admission, scrubs
+//!   (by hand and on schedule).
 //! - [`link`]: control connection and data stream to one replica;
 //!   [`batch`]: the stream's requests framed as gRPC messages without
 //!   copying large payloads.
@@ -18,6 +19,5 @@ pub mod frontend;
 pub mod link;
 pub mod rebuild;
 pub mod replication;
-pub mod scrub;
 pub mod stats;
 pub mod volume;

@@ -240,14 +240,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         size: args.size,
         replicas: args.replicas.clone(),
         io_timeout: args.io_timeout,
-        scrub: zebu_engine::scrub::Policy {
+        scrub: zebu_engine::volume::scrub::Policy {
             interval: args.scrub_interval,
             max_bytes_per_sec: args.scrub_rate,
         },
     })
     .await
     .context("starting the volume")?;
-    let schedule = tokio::spawn(zebu_engine::scrub::run(
+    let schedule = tokio::spawn(zebu_engine::volume::scrub::run(
         Arc::downgrade(&volume),
         volume.scrub_policy(),
     ));

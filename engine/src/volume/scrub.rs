@@ -25,8 +25,8 @@ use std::time::Duration;
 use zebu_proto::engine as epb;
 use zebu_proto::replica as pb;
 
+use super::*;
 use crate::link::LONG_CALL_TIMEOUT;
-use crate::volume::Volume;
 
 /// Earliest retry of a scheduled scrub that did not complete everywhere.
 pub const RETRY_AFTER: Duration = Duration::from_secs(3600);
@@ -178,11 +178,173 @@ pub async fn run(volume: Weak<Volume>, policy: Policy) {
     }
 }
 
+/// Scrubs run by hand or on schedule.
+impl Volume {
+    /// Checks every block of every RW replica against its stored CRC (each
+    /// replica's `Scrub`, all at once). With `repair`, each replica found
+    /// with corrupt blocks is then, one at a time, removed and added back:
+    /// the resync copies the blocks whose CRCs differ from a healthy
+    /// replica's, and the replica's corrupt blocks were given CRC entries
+    /// that differ. A replica that cannot be repaired (the last RW one, or
+    /// a rebuild that fails) says why in its report. Each replica reads no
+    /// faster than `max_bytes_per_sec` (0: no limit). Scrubs run one at a
+    /// time; a second waits for the first (see [`Volume::try_scrub`]).
+    pub async fn scrub(&self, repair: bool, max_bytes_per_sec: u64) -> Vec<epb::ReplicaScrub> {
+        let one = self.scrub_lock.lock().await;
+        self.scrub_holding(one, repair, max_bytes_per_sec).await
+    }
+
+    /// [`Volume::scrub`], or `None` at once if a scrub is already running.
+    pub async fn try_scrub(
+        &self,
+        repair: bool,
+        max_bytes_per_sec: u64,
+    ) -> Option<Vec<epb::ReplicaScrub>> {
+        let one = self.scrub_lock.try_lock().ok()?;
+        Some(self.scrub_holding(one, repair, max_bytes_per_sec).await)
+    }
+
+    /// A scrub, holding the scrub lock.
+    pub(super) async fn scrub_holding(
+        &self,
+        _one: tokio::sync::MutexGuard<'_, ()>,
+        repair: bool,
+        max_bytes_per_sec: u64,
+    ) -> Vec<epb::ReplicaScrub> {
+        self.with_scrub_record(|r| r.running = true);
+        // Also when the caller goes away mid-scrub (this future dropped).
+        let _running = Cleanup(|| self.with_scrub_record(|r| r.running = false));
+        let reports = self.scrub_once(repair, max_bytes_per_sec).await;
+        self.with_scrub_record(|r| {
+            r.runs += 1;
+            r.replicas_repaired += reports.iter().filter(|x| x.repaired).count() as u64;
+            r.last_finished_unix = now_unix();
+            r.last = reports.clone();
+        });
+        reports
+    }
+
+    pub(super) fn with_scrub_record<T>(&self, f: impl FnOnce(&mut Record) -> T) -> T {
+        f(&mut self.scrub_record.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// The scrub schedule the volume was started with.
+    pub fn scrub_policy(&self) -> Policy {
+        self.scrub_policy
+    }
+
+    /// Records when the next scheduled scrub starts (0: none planned).
+    pub fn set_next_scrub(&self, unix: i64) {
+        self.with_scrub_record(|r| r.next_unix = unix);
+    }
+
+    /// What the RW replicas say of themselves (those that answer).
+    pub async fn rw_replica_infos(&self) -> Vec<pb::ReplicaInfo> {
+        let controls: Vec<Control> = {
+            let inner = self.lock();
+            inner
+                .members
+                .iter()
+                .filter(|(r, _)| inner.sm.mode(**r) == Some(Mode::Rw))
+                .map(|(_, m)| m.control.clone())
+                .collect()
+        };
+        let infos = futures::future::join_all(controls.iter().map(|c| c.info())).await;
+        infos.into_iter().filter_map(Result::ok).collect()
+    }
+
+    pub(super) async fn scrub_once(
+        &self,
+        repair: bool,
+        max_bytes_per_sec: u64,
+    ) -> Vec<epb::ReplicaScrub> {
+        let targets: Vec<(String, Control)> = {
+            let inner = self.lock();
+            inner
+                .members
+                .iter()
+                .filter(|(r, _)| inner.sm.mode(**r) == Some(Mode::Rw))
+                .map(|(_, m)| (m.uuid.clone(), m.control.clone()))
+                .collect()
+        };
+        let epoch = self.epoch;
+        let scrubs = targets.iter().map(|(id, c)| async move {
+            // Without a rate limit the long-call bound alone applies. A
+            // replica that cannot say what it stores fails the scrub call too.
+            let stored = if max_bytes_per_sec == 0 {
+                0
+            } else {
+                c.info().await.map_or(0, |i| stored_bytes(&i))
+            };
+            let deadline = replica_deadline(stored, max_bytes_per_sec);
+            let r = c
+                .call_within(deadline, "scrubbing", |mut cl| async move {
+                    cl.scrub(pb::ScrubRequest {
+                        epoch,
+                        max_bytes_per_sec,
+                    })
+                    .await
+                })
+                .await;
+            let mut report = epb::ReplicaScrub {
+                address: c.addr.clone(),
+                id: id.clone(),
+                ..Default::default()
+            };
+            match r {
+                Ok(s) => {
+                    report.blocks_checked = s.blocks_checked;
+                    report.corrupt_blocks = s.corrupt_blocks;
+                    report.corrupt = s
+                        .corrupt
+                        .iter()
+                        .map(|b| {
+                            let layer = if b.layer.is_empty() { "head" } else { &b.layer };
+                            format!("{layer}:{}", b.block)
+                        })
+                        .collect();
+                }
+                Err(e) => report.error = e.to_string(),
+            }
+            report
+        });
+        let mut reports = futures::future::join_all(scrubs).await;
+        {
+            let mut inner = self.lock();
+            for r in &reports {
+                if r.corrupt_blocks > 0 {
+                    tracing::warn!(
+                        replica = %r.address,
+                        corrupt = r.corrupt_blocks,
+                        repair,
+                        "scrub found corrupt blocks"
+                    );
+                    inner.corrupt.insert(r.id.clone());
+                } else if r.error.is_empty() {
+                    inner.corrupt.remove(&r.id);
+                }
+            }
+        }
+        if repair {
+            for r in reports.iter_mut().filter(|r| r.corrupt_blocks > 0) {
+                match self.resync(&r.address).await {
+                    Ok(()) => {
+                        r.repaired = true;
+                        self.lock().corrupt.remove(&r.id);
+                    }
+                    Err(why) => r.error = format!("repair failed: {why}"),
+                }
+            }
+        }
+        reports
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn info(last_clean_scrub_unix: i64, created: &[i64]) -> pb::ReplicaInfo {
+    pub(super) fn info(last_clean_scrub_unix: i64, created: &[i64]) -> pb::ReplicaInfo {
         pb::ReplicaInfo {
             last_clean_scrub_unix,
             chain: created
@@ -197,7 +359,7 @@ mod tests {
     }
 
     #[test]
-    fn a_replica_counts_from_its_last_scrub_or_else_its_oldest_layer() {
+    pub(super) fn a_replica_counts_from_its_last_scrub_or_else_its_oldest_layer() {
         let day = Duration::from_secs(86_400);
         assert_eq!(replica_due(&info(1_000, &[10, 20]), day), 87_400);
         assert_eq!(replica_due(&info(0, &[500, 20]), day), 86_420);
@@ -205,7 +367,7 @@ mod tests {
     }
 
     #[test]
-    fn a_paced_scrub_gets_the_time_its_rate_needs() {
+    pub(super) fn a_paced_scrub_gets_the_time_its_rate_needs() {
         let hour = LONG_CALL_TIMEOUT;
         assert_eq!(
             replica_deadline(1 << 40, 0),
@@ -229,7 +391,7 @@ mod tests {
     }
 
     #[test]
-    fn the_volume_is_due_with_its_least_recently_scrubbed_replica() {
+    pub(super) fn the_volume_is_due_with_its_least_recently_scrubbed_replica() {
         let h = Duration::from_secs(3600);
         let rw = [info(10_000, &[0]), info(2_000, &[0]), info(0, &[5_000])];
         assert_eq!(volume_due(&rw, h, 0), Some(5_600));
