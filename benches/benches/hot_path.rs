@@ -193,12 +193,10 @@ mod replication {
 mod nbd_server {
     use super::*;
 
-    const REQUEST_MAGIC: u32 = 0x2560_9513;
-    const REPLY_MAGIC: u32 = 0x6744_6698;
-    const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
-    const OPT_EXPORT_NAME: u32 = 1;
-    const CMD_READ: u16 = 0;
-    const CMD_WRITE: u16 = 1;
+    use zebu_nbd::{
+        CMD_READ, CMD_WRITE, IHAVEOPT, OPT_EXPORT_NAME, REQUEST_MAGIC,
+        SIMPLE_REPLY_MAGIC as REPLY_MAGIC,
+    };
     const SIZE: u64 = 1 << 30;
 
     /// A device that stores nothing: writes succeed, reads return zeroes.

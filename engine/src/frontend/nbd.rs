@@ -82,7 +82,6 @@
 //! * Each connection is logged once when opened and once when closed (with the
 //!   reason); device errors are logged where they are turned into NBD errors.
 
-mod proto;
 #[cfg(test)]
 mod tests;
 
@@ -106,7 +105,8 @@ use tokio::sync::{Notify, OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::{JoinError, JoinSet};
 use tracing::{Instrument, debug, info, warn};
 
-use self::proto::{
+use super::{BlockDevice, DeviceError};
+use zebu_nbd::{
     FLAG_C_FIXED_NEWSTYLE, FLAG_C_NO_ZEROES, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT,
     INFO_BLOCK_SIZE, INFO_DESCRIPTION, INFO_EXPORT, INFO_NAME, NBD_MAGIC, OPT_ABORT,
     OPT_EXPORT_NAME, OPT_GO, OPT_INFO, OPT_LIST, OPT_STARTTLS, OPT_STRUCTURED_REPLY,
@@ -114,7 +114,6 @@ use self::proto::{
     REP_ERR_UNSUP, REP_INFO, REP_SERVER, REQUEST_HEADER_LEN, RequestHeader, TFLAG_CAN_MULTI_CONN,
     TFLAG_HAS_FLAGS, TFLAG_SEND_FLUSH, TFLAG_SEND_FUA, TFLAG_SEND_TRIM, TFLAG_SEND_WRITE_ZEROES,
 };
-use super::{BlockDevice, DeviceError};
 
 /// Largest READ or WRITE payload accepted (advertised as the maximum block
 /// size). Larger requests get `EOVERFLOW`.
@@ -883,7 +882,7 @@ where
                 }
                 None
             }
-            OPT_INFO | OPT_GO => match proto::parse_info_request(&data) {
+            OPT_INFO | OPT_GO => match zebu_nbd::parse_info_request(&data) {
                 None => {
                     option_reply(
                         writer,
@@ -1097,7 +1096,7 @@ async fn read_request<R: AsyncRead + Unpin>(
     }
     let header = RequestHeader::parse(&raw)
         .map_err(|magic| NbdError::Protocol(format!("bad request magic {magic:#010x}")))?;
-    let plan = proto::plan_request(&header, export.size, MAX_PAYLOAD);
+    let plan = zebu_nbd::plan_request(&header, export.size, MAX_PAYLOAD);
     let payload = match plan {
         Plan::Disconnect => return Ok(Next::Disconnect),
         Plan::Read { len, .. } | Plan::Write { len, .. } => len,
@@ -1224,7 +1223,7 @@ fn device_failed(
     len: u64,
     writing: bool,
 ) -> u32 {
-    let errno = proto::device_errno(err, writing);
+    let errno = device_errno(err, writing);
     warn!(operation, offset, len, errno, error = %err, "NBD request failed");
     errno
 }
@@ -1244,7 +1243,7 @@ async fn execute<D: BlockDevice>(device: &D, job: Job) -> Reply {
                     returned = data.len(),
                     "device returned a read of the wrong length"
                 );
-                Err(proto::EIO)
+                Err(zebu_nbd::EIO)
             }
             Err(err) => Err(device_failed(&err, "read", offset, len.into(), false)),
         },
@@ -1348,12 +1347,27 @@ async fn write_reply<W: AsyncWrite + Unpin>(
     writer: &mut BufWriter<W>,
     reply: Reply,
 ) -> io::Result<()> {
-    let header = proto::simple_reply_header(reply.error, reply.cookie);
+    let header = zebu_nbd::simple_reply_header(reply.error, reply.cookie);
     match reply.data {
         Some(data) if !data.is_empty() => {
             let mut buf = Buf::chain(&header[..], data);
             writer.write_all_buf(&mut buf).await
         }
         _ => writer.write_all(&header).await,
+    }
+}
+
+/// Maps a device error to an NBD error value. `writing` selects `zebu_nbd::ENOSPC`
+/// rather than `zebu_nbd::EINVAL` for out-of-range errors, as the spec recommends.
+fn device_errno(err: &DeviceError, writing: bool) -> u32 {
+    match err {
+        DeviceError::Io(_) => zebu_nbd::EIO,
+        DeviceError::NoSpace => zebu_nbd::ENOSPC,
+        DeviceError::Invalid(_) => zebu_nbd::EINVAL,
+        DeviceError::OutOfRange { .. } if writing => zebu_nbd::ENOSPC,
+        DeviceError::OutOfRange { .. } => zebu_nbd::EINVAL,
+        DeviceError::ReadOnly => zebu_nbd::EPERM,
+        DeviceError::Unsupported(_) => zebu_nbd::ENOTSUP,
+        DeviceError::ShuttingDown => zebu_nbd::ESHUTDOWN,
     }
 }

@@ -1120,12 +1120,17 @@ impl NbdConn {
         s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
         let mut hdr = [0u8; 18];
         s.read_exact(&mut hdr).expect("NBD greeting");
-        assert_eq!(&hdr[..8], b"NBDMAGIC");
-        assert_eq!(&hdr[8..16], b"IHAVEOPT", "server is not newstyle");
-        s.write_all(&3u32.to_be_bytes()).unwrap(); // FIXED_NEWSTYLE | NO_ZEROES
+        assert_eq!(&hdr[..8], &zebu_nbd::NBD_MAGIC.to_be_bytes());
+        assert_eq!(
+            &hdr[8..16],
+            zebu_nbd::IHAVEOPT.to_be_bytes(),
+            "server is not newstyle"
+        );
+        s.write_all(&(zebu_nbd::FLAG_C_FIXED_NEWSTYLE | zebu_nbd::FLAG_C_NO_ZEROES).to_be_bytes())
+            .unwrap();
         let mut opt = Vec::new();
-        opt.extend_from_slice(b"IHAVEOPT");
-        opt.extend_from_slice(&7u32.to_be_bytes()); // NBD_OPT_GO
+        opt.extend_from_slice(&zebu_nbd::IHAVEOPT.to_be_bytes());
+        opt.extend_from_slice(&zebu_nbd::OPT_GO.to_be_bytes());
         let data_len = 4 + export.len() + 2;
         opt.extend_from_slice(&(data_len as u32).to_be_bytes());
         opt.extend_from_slice(&(export.len() as u32).to_be_bytes());
@@ -1141,12 +1146,14 @@ impl NbdConn {
             let mut body = vec![0; len];
             s.read_exact(&mut body).unwrap();
             match typ {
-                1 => break, // NBD_REP_ACK
+                zebu_nbd::REP_ACK => break,
                 // NBD_REP_INFO carrying NBD_INFO_EXPORT (0)
-                3 if len >= 10 && body[0..2] == [0, 0] => {
+                zebu_nbd::REP_INFO
+                    if len >= 10 && body[0..2] == zebu_nbd::INFO_EXPORT.to_be_bytes() =>
+                {
                     size = u64::from_be_bytes(body[2..10].try_into().unwrap());
                 }
-                t if t & 0x8000_0000 != 0 => panic!(
+                t if t & zebu_nbd::REP_FLAG_ERROR != 0 => panic!(
                     "NBD_OPT_GO refused (reply {t:#x}): {}",
                     String::from_utf8_lossy(&body)
                 ),
@@ -1159,23 +1166,7 @@ impl NbdConn {
     /// NBD_CMD_READ of `len` bytes at `offset` (simple reply): the data, or
     /// the error the server answered with (an errno value).
     pub fn read(&mut self, offset: u64, len: u32) -> Result<Vec<u8>, u32> {
-        let cookie = rand_u64();
-        let mut req = Vec::with_capacity(28);
-        req.extend_from_slice(&0x2560_9513u32.to_be_bytes());
-        req.extend_from_slice(&0u16.to_be_bytes()); // flags
-        req.extend_from_slice(&0u16.to_be_bytes()); // NBD_CMD_READ
-        req.extend_from_slice(&cookie.to_be_bytes());
-        req.extend_from_slice(&offset.to_be_bytes());
-        req.extend_from_slice(&len.to_be_bytes());
-        self.sock.write_all(&req).expect("send NBD read");
-        let mut rep = [0u8; 16];
-        self.sock.read_exact(&mut rep).expect("NBD reply");
-        assert_eq!(rep[..4], 0x6744_6698u32.to_be_bytes(), "simple reply magic");
-        assert_eq!(rep[8..16], cookie.to_be_bytes(), "reply cookie");
-        let error = u32::from_be_bytes(rep[4..8].try_into().unwrap());
-        if error != 0 {
-            return Err(error);
-        }
+        self.command(zebu_nbd::CMD_READ, offset, len, &[])?;
         let mut data = vec![0u8; len as usize];
         self.sock.read_exact(&mut data).expect("NBD read payload");
         Ok(data)
@@ -1187,20 +1178,21 @@ impl NbdConn {
     /// reply: Ok, or the error the server answered with (an errno value).
     fn command(&mut self, typ: u16, offset: u64, len: u32, payload: &[u8]) -> Result<(), u32> {
         let cookie = rand_u64();
-        let mut req = Vec::with_capacity(28 + payload.len());
-        req.extend_from_slice(&0x2560_9513u32.to_be_bytes());
-        req.extend_from_slice(&0u16.to_be_bytes()); // flags
-        req.extend_from_slice(&typ.to_be_bytes());
-        req.extend_from_slice(&cookie.to_be_bytes());
-        req.extend_from_slice(&offset.to_be_bytes());
-        req.extend_from_slice(&len.to_be_bytes());
+        let header = zebu_nbd::RequestHeader {
+            flags: 0,
+            kind: typ,
+            cookie,
+            offset,
+            len,
+        };
+        let mut req = header.encode().to_vec();
         req.extend_from_slice(payload);
         self.sock.write_all(&req).expect("send NBD request");
-        let mut rep = [0u8; 16];
+        let mut rep = [0u8; zebu_nbd::SIMPLE_REPLY_LEN];
         self.sock.read_exact(&mut rep).expect("NBD reply");
-        assert_eq!(rep[..4], 0x6744_6698u32.to_be_bytes(), "simple reply magic");
-        assert_eq!(rep[8..16], cookie.to_be_bytes(), "reply cookie");
-        match u32::from_be_bytes(rep[4..8].try_into().unwrap()) {
+        let reply = zebu_nbd::SimpleReply::parse(&rep).expect("simple reply magic");
+        assert_eq!(reply.cookie, cookie, "reply cookie");
+        match reply.error {
             0 => Ok(()),
             error => Err(error),
         }
@@ -1208,23 +1200,25 @@ impl NbdConn {
 
     /// NBD_CMD_WRITE of `data` at `offset`.
     pub fn write(&mut self, offset: u64, data: &[u8]) -> Result<(), u32> {
-        self.command(1, offset, data.len() as u32, data)
+        self.command(zebu_nbd::CMD_WRITE, offset, data.len() as u32, data)
     }
 
     /// NBD_CMD_FLUSH.
     pub fn flush(&mut self) -> Result<(), u32> {
-        self.command(3, 0, 0, &[])
+        self.command(zebu_nbd::CMD_FLUSH, 0, 0, &[])
     }
 }
 
 impl Drop for NbdConn {
     fn drop(&mut self) {
-        // NBD_CMD_DISC
-        let mut req = Vec::new();
-        req.extend_from_slice(&0x2560_9513u32.to_be_bytes());
-        req.extend_from_slice(&0u16.to_be_bytes());
-        req.extend_from_slice(&2u16.to_be_bytes());
-        req.extend_from_slice(&[0u8; 8 + 8 + 4]);
+        let disc = zebu_nbd::RequestHeader {
+            flags: 0,
+            kind: zebu_nbd::CMD_DISC,
+            cookie: 0,
+            offset: 0,
+            len: 0,
+        };
+        let req = disc.encode();
         let _ = self.sock.write_all(&req);
         let _ = self.sock.shutdown(std::net::Shutdown::Both);
     }

@@ -39,43 +39,16 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, BufReader};
 use tokio::sync::oneshot;
 use tracing::{debug, warn};
 
-const NBDMAGIC: u64 = 0x4e42_444d_4147_4943;
-const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
-const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
-const REQUEST_MAGIC: u32 = 0x2560_9513;
-const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
-
-const FLAG_FIXED_NEWSTYLE: u16 = 1;
-const FLAG_NO_ZEROES: u16 = 2;
-const FLAG_C_FIXED_NEWSTYLE: u32 = 1;
-const FLAG_C_NO_ZEROES: u32 = 2;
-
-const OPT_ABORT: u32 = 2;
-const OPT_GO: u32 = 7;
-const REP_ACK: u32 = 1;
-const REP_INFO: u32 = 3;
-const REP_FLAG_ERROR: u32 = 1 << 31;
-const INFO_EXPORT: u16 = 0;
-
-/// Transmission flag: the server reads this field.
-pub const TFLAG_HAS_FLAGS: u16 = 1 << 0;
-/// Transmission flag: the export is read-only.
-pub const TFLAG_READ_ONLY: u16 = 1 << 1;
-/// Transmission flag: `NBD_CMD_FLUSH` is supported.
-pub const TFLAG_SEND_FLUSH: u16 = 1 << 2;
-/// Transmission flag: `NBD_CMD_TRIM` is supported.
-pub const TFLAG_SEND_TRIM: u16 = 1 << 5;
-/// Transmission flag: `NBD_CMD_WRITE_ZEROES` is supported.
-pub const TFLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
-/// Transmission flag: several connections see one consistent export.
-pub const TFLAG_CAN_MULTI_CONN: u16 = 1 << 8;
-
-const CMD_READ: u16 = 0;
-const CMD_WRITE: u16 = 1;
-const CMD_DISC: u16 = 2;
-const CMD_FLUSH: u16 = 3;
-const CMD_TRIM: u16 = 4;
-const CMD_WRITE_ZEROES: u16 = 6;
+use zebu_nbd::{
+    CMD_DISC, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES, FLAG_C_FIXED_NEWSTYLE,
+    FLAG_C_NO_ZEROES, FLAG_FIXED_NEWSTYLE, FLAG_NO_ZEROES, IHAVEOPT, INFO_EXPORT, NBD_MAGIC,
+    OPT_ABORT, OPT_GO, OPTION_REPLY_MAGIC, REP_ACK, REP_FLAG_ERROR, REP_INFO, RequestHeader,
+    SIMPLE_REPLY_LEN, SimpleReply,
+};
+pub use zebu_nbd::{
+    TFLAG_CAN_MULTI_CONN, TFLAG_HAS_FLAGS, TFLAG_READ_ONLY, TFLAG_SEND_FLUSH, TFLAG_SEND_TRIM,
+    TFLAG_SEND_WRITE_ZEROES,
+};
 
 /// Largest payload (or TRIM/WRITE_ZEROES length) sent in one request; longer
 /// operations are split. Zebu's engine accepts 32 MiB, nbdkit 64 MiB.
@@ -382,7 +355,7 @@ async fn handshake(r: &mut BoxRead, w: &mut BoxWrite, export: &str) -> Result<Ex
         .read_u64()
         .await
         .map_err(io_err("reading the NBD greeting"))?;
-    if magic != NBDMAGIC {
+    if magic != NBD_MAGIC {
         return Err(NbdError::Protocol(format!(
             "bad greeting magic {magic:#x} (not an NBD server?)"
         )));
@@ -496,12 +469,14 @@ pub async fn probe(uri: &NbdUri) -> Result<ExportInfo> {
 }
 
 fn put_header(buf: &mut BytesMut, flags: u16, cmd: u16, handle: u64, offset: u64, len: u32) {
-    buf.put_u32(REQUEST_MAGIC);
-    buf.put_u16(flags);
-    buf.put_u16(cmd);
-    buf.put_u64(handle);
-    buf.put_u64(offset);
-    buf.put_u32(len);
+    let header = RequestHeader {
+        flags,
+        kind: cmd,
+        cookie: handle,
+        offset,
+        len,
+    };
+    buf.put_slice(&header.encode());
 }
 
 struct Pending {
@@ -585,21 +560,18 @@ impl Connection {
     }
 
     async fn read_replies<R: AsyncRead + Unpin>(&self, mut r: R) -> Result<()> {
-        let mut hdr = [0u8; 16];
+        let mut hdr = [0u8; SIMPLE_REPLY_LEN];
         loop {
             match r.read_exact(&mut hdr).await {
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(()),
                 Err(e) => return Err(io_err("reading an NBD reply")(e)),
             }
-            let magic = u32::from_be_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]);
-            let error = u32::from_be_bytes([hdr[4], hdr[5], hdr[6], hdr[7]]);
-            let mut h = [0u8; 8];
-            h.copy_from_slice(&hdr[8..16]);
-            let handle = u64::from_be_bytes(h);
-            if magic != SIMPLE_REPLY_MAGIC {
-                return Err(NbdError::Protocol(format!("bad reply magic {magic:#x}")));
-            }
+            let SimpleReply {
+                error,
+                cookie: handle,
+            } = SimpleReply::parse(&hdr)
+                .map_err(|magic| NbdError::Protocol(format!("bad reply magic {magic:#x}")))?;
             let Some(p) = self.lock_pending().remove(&handle) else {
                 return Err(NbdError::Protocol(format!(
                     "reply for unknown handle {handle}"

@@ -19,8 +19,8 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use super::proto::*;
 use super::*;
+use zebu_nbd::*;
 
 /// Export name used by every test server.
 const EXPORT: &str = "vol";

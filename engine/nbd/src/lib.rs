@@ -1,4 +1,7 @@
-//! NBD wire constants and pure (I/O-free) parsing and validation helpers.
+//! The NBD wire protocol, as Zebu speaks it on both ends: the engine's
+//! server and the node's bridge client (and the tests and benchmarks that
+//! talk to either). Constants, request and reply headers, the option
+//! bodies, and the server's validation of a request — pure code, no I/O.
 //!
 //! Values follow the NBD protocol specification (`doc/proto.md` of the
 //! reference implementation). All integers on the wire are big-endian.
@@ -6,156 +9,152 @@
 
 use bytes::Buf;
 
-use crate::frontend::DeviceError;
-
 // ---------------------------------------------------------------------------
 // Magic numbers.
 
 /// `"NBDMAGIC"`, first thing the server sends.
-pub(super) const NBD_MAGIC: u64 = 0x4e42_444d_4147_4943;
+pub const NBD_MAGIC: u64 = 0x4e42_444d_4147_4943;
 /// `"IHAVEOPT"`, sent by the server after [`NBD_MAGIC`] (newstyle) and by the
 /// client before every option.
-pub(super) const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
+pub const IHAVEOPT: u64 = 0x4948_4156_454f_5054;
 /// Magic of every fixed-newstyle option reply.
-pub(super) const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
+pub const OPTION_REPLY_MAGIC: u64 = 0x0003_e889_0455_65a9;
 /// Magic of a transmission-phase request.
-pub(super) const REQUEST_MAGIC: u32 = 0x2560_9513;
+pub const REQUEST_MAGIC: u32 = 0x2560_9513;
 /// Magic of a simple reply.
-pub(super) const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
+pub const SIMPLE_REPLY_MAGIC: u32 = 0x6744_6698;
 
 // ---------------------------------------------------------------------------
 // Handshake flags (server → client, 16 bits) and client flags (32 bits).
 
 /// Server supports fixed newstyle negotiation.
-pub(super) const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
+pub const FLAG_FIXED_NEWSTYLE: u16 = 1 << 0;
 /// Server may omit the 124 zero bytes after `NBD_OPT_EXPORT_NAME`.
-pub(super) const FLAG_NO_ZEROES: u16 = 1 << 1;
+pub const FLAG_NO_ZEROES: u16 = 1 << 1;
 /// Client speaks fixed newstyle.
-pub(super) const FLAG_C_FIXED_NEWSTYLE: u32 = 1 << 0;
+pub const FLAG_C_FIXED_NEWSTYLE: u32 = 1 << 0;
 /// Client does not want the 124 zero bytes.
-pub(super) const FLAG_C_NO_ZEROES: u32 = 1 << 1;
+pub const FLAG_C_NO_ZEROES: u32 = 1 << 1;
 
 // ---------------------------------------------------------------------------
 // Transmission flags (16 bits).
 
 /// Always set.
-pub(super) const TFLAG_HAS_FLAGS: u16 = 1 << 0;
+pub const TFLAG_HAS_FLAGS: u16 = 1 << 0;
 /// Export is read-only.
-#[cfg(test)]
-pub(super) const TFLAG_READ_ONLY: u16 = 1 << 1;
+pub const TFLAG_READ_ONLY: u16 = 1 << 1;
 /// `NBD_CMD_FLUSH` is supported.
-pub(super) const TFLAG_SEND_FLUSH: u16 = 1 << 2;
+pub const TFLAG_SEND_FLUSH: u16 = 1 << 2;
 /// `NBD_CMD_FLAG_FUA` is supported.
-pub(super) const TFLAG_SEND_FUA: u16 = 1 << 3;
+pub const TFLAG_SEND_FUA: u16 = 1 << 3;
 /// `NBD_CMD_TRIM` is supported.
-pub(super) const TFLAG_SEND_TRIM: u16 = 1 << 5;
+pub const TFLAG_SEND_TRIM: u16 = 1 << 5;
 /// `NBD_CMD_WRITE_ZEROES` is supported.
-pub(super) const TFLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
+pub const TFLAG_SEND_WRITE_ZEROES: u16 = 1 << 6;
 /// Flush/FUA effects are visible across all connections.
-pub(super) const TFLAG_CAN_MULTI_CONN: u16 = 1 << 8;
+pub const TFLAG_CAN_MULTI_CONN: u16 = 1 << 8;
 
 // ---------------------------------------------------------------------------
 // Options.
 
 /// Select an export and enter transmission (no error reply possible).
-pub(super) const OPT_EXPORT_NAME: u32 = 1;
+pub const OPT_EXPORT_NAME: u32 = 1;
 /// Client aborts negotiation.
-pub(super) const OPT_ABORT: u32 = 2;
+pub const OPT_ABORT: u32 = 2;
 /// List exports.
-pub(super) const OPT_LIST: u32 = 3;
+pub const OPT_LIST: u32 = 3;
 /// Upgrade to TLS (unsupported).
-pub(super) const OPT_STARTTLS: u32 = 5;
+pub const OPT_STARTTLS: u32 = 5;
 /// Describe an export.
-pub(super) const OPT_INFO: u32 = 6;
+pub const OPT_INFO: u32 = 6;
 /// Describe an export and enter transmission.
-pub(super) const OPT_GO: u32 = 7;
+pub const OPT_GO: u32 = 7;
 /// Negotiate structured replies (unsupported).
-pub(super) const OPT_STRUCTURED_REPLY: u32 = 8;
+pub const OPT_STRUCTURED_REPLY: u32 = 8;
 
 // ---------------------------------------------------------------------------
 // Option reply types.
 
 /// Option accepted / list finished.
-pub(super) const REP_ACK: u32 = 1;
+pub const REP_ACK: u32 = 1;
 /// One export in an `NBD_OPT_LIST` answer.
-pub(super) const REP_SERVER: u32 = 2;
+pub const REP_SERVER: u32 = 2;
 /// One piece of export information.
-pub(super) const REP_INFO: u32 = 3;
-const REP_FLAG_ERROR: u32 = 1 << 31;
+pub const REP_INFO: u32 = 3;
+/// Set in every error reply type.
+pub const REP_FLAG_ERROR: u32 = 1 << 31;
 /// Option not supported by this server.
-pub(super) const REP_ERR_UNSUP: u32 = REP_FLAG_ERROR | 1;
+pub const REP_ERR_UNSUP: u32 = REP_FLAG_ERROR | 1;
 /// Option syntactically invalid.
-pub(super) const REP_ERR_INVALID: u32 = REP_FLAG_ERROR | 3;
+pub const REP_ERR_INVALID: u32 = REP_FLAG_ERROR | 3;
 /// Unknown export.
-pub(super) const REP_ERR_UNKNOWN: u32 = REP_FLAG_ERROR | 6;
+pub const REP_ERR_UNKNOWN: u32 = REP_FLAG_ERROR | 6;
 /// Option data too large.
-pub(super) const REP_ERR_TOO_BIG: u32 = REP_FLAG_ERROR | 9;
+pub const REP_ERR_TOO_BIG: u32 = REP_FLAG_ERROR | 9;
 
 // ---------------------------------------------------------------------------
 // Information types (NBD_OPT_INFO / NBD_OPT_GO).
 
 /// Size and transmission flags.
-pub(super) const INFO_EXPORT: u16 = 0;
+pub const INFO_EXPORT: u16 = 0;
 /// Canonical export name.
-pub(super) const INFO_NAME: u16 = 1;
+pub const INFO_NAME: u16 = 1;
 /// Human-readable description.
-pub(super) const INFO_DESCRIPTION: u16 = 2;
+pub const INFO_DESCRIPTION: u16 = 2;
 /// Minimum / preferred / maximum block sizes.
-pub(super) const INFO_BLOCK_SIZE: u16 = 3;
+pub const INFO_BLOCK_SIZE: u16 = 3;
 
 // ---------------------------------------------------------------------------
 // Commands and command flags.
 
 /// Read.
-pub(super) const CMD_READ: u16 = 0;
+pub const CMD_READ: u16 = 0;
 /// Write (followed by `length` bytes of payload).
-pub(super) const CMD_WRITE: u16 = 1;
+pub const CMD_WRITE: u16 = 1;
 /// Disconnect (no reply).
-pub(super) const CMD_DISC: u16 = 2;
+pub const CMD_DISC: u16 = 2;
 /// Flush.
-pub(super) const CMD_FLUSH: u16 = 3;
+pub const CMD_FLUSH: u16 = 3;
 /// Trim / discard.
-pub(super) const CMD_TRIM: u16 = 4;
+pub const CMD_TRIM: u16 = 4;
 /// Cache (not advertised).
-#[cfg(test)]
-pub(super) const CMD_CACHE: u16 = 5;
+pub const CMD_CACHE: u16 = 5;
 /// Write zeroes.
-pub(super) const CMD_WRITE_ZEROES: u16 = 6;
+pub const CMD_WRITE_ZEROES: u16 = 6;
 
 /// Force unit access.
-pub(super) const CMD_FLAG_FUA: u16 = 1 << 0;
+pub const CMD_FLAG_FUA: u16 = 1 << 0;
 /// Write zeroes must not punch a hole.
-pub(super) const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
+pub const CMD_FLAG_NO_HOLE: u16 = 1 << 1;
 /// Don't fragment (structured replies only; not advertised).
-#[cfg(test)]
-pub(super) const CMD_FLAG_DF: u16 = 1 << 2;
+pub const CMD_FLAG_DF: u16 = 1 << 2;
 
 // ---------------------------------------------------------------------------
 // Error values of the transmission phase.
 
 /// Operation not permitted.
-pub(super) const EPERM: u32 = 1;
+pub const EPERM: u32 = 1;
 /// Input/output error.
-pub(super) const EIO: u32 = 5;
+pub const EIO: u32 = 5;
 /// Invalid argument.
-pub(super) const EINVAL: u32 = 22;
+pub const EINVAL: u32 = 22;
 /// No space left on device.
-pub(super) const ENOSPC: u32 = 28;
+pub const ENOSPC: u32 = 28;
 /// Value too large.
-pub(super) const EOVERFLOW: u32 = 75;
+pub const EOVERFLOW: u32 = 75;
 /// Operation not supported.
-pub(super) const ENOTSUP: u32 = 95;
+pub const ENOTSUP: u32 = 95;
 /// Server is shutting down.
-pub(super) const ESHUTDOWN: u32 = 108;
+pub const ESHUTDOWN: u32 = 108;
 
 /// Size of a request header on the wire.
-pub(super) const REQUEST_HEADER_LEN: usize = 28;
+pub const REQUEST_HEADER_LEN: usize = 28;
 /// Size of a simple reply header on the wire.
-pub(super) const SIMPLE_REPLY_LEN: usize = 16;
+pub const SIMPLE_REPLY_LEN: usize = 16;
 
 /// A decoded transmission-phase request header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) struct RequestHeader {
+pub struct RequestHeader {
     /// Command flags.
     pub flags: u16,
     /// Command type.
@@ -170,7 +169,7 @@ pub(super) struct RequestHeader {
 
 impl RequestHeader {
     /// Decodes a header; `Err` carries the bad magic number.
-    pub(super) fn parse(buf: &[u8; REQUEST_HEADER_LEN]) -> Result<Self, u32> {
+    pub fn parse(buf: &[u8; REQUEST_HEADER_LEN]) -> Result<Self, u32> {
         // `Buf` reads on a fixed 28-byte array cannot run short.
         let mut b = &buf[..];
         let magic = b.get_u32();
@@ -186,36 +185,79 @@ impl RequestHeader {
         })
     }
 
+    /// Encodes the header as a client sends it.
+    pub fn encode(&self) -> [u8; REQUEST_HEADER_LEN] {
+        let mut out = [0u8; REQUEST_HEADER_LEN];
+        out[..4].copy_from_slice(&REQUEST_MAGIC.to_be_bytes());
+        out[4..6].copy_from_slice(&self.flags.to_be_bytes());
+        out[6..8].copy_from_slice(&self.kind.to_be_bytes());
+        out[8..16].copy_from_slice(&self.cookie.to_be_bytes());
+        out[16..24].copy_from_slice(&self.offset.to_be_bytes());
+        out[24..].copy_from_slice(&self.len.to_be_bytes());
+        out
+    }
+
     /// Number of payload bytes that follow this header on the wire, whether or
     /// not the request is valid.
-    pub(super) fn payload_len(&self) -> u32 {
+    pub fn payload_len(&self) -> u32 {
         if self.kind == CMD_WRITE { self.len } else { 0 }
     }
 }
 
 /// What to do with a request, decided from its header alone.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(super) enum Plan {
+pub enum Plan {
     /// Read `len` bytes at `offset`.
-    Read { offset: u64, len: u32 },
+    Read {
+        /// Byte offset.
+        offset: u64,
+        /// Bytes to read.
+        len: u32,
+    },
     /// Read the payload and write it at `offset`.
-    Write { offset: u64, len: u32, fua: bool },
+    Write {
+        /// Byte offset.
+        offset: u64,
+        /// Payload bytes.
+        len: u32,
+        /// Durable before the reply.
+        fua: bool,
+    },
     /// Flush.
     Flush,
     /// Trim, then flush if `fua`.
-    Trim { offset: u64, len: u32, fua: bool },
+    Trim {
+        /// Byte offset.
+        offset: u64,
+        /// Bytes to deallocate.
+        len: u32,
+        /// Durable before the reply.
+        fua: bool,
+    },
     /// Write zeroes.
-    WriteZeroes { offset: u64, len: u32, fua: bool },
+    WriteZeroes {
+        /// Byte offset.
+        offset: u64,
+        /// Bytes to zero.
+        len: u32,
+        /// Durable before the reply.
+        fua: bool,
+    },
     /// Client disconnect.
     Disconnect,
     /// Reply with `errno` without touching the device (the payload of a
     /// rejected write must still be consumed).
-    Reject { errno: u32, reason: &'static str },
+    Reject {
+        /// The error value to answer.
+        errno: u32,
+        /// Why, for the log.
+        reason: &'static str,
+    },
 }
 
 /// Validates a request against the advertised export size and the maximum
 /// payload, and decides what to do with it.
-pub(super) fn plan_request(h: &RequestHeader, export_size: u64, max_payload: u32) -> Plan {
+pub fn plan_request(h: &RequestHeader, export_size: u64, max_payload: u32) -> Plan {
     let allowed_flags = match h.kind {
         CMD_READ | CMD_WRITE | CMD_FLUSH | CMD_TRIM => CMD_FLAG_FUA,
         CMD_WRITE_ZEROES => CMD_FLAG_FUA | CMD_FLAG_NO_HOLE,
@@ -264,7 +306,7 @@ pub(super) fn plan_request(h: &RequestHeader, export_size: u64, max_payload: u32
 
 /// The body of an `NBD_OPT_INFO` / `NBD_OPT_GO` option.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct InfoRequest<'a> {
+pub struct InfoRequest<'a> {
     /// Requested export name (raw bytes).
     pub name: &'a [u8],
     /// Requested information types, in client order.
@@ -274,7 +316,7 @@ pub(super) struct InfoRequest<'a> {
 /// Parses the body of `NBD_OPT_INFO` / `NBD_OPT_GO`: a 32-bit name length,
 /// the name, a 16-bit count and that many 16-bit information types. Returns
 /// `None` if the lengths are inconsistent.
-pub(super) fn parse_info_request(data: &[u8]) -> Option<InfoRequest<'_>> {
+pub fn parse_info_request(data: &[u8]) -> Option<InfoRequest<'_>> {
     let (name_len, rest) = data.split_first_chunk::<4>()?;
     let name_len = usize::try_from(u32::from_be_bytes(*name_len)).ok()?;
     let (name, rest) = rest.split_at_checked(name_len)?;
@@ -290,8 +332,32 @@ pub(super) fn parse_info_request(data: &[u8]) -> Option<InfoRequest<'_>> {
     Some(InfoRequest { name, infos })
 }
 
+/// A decoded simple reply header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SimpleReply {
+    /// 0, or the error value (an errno) of the request.
+    pub error: u32,
+    /// The request's cookie.
+    pub cookie: u64,
+}
+
+impl SimpleReply {
+    /// Decodes a simple reply header; `Err` carries the bad magic number.
+    pub fn parse(buf: &[u8; SIMPLE_REPLY_LEN]) -> Result<Self, u32> {
+        let mut b = &buf[..];
+        let magic = b.get_u32();
+        if magic != SIMPLE_REPLY_MAGIC {
+            return Err(magic);
+        }
+        Ok(SimpleReply {
+            error: b.get_u32(),
+            cookie: b.get_u64(),
+        })
+    }
+}
+
 /// Encodes a simple reply header.
-pub(super) fn simple_reply_header(error: u32, cookie: u64) -> [u8; SIMPLE_REPLY_LEN] {
+pub fn simple_reply_header(error: u32, cookie: u64) -> [u8; SIMPLE_REPLY_LEN] {
     let mut out = [0u8; SIMPLE_REPLY_LEN];
     out[..4].copy_from_slice(&SIMPLE_REPLY_MAGIC.to_be_bytes());
     out[4..8].copy_from_slice(&error.to_be_bytes());
@@ -299,17 +365,36 @@ pub(super) fn simple_reply_header(error: u32, cookie: u64) -> [u8; SIMPLE_REPLY_
     out
 }
 
-/// Maps a device error to an NBD error value. `writing` selects `ENOSPC`
-/// rather than `EINVAL` for out-of-range errors, as the spec recommends.
-pub(super) fn device_errno(err: &DeviceError, writing: bool) -> u32 {
-    match err {
-        DeviceError::Io(_) => EIO,
-        DeviceError::NoSpace => ENOSPC,
-        DeviceError::Invalid(_) => EINVAL,
-        DeviceError::OutOfRange { .. } if writing => ENOSPC,
-        DeviceError::OutOfRange { .. } => EINVAL,
-        DeviceError::ReadOnly => EPERM,
-        DeviceError::Unsupported(_) => ENOTSUP,
-        DeviceError::ShuttingDown => ESHUTDOWN,
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_request_header_round_trips() {
+        let h = RequestHeader {
+            flags: CMD_FLAG_FUA,
+            kind: CMD_WRITE,
+            cookie: 0x0102_0304_0506_0708,
+            offset: 1 << 40,
+            len: 4096,
+        };
+        assert_eq!(RequestHeader::parse(&h.encode()), Ok(h));
+        assert_eq!(h.payload_len(), 4096);
+        let mut bad = h.encode();
+        bad[0] ^= 1;
+        assert!(RequestHeader::parse(&bad).is_err());
+    }
+
+    #[test]
+    fn a_simple_reply_round_trips() {
+        let r = SimpleReply::parse(&simple_reply_header(EIO, 42));
+        assert_eq!(
+            r,
+            Ok(SimpleReply {
+                error: EIO,
+                cookie: 42
+            })
+        );
+        assert_eq!(SimpleReply::parse(&[0; SIMPLE_REPLY_LEN]), Err(0));
     }
 }
