@@ -1,7 +1,8 @@
 //! The io_uring ring and the aligned buffers O_DIRECT needs.
 //!
-//! Architecture invariant: this is the only module of the replica that
-//! contains `unsafe` code. Every `unsafe` block carries a `SAFETY:` comment.
+//! Architecture invariant: this module and [`crate::crcmap`] (the CRC
+//! file's memory mapping) are the only ones of the replica that contain
+//! `unsafe` code. Every `unsafe` block carries a `SAFETY:` comment.
 //!
 //! The ring is driven from the tokio runtime itself, with no thread of its
 //! own: [`Ring::submit`] pushes submission-queue entries under a mutex and

@@ -1,0 +1,389 @@
+//! Reads, writes, unmaps and flushes: the data path of the store.
+
+use super::*;
+
+impl Store {
+    /// Writes `payload` at `offset` into the head.
+    pub async fn write(
+        &self,
+        offset: u64,
+        payload: Bytes,
+        crc: u32,
+        epoch: u64,
+        revision: u64,
+    ) -> Result<()> {
+        let ticket = self.ticket(offset, payload.len() as u64);
+        self.write_aligned(
+            ticket,
+            offset,
+            AlignedBuf::copy_from(&payload),
+            crc,
+            epoch,
+            revision,
+        )
+        .await
+    }
+
+    /// A place in the order of writes and unmaps for the bytes `[offset,
+    /// offset + len)` (see [`crate::order`]): the data stream takes one for
+    /// each request as it arrives, so overlapping requests apply in the
+    /// order they were sent.
+    pub fn ticket(&self, offset: u64, len: u64) -> Ticket {
+        self.write_order.ticket(offset, len)
+    }
+
+    /// [`Self::write`] of a payload already in an aligned buffer (the data
+    /// stream copies it there straight from the received frames), once every
+    /// earlier overlapping `ticket` is done.
+    pub async fn write_aligned(
+        &self,
+        ticket: Ticket,
+        offset: u64,
+        payload: AlignedBuf,
+        crc: u32,
+        epoch: u64,
+        revision: u64,
+    ) -> Result<()> {
+        self.check_epoch(epoch)?;
+        let (crcs, actual) = block_crcs_and_total(payload.as_slice(), self.block_size as usize);
+        if actual != crc {
+            return Err(StoreError::CrcMismatch {
+                expected: crc,
+                actual,
+            });
+        }
+        ticket.ready().await;
+        let chain = self.chain.read().await;
+        self.check_range(&chain, offset, payload.len() as u64)?;
+        let head = chain.head().clone();
+        self.write_blocks_with_crcs(&head, offset, payload, crcs)
+            .await?;
+        self.revision.fetch_max(revision, Ordering::AcqRel);
+        Ok(())
+    }
+
+    /// Writes whole blocks into `layer` (data, then CRCs, then the index).
+    pub(super) async fn write_layer_blocks(
+        &self,
+        layer: &Arc<Layer>,
+        offset: u64,
+        data: &[u8],
+    ) -> Result<()> {
+        let crcs = block_crcs(data, self.block_size as usize);
+        self.write_blocks_with_crcs(layer, offset, AlignedBuf::copy_from(data), crcs)
+            .await
+    }
+
+    /// [`Self::write_layer_blocks`] with the CRC-file bytes of `data` already
+    /// computed. The data write goes to the I/O backend; while it runs, the
+    /// CRC entries are stored into the layer's mapped CRC file (see `layer`'s
+    /// docs for why not through io_uring). Both have finished before the
+    /// index is updated, so the durability invariant is unchanged.
+    pub(super) async fn write_blocks_with_crcs(
+        &self,
+        layer: &Arc<Layer>,
+        offset: u64,
+        data: AlignedBuf,
+        crcs: Vec<u8>,
+    ) -> Result<()> {
+        let bs = self.block_size as u64;
+        let first = offset / bs;
+        let len = data.len() as u64;
+        let context = || format!("writing {len} bytes at {offset}");
+        let pending = self.io.submit([Op::Write {
+            file: layer.data.clone(),
+            offset,
+            buf: data,
+        }]);
+        let crc_written = layer.store_crcs(first, &crcs);
+        // Wait for the data write even when the CRC write failed.
+        IoEngine::wait(pending)
+            .await
+            .map_err(io_err_with(context))?;
+        crc_written.map_err(io_err_with(context))?;
+        layer.index_mut().insert(first, len / bs);
+        self.mark_dirty(layer);
+        Ok(())
+    }
+
+    /// Reads `len` bytes at `offset` through the chain.
+    pub async fn read(&self, offset: u64, len: u64, epoch: u64) -> Result<Bytes> {
+        self.read_verified(offset, len, epoch)
+            .await
+            .map(|(data, _)| data)
+    }
+
+    /// [`Self::read`], also returning the crc32 of the data (for the reply).
+    ///
+    /// Every block read from disk is checked against the CRC its layer
+    /// stored when it was written; blocks no layer holds read as zeros
+    /// without disk I/O. A read that overlaps a write of the same block may
+    /// see the new data beside the old CRC (or a mix of old and new data),
+    /// so a mismatch is not believed at once: the read is done again with
+    /// the chain held exclusively, when no write is in flight. If the block
+    /// still does not match, this disk corrupted it: the read fails with
+    /// [`StoreError::Corrupt`] and the block's CRC entry is invalidated
+    /// ([`Self::invalidate_crc`]).
+    pub async fn read_verified(&self, offset: u64, len: u64, epoch: u64) -> Result<(Bytes, u32)> {
+        self.check_epoch(epoch)?;
+        {
+            let chain = self.chain.read().await;
+            self.check_range(&chain, offset, len)?;
+            match self.read_chain(&chain, offset, len).await {
+                Err(StoreError::Corrupt { .. }) => {}
+                done => return done,
+            }
+        }
+        let chain = self.chain.write().await;
+        match self.read_chain(&chain, offset, len).await {
+            Err(e @ StoreError::Corrupt { .. }) => {
+                if let StoreError::Corrupt {
+                    layer,
+                    block,
+                    actual,
+                    ..
+                } = &e
+                    && let Some(entry) = chain.entries.iter().find(|x| x.meta.name == *layer)
+                {
+                    self.invalidate_crc(&entry.layer, *block, *actual);
+                }
+                tracing::error!(error = %e, offset, len, "a read found corrupt data on disk");
+                Err(e)
+            }
+            done => {
+                if done.is_ok() {
+                    tracing::debug!(
+                        offset,
+                        len,
+                        "a checksum mismatch went away once no write was in flight"
+                    );
+                }
+                done
+            }
+        }
+    }
+
+    /// The reads of [`Self::read_verified`] under a chain guard.
+    pub(super) async fn read_chain(
+        &self,
+        chain: &Chain,
+        offset: u64,
+        len: u64,
+    ) -> Result<(Bytes, u32)> {
+        let bs = self.block_size as u64;
+        let (first, end) = (offset / bs, (offset + len) / bs);
+        let mut runs = Vec::new();
+        chain.resolve(chain.entries.len() - 1, first, end, &mut runs);
+        let no_buffer = || StoreError::Io {
+            context: "reading".into(),
+            source: io::Error::other("backend returned no buffer"),
+        };
+        if let [(Some(level), _, _)] = runs[..] {
+            let entry = &chain.entries[level];
+            let buf = self
+                .read_blocks_with(&entry.layer, first, end - first, || {
+                    format!("reading {len} bytes at {offset}")
+                })
+                .await?;
+            let crc =
+                verify_stored_crcs(&entry.layer, &entry.meta.name, first, buf.as_slice(), bs)?;
+            return Ok((buf.into_bytes(), crc));
+        }
+        let mut out = vec![0u8; len as usize];
+        let mut placed = Vec::new();
+        let ops: Vec<Op> = runs
+            .iter()
+            .filter_map(|&(level, s, e)| {
+                let level = level?;
+                placed.push((level, s));
+                Some(Op::Read {
+                    file: chain.entries[level].layer.data.clone(),
+                    offset: s * bs,
+                    buf: AlignedBuf::for_read(((e - s) * bs) as usize),
+                })
+            })
+            .collect();
+        if !ops.is_empty() {
+            let done = self
+                .io
+                .run(ops)
+                .await
+                .map_err(io_err_with(|| format!("reading {len} bytes at {offset}")))?;
+            for (c, (level, s)) in done.into_iter().zip(placed) {
+                let Completion::Read(buf) = c else {
+                    return Err(no_buffer());
+                };
+                let entry = &chain.entries[level];
+                verify_stored_crcs(&entry.layer, &entry.meta.name, s, buf.as_slice(), bs)?;
+                let at = ((s - first) * bs) as usize;
+                out[at..at + buf.len()].copy_from_slice(buf.as_slice());
+            }
+        }
+        let crc = crc32fast::hash(&out);
+        Ok((Bytes::from(out), crc))
+    }
+
+    /// Records that block `block` of `layer` holds data that does not match
+    /// its CRC entry: the entry becomes the complement of the CRC of the data
+    /// found. That data can never match it, so the block keeps failing reads
+    /// instead of being served, and it differs from the entry the volume's
+    /// healthy replicas hold, so the next resync of this replica (a CRC diff)
+    /// copies the block. Durable with the layer's next flush.
+    pub(super) fn invalidate_crc(&self, layer: &Arc<Layer>, block: u64, actual: u32) {
+        if let Err(e) = layer.store_crcs(block, &(!actual).to_le_bytes()) {
+            tracing::warn!(error = %e, block, "could not invalidate a corrupt block's CRC entry");
+        }
+        self.mark_dirty(layer);
+    }
+
+    /// Deallocates `[offset, offset + len)`: it reads back as zeros.
+    pub async fn unmap(&self, offset: u64, len: u64, epoch: u64) -> Result<()> {
+        let ticket = self.ticket(offset, len);
+        self.unmap_in_order(ticket, offset, len, epoch).await
+    }
+
+    /// [`Self::unmap`] once every earlier overlapping `ticket` is done.
+    pub async fn unmap_in_order(
+        &self,
+        ticket: Ticket,
+        offset: u64,
+        len: u64,
+        epoch: u64,
+    ) -> Result<()> {
+        self.check_epoch(epoch)?;
+        ticket.ready().await;
+        let chain = self.chain.read().await;
+        self.check_range(&chain, offset, len)?;
+        let bs = self.block_size as u64;
+        let (first, end) = (offset / bs, (offset + len) / bs);
+        let head = chain.head().clone();
+        // Blocks an older layer holds must be covered by explicit zeros.
+        let mut zero_runs: Vec<(u64, u64)> = if chain.syncing {
+            vec![(first, end)]
+        } else {
+            let mut all: Vec<(u64, u64)> = chain
+                .frozen()
+                .iter()
+                .flat_map(|e| e.layer.index().runs(first, end))
+                .collect();
+            all.sort_unstable();
+            all
+        };
+        merge_runs(&mut zero_runs);
+        head.punch(offset, len).map_err(io_err_with(|| {
+            format!("deallocating {len} bytes at {offset}")
+        }))?;
+        head.index_mut().remove(first, end - first);
+        for (s, e) in zero_runs {
+            let mut b = s;
+            while b < e {
+                let n = COPY_STEP_BLOCKS.min(e - b);
+                let zeros = vec![0u8; (n * bs) as usize];
+                self.write_layer_blocks(&head, b * bs, &zeros).await?;
+                b += n;
+            }
+        }
+        self.mark_dirty(&head);
+        Ok(())
+    }
+
+    /// Makes every completed write durable.
+    pub async fn flush(&self, epoch: u64) -> Result<()> {
+        self.check_epoch(epoch)?;
+        self.flush_all(false).await
+    }
+
+    pub(super) async fn flush_all(&self, every_layer: bool) -> Result<()> {
+        // Serialized: a flush that finds nothing dirty must still wait for
+        // the fsyncs of a flush already running.
+        let _f = self.flush_lock.lock().await;
+        let layers: Vec<Arc<Layer>> = if every_layer {
+            self.chain
+                .read()
+                .await
+                .entries
+                .iter()
+                .map(|e| e.layer.clone())
+                .collect()
+        } else {
+            let mut d = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+            d.drain().map(|(_, l)| l).collect()
+        };
+        self.sync_layers(&layers).await?;
+        // The revision only ranks replicas at crash recovery, and one
+        // recorded too low is harmless (the replica is resynced from a
+        // fresher one, which holds every flushed write too): so it is
+        // written without a second cache flush of the disk per FLUSH.
+        // The next durable save (at the latest, the clean close) carries it.
+        let rev = self.revision.load(Ordering::Acquire);
+        if rev > self.meta().revision {
+            self.update_meta_with(|m| m.revision = m.revision.max(rev), false)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// fdatasyncs the data and CRC files of `layers`; on failure they stay
+    /// dirty so the next flush tries again.
+    pub(super) async fn sync_layers(&self, layers: &[Arc<Layer>]) -> Result<()> {
+        let ops = layers.iter().flat_map(|l| {
+            [
+                Op::Fsync {
+                    file: l.data.clone(),
+                },
+                Op::Fsync {
+                    file: l.crc.clone(),
+                },
+            ]
+        });
+        if let Err(e) = self.io.run(ops).await {
+            for l in layers {
+                self.mark_dirty(l);
+            }
+            return Err(io_err("syncing layer files")(e));
+        }
+        Ok(())
+    }
+
+    /// Reads blocks `[first, first + count)` of `layer`'s data file; an
+    /// error says what was read and `why`.
+    pub(super) async fn read_blocks(
+        &self,
+        layer: &Layer,
+        first: u64,
+        count: u64,
+        why: &str,
+    ) -> Result<AlignedBuf> {
+        self.read_blocks_with(layer, first, count, || {
+            format!("reading {count} blocks at block {first} {why}")
+        })
+        .await
+    }
+
+    /// [`Self::read_blocks`] with the error's whole context built by `what`.
+    pub(super) async fn read_blocks_with(
+        &self,
+        layer: &Layer,
+        first: u64,
+        count: u64,
+        what: impl FnOnce() -> String,
+    ) -> Result<AlignedBuf> {
+        let bs = self.block_size as u64;
+        let done = self
+            .io
+            .run([Op::Read {
+                file: layer.data.clone(),
+                offset: first * bs,
+                buf: AlignedBuf::for_read((count * bs) as usize),
+            }])
+            .await
+            .map_err(io_err_with(what))?;
+        match done.into_iter().next() {
+            Some(Completion::Read(buf)) => Ok(buf),
+            _ => Err(StoreError::Io {
+                context: "reading blocks".into(),
+                source: io::Error::other("backend returned no buffer"),
+            }),
+        }
+    }
+}
