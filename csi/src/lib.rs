@@ -2,7 +2,7 @@
 //!
 //! - [`store`]: the control plane's state store (volumes, snapshots, nodes).
 //! - [`attach`]: the node side — attach an NBD export as a block device
-//!   (`nbdfuse` + loop), make a filesystem only if blank, mount / bind /
+//!   (Zebu's FUSE bridge + loop), make a filesystem only if blank, mount / bind /
 //!   unmount, grow, volume statistics.
 //! - [`context`]: the driver name and the keys of CSI context maps.
 //! - [`durable`]: small files replaced atomically and durably (every

@@ -41,15 +41,16 @@
 //!
 //! # Expansion
 //!
-//! nbdfuse learns the export size once, when it connects, so a device never
-//! grows while attached. NodeExpandVolume therefore:
+//! Volumes are attached through Zebu's FUSE bridge, whose file (and so the
+//! loop device over it) grows in place when the export grows
+//! ([`attach::refresh_size`]). NodeExpandVolume therefore:
 //!
-//! * when the volume is **published** (a pod uses it): grows the filesystem
-//!   online to the current device size ([`attach::expand_filesystem`]); if
-//!   the device is smaller than `required_bytes` it answers
-//!   `FAILED_PRECONDITION` saying the volume must be unstaged and staged
-//!   again (it does not pretend). Online ext4 growth also needs
-//!   `CAP_SYS_RESOURCE`.
+//! * when the volume is **published** (a pod uses it): grows the device,
+//!   then the filesystem online ([`attach::expand_filesystem`]); where the
+//!   device cannot grow (an attachment made with nbdfuse) and is smaller
+//!   than `required_bytes`, it answers `FAILED_PRECONDITION` saying the
+//!   volume must be unstaged and staged again (it does not pretend). Online
+//!   ext4 growth also needs `CAP_SYS_RESOURCE`.
 //! * when the volume is **staged but not published** (the kubelet's offline
 //!   expansion, between NodeStage and NodePublish): unmounts the staging
 //!   mount, re-attaches the export (picking up its new size), grows the
@@ -798,7 +799,7 @@ impl NodeService {
         })
     }
 
-    /// Online: the device cannot grow (nbdfuse), the filesystem can grow to it.
+    /// Online: the device grows in place (the bridge), then the filesystem.
     async fn expand_published(
         &self,
         rec: &VolumeRecord,
