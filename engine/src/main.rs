@@ -171,17 +171,10 @@ fn main() -> std::process::ExitCode {
         tracing::warn!("could not tune the allocator; large I/O will be slower");
     }
     let cli = Cli::parse();
-    // One runtime thread by default, as in the replica. An engine's work per
-    // request is short (parse, CRC, queue to the links, complete), and with a
-    // second worker much of it went to waking the other worker and switching
-    // to it (a quarter of the engine's samples at 4 KiB writes QD32).
-    // Measured with alternating builds on 2 CPUs: 1 MiB writes QD8 +11% and
-    // +18% (two series of 3-4 pairs), 4 KiB writes QD1 7-17% less CPU per
-    // write; 4 KiB writes QD32 from equal to +14% (three series, 14 pairs),
-    // 4 KiB reads QD32 and the 70/30 mix unchanged; 1 MiB reads QD8 4-10%
-    // slower, where receiving a payload from a replica and sending it to the
-    // NBD client no longer overlap. `--worker-threads` gives one volume more
-    // cores.
+    // One runtime thread by default, as in the replica: an engine's work per
+    // request is short, and a second worker mostly costs waking it and
+    // switching to it (benches/README.md, "Engine runtime threads", has the
+    // measurements). `--worker-threads` gives one volume more cores.
     let threads = cli.serve.as_ref().map_or(1, |s| s.worker_threads);
     let rt = match threads {
         1 => tokio::runtime::Builder::new_current_thread(),
