@@ -5,70 +5,14 @@
 //! io_uring cannot be set up (seccomp profiles answer EPERM, old kernels
 //! ENOSYS); [`IoEngine::start`] falls back to it with a warning.
 
-use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::sync::{Arc, Mutex, mpsc};
 
 use tokio::sync::oneshot;
 
-use crate::uring::{AlignedBuf, Ring};
-
-/// One I/O operation on a file.
-pub enum Op {
-    /// Fill `buf` from `offset`.
-    Read {
-        /// File to read.
-        file: Arc<File>,
-        /// Byte offset.
-        offset: u64,
-        /// Destination; its length is the read length.
-        buf: AlignedBuf,
-    },
-    /// Write `buf` at `offset`.
-    Write {
-        /// File to write.
-        file: Arc<File>,
-        /// Byte offset.
-        offset: u64,
-        /// Payload, aligned for O_DIRECT.
-        buf: AlignedBuf,
-    },
-    /// fdatasync the file.
-    Fsync {
-        /// File to sync.
-        file: Arc<File>,
-    },
-}
-
-impl Op {
-    /// The operation's buffer, if it has one.
-    pub fn buf(&self) -> Option<&AlignedBuf> {
-        match self {
-            Op::Read { buf, .. } | Op::Write { buf, .. } => Some(buf),
-            Op::Fsync { .. } => None,
-        }
-    }
-}
-
-/// Result of a completed [`Op`].
-#[derive(Debug)]
-pub enum Completion {
-    /// The filled read buffer.
-    Read(AlignedBuf),
-    /// A write completed in full.
-    Write,
-    /// The file's data is durable.
-    Fsync,
-}
-
-/// An operation and where to send its result.
-pub struct Request {
-    /// The operation.
-    pub op: Op,
-    /// Receives the result.
-    pub done: oneshot::Sender<io::Result<Completion>>,
-}
+pub use crate::op::{Completion, Op, Request};
+use crate::uring::Ring;
 
 /// Which backend to use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -271,6 +215,8 @@ fn run_blocking(op: Op) -> io::Result<Completion> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::buf::AlignedBuf;
+    use std::fs::File;
     use std::os::unix::fs::OpenOptionsExt;
 
     /// Reads blocks 0..n of `file` and checks that block i is filled with fill(i).
@@ -468,11 +414,11 @@ mod tests {
     fn aligned_buf_is_aligned() {
         for len in [0, 1, 4095, 4096, 12345] {
             let b = AlignedBuf::zeroed(len);
-            assert_eq!(b.as_slice().as_ptr() as usize % crate::uring::ALIGN, 0);
+            assert_eq!(b.as_slice().as_ptr() as usize % crate::buf::ALIGN, 0);
             assert_eq!(b.len(), len);
             let src: Vec<u8> = (0..len).map(|i| (i % 251) as u8).collect();
             let c = AlignedBuf::copy_from(&src);
-            assert_eq!(c.as_slice().as_ptr() as usize % crate::uring::ALIGN, 0);
+            assert_eq!(c.as_slice().as_ptr() as usize % crate::buf::ALIGN, 0);
             assert_eq!(c.as_slice(), &src[..]);
         }
     }

@@ -27,9 +27,9 @@ use std::sync::{Arc, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use nix::fcntl::{FallocateFlags, fallocate};
 use nix::unistd::{Whence, lseek};
 
+use crate::buf::AlignedBuf;
 use crate::crcmap::{CrcMap, Space};
 use crate::extent::ExtentIndex;
-use crate::uring::AlignedBuf;
 
 /// A layer's files and index.
 #[derive(Debug)]

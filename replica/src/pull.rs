@@ -27,9 +27,9 @@ use tonic::transport::Channel;
 
 use zebu_proto::replica as pb;
 
-use crate::server::status_of;
+use crate::buf::AlignedBuf;
+use crate::status::status_of;
 use crate::store::Store;
-use crate::uring::AlignedBuf;
 use zebu_proto::wire;
 
 /// Most chunk writes of one copy in flight at once.

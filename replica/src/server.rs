@@ -38,11 +38,12 @@ use tonic::{Request, Response, Status, Streaming};
 use zebu_proto::replica as pb;
 use zebu_proto::replica::replica_server::Replica;
 
+use crate::buf::AlignedBuf;
 use crate::order::Ticket;
 use crate::pull;
 use crate::session::Superseded;
+use crate::status::{io_status_of, status_of};
 use crate::store::{LayerStatus, ReplicaStatus, Store, StoreError};
-use crate::uring::AlignedBuf;
 use zebu_proto::wire;
 
 /// Most requests of one stream executing at once.
@@ -298,39 +299,6 @@ impl<S> GrpcBody<S> {
             let _ = Status::internal("the call failed").add_header(&mut trailers);
         }
         Poll::Ready(Some(Ok(Frame::trailers(trailers))))
-    }
-}
-
-/// The gRPC status for a store error.
-pub fn status_of(e: &StoreError) -> Status {
-    let msg = e.to_string();
-    match e {
-        StoreError::InvalidArgument(_) | StoreError::CrcMismatch { .. } => {
-            Status::invalid_argument(msg)
-        }
-        StoreError::OutOfRange { .. } => Status::out_of_range(msg),
-        StoreError::StaleEpoch { .. }
-        | StoreError::StaleSession(_)
-        | StoreError::NotOpen { .. }
-        | StoreError::FailedPrecondition(_) => Status::failed_precondition(msg),
-        StoreError::NoSpace(_) => Status::resource_exhausted(msg),
-        StoreError::NotFound(_) => Status::not_found(msg),
-        StoreError::Corrupt { .. } => Status::data_loss(msg),
-        StoreError::AlreadyExists(_) => Status::already_exists(msg),
-        StoreError::Io { .. } | StoreError::Meta(_) => Status::internal(msg),
-    }
-}
-
-fn io_status_of(e: &StoreError) -> pb::IoStatus {
-    match e {
-        StoreError::InvalidArgument(_) => pb::IoStatus::IoInvalidArgument,
-        StoreError::OutOfRange { .. } => pb::IoStatus::IoOutOfRange,
-        StoreError::CrcMismatch { .. } => pb::IoStatus::IoCrcMismatch,
-        StoreError::StaleEpoch { .. } => pb::IoStatus::IoStaleEpoch,
-        StoreError::NotOpen { .. } => pb::IoStatus::IoNotOpen,
-        StoreError::StaleSession(_) => pb::IoStatus::IoStaleSession,
-        StoreError::NoSpace(_) => pb::IoStatus::IoNoSpace,
-        _ => pb::IoStatus::IoError,
     }
 }
 

@@ -50,12 +50,12 @@ use bytes::Bytes;
 use futures::StreamExt;
 use tokio::sync::{RwLock, mpsc};
 
+use crate::buf::AlignedBuf;
 use crate::io::{Completion, EngineKind, IoEngine, Op};
 use crate::layer::{Layer, block_crcs, block_crcs_and_total};
 use crate::meta::{FORMAT, LayerMeta, MergeMeta, Meta, MetaError, MetaStore, SledMeta};
 use crate::order::{Ticket, WriteOrder};
 use crate::session::{SessionGuard, Sessions, Superseded};
-use crate::uring::AlignedBuf;
 
 mod data;
 mod scrub;

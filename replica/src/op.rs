@@ -1,0 +1,67 @@
+//! The vocabulary of block I/O that both backends ([`crate::io`]'s thread
+//! pool and [`crate::uring`]'s ring) execute: an operation on a file, its
+//! completion, and the request that carries one to a backend.
+
+use std::fs::File;
+use std::io;
+use std::sync::Arc;
+
+use tokio::sync::oneshot;
+
+use crate::buf::AlignedBuf;
+
+/// One I/O operation on a file.
+pub enum Op {
+    /// Fill `buf` from `offset`.
+    Read {
+        /// File to read.
+        file: Arc<File>,
+        /// Byte offset.
+        offset: u64,
+        /// Destination; its length is the read length.
+        buf: AlignedBuf,
+    },
+    /// Write `buf` at `offset`.
+    Write {
+        /// File to write.
+        file: Arc<File>,
+        /// Byte offset.
+        offset: u64,
+        /// Payload, aligned for O_DIRECT.
+        buf: AlignedBuf,
+    },
+    /// fdatasync the file.
+    Fsync {
+        /// File to sync.
+        file: Arc<File>,
+    },
+}
+
+impl Op {
+    /// The operation's buffer, if it has one.
+    pub fn buf(&self) -> Option<&AlignedBuf> {
+        match self {
+            Op::Read { buf, .. } | Op::Write { buf, .. } => Some(buf),
+            Op::Fsync { .. } => None,
+        }
+    }
+}
+
+/// Result of a completed [`Op`].
+#[derive(Debug)]
+pub enum Completion {
+    /// The filled read buffer.
+    Read(AlignedBuf),
+    /// A write completed in full.
+    Write,
+    /// The file's data is durable.
+    Fsync,
+}
+
+/// An operation and where to send its result.
+pub struct Request {
+    /// The operation.
+    pub op: Op,
+    /// Receives the result.
+    pub done: oneshot::Sender<io::Result<Completion>>,
+}
