@@ -15,6 +15,7 @@
 
 pub mod args;
 pub mod attachment;
+pub mod caps;
 pub mod driver;
 pub mod error;
 pub mod paging;

@@ -13,6 +13,7 @@
 //! - [`identity`]: the CSI Identity service.
 //! - [`inflight`]: one operation per volume at a time (ABORTED otherwise).
 //! - [`node`]: the CSI Node service (stage, publish, stats, expand).
+//! - [`procfs`]: whether a recorded pid is still the process we started.
 //! - [`registry`]: where node agents announce themselves to the controller.
 //! - [`cli`]: the `zebu` command line (volumes, snapshots, attach/detach,
 //!   replica status) over the driver's CSI socket.
@@ -29,5 +30,6 @@ pub mod grpc;
 pub mod identity;
 pub mod inflight;
 pub mod node;
+pub mod procfs;
 pub mod registry;
 pub mod store;

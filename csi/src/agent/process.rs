@@ -336,37 +336,22 @@ pub(crate) fn is_ours(pid: u32, program: &str, args: &[String]) -> bool {
     if pid == 0 || program.is_empty() {
         return false;
     }
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+    let Some(process) = crate::procfs::live(pid) else {
         return false;
     };
-    // "pid (comm) S ...": comm may contain spaces and parentheses.
-    let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-        return false;
-    };
-    let comm = &stat[open + 1..close];
-    if matches!(
-        stat[close + 1..].split_whitespace().next(),
-        None | Some("Z") | Some("X")
-    ) {
-        return false;
-    }
-    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-        return false;
-    };
-    if cmdline.is_empty() {
+    if process.args.is_empty() {
         // Exiting: its memory (and command line) is gone but it is not a
         // zombie yet. Judge by name (comm is at most 15 bytes).
         let name = Path::new(program)
             .file_name()
             .map(|n| n.as_bytes())
             .unwrap_or_default();
-        return !comm.is_empty() && name.starts_with(comm.as_bytes());
+        return !process.comm.is_empty() && name.starts_with(process.comm.as_bytes());
     }
-    let cmdline = cmdline.strip_suffix(b"\0").unwrap_or(&cmdline);
-    let mut parts = cmdline.split(|&b| b == 0);
-    parts.next() == Some(program.as_bytes())
+    let mut parts = process.args.iter();
+    parts.next().is_some_and(|a| a == program.as_bytes())
         && parts
-            .map(OsStr::from_bytes)
+            .map(|a| OsStr::from_bytes(a))
             .eq(args.iter().map(|a| OsStr::new(a.as_str())))
 }
 

@@ -270,34 +270,19 @@ pub(super) async fn stop_nbdfuse(pid: i32, backing: &Path, ctx: &str) -> Result<
 /// for ours.
 pub(super) fn is_our_server(pid: i32, backing: &Path) -> bool {
     const SERVERS: [&str; 2] = ["nbdfuse", BRIDGE_BINARY];
-    if pid <= 0 {
-        return false;
-    }
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+    let Some(process) = u32::try_from(pid).ok().and_then(crate::procfs::live) else {
         return false;
     };
-    // "pid (comm) S ..."; comm may contain spaces and parentheses.
-    let (Some(open), Some(close)) = (stat.find('('), stat.rfind(')')) else {
-        return false;
-    };
-    let comm = &stat[open + 1..close];
-    let state = stat[close + 1..].split_whitespace().next();
-    if matches!(state, None | Some("Z") | Some("X")) {
-        return false;
-    }
-    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
-        return false;
-    };
-    if cmdline.is_empty() {
+    if process.args.is_empty() {
         // An exiting process has released its memory (and so its command
         // line) before it becomes a zombie: still running, judge by name.
-        return SERVERS.contains(&comm);
+        return SERVERS.contains(&process.comm.as_str());
     }
-    let mut args = cmdline.split(|&b| b == 0);
+    let mut args = process.args.iter();
     let is_server = args.next().is_some_and(|a0| {
         SERVERS
             .iter()
             .any(|s| Path::new(OsStr::from_bytes(a0)).ends_with(s))
     });
-    is_server && args.any(|a| a == backing.as_os_str().as_bytes())
+    is_server && args.any(|a| a.as_slice() == backing.as_os_str().as_bytes())
 }

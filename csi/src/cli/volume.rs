@@ -4,7 +4,7 @@ use anyhow::{Context, bail};
 use zebu_proto::csi::{ControllerGetVolumeRequest, DeleteVolumeRequest};
 
 use super::args::{CreateArgs, Format};
-use super::attachment::{NodeCaps, node_caps};
+use super::caps::{NodeCaps, node_caps};
 use super::driver::Driver;
 use super::emit;
 use super::error::{Call, RpcError, Subject};
