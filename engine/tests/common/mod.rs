@@ -32,7 +32,10 @@ use tonic::transport::Channel;
 use zebu_proto::replica as pb;
 use zebu_proto::replica::replica_client::ReplicaClient;
 
+mod netns;
 mod proxy;
+#[allow(unused_imports)]
+pub use netns::{Lab, Way, in_netns};
 #[allow(unused_imports)]
 pub use proxy::{FaultProxy, Toward};
 
@@ -61,12 +64,28 @@ pub fn serial() -> MutexGuard<'static, ()> {
 // ---------------------------------------------------------------------------
 // Binaries and tools.
 
+/// Where `ZEBU_TEST_BIN_DIR` points, if set: the binaries to test instead
+/// of this build's (to run a new test against an older build).
+fn bin_override(name: &str) -> Option<PathBuf> {
+    let dir = std::env::var_os("ZEBU_TEST_BIN_DIR")?;
+    let p = Path::new(&dir).join(name);
+    assert!(
+        p.is_file(),
+        "ZEBU_TEST_BIN_DIR has no {name}: {}",
+        p.display()
+    );
+    Some(p)
+}
+
 pub fn engine_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_zebu-engine"))
+    bin_override("zebu-engine").unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_zebu-engine")))
 }
 
 /// `target/debug/zebu-replica`, next to the test executable's `deps/`.
 pub fn replica_bin() -> PathBuf {
+    if let Some(p) = bin_override("zebu-replica") {
+        return p;
+    }
     let exe = std::env::current_exe().expect("current_exe");
     let p = exe
         .parent()
@@ -498,8 +517,16 @@ pub struct Replica {
 impl Replica {
     /// Starts a replica on `dir` (created with `size` when given).
     pub fn start(dir: &Path, size: Option<&str>) -> Replica {
-        let mut c = Command::new(replica_bin());
-        c.arg("--dir").arg(dir).args(["--listen", "127.0.0.1:0"]);
+        Self::start_in(None, "127.0.0.1", dir, size)
+    }
+
+    /// Starts a replica listening on `ip` (port 0), in network namespace
+    /// `netns` when given.
+    pub fn start_in(netns: Option<&str>, ip: &str, dir: &Path, size: Option<&str>) -> Replica {
+        let mut c = in_netns(netns, &replica_bin());
+        c.arg("--dir")
+            .arg(dir)
+            .args(["--listen", &format!("{ip}:0")]);
         if let Some(s) = size {
             c.args(["--size", s]);
         }
@@ -565,6 +592,8 @@ pub struct Engine {
     /// (`extra` = `["--nbd", "tcp:127.0.0.1:0"]`).
     pub tcp: Option<String>,
     pub ready_line: String,
+    /// The network namespace it runs in (its `ctl` commands run there too).
+    pub netns: Option<String>,
 }
 
 impl Engine {
@@ -581,16 +610,30 @@ impl Engine {
         replicas: &[&str],
         extra: &[&str],
     ) -> Engine {
+        Self::start_in(None, "127.0.0.1", tmp, volume, size, replicas, extra)
+    }
+
+    /// [`Engine::start_with`] in network namespace `netns`, its control API
+    /// on `ip`.
+    pub fn start_in(
+        netns: Option<&str>,
+        ip: &str,
+        tmp: &Path,
+        volume: &str,
+        size: &str,
+        replicas: &[&str],
+        extra: &[&str],
+    ) -> Engine {
         let n = rand_u64() % 1_000_000;
         let socket = tmp.join(format!("nbd-{n}.sock"));
-        let mut c = Command::new(engine_bin());
+        let mut c = in_netns(netns, &engine_bin());
         c.args(["--volume", volume, "--size", size]);
         for r in replicas {
             c.args(["--replica", r]);
         }
         c.arg("--nbd")
             .arg(format!("unix:{}", socket.display()))
-            .args(["--listen", "127.0.0.1:0"])
+            .args(["--listen", &format!("{ip}:0")])
             .args(extra);
         let log = tmp.join(format!("engine-{n}.log"));
         let (server, line) = Server::start(c, "zebu-engine", log);
@@ -625,6 +668,7 @@ impl Engine {
             epoch,
             tcp,
             ready_line: line,
+            netns: netns.map(str::to_owned),
         }
     }
 
@@ -671,7 +715,9 @@ impl Engine {
     }
 
     pub fn ctl_timeout(&self, args: &[&str], timeout: Duration) -> Run {
-        ctl(&self.control, args, timeout)
+        let mut c = in_netns(self.netns.as_deref(), &engine_bin());
+        c.args(["ctl", "--engine", &self.control]).args(args);
+        run(&mut c, timeout)
     }
 
     /// Runs a ctl command that must succeed (engine stderr in the panic).
