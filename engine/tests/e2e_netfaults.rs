@@ -196,3 +196,57 @@ fn one_way_partitions_eject_the_replica_and_it_resyncs() {
     let image = net.stop_and_compare(tmp.path());
     assert_same("every replica", &image[..expected.len()], &expected);
 }
+
+/// The engine's host loses its link (every replica at once): the write in
+/// flight fails instead of being acknowledged. After the link heals, a new
+/// engine (the old one is stopped, as after a node loss) serves replicas
+/// that are identical and hold everything acknowledged before the cut.
+#[test]
+fn an_engine_cut_off_by_the_network_acknowledges_nothing() {
+    let _serial = serial();
+    let tmp = tempdir();
+    let mut net = Net::start(tmp.path(), "engcut");
+    let mut nbd = NbdConn::connect(&net.engine.socket, "engcut");
+    let (a, b) = (pattern(71, BS as usize), pattern(72, BS as usize));
+    nbd.write(0, &a).expect("write A");
+    nbd.flush().expect("flush A");
+
+    net.lab.cut(ENGINE_HOST);
+    assert!(
+        nbd.write(0, &b).is_err(),
+        "a write no replica received was acknowledged; engine log:\n{}",
+        net.engine.log_tail()
+    );
+    assert!(
+        nbd.flush().is_err(),
+        "a flush no replica received succeeded"
+    );
+    drop(nbd);
+    net.engine.kill9();
+    net.lab.heal(ENGINE_HOST);
+
+    let refs: Vec<&str> = net.addrs.iter().map(String::as_str).collect();
+    net.engine = Engine::start_in(
+        Some(net.lab.netns(ENGINE_HOST)),
+        &net.lab.ip(ENGINE_HOST),
+        tmp.path(),
+        "engcut",
+        "16M",
+        &refs,
+        &["--io-timeout", "2s"],
+    );
+    net.engine.wait_healthy(3);
+    let mut nbd = NbdConn::connect(&net.engine.socket, "engcut");
+    let got = nbd.read(0, BS as u32).expect("read block 0");
+    assert!(
+        got == a || got == b,
+        "block 0 holds neither the acknowledged write nor the unacknowledged one"
+    );
+    drop(nbd);
+    let image = net.stop_and_compare(tmp.path());
+    assert_same(
+        "block 0 on every replica vs the new engine",
+        &image[..BS as usize],
+        &got,
+    );
+}
