@@ -160,13 +160,7 @@ enum SnapshotOp {
 }
 
 fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    zebu_proto::init_logging("info");
     if !zebu_proto::keep_freed_buffers() {
         tracing::warn!("could not tune the allocator; large I/O will be slower");
     }

@@ -55,6 +55,17 @@ pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
 /// 16 KiB default.
 pub const MAX_FRAME_BYTES: u32 = 1 << 20;
 
+/// Sends the process's log to stderr, filtered by `RUST_LOG` or, when it is
+/// unset or invalid, by `default` (e.g. `info`): one setup for every binary.
+pub fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(filter)
+        .init();
+}
+
 /// Keeps freed large buffers in the process's heap instead of returning
 /// them to the kernel: payload and receive buffers of up to 32 MiB come and
 /// go with every large I/O, and glibc's defaults would map and unmap each

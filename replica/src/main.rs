@@ -38,13 +38,7 @@ struct Args {
 // wake-ups (work stealing) and context switches per request.
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> anyhow::Result<()> {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    zebu_proto::init_logging("info");
     if !zebu_proto::keep_freed_buffers() {
         tracing::warn!("could not tune the allocator; large I/O will be slower");
     }

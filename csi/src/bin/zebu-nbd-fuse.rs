@@ -39,14 +39,7 @@ struct Args {
 
 fn main() -> ExitCode {
     let args = Args::parse();
-    tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-                tracing_subscriber::EnvFilter::new("warn,fuser::session=error")
-            }),
-        )
-        .init();
+    zebu_proto::init_logging("warn,fuser::session=error");
     match bridge::run(BridgeOptions {
         uri: args.uri,
         file: args.file,
