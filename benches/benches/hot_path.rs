@@ -11,9 +11,8 @@
 //!   nothing): a client writes a burst of pipelined requests and reads the
 //!   replies. Per request: header parsing and validation, payload read, device
 //!   call, reply encoding, plus the socket round trip shared by the burst. The
-//!   header parser itself (`RequestHeader::parse`, `plan_request` in
-//!   `engine/src/frontend/nbd/proto.rs`) is `pub(super)`, so it cannot be
-//!   measured alone from here.
+//!   header parser itself (`RequestHeader::parse`, `plan_request`) is public
+//!   in `zebu_nbd` now and could be measured alone; it is not yet.
 //! - `proto`: prost encoding (and decoding) of one replica `IoBatch` of 4 KiB
 //!   writes, as the engine's link sends it.
 //! - `replication`: the sans-IO `Replicator`'s write fan-out: `submit` of a
