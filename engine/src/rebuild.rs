@@ -236,6 +236,7 @@ pub async fn sync_layers(
     dst: &Control,
     layers: &[String],
     epoch: u64,
+    session: u64,
     block_size: u64,
     progress: &Progress,
 ) -> Result<(), RebuildError> {
@@ -266,6 +267,7 @@ pub async fn sync_layers(
             punch: extents(&p.punch),
             epoch,
             whole,
+            session,
         };
         let what = format!("pulling layer {layer:?} from {}", src.addr);
         let mut stream = dst

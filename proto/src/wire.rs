@@ -220,6 +220,8 @@ pub struct LayerData {
     pub punch_length: u64,
     /// `LayerData.epoch`.
     pub epoch: u64,
+    /// `LayerData.session`.
+    pub session: u64,
 }
 
 impl From<pb::LayerData> for LayerData {
@@ -233,6 +235,7 @@ impl From<pb::LayerData> for LayerData {
             crc32: m.crc32,
             punch_length: m.punch_length,
             epoch: m.epoch,
+            session: m.session,
         }
     }
 }
@@ -413,14 +416,15 @@ pub fn decode_layer_data(mut buf: Segments) -> Result<LayerData, WireError> {
                         .map_err(|_| WireError::Invalid("a layer name is not UTF-8"))?;
                 }
             }
-            2 | 4..=6 => {
+            2 | 4..=7 => {
                 expect(wt, VARINT)?;
                 let v = buf.varint()?;
                 match field {
                     2 => m.offset = v,
                     4 => m.crc32 = v as u32,
                     5 => m.punch_length = v,
-                    _ => m.epoch = v,
+                    6 => m.epoch = v,
+                    _ => m.session = v,
                 }
             }
             _ => skip(&mut buf, field, wt, 0)?,
@@ -739,13 +743,14 @@ mod tests {
             crc32 in any::<u32>(),
             punch_length in any::<u64>(),
             epoch in any::<u64>(),
+            session in any::<u64>(),
             cuts in prop::collection::vec(any::<usize>(), 0..8),
         ) {
-            let m = pb::LayerData { layer, offset, data: data.into(), crc32, punch_length, epoch };
+            let m = pb::LayerData { layer, offset, data: data.into(), crc32, punch_length, epoch, session };
             let got = decode_layer_data(segments(&m.encode_to_vec(), &cuts)).unwrap();
             prop_assert_eq!(
-                (&got.layer, got.offset, got.data.to_bytes(), got.crc32, got.punch_length, got.epoch),
-                (&m.layer, m.offset, m.data.clone(), m.crc32, m.punch_length, m.epoch)
+                (&got.layer, got.offset, got.data.to_bytes(), got.crc32, got.punch_length, got.epoch, got.session),
+                (&m.layer, m.offset, m.data.clone(), m.crc32, m.punch_length, m.epoch, m.session)
             );
         }
 

@@ -61,12 +61,12 @@ impl Totals {
 }
 
 /// Applies a stream of [`wire::LayerData`] (writes and punches) to a layer,
-/// up to [`MAX_WRITES_IN_FLIGHT`] at a time. The layer and epoch are
+/// up to [`MAX_WRITES_IN_FLIGHT`] at a time. The layer, epoch and session are
 /// `target`, or else those of the first message. `progress` is called after
 /// each completed chunk with the running totals.
 pub async fn apply<S>(
     store: &Arc<Store>,
-    mut target: Option<(String, u64)>,
+    mut target: Option<(String, u64, u64)>,
     inbound: S,
     mut progress: impl FnMut(&Totals),
 ) -> Result<Totals, Status>
@@ -85,14 +85,14 @@ where
                     more = false;
                     continue;
                 };
-                let (layer, epoch) = target
-                    .get_or_insert_with(|| (m.layer.clone(), m.epoch))
+                let (layer, epoch, session) = target
+                    .get_or_insert_with(|| (m.layer.clone(), m.epoch, m.session))
                     .clone();
                 let store = store.clone();
                 in_flight.push(async move {
                     if m.punch_length > 0 {
                         store
-                            .layer_punch(&layer, m.offset, m.punch_length, epoch)
+                            .layer_punch(&layer, m.offset, m.punch_length, epoch, session)
                             .await
                             .map(|_| (0, 0, m.punch_length / bs))
                     } else {
@@ -102,7 +102,7 @@ where
                         );
                         let n = data.len() as u64;
                         store
-                            .layer_write(&layer, m.offset, data, m.crc32, epoch)
+                            .layer_write(&layer, m.offset, data, m.crc32, epoch, session)
                             .await
                             .map(|_| (n, n / bs, 0))
                     }
@@ -208,13 +208,18 @@ pub async fn run(
     };
     let inbound = futures::stream::iter(punches).chain(futures::stream::iter(chunks).flatten());
     let mut reported = 0;
-    apply(&store, Some((r.layer.clone(), r.epoch)), inbound, |t| {
-        if t.bytes_written - reported >= PROGRESS_EVERY_BYTES {
-            reported = t.bytes_written;
-            // A full channel only delays this report to the next one.
-            let _ = tx.try_send(Ok(t.progress()));
-        }
-    })
+    apply(
+        &store,
+        Some((r.layer.clone(), r.epoch, r.session)),
+        inbound,
+        |t| {
+            if t.bytes_written - reported >= PROGRESS_EVERY_BYTES {
+                reported = t.bytes_written;
+                // A full channel only delays this report to the next one.
+                let _ = tx.try_send(Ok(t.progress()));
+            }
+        },
+    )
     .await
 }
 

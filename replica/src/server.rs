@@ -678,7 +678,7 @@ impl Replica for ReplicaService {
         let r = request.into_inner();
         reply(
             self.store
-                .prepare_sync(&r.layers, r.include_head, r.epoch)
+                .prepare_sync(&r.layers, r.include_head, r.epoch, r.session)
                 .await,
         )
     }
@@ -687,6 +687,7 @@ impl Replica for ReplicaService {
         &self,
         request: Request<pb::FinishSyncRequest>,
     ) -> Result<Response<pb::ReplicaInfo>, Status> {
-        reply(self.store.finish_sync(request.into_inner().epoch).await)
+        let r = request.into_inner();
+        reply(self.store.finish_sync(r.epoch, r.session).await)
     }
 }

@@ -93,6 +93,15 @@ impl Drop for Replica {
     }
 }
 
+/// The replica's current data-stream session (that of its last `Open`).
+async fn session_of(c: &mut ReplicaClient<Channel>) -> u64 {
+    c.info(pb::InfoRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .session
+}
+
 /// One data stream with a request/response helper.
 struct Io {
     tx: mpsc::Sender<pb::IoBatch>,
@@ -602,7 +611,9 @@ async fn layers_copy_between_replicas() {
     iob.one(write_req(3 * BS, vec![0xEE; BS as usize])).await;
     drop(iob);
 
+    let session = session_of(&mut cb).await;
     cb.prepare_sync(pb::PrepareSyncRequest {
+        session,
         layers: vec!["base".into()],
         epoch: 1,
         include_head: true,
@@ -615,6 +626,7 @@ async fn layers_copy_between_replicas() {
         offset: 0,
         punch_length: 16 << 20,
         epoch: 1,
+        session,
         ..Default::default()
     };
     cb.write_layer(tokio_stream::iter(vec![punch]))
@@ -628,15 +640,17 @@ async fn layers_copy_between_replicas() {
         .await
         .unwrap()
         .into_inner();
-    let stream = src.map(|m| {
+    let stream = src.map(move |m| {
         let mut m = m.unwrap();
         m.layer = "base".into();
         m.epoch = 1;
+        m.session = session;
         m
     });
     let counts = cb.write_layer(stream).await.unwrap().into_inner();
     assert_eq!(counts.blocks_written, 64);
-    cb.finish_sync(pb::FinishSyncRequest { epoch: 1 })
+    let session = session_of(&mut cb).await;
+    cb.finish_sync(pb::FinishSyncRequest { epoch: 1, session })
         .await
         .unwrap();
 
@@ -655,6 +669,7 @@ async fn layers_copy_between_replicas() {
         data: Bytes::from(vec![0; 4096]),
         crc32: crc32fast::hash(&[0u8; 4096]),
         epoch: 1,
+        session,
         ..Default::default()
     };
     let err = cb
@@ -724,6 +739,7 @@ async fn a_replica_pulls_layers_from_a_peer() {
     iob.one(write_req(12 << 20, vec![0xEE; BS as usize])).await;
     drop(iob);
 
+    let session = session_of(&mut cb).await;
     let req = |layer: &str, copy: Vec<(u64, u64)>, punch: Vec<(u64, u64)>, whole| {
         let ext = |v: Vec<(u64, u64)>| {
             v.into_iter()
@@ -737,6 +753,7 @@ async fn a_replica_pulls_layers_from_a_peer() {
             punch: ext(punch),
             epoch: 1,
             whole,
+            session,
         }
     };
     // Not prepared for a sync yet: refused before anything is written.
@@ -745,7 +762,9 @@ async fn a_replica_pulls_layers_from_a_peer() {
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
 
+    let session = session_of(&mut cb).await;
     cb.prepare_sync(pb::PrepareSyncRequest {
+        session,
         layers: vec!["base".into()],
         epoch: 1,
         include_head: true,
@@ -798,7 +817,8 @@ async fn a_replica_pulls_layers_from_a_peer() {
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
     assert!(err.message().contains("127.0.0.1:1"), "{err:?}");
 
-    cb.finish_sync(pb::FinishSyncRequest { epoch: 1 })
+    let session = session_of(&mut cb).await;
+    cb.finish_sync(pb::FinishSyncRequest { epoch: 1, session })
         .await
         .unwrap();
     let mut iob = Io::open(&mut cb, 1).await;
@@ -1090,7 +1110,9 @@ async fn a_corrupt_source_block_stops_the_copy() {
     assert_eq!(err.code(), tonic::Code::DataLoss, "{err:?}");
     assert!(err.message().contains("block 37"), "{err:?}");
 
+    let session = session_of(&mut cb).await;
     cb.prepare_sync(pb::PrepareSyncRequest {
+        session,
         layers: vec!["base".into()],
         epoch: 1,
         include_head: false,
@@ -1104,6 +1126,7 @@ async fn a_corrupt_source_block_stops_the_copy() {
             layer: "base".into(),
             epoch: 1,
             whole: true,
+            session,
             ..Default::default()
         },
     )
@@ -1423,6 +1446,27 @@ async fn a_superseded_session_never_writes() {
     let mut late = Io::open_session(&mut c, 3, first.session).await;
     late.expect_refused(write_req(0, vec![3; BS as usize]))
         .await;
+    // The sync calls of the earlier attachment are refused too: a late
+    // PrepareSync must not reshape a replica another sync is filling.
+    let err = c
+        .prepare_sync(pb::PrepareSyncRequest {
+            layers: vec![],
+            epoch: 3,
+            include_head: true,
+            session: first.session,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+    assert!(err.message().contains("superseded"), "{err:?}");
+    let err = c
+        .finish_sync(pb::FinishSyncRequest {
+            epoch: 3,
+            session: first.session,
+        })
+        .await
+        .unwrap_err();
+    assert!(err.message().contains("superseded"), "{err:?}");
 
     let mut current = Io::open(&mut c, 3).await;
     let resp = current.one(read_req(0, BS)).await;

@@ -83,24 +83,27 @@ pub async fn fill(
             // Already served by an engine: the copy finished earlier.
             continue;
         }
-        dst.call("opening", |mut c| async move {
-            c.open(rpb::OpenRequest { epoch: EPOCH }).await
-        })
-        .await
-        .map_err(err("opening"))?;
+        let session = dst
+            .call("opening", |mut c| async move {
+                c.open(rpb::OpenRequest { epoch: EPOCH }).await
+            })
+            .await
+            .map_err(err("opening"))?
+            .session;
         let names = layers.to_vec();
         dst.call("preparing the sync", |mut c| async move {
             c.prepare_sync(rpb::PrepareSyncRequest {
                 layers: names,
                 epoch: EPOCH,
                 include_head: false,
+                session,
             })
             .await
         })
         .await
         .map_err(err("preparing the sync"))?;
         let progress = Progress::started();
-        sync_layers(src, &dst, layers, EPOCH, block_size, &progress)
+        sync_layers(src, &dst, layers, EPOCH, session, block_size, &progress)
             .await
             .map_err(|e| CopyError::Replica {
                 addr: addr.clone(),
@@ -108,7 +111,11 @@ pub async fn fill(
                 detail: e.to_string(),
             })?;
         dst.call("finishing the sync", |mut c| async move {
-            c.finish_sync(rpb::FinishSyncRequest { epoch: EPOCH }).await
+            c.finish_sync(rpb::FinishSyncRequest {
+                epoch: EPOCH,
+                session,
+            })
+            .await
         })
         .await
         .map_err(err("finishing the sync"))?;

@@ -156,7 +156,8 @@ impl Volume {
             VolumeError::Precondition("no healthy replica to rebuild from".into())
         })?;
         let names = frozen_names(&src.info().await?);
-        resync(&src, dst, &names, false, self.epoch, progress).await?;
+        let session = self.lock().members.get(&rid).map_or(0, |m| m.session);
+        resync(&src, dst, &names, false, self.epoch, session, progress).await?;
         {
             let mut inner = self.lock();
             self.feed(&mut inner, |sm, out| sm.set_rw(rid, out))?;
@@ -247,6 +248,7 @@ pub(super) async fn resync(
     names: &[String],
     include_head: bool,
     epoch: u64,
+    session: u64,
     progress: &Progress,
 ) -> Result<(), VolumeError> {
     let layers = names.to_vec();
@@ -255,6 +257,7 @@ pub(super) async fn resync(
             layers,
             epoch,
             include_head,
+            session,
         })
         .await
     })
@@ -263,9 +266,10 @@ pub(super) async fn resync(
     if include_head {
         all.push(String::new());
     }
-    rebuild::sync_layers(src, dst, &all, epoch, BLOCK_SIZE as u64, progress).await?;
+    rebuild::sync_layers(src, dst, &all, epoch, session, BLOCK_SIZE as u64, progress).await?;
     dst.call_long("finishing a sync", |mut c| async move {
-        c.finish_sync(pb::FinishSyncRequest { epoch }).await
+        c.finish_sync(pb::FinishSyncRequest { epoch, session })
+            .await
     })
     .await?;
     Ok(())

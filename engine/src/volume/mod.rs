@@ -297,7 +297,7 @@ impl Volume {
             if !in_sync {
                 tracing::info!(replica = %c.addr, source = %src.addr, "resyncing replica from the freshest one before serving");
                 let progress = Progress::started();
-                match resync(&src, &c, &names, true, epoch, &progress).await {
+                match resync(&src, &c, &names, true, epoch, info.session, &progress).await {
                     Ok(()) => {
                         let p = progress.get();
                         tracing::info!(replica = %c.addr, blocks_copied = p.blocks_copied, blocks_punched = p.blocks_punched, "resync done");

@@ -14,8 +14,9 @@ impl Store {
         names: &[String],
         include_head: bool,
         epoch: u64,
+        session: u64,
     ) -> Result<ReplicaStatus> {
-        self.check_epoch(epoch)?;
+        let _entered = self.enter_session(session, epoch)?;
         for n in names {
             validate_name(n)?;
         }
@@ -78,8 +79,8 @@ impl Store {
     }
 
     /// Ends a sync: every layer is synced and the replica trusts its chain.
-    pub async fn finish_sync(&self, epoch: u64) -> Result<ReplicaStatus> {
-        self.check_epoch(epoch)?;
+    pub async fn finish_sync(&self, epoch: u64, session: u64) -> Result<ReplicaStatus> {
+        let _entered = self.enter_session(session, epoch)?;
         let _c = self.control.lock().await;
         self.flush_all(true).await?;
         {
@@ -120,7 +121,9 @@ impl Store {
         data: AlignedBuf,
         crc: u32,
         epoch: u64,
+        session: u64,
     ) -> Result<()> {
+        let _entered = self.enter_session(session, epoch)?;
         let (crcs, actual) = block_crcs_and_total(data.as_slice(), self.block_size as usize);
         if actual != crc {
             return Err(StoreError::CrcMismatch {
@@ -135,7 +138,15 @@ impl Store {
     }
 
     /// Deallocates `[offset, offset + len)` of layer `name` during a sync.
-    pub async fn layer_punch(&self, name: &str, offset: u64, len: u64, epoch: u64) -> Result<()> {
+    pub async fn layer_punch(
+        &self,
+        name: &str,
+        offset: u64,
+        len: u64,
+        epoch: u64,
+        session: u64,
+    ) -> Result<()> {
+        let _entered = self.enter_session(session, epoch)?;
         let (chain, layer) = self.sync_target(name, epoch).await?;
         let bs = self.block_size as u64;
         if !offset.is_multiple_of(bs)
