@@ -17,7 +17,6 @@ pub mod batch;
 pub mod control;
 pub mod frontend;
 pub mod link;
-pub mod rebuild;
 pub mod replication;
 pub mod stats;
 pub mod volume;

@@ -35,154 +35,10 @@ use tokio::sync::mpsc;
 use tonic::transport::Channel;
 
 use crate::batch::BatchBody;
+use zebu_replica_client::{ClientError, Control};
 
 use zebu_proto::replica as pb;
-use zebu_proto::replica::replica_client::ReplicaClient;
 use zebu_proto::wire;
-
-/// Limit for control calls whose work grows with the data (merge, sync).
-pub const LONG_CALL_TIMEOUT: Duration = Duration::from_secs(3600);
-
-/// Errors of replica connections.
-#[derive(Debug, thiserror::Error)]
-pub enum LinkError {
-    /// The address is not usable.
-    #[error("invalid replica address {addr:?}: {reason}")]
-    Address {
-        /// The address given.
-        addr: String,
-        /// Why it is invalid.
-        reason: String,
-    },
-    /// The replica could not be reached.
-    #[error("cannot reach replica {addr}: {source}")]
-    Connect {
-        /// The address.
-        addr: String,
-        /// What failed.
-        #[source]
-        source: tonic::transport::Error,
-    },
-    /// A call failed.
-    #[error("replica {addr}: {what}: {status}")]
-    Call {
-        /// The address.
-        addr: String,
-        /// What was being done.
-        what: String,
-        /// The replica's answer.
-        status: tonic::Status,
-    },
-    /// A call did not answer in time.
-    #[error("replica {addr}: {what}: no answer within {timeout:?}")]
-    Timeout {
-        /// The address.
-        addr: String,
-        /// What was being done.
-        what: String,
-        /// The limit.
-        timeout: Duration,
-    },
-}
-
-/// A control connection to one replica.
-#[derive(Clone, Debug)]
-pub struct Control {
-    /// `HOST:PORT`.
-    pub addr: String,
-    /// The gRPC client.
-    pub client: ReplicaClient<Channel>,
-    /// Limit for each control call.
-    pub timeout: Duration,
-}
-
-impl Control {
-    /// Connects to `addr` (`HOST:PORT`).
-    pub async fn connect(addr: &str, timeout: Duration) -> Result<Control, LinkError> {
-        let endpoint =
-            zebu_proto::replica_endpoint(addr, timeout).map_err(|reason| LinkError::Address {
-                addr: addr.into(),
-                reason,
-            })?;
-        let channel = endpoint
-            .connect()
-            .await
-            .map_err(|source| LinkError::Connect {
-                addr: addr.into(),
-                source,
-            })?;
-        let client = ReplicaClient::new(channel)
-            .max_decoding_message_size(zebu_proto::MAX_MESSAGE_BYTES)
-            .max_encoding_message_size(zebu_proto::MAX_MESSAGE_BYTES);
-        Ok(Control {
-            addr: addr.into(),
-            client,
-            timeout,
-        })
-    }
-
-    /// Runs a unary call with the control timeout and turns failures into
-    /// [`LinkError`]s naming the replica and `what`.
-    pub async fn call<T, F>(
-        &self,
-        what: &str,
-        f: impl FnOnce(ReplicaClient<Channel>) -> F,
-    ) -> Result<T, LinkError>
-    where
-        F: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-    {
-        self.call_within(self.timeout, what, f).await
-    }
-
-    /// [`Self::call`] for operations whose duration grows with the data
-    /// (merging a snapshot, syncing every layer): bounded by
-    /// [`LONG_CALL_TIMEOUT`] instead of the I/O timeout, so a large volume
-    /// does not get a healthy replica ejected.
-    pub async fn call_long<T, F>(
-        &self,
-        what: &str,
-        f: impl FnOnce(ReplicaClient<Channel>) -> F,
-    ) -> Result<T, LinkError>
-    where
-        F: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-    {
-        self.call_within(LONG_CALL_TIMEOUT.max(self.timeout), what, f)
-            .await
-    }
-
-    /// [`Self::call`] bounded by `timeout` (at least the I/O timeout).
-    pub async fn call_within<T, F>(
-        &self,
-        timeout: Duration,
-        what: &str,
-        f: impl FnOnce(ReplicaClient<Channel>) -> F,
-    ) -> Result<T, LinkError>
-    where
-        F: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
-    {
-        match tokio::time::timeout(timeout, f(self.client.clone())).await {
-            Ok(Ok(r)) => Ok(r.into_inner()),
-            Ok(Err(status)) => Err(LinkError::Call {
-                addr: self.addr.clone(),
-                what: what.into(),
-                status,
-            }),
-            Err(_) => Err(LinkError::Timeout {
-                addr: self.addr.clone(),
-                what: what.into(),
-                timeout,
-            }),
-        }
-    }
-
-    /// The replica's state.
-    pub async fn info(&self) -> Result<pb::ReplicaInfo, LinkError> {
-        self.call("reading replica info", |mut c| async move {
-            c.info(pb::InfoRequest {}).await
-        })
-        .await
-    }
-}
 
 /// Receives what a data stream delivers.
 pub trait ReplyHandler: Send + Sync + 'static {
@@ -212,10 +68,10 @@ impl Severable {
 /// Opens a connection of its own to `control`'s replica for one data
 /// stream: a channel over a single TCP connection (`SO_LINGER` 0, no
 /// Nagle) and the handle that cuts it.
-async fn data_channel(control: &Control) -> Result<(Channel, Severable), LinkError> {
+async fn data_channel(control: &Control) -> Result<(Channel, Severable), ClientError> {
     let endpoint =
         zebu_proto::replica_endpoint(&control.addr, control.timeout).map_err(|reason| {
-            LinkError::Address {
+            ClientError::Address {
                 addr: control.addr.clone(),
                 reason,
             }
@@ -237,7 +93,7 @@ async fn data_channel(control: &Control) -> Result<(Channel, Severable), LinkErr
     let channel = endpoint
         .connect_with_connector(connector)
         .await
-        .map_err(|source| LinkError::Connect {
+        .map_err(|source| ClientError::Connect {
             addr: control.addr.clone(),
             source,
         })?;
@@ -296,26 +152,26 @@ impl DataLink {
         control: &Control,
         session: u64,
         handler: Arc<H>,
-    ) -> Result<DataLink, LinkError> {
+    ) -> Result<DataLink, ClientError> {
         let (tx, rx) = mpsc::unbounded_channel::<pb::IoRequest>();
         let connected = async {
             let (channel, socket) = data_channel(control).await?;
             let call = open_stream(channel, session, BatchBody::new(rx));
             let stream = call.await.map_err(|status| {
                 socket.sever();
-                LinkError::Call {
+                ClientError::Call {
                     addr: control.addr.clone(),
                     what: "opening the data stream".into(),
                     status,
                 }
             })?;
-            Ok::<_, LinkError>((stream, socket))
+            Ok::<_, ClientError>((stream, socket))
         };
         let (inbound, socket) = match tokio::time::timeout(control.timeout, connected).await {
             Ok(Ok(connected)) => connected,
             Ok(Err(e)) => return Err(e),
             Err(_) => {
-                return Err(LinkError::Timeout {
+                return Err(ClientError::Timeout {
                     addr: control.addr.clone(),
                     what: "opening the data stream".into(),
                     timeout: control.timeout,

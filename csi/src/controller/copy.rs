@@ -14,8 +14,8 @@
 
 use std::time::Duration;
 
-use zebu_engine::link::Control;
-use zebu_engine::rebuild::{Progress, sync_layers};
+use zebu_replica_client::Control;
+use zebu_replica_client::sync::{Progress, sync_layers};
 use zebu_proto::replica as rpb;
 
 /// Errors of a copy.
@@ -69,7 +69,7 @@ pub async fn fill(
     for addr in targets {
         let err = |what: &'static str| {
             let addr = addr.clone();
-            move |e: zebu_engine::link::LinkError| CopyError::Replica {
+            move |e: zebu_replica_client::ClientError| CopyError::Replica {
                 addr,
                 what,
                 detail: e.to_string(),

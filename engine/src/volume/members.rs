@@ -34,7 +34,7 @@ impl Volume {
 
     /// Ejects a replica that failed a control operation (unless it is the
     /// last healthy one, in which case the error is returned).
-    pub(super) fn fail_member(&self, rid: ReplicaId, err: &LinkError) -> Result<(), VolumeError> {
+    pub(super) fn fail_member(&self, rid: ReplicaId, err: &ClientError) -> Result<(), VolumeError> {
         let mut inner = self.lock();
         let last = inner.sm.mode(rid) == Some(Mode::Rw) && inner.sm.rw_count() == 1;
         if last {
@@ -266,7 +266,7 @@ pub(super) async fn resync(
     if include_head {
         all.push(String::new());
     }
-    rebuild::sync_layers(src, dst, &all, epoch, session, BLOCK_SIZE as u64, progress).await?;
+    sync::sync_layers(src, dst, &all, epoch, session, BLOCK_SIZE as u64, progress).await?;
     dst.call_long("finishing a sync", |mut c| async move {
         c.finish_sync(pb::FinishSyncRequest { epoch, session })
             .await

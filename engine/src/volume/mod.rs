@@ -38,8 +38,9 @@ use zebu_proto::engine as epb;
 use zebu_proto::replica as pb;
 
 use crate::frontend::{BlockDevice, DeviceError};
-use crate::link::{Control, DataLink, LinkError, ReplyHandler};
-use crate::rebuild::{self, Progress, RebuildError};
+use crate::link::{DataLink, ReplyHandler};
+use zebu_replica_client::{ClientError, Control};
+use zebu_replica_client::sync::{self, Progress, RebuildError};
 use crate::replication::{Action, IoId, IoKind, Mode, ReplicaId, ReplicationError, Replicator};
 use crate::stats::IoStats;
 
@@ -61,7 +62,7 @@ const MAX_REQUEST: u64 = 32 << 20;
 pub enum VolumeError {
     /// A replica call failed.
     #[error(transparent)]
-    Link(#[from] LinkError),
+    Link(#[from] ClientError),
     /// A rebuild or resync failed.
     #[error(transparent)]
     Rebuild(#[from] RebuildError),

@@ -26,7 +26,7 @@ use zebu_proto::engine as epb;
 use zebu_proto::replica as pb;
 
 use super::*;
-use crate::link::LONG_CALL_TIMEOUT;
+use zebu_replica_client::LONG_CALL_TIMEOUT;
 
 /// Earliest retry of a scheduled scrub that did not complete everywhere.
 pub const RETRY_AFTER: Duration = Duration::from_secs(3600);

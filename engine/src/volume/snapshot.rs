@@ -25,14 +25,14 @@ impl Volume {
                 .await;
             match r {
                 Ok(_) => any_ok = true,
-                Err(LinkError::Call { status, .. })
+                Err(ClientError::Call { status, .. })
                     if status.code() == tonic::Code::AlreadyExists =>
                 {
                     return Err(VolumeError::Precondition(format!(
                         "a snapshot named {name:?} already exists"
                     )));
                 }
-                Err(LinkError::Call { status, .. })
+                Err(ClientError::Call { status, .. })
                     if status.code() == tonic::Code::InvalidArgument =>
                 {
                     return Err(VolumeError::Invalid(status.message().to_owned()));
@@ -120,7 +120,7 @@ impl Volume {
                 .await;
             match r {
                 Ok(_) => found = true,
-                Err(LinkError::Call { status, .. }) if status.code() == tonic::Code::NotFound => {}
+                Err(ClientError::Call { status, .. }) if status.code() == tonic::Code::NotFound => {}
                 Err(e) => self.fail_member(rid, &e)?,
             }
         }
@@ -170,7 +170,7 @@ impl Volume {
                 match r {
                     Ok(_) => break,
                     // The replica may not have seen our stream close yet.
-                    Err(LinkError::Call { status, .. })
+                    Err(ClientError::Call { status, .. })
                         if status.code() == tonic::Code::FailedPrecondition && attempt < 100 =>
                     {
                         attempt += 1;

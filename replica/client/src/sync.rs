@@ -19,14 +19,14 @@ use futures::StreamExt;
 
 use zebu_proto::replica as pb;
 
-use crate::link::{Control, LinkError};
+use crate::control::{ClientError, Control};
 
 /// Errors of a layer sync.
 #[derive(Debug, thiserror::Error)]
 pub enum RebuildError {
     /// A replica call failed.
     #[error(transparent)]
-    Link(#[from] LinkError),
+    Client(#[from] ClientError),
     /// A stream broke midway.
     #[error("{what} on replica {addr}: {}", status.message())]
     Stream {
