@@ -39,13 +39,13 @@ use zebu_proto::csi::volume_capability::access_mode::Mode;
 use zebu_proto::csi::volume_content_source as vcs;
 use zebu_proto::engine as epb;
 
-use crate::context::*;
 use crate::inflight::InFlight;
 use crate::store::{
     AccessType, Attachment, ContentSource, ReplicaRecord, ReplicaState, SnapshotRecord, Store,
     StoreError, VolumeRecord, VolumeStatus,
 };
 use agents::{AGENT_CALL, Agents, with_deadline};
+use zebu_common::context::*;
 
 /// Block size of every Zebu volume; sizes are rounded up to it.
 pub const BLOCK: u64 = 4096;

@@ -12,7 +12,7 @@ use tonic::{Request, Response, Status};
 use zebu_proto::csi as pb;
 use zebu_proto::csi::plugin_capability::{self, service, volume_expansion};
 
-use crate::context::DRIVER_NAME;
+use zebu_common::context::DRIVER_NAME;
 
 /// Shared "everything is up" flag read by `Probe`.
 #[derive(Clone, Debug, Default)]

@@ -20,9 +20,14 @@ use zebu_csi::attach::{self, AttachError, Attached, Backend, FsOutcome};
 
 mod attach_env;
 use attach_env::*;
+use zebu_testkit::tempdir;
 
 const MIB: u64 = 1024 * 1024;
-const BRIDGE: &str = env!("CARGO_BIN_EXE_zebu-nbd-fuse");
+/// The bridge binary under test (the attach code finds it next to the test
+/// executable's directory, as next to `zebu-csi`).
+fn bridge() -> PathBuf {
+    zebu_testkit::bin("zebu-nbd-fuse")
+}
 
 // ---------------------------------------------------------------------------
 // Helpers and guards.
@@ -34,7 +39,7 @@ fn require_tools() {
         "these tests need root (mount, loop devices, FUSE)"
     );
     assert!(Path::new("/dev/fuse").exists(), "/dev/fuse is missing");
-    assert!(Path::new(BRIDGE).is_file(), "{BRIDGE} was not built");
+    bridge();
     for (tool, package) in [
         ("nbdkit", "nbdkit"),
         ("nbdfuse", "libnbd-bin"),
@@ -48,25 +53,8 @@ fn require_tools() {
         ("fio", "fio"),
         ("qemu-img", "qemu-utils"),
     ] {
-        let found = std::env::var_os("PATH")
-            .map(|paths| {
-                std::env::split_paths(&paths)
-                    .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
-                    .any(|d| d.join(tool).is_file())
-            })
-            .unwrap_or(false);
-        assert!(
-            found,
-            "required tool `{tool}` is not installed: apt-get install {package}"
-        );
+        zebu_testkit::require_tool(tool, package);
     }
-}
-
-fn tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("zebu-bridge-")
-        .tempdir_in(std::env::var_os("TMPDIR").unwrap_or_else(|| "/var/tmp".into()))
-        .expect("create a temp dir under $TMPDIR (default /var/tmp)")
 }
 
 /// Deterministic pseudo-random bytes (xorshift), different per `seed`.
@@ -111,8 +99,8 @@ fn getsize64(device: &Path) -> u64 {
 /// The process `pid` runs the bridge binary built for this test.
 fn assert_runs_bridge(pid: i32) {
     let exe = std::fs::read_link(format!("/proc/{pid}/exe")).expect("read /proc/PID/exe");
-    let built = Path::new(BRIDGE).canonicalize().expect("canonicalize");
-    assert_eq!(exe, built, "pid {pid} is not {BRIDGE}");
+    let built = bridge().canonicalize().expect("canonicalize");
+    assert_eq!(exe, built, "pid {pid} is not {}", built.display());
 }
 
 /// Nothing of an attachment is left: no loop device on the FUSE file, no

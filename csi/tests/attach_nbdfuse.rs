@@ -10,13 +10,14 @@
 //! No test depends on timing: every wait is a poll bounded by a deadline.
 
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use zebu_csi::attach::{self, AttachError, Attached, FsOutcome, VolumeStats};
 
 mod attach_env;
 use attach_env::*;
+use zebu_testkit::tempdir;
 
 const MIB: u64 = 1024 * 1024;
 
@@ -43,25 +44,8 @@ fn require_tools() {
         ("mkfs.xfs", "xfsprogs"),
         ("xfs_growfs", "xfsprogs"),
     ] {
-        let found = std::env::var_os("PATH")
-            .map(|paths| {
-                std::env::split_paths(&paths)
-                    .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
-                    .any(|d| d.join(tool).is_file())
-            })
-            .unwrap_or(false);
-        assert!(
-            found,
-            "required tool `{tool}` is not installed: apt-get install {package}"
-        );
+        zebu_testkit::require_tool(tool, package);
     }
-}
-
-fn tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("zebu-attach-")
-        .tempdir_in(std::env::var_os("TMPDIR").unwrap_or_else(|| "/var/tmp".into()))
-        .expect("create a temp dir under $TMPDIR (default /var/tmp)")
 }
 
 fn assert_erofs(path: &Path) {

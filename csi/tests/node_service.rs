@@ -17,13 +17,11 @@ use std::collections::HashMap;
 use std::io::{Read, Seek, SeekFrom, Write};
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 use tonic::Code;
 use tonic::transport::Channel;
-use zebu_csi::context::{PUBLISH_ENGINE, PUBLISH_NBD_URI};
+use zebu_common::context::{PUBLISH_ENGINE, PUBLISH_NBD_URI};
 use zebu_csi::node::{NodeConfig, NodeService};
 use zebu_proto::csi::node_client::NodeClient;
 use zebu_proto::csi::node_server::NodeServer;
@@ -32,16 +30,11 @@ use zebu_proto::csi::volume_capability::{AccessMode, AccessType, BlockVolume, Mo
 use zebu_proto::csi::{self, VolumeCapability};
 
 const MIB: u64 = 1024 * 1024;
-const DEADLINE: Duration = Duration::from_secs(30);
 
 // ---------------------------------------------------------------------------
 // Helpers and guards.
 
-/// One mounting test at a time in this binary.
-fn serial() -> MutexGuard<'static, ()> {
-    static LOCK: Mutex<()> = Mutex::new(());
-    LOCK.lock().unwrap_or_else(|e| e.into_inner())
-}
+use zebu_testkit::{NbdKit, require_tool, serial, tempdir};
 
 fn require_tools() {
     assert!(
@@ -61,80 +54,7 @@ fn require_tools() {
         ("e2fsck", "e2fsprogs"),
         ("mkfs.xfs", "xfsprogs"),
     ] {
-        let found = std::env::var_os("PATH")
-            .map(|paths| {
-                std::env::split_paths(&paths)
-                    .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
-                    .any(|d| d.join(tool).is_file())
-            })
-            .unwrap_or(false);
-        assert!(
-            found,
-            "required tool `{tool}` is not installed: apt-get install {package}"
-        );
-    }
-}
-
-fn tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("zebu-node-")
-        .tempdir_in(std::env::var_os("TMPDIR").unwrap_or_else(|| "/var/tmp".into()))
-        .expect("create a temp dir under $TMPDIR (default /var/tmp)")
-}
-
-fn poll(what: &str, mut check: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !check() {
-        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// `nbdkit PLUGIN ARGS --unix SOCK --foreground`; killed when dropped.
-struct NbdKit {
-    child: Child,
-    uri: String,
-}
-
-impl NbdKit {
-    fn start(dir: &Path, plugin_args: &[&str]) -> NbdKit {
-        let sock = dir.join("nbdkit.sock");
-        let pidfile = dir.join("nbdkit.pid");
-        let child = Command::new("nbdkit")
-            .args(plugin_args)
-            .arg("--unix")
-            .arg(&sock)
-            .arg("--pidfile")
-            .arg(&pidfile)
-            .arg("--foreground")
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start nbdkit");
-        let mut kit = NbdKit {
-            child,
-            uri: format!("nbd+unix:///?socket={}", sock.display()),
-        };
-        poll("nbdkit to accept connections", || {
-            if let Ok(Some(status)) = kit.child.try_wait() {
-                panic!("nbdkit exited: {status}");
-            }
-            std::fs::read_to_string(&pidfile).is_ok_and(|s| s.trim().parse::<u32>().is_ok())
-        });
-        kit
-    }
-
-    fn memory(dir: &Path, size: u64) -> NbdKit {
-        NbdKit::start(dir, &["memory", &size.to_string()])
-    }
-}
-
-impl Drop for NbdKit {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let _ = self.child.wait();
+        require_tool(tool, package);
     }
 }
 
@@ -162,7 +82,7 @@ impl Node {
         });
         let incoming = {
             let _g = rt.enter();
-            zebu_csi::grpc::bind_unix(&sock).expect("bind the CSI socket")
+            zebu_common::grpc::bind_unix(&sock).expect("bind the CSI socket")
         };
         let server = rt.spawn(async move {
             if let Err(e) = tonic::transport::Server::builder()
@@ -175,7 +95,7 @@ impl Node {
         });
         let endpoint = format!("unix://{}", sock.display());
         let ch = rt
-            .block_on(zebu_csi::grpc::connect(&endpoint))
+            .block_on(zebu_common::grpc::connect(&endpoint))
             .expect("connect to the node service");
         Node {
             rt,

@@ -67,7 +67,7 @@ async fn get(ep: &str, volume: &str) -> pb::ControllerGetVolumeResponse {
 fn placement_nodes(v: &pb::Volume) -> Vec<String> {
     let mut n: Vec<String> = v
         .volume_context
-        .get(zebu_csi::context::VOLUME_REPLICA_PLACEMENT)
+        .get(zebu_common::context::VOLUME_REPLICA_PLACEMENT)
         .map(|p| {
             p.split(',')
                 .filter_map(|x| x.split(':').next())

@@ -143,7 +143,7 @@ fn statefulset_flow_on_three_nodes() {
         };
         let placement = vol
             .volume_context
-            .get(zebu_csi::context::VOLUME_REPLICA_PLACEMENT)
+            .get(zebu_common::context::VOLUME_REPLICA_PLACEMENT)
             .cloned()
             .unwrap_or_default();
         let nodes: std::collections::BTreeSet<&str> = placement

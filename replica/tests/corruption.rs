@@ -15,13 +15,7 @@ use zebu_replica::store::{OpenOptions, Store, StoreError};
 const BS: u64 = 4096;
 const EPOCH: u64 = 1;
 
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .unwrap()
-}
+use zebu_testkit::runtime;
 
 /// Opens (with `blocks`: creates) the store in `dir`.
 async fn open(dir: &Path, blocks: Option<u64>) -> Arc<Store> {

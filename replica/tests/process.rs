@@ -2,10 +2,9 @@
 //! and talk to it over gRPC, for both I/O backends.
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 
 use bytes::Bytes;
 use prost::Message;
@@ -15,29 +14,30 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
 use zebu_proto::replica as pb;
 use zebu_proto::replica::replica_client::ReplicaClient;
+use zebu_testkit::{DEADLINE, Mount, SHORT, Server, bin, pattern, run, tempdir};
 
 const BS: u64 = 4096;
 
 /// A running replica process; killed when dropped.
 struct Replica {
-    child: Child,
+    server: Server,
     addr: String,
 }
 
 impl Replica {
     fn start(dir: &Path, size: Option<&str>, engine: &str) -> Replica {
-        let cmd = Command::new(env!("CARGO_BIN_EXE_zebu-replica"));
-        Self::start_with(cmd, dir, size, engine, Stdio::inherit())
+        let cmd = Command::new(bin("zebu-replica"));
+        Self::start_with(cmd, dir, size, engine, &dir.with_extension("log"))
     }
 
-    /// Starts the replica through `cmd`: the binary itself, or a launcher
-    /// whose last argument is the binary.
+    /// Starts the replica through `cmd` (the binary itself, or a launcher
+    /// whose last argument is the binary), its stderr in `log`.
     fn start_with(
         mut cmd: Command,
         dir: &Path,
         size: Option<&str>,
         engine: &str,
-        stderr: Stdio,
+        log: &Path,
     ) -> Replica {
         cmd.arg("--dir")
             .arg(dir)
@@ -45,14 +45,7 @@ impl Replica {
         if let Some(s) = size {
             cmd.args(["--size", s]);
         }
-        let mut child = cmd
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .expect("spawn zebu-replica");
-        let stdout = child.stdout.take().unwrap();
-        let mut line = String::new();
-        BufReader::new(stdout).read_line(&mut line).unwrap();
+        let (server, line) = Server::start(cmd, "zebu-replica", log.to_owned());
         let addr = line
             .split(" on ")
             .nth(1)
@@ -60,7 +53,7 @@ impl Replica {
             .unwrap_or_else(|| panic!("no serving line from zebu-replica: {line:?}"))
             .to_owned();
         assert!(line.contains(&format!("io engine {engine}")), "{line}");
-        Replica { child, addr }
+        Replica { server, addr }
     }
 
     async fn client(&self) -> ReplicaClient<Channel> {
@@ -72,24 +65,11 @@ impl Replica {
     }
 
     fn kill9(mut self) {
-        self.child.kill().unwrap();
-        self.child.wait().unwrap();
+        self.server.kill9();
     }
 
     fn terminate(mut self) -> std::process::ExitStatus {
-        nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        )
-        .unwrap();
-        self.child.wait().unwrap()
-    }
-}
-
-impl Drop for Replica {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.server.terminate(DEADLINE)
     }
 }
 
@@ -234,22 +214,6 @@ fn flush_req() -> pb::IoRequest {
 
 fn status(r: &pb::IoResponse) -> pb::IoStatus {
     pb::IoStatus::try_from(r.status).unwrap()
-}
-
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
-fn tempdir() -> tempfile::TempDir {
-    tempfile::tempdir().unwrap()
 }
 
 async fn flushed_data_survives_sigkill(engine: &str) {
@@ -477,7 +441,7 @@ async fn bad_requests_are_rejected_threads() {
 }
 
 fn run_replica_expect_failure(args: &[&str]) -> String {
-    let out = Command::new(env!("CARGO_BIN_EXE_zebu-replica"))
+    let out = Command::new(bin("zebu-replica"))
         .args(args)
         .output()
         .unwrap();
@@ -825,49 +789,27 @@ async fn a_replica_pulls_layers_from_a_peer() {
     assert_same_data(&mut io, &mut iob, 16 << 20).await;
 }
 
-/// Unmounts and removes the loop-mounted filesystem when dropped.
-struct LoopMount {
-    mnt: PathBuf,
-}
-
-impl Drop for LoopMount {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(&self.mnt).status();
-    }
-}
-
-fn must_run(cmd: &mut Command) {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
 /// A 24 MiB ext4 filesystem on a loop device under `dir`, unmounted when
 /// the guard drops.
-fn small_fs(dir: &Path) -> (PathBuf, LoopMount) {
+fn small_fs(dir: &Path) -> (PathBuf, Mount) {
     let img = dir.join("fs.img");
     let mnt = dir.join("mnt");
-    std::fs::create_dir(&mnt).unwrap();
-    must_run(Command::new("truncate").args(["-s", "24M"]).arg(&img));
+    run(
+        Command::new("truncate").args(["-s", "24M"]).arg(&img),
+        SHORT,
+    )
+    .expect_ok();
     // Inode tables and journal written now, not by a background thread
     // after mounting, so the filesystem does no I/O of its own once mounted.
-    must_run(
+    run(
         Command::new("mkfs.ext4")
             .args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"])
             .arg(&img),
-    );
-    must_run(
-        Command::new("mount")
-            .args(["-o", "loop"])
-            .arg(&img)
-            .arg(&mnt),
-    );
-    (mnt.clone(), LoopMount { mnt })
+        SHORT,
+    )
+    .expect_ok();
+    let mount = Mount::with_options(&img, &mnt, "loop");
+    (mnt, mount)
 }
 
 /// Writes `path` until the filesystem holding it is full, down to the last
@@ -1050,7 +992,7 @@ async fn an_idle_replica_sends_its_disk_no_cache_flushes() {
     assert!(disk_flushes(&mnt) > before, "a FLUSH reached the disk");
     // Commit whatever the filesystem still holds (timestamps), so that
     // nothing but the replica could flush from here on.
-    must_run(Command::new("sync").arg("-f").arg(&mnt));
+    run(Command::new("sync").arg("-f").arg(&mnt), SHORT).expect_ok();
     let idle_from = disk_flushes(&mnt);
     // Attached, with its data stream open, and idle for 3 s: sled's old
     // flusher would have flushed 6 times.
@@ -1310,13 +1252,12 @@ async fn a_replica_that_cannot_lock_memory_warns_and_serves_all_sizes() {
     let tmp = tempdir();
     let dir = tmp.path().join("r");
     let log_path = tmp.path().join("stderr");
-    let log = std::fs::File::create(&log_path).unwrap();
     let mut cmd = Command::new("prlimit");
     cmd.args(["--memlock=8388608:8388608", "setpriv"])
         .args(["--inh-caps=-ipc_lock", "--ambient-caps=-ipc_lock"])
         .args(["--bounding-set=-ipc_lock"])
-        .arg(env!("CARGO_BIN_EXE_zebu-replica"));
-    let r = Replica::start_with(cmd, &dir, Some("64M"), "uring", log.into());
+        .arg(bin("zebu-replica"));
+    let r = Replica::start_with(cmd, &dir, Some("64M"), "uring", &log_path);
     let mut c = r.client().await;
     c.open(pb::OpenRequest { epoch: 1 }).await.unwrap();
     let mut io = Io::open(&mut c, 1).await;
@@ -1379,8 +1320,7 @@ fn a_replica_says_whether_its_buffer_arena_is_on_huge_pages() {
     for refuse in [true, false] {
         let dir = tmp.path().join(format!("r-{refuse}"));
         let log_path = tmp.path().join(format!("stderr-{refuse}"));
-        let log = std::fs::File::create(&log_path).unwrap();
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_zebu-replica"));
+        let mut cmd = Command::new(bin("zebu-replica"));
         if refuse {
             // SAFETY: prctl is async-signal-safe and touches only this
             // child's own flags, between fork and exec.
@@ -1393,7 +1333,7 @@ fn a_replica_says_whether_its_buffer_arena_is_on_huge_pages() {
                 });
             }
         }
-        let r = Replica::start_with(cmd, &dir, Some("16M"), "uring", log.into());
+        let r = Replica::start_with(cmd, &dir, Some("16M"), "uring", &log_path);
         assert!(r.terminate().success());
         let text = std::fs::read_to_string(&log_path).unwrap();
         if refuse {

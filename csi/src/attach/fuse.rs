@@ -51,10 +51,10 @@ pub(super) fn bridge_binary(ctx: &str) -> Result<PathBuf> {
 
 /// The export size through the bridge's NBD client (no libnbd needed).
 pub(super) async fn bridge_export_size(nbd_uri: &str, ctx: &str) -> Result<u64> {
-    let uri: bridge::nbd_client::NbdUri = nbd_uri
+    let uri: zebu_nbd_fuse::nbd_client::NbdUri = nbd_uri
         .parse()
         .map_err(|e| precondition(ctx, format!("{e}")))?;
-    bridge::nbd_client::probe(&uri)
+    zebu_nbd_fuse::nbd_client::probe(&uri)
         .await
         .map(|info| info.size)
         .map_err(|e| precondition(ctx, format!("querying the export size: {e}")))
@@ -270,7 +270,7 @@ pub(super) async fn stop_nbdfuse(pid: i32, backing: &Path, ctx: &str) -> Result<
 /// for ours.
 pub(super) fn is_our_server(pid: i32, backing: &Path) -> bool {
     const SERVERS: [&str; 2] = ["nbdfuse", BRIDGE_BINARY];
-    let Some(process) = u32::try_from(pid).ok().and_then(crate::procfs::live) else {
+    let Some(process) = u32::try_from(pid).ok().and_then(zebu_common::procfs::live) else {
         return false;
     };
     if process.args.is_empty() {

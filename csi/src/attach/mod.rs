@@ -59,7 +59,6 @@
 //! * Online ext4 growth also needs `CAP_SYS_RESOURCE` (the kernel checks it
 //!   in `EXT4_IOC_RESIZE_FS`); without it grow offline (`mount_path` = `None`).
 
-pub mod bridge;
 mod command;
 mod filesystem;
 mod fuse;
@@ -381,7 +380,7 @@ fn read_state(layout: &Layout, context: &str) -> Result<Option<StateRecord>> {
         })
 }
 
-/// Writes the record atomically and durably ([`crate::durable`]): detach
+/// Writes the record atomically and durably ([`zebu_common::durable`]): detach
 /// reads it after a restart.
 fn write_state(layout: &Layout, rec: &StateRecord, context: &str) -> Result<()> {
     let json = serde_json::to_vec_pretty(rec).map_err(|source| AttachError::StateFile {
@@ -390,7 +389,7 @@ fn write_state(layout: &Layout, rec: &StateRecord, context: &str) -> Result<()> 
         source,
     })?;
     let ctx = format!("{context}: writing {}", layout.state_file.display());
-    crate::durable::write(&layout.state_file, &json, 0o600).map_err(io_err(&ctx))
+    zebu_common::durable::write(&layout.state_file, &json, 0o600).map_err(io_err(&ctx))
 }
 
 /// Attaches `nbd_uri` with [`Backend::Bridge`] (Zebu's own FUSE bridge:

@@ -14,8 +14,8 @@ use zebu_proto::agent as apb;
 use zebu_proto::agent::agent_client::AgentClient;
 use zebu_proto::engine::engine_client::EngineClient;
 
-use crate::grpc;
 use crate::store::{ReplicaState, Store, VolumeRecord};
+use zebu_common::grpc;
 
 /// Deadline of one agent call (starting a process included).
 pub const AGENT_CALL: Duration = Duration::from_secs(120);

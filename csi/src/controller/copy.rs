@@ -14,9 +14,9 @@
 
 use std::time::Duration;
 
+use zebu_proto::replica as rpb;
 use zebu_replica_client::Control;
 use zebu_replica_client::sync::{Progress, sync_layers};
-use zebu_proto::replica as rpb;
 
 /// Errors of a copy.
 #[derive(Debug, thiserror::Error)]

@@ -7,8 +7,8 @@
 //!
 //! ControllerPublishVolume starts the volume's engine on this node and
 //! returns a `publish_context` naming its NBD socket
-//! ([`PUBLISH_NBD_URI`](crate::context::PUBLISH_NBD_URI)) and its control
-//! address ([`PUBLISH_ENGINE`](crate::context::PUBLISH_ENGINE)). Then:
+//! ([`PUBLISH_NBD_URI`](zebu_common::context::PUBLISH_NBD_URI)) and its control
+//! address ([`PUBLISH_ENGINE`](zebu_common::context::PUBLISH_ENGINE)). Then:
 //!
 //! * **NodeStageVolume** attaches the export as a block device
 //!   ([`attach::attach`]: the FUSE bridge + loop). Mount access: makes the
@@ -79,8 +79,8 @@ use zebu_proto::csi::volume_capability::access_mode::Mode;
 use zebu_proto::csi::volume_capability::{AccessType, MountVolume};
 
 use crate::attach::{self, AttachError, VolumeStats};
-use crate::context::{PUBLISH_ENGINE, PUBLISH_NBD_URI};
 use record::{Access, RecordError, Records, Target, VolumeRecord};
+use zebu_common::context::{PUBLISH_ENGINE, PUBLISH_NBD_URI};
 
 /// How long NodeGetVolumeStats waits for the engine's `Status`.
 pub const ENGINE_STATUS_TIMEOUT: Duration = Duration::from_secs(5);
@@ -243,7 +243,7 @@ fn nbd_uri(
 fn engine_addr(ctx: &std::collections::HashMap<String, String>) -> Result<Option<String>, Status> {
     match ctx.get(PUBLISH_ENGINE).map(String::as_str) {
         None | Some("") => Ok(None),
-        Some(a) => crate::grpc::Addr::parse(a)
+        Some(a) => zebu_common::grpc::Addr::parse(a)
             .map(|_| Some(a.to_owned()))
             .map_err(|e| {
                 Status::invalid_argument(format!("publish_context {PUBLISH_ENGINE}: {e}"))
@@ -384,7 +384,7 @@ fn remove_target(target: &Path) -> Result<(), Status> {
 /// Asks the engine at `addr` for the volume state.
 async fn engine_condition(addr: &str) -> csi::VolumeCondition {
     let status = tokio::time::timeout(ENGINE_STATUS_TIMEOUT, async {
-        let ch = crate::grpc::connect(addr)
+        let ch = zebu_common::grpc::connect(addr)
             .await
             .map_err(|e| e.to_string())?;
         zebu_proto::engine::engine_client::EngineClient::new(ch)

@@ -209,7 +209,7 @@ impl Records {
             path: path.clone(),
             source,
         })?;
-        crate::durable::write(&path, &json, 0o600)
+        zebu_common::durable::write(&path, &json, 0o600)
             .map_err(|source| RecordError::Io { path, source })
     }
 
@@ -218,8 +218,8 @@ impl Records {
     pub fn remove(&self, volume_id: &str) -> Result<(), RecordError> {
         let dir = self.dir(volume_id)?;
         let path = dir.join(RECORD_FILE);
-        for path in [crate::durable::temp_path(&path), path] {
-            if let Err(source) = crate::durable::remove(&path) {
+        for path in [zebu_common::durable::temp_path(&path), path] {
+            if let Err(source) = zebu_common::durable::remove(&path) {
                 return Err(RecordError::Io { path, source });
             }
         }

@@ -16,7 +16,7 @@ impl NodeService {
                 .and_then(|c| c.access_type.as_ref()),
             &mut cap.access,
         ) && m.fs_type.is_empty()
-            && let Some(fs) = req.volume_context.get(crate::context::VOLUME_FSTYPE)
+            && let Some(fs) = req.volume_context.get(zebu_common::context::VOLUME_FSTYPE)
         {
             if !attach::SUPPORTED_FILESYSTEMS.contains(&fs.as_str()) {
                 return Err(Status::invalid_argument(format!(

@@ -7,99 +7,19 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use zebu_csi::attach::{self, Attached, Backend, VolumeStats};
 
 /// Bound of every poll.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
-pub fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
+pub use zebu_testkit::{NbdKit, runtime as rt};
 
-pub fn poll(what: &str, mut check: impl FnMut() -> bool) {
-    let start = Instant::now();
-    while !check() {
-        assert!(start.elapsed() < DEADLINE, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// `nbdkit file FILE --unix SOCK --foreground`; killed when dropped.
-pub struct NbdKit {
-    pub child: Child,
-    pub uri: String,
-    pub file: PathBuf,
-}
-
-impl NbdKit {
-    pub fn start(dir: &Path, plugin_args: &[&str]) -> NbdKit {
-        let sock = dir.join("nbdkit.sock");
-        let pidfile = dir.join("nbdkit.pid");
-        let child = Command::new("nbdkit")
-            .args(plugin_args)
-            .arg("--unix")
-            .arg(&sock)
-            .arg("--pidfile")
-            .arg(&pidfile)
-            .arg("--foreground")
-            .stdin(Stdio::null())
-            .spawn()
-            .expect("start nbdkit");
-        let mut kit = NbdKit {
-            child,
-            uri: format!("nbd+unix:///vol?socket={}", sock.display()),
-            file: PathBuf::new(),
-        };
-        // nbdkit writes its pid file once it accepts connections.
-        poll("nbdkit to accept connections", || {
-            if let Ok(Some(status)) = kit.child.try_wait() {
-                panic!("nbdkit exited: {status}");
-            }
-            std::fs::read_to_string(&pidfile).is_ok_and(|s| s.trim().parse::<u32>().is_ok())
-        });
-        kit
-    }
-
-    pub fn memory(dir: &Path, size: u64) -> NbdKit {
-        NbdKit::start(dir, &["memory", &size.to_string()])
-    }
-
-    /// Serves a sparse file of `size` bytes.
-    pub fn file(dir: &Path, size: u64) -> NbdKit {
-        let file = dir.join("export.img");
-        let f = std::fs::File::create(&file).expect("create the export file");
-        f.set_len(size).expect("size the export file");
-        let path = file.to_str().expect("UTF-8 temp path").to_owned();
-        let mut kit = NbdKit::start(dir, &["file", &path]);
-        kit.uri = kit.uri.replacen("nbd+unix:///vol?", "nbd+unix:///?", 1);
-        kit.file = file;
-        kit
-    }
-
-    /// Grows (or shrinks) the export file; new NBD connections see it.
-    pub fn resize(&self, size: u64) {
-        std::fs::OpenOptions::new()
-            .write(true)
-            .open(&self.file)
-            .and_then(|f| f.set_len(size))
-            .expect("resize the export file");
-    }
-}
-
-impl Drop for NbdKit {
-    fn drop(&mut self) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(self.child.id() as i32),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        let _ = self.child.wait();
-    }
+/// [`zebu_testkit::poll`] bounded by [`DEADLINE`].
+pub fn poll(what: &str, check: impl FnMut() -> bool) {
+    zebu_testkit::poll(what, DEADLINE, check)
 }
 
 /// An attachment; `attach::detach` when dropped (best effort).

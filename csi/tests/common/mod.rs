@@ -9,8 +9,6 @@
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, Instant};
 
 use tonic::transport::Channel;
 use zebu_proto::csi as pb;
@@ -19,82 +17,28 @@ use zebu_proto::csi::identity_client::IdentityClient;
 use zebu_proto::csi::node_client::NodeClient;
 use zebu_proto::csi::volume_capability::{AccessMode, AccessType, MountVolume, access_mode::Mode};
 
-static HEAVY: Mutex<()> = Mutex::new(());
-
-/// Tests of one binary that mount things or run many processes take this
-/// lock for their whole run.
-pub fn serial() -> MutexGuard<'static, ()> {
-    HEAVY.lock().unwrap_or_else(|e| e.into_inner())
-}
-
-/// Fails (never skips) when a tool is missing, naming its package.
-pub fn require_tool(tool: &str, package: &str) {
-    let found = std::env::var_os("PATH")
-        .map(|paths| {
-            std::env::split_paths(&paths)
-                .chain([PathBuf::from("/usr/sbin"), PathBuf::from("/sbin")])
-                .any(|d| d.join(tool).is_file())
-        })
-        .unwrap_or(false);
-    assert!(found, "required tool `{tool}` is not installed: {package}");
-}
+#[allow(unused_imports)]
+pub use zebu_testkit::{poll, require_tool, runtime as rt, serial, tempdir};
 
 /// The node-side tools every attach needs.
 pub fn require_node_tools() {
-    require_tool("nbdfuse", "apt-get install libnbd-bin");
-    require_tool("losetup", "apt-get install util-linux");
-    require_tool("mkfs.ext4", "apt-get install e2fsprogs");
-    require_tool("mkfs.xfs", "apt-get install xfsprogs");
-    require_tool("fusermount3", "apt-get install fuse3");
+    require_tool("nbdfuse", "libnbd-bin");
+    zebu_testkit::require_node_tools();
 }
 
 pub fn csi_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_zebu-csi"))
+    zebu_testkit::bin("zebu-csi")
 }
 
 pub fn zebu_bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_zebu"))
+    zebu_testkit::bin("zebu")
 }
 
 /// Checks that the replica and engine binaries sit next to `zebu-csi` (the
 /// agent looks for them there).
 pub fn require_data_path_bins() {
-    let dir = csi_bin().parent().expect("bin dir").to_owned();
-    for b in ["zebu-replica", "zebu-engine"] {
-        assert!(
-            dir.join(b).is_file(),
-            "{} is missing: build it with cargo build -p zebu-replica -p zebu-engine",
-            dir.join(b).display()
-        );
-    }
-}
-
-/// A short temp dir (Unix socket paths must stay under 108 bytes).
-pub fn tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("zc-")
-        .tempdir_in(std::env::var_os("TMPDIR").unwrap_or_else(|| "/var/tmp".into()))
-        .expect("create a temp dir under $TMPDIR (default /var/tmp)")
-}
-
-pub fn rt() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("tokio runtime")
-}
-
-/// Polls `check` until it holds, failing after `limit` with `what`.
-pub fn poll(what: &str, limit: Duration, mut check: impl FnMut() -> bool) {
-    let end = Instant::now() + limit;
-    while Instant::now() < end {
-        if check() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("timed out after {limit:?} waiting for {what}");
+    zebu_testkit::bin("zebu-replica");
+    zebu_testkit::bin("zebu-engine");
 }
 
 /// A running `zebu-csi` process.
@@ -200,7 +144,7 @@ impl Drop for Driver {
 }
 
 pub async fn channel(endpoint: &str) -> Channel {
-    zebu_csi::grpc::connect(endpoint)
+    zebu_common::grpc::connect(endpoint)
         .await
         .unwrap_or_else(|e| panic!("connecting to {endpoint}: {e}"))
 }

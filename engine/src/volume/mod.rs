@@ -39,10 +39,10 @@ use zebu_proto::replica as pb;
 
 use crate::frontend::{BlockDevice, DeviceError};
 use crate::link::{DataLink, ReplyHandler};
-use zebu_replica_client::{ClientError, Control};
-use zebu_replica_client::sync::{self, Progress, RebuildError};
 use crate::replication::{Action, IoId, IoKind, Mode, ReplicaId, ReplicationError, Replicator};
 use crate::stats::IoStats;
+use zebu_replica_client::sync::{self, Progress, RebuildError};
+use zebu_replica_client::{ClientError, Control};
 
 mod io;
 mod members;

@@ -120,7 +120,8 @@ impl Volume {
                 .await;
             match r {
                 Ok(_) => found = true,
-                Err(ClientError::Call { status, .. }) if status.code() == tonic::Code::NotFound => {}
+                Err(ClientError::Call { status, .. }) if status.code() == tonic::Code::NotFound => {
+                }
                 Err(e) => self.fail_member(rid, &e)?,
             }
         }

@@ -99,18 +99,18 @@ impl StateDir {
         })
     }
 
-    /// Records `att` (atomically and durably: see [`crate::durable`]).
+    /// Records `att` (atomically and durably: see [`zebu_common::durable`]).
     pub fn save(&self, att: &Attachment) -> io::Result<()> {
         let p = self.record_path(&att.volume_id);
         let dir = p.parent().unwrap_or(&self.root);
         std::fs::create_dir_all(dir)?;
         let text = serde_json::to_vec_pretty(att).map_err(io::Error::other)?;
-        crate::durable::write(&p, &text, 0o600)
+        zebu_common::durable::write(&p, &text, 0o600)
     }
 
     /// Forgets the attachment of `volume`.
     pub fn remove(&self, volume: &str) -> io::Result<()> {
-        crate::durable::remove(&self.record_path(volume)).map(|_| ())
+        zebu_common::durable::remove(&self.record_path(volume)).map(|_| ())
     }
 }
 

@@ -25,7 +25,7 @@ use super::error::{Call, RpcError, Subject};
 use super::request;
 use super::state::{Access, Attachment, StateDir};
 use super::volume::get_volume;
-use crate::context::VOLUME_FSTYPE;
+use zebu_common::context::VOLUME_FSTYPE;
 
 /// One step of an attachment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -385,7 +385,7 @@ pub async fn detach(d: &Driver, state: &StateDir, id: &str) -> anyhow::Result<()
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::args::{Cli, Command, FsType, VolumeCmd};
+    use crate::args::{Cli, Command, FsType, VolumeCmd};
     use clap::Parser;
 
     fn att(controller: bool, staged: bool) -> Attachment {

@@ -5,7 +5,7 @@ use std::fmt;
 
 use tonic::{Code, Status};
 
-use crate::grpc::GrpcError;
+use zebu_common::grpc::GrpcError;
 
 /// What an RPC was about, for messages ("volume X does not exist").
 #[derive(Clone, Debug, PartialEq, Eq)]

@@ -249,14 +249,14 @@ pub(crate) fn validate_id(field: &str, id: &str) -> Result<(), AgentError> {
     Ok(())
 }
 
-/// Writes `rec` to `path` atomically and durably ([`crate::durable`]).
+/// Writes `rec` to `path` atomically and durably ([`zebu_common::durable`]).
 pub(crate) fn write(path: &Path, rec: &Record) -> Result<(), AgentError> {
     let mut json = serde_json::to_vec_pretty(rec).map_err(|source| AgentError::Record {
         path: path.to_owned(),
         source,
     })?;
     json.push(b'\n');
-    crate::durable::write(path, &json, 0o600).map_err(|source| AgentError::Io {
+    zebu_common::durable::write(path, &json, 0o600).map_err(|source| AgentError::Io {
         context: format!("writing {}", path.display()),
         source,
     })
@@ -264,7 +264,7 @@ pub(crate) fn write(path: &Path, rec: &Record) -> Result<(), AgentError> {
 
 /// Removes the record at `path` (absent is fine) and syncs the directory.
 pub(crate) fn remove(path: &Path) -> Result<(), AgentError> {
-    crate::durable::remove(path)
+    zebu_common::durable::remove(path)
         .map(|_| ())
         .map_err(|source| AgentError::Io {
             context: format!("removing {}", path.display()),

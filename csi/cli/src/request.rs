@@ -17,7 +17,7 @@ use zebu_proto::csi::{
 
 use super::args::CreateArgs;
 use super::state::{Access, Attachment};
-use crate::context::{PARAM_FSTYPE, PARAM_REPLICAS};
+use zebu_common::context::{PARAM_FSTYPE, PARAM_REPLICAS};
 
 /// Entries asked for per page of ListVolumes / ListSnapshots.
 pub const PAGE_SIZE: i32 = 256;
@@ -210,7 +210,7 @@ fn path(p: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::args::{Cli, Command, VolumeCmd};
+    use crate::args::{Cli, Command, VolumeCmd};
     use clap::Parser;
 
     fn create(argv: &[&str]) -> CreateVolumeRequest {

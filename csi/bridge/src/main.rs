@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::Parser;
-use zebu_csi::attach::bridge::{self, BridgeOptions};
+use zebu_nbd_fuse::{self as bridge, BridgeOptions};
 
 /// Serve an NBD export as a resizable file on a FUSE mount.
 #[derive(Debug, Parser)]

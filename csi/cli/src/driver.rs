@@ -75,7 +75,7 @@ impl Driver {
 }
 
 async fn dial(endpoint: &str, what: &Subject, timeout: Duration) -> anyhow::Result<Channel> {
-    match tokio::time::timeout(timeout, crate::grpc::connect(endpoint)).await {
+    match tokio::time::timeout(timeout, zebu_common::grpc::connect(endpoint)).await {
         Ok(Ok(ch)) => Ok(ch),
         Ok(Err(e)) => Err(anyhow::anyhow!(connect_message(endpoint, what, &e))),
         Err(_) => Err(anyhow::anyhow!(

@@ -1,9 +1,9 @@
-//! `zebu`: the Zebu command line. See [`zebu_csi::cli`].
+//! `zebu`: the Zebu command line. See [`zebu_cli`].
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use zebu_csi::cli::{self, Cli};
+use zebu_cli::{self as cli, Cli};
 
 fn main() -> ExitCode {
     let cli = Cli::parse();

@@ -10,7 +10,7 @@ use super::emit;
 use super::error::{Call, Subject};
 use super::render::StatusView;
 use super::volume::list_volumes;
-use crate::context::DRIVER_NAME;
+use zebu_common::context::DRIVER_NAME;
 
 /// `zebu status`: GetPluginInfo, Probe, NodeGetInfo (if served) and the
 /// volume count. Fails (after printing) if the driver is not ready.

@@ -9,7 +9,7 @@ use zebu_proto::csi::{Snapshot, Volume, VolumeCondition, volume_content_source};
 use zebu_proto::duration::span;
 use zebu_proto::engine::{RebuildProgress, ReplicaStatus, ScrubStatus, VolumeStatus};
 
-use crate::context::{
+use zebu_common::context::{
     VOLUME_ATTACHED_NODE, VOLUME_ENGINE, VOLUME_REPLICA_PLACEMENT, VOLUME_REPLICAS,
 };
 

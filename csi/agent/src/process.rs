@@ -336,7 +336,7 @@ pub(crate) fn is_ours(pid: u32, program: &str, args: &[String]) -> bool {
     if pid == 0 || program.is_empty() {
         return false;
     }
-    let Some(process) = crate::procfs::live(pid) else {
+    let Some(process) = zebu_common::procfs::live(pid) else {
         return false;
     };
     if process.args.is_empty() {

@@ -10,14 +10,14 @@
 #![allow(missing_docs)]
 
 use std::os::unix::ffi::OsStrExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tonic::Code;
 use tonic::transport::Channel;
-use zebu_csi::agent::{Agent, AgentConfig};
+use zebu_agent::{Agent, AgentConfig};
 use zebu_proto::agent as pb;
 use zebu_proto::agent::agent_client::AgentClient;
 use zebu_proto::replica::replica_client::ReplicaClient;
@@ -29,28 +29,7 @@ const DEADLINE: Duration = Duration::from_secs(120);
 /// The tests start several processes each on a small machine: one at a time.
 static SERIAL: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
-/// `target/<profile>/NAME`, next to the test executable's `deps/`.
-fn sibling_bin(name: &str) -> PathBuf {
-    let exe = std::env::current_exe().expect("current_exe");
-    let p = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .expect("test executable has no grandparent dir")
-        .join(name);
-    assert!(
-        p.is_file(),
-        "{} is missing: build it with cargo build -p zebu-replica -p zebu-engine",
-        p.display()
-    );
-    p
-}
-
-fn tempdir() -> tempfile::TempDir {
-    tempfile::Builder::new()
-        .prefix("zebu-agent-")
-        .tempdir_in(std::env::var_os("TMPDIR").unwrap_or_else(|| "/var/tmp".into()))
-        .expect("create a temp dir under $TMPDIR (default /var/tmp)")
-}
+use zebu_testkit::{bin as sibling_bin, tempdir};
 
 /// Pids of live processes whose command line contains `needle`.
 fn pids_mentioning(needle: &Path) -> Vec<i32> {
@@ -131,7 +110,7 @@ async fn start_node(root: &Path) -> Node {
             .await
             .expect("agent gRPC server");
     });
-    let channel = zebu_csi::grpc::connect(&addr.to_string()).await.unwrap();
+    let channel = zebu_common::grpc::connect(&addr.to_string()).await.unwrap();
     Node {
         agent,
         client: AgentClient::new(channel),
@@ -182,7 +161,7 @@ async fn eventually<T, F: AsyncFnMut() -> Option<T>>(what: &str, mut f: F) -> T 
 
 /// Asks the replica at `address` for its info over gRPC.
 async fn replica_size(address: &str) -> u64 {
-    let ch = zebu_csi::grpc::connect(address).await.unwrap();
+    let ch = zebu_common::grpc::connect(address).await.unwrap();
     ReplicaClient::new(ch)
         .info(zebu_proto::replica::InfoRequest {})
         .await

@@ -563,7 +563,7 @@ fn split_file(file: &Path) -> Result<(PathBuf, OsString), BridgeError> {
 fn write_pidfile(path: &Path) -> Result<(), BridgeError> {
     let ctx = format!("writing the pid file {}", path.display());
     let pid = format!("{}\n", std::process::id());
-    crate::durable::write(path, pid.as_bytes(), 0o644).map_err(io_err(&ctx))
+    zebu_common::durable::write(path, pid.as_bytes(), 0o644).map_err(io_err(&ctx))
 }
 
 /// Unmounts `dir`; lazily when it is busy (a loop device holds the file: the

@@ -23,7 +23,7 @@ impl Agent {
             ));
         }
         for a in &req.replica_addresses {
-            if !matches!(crate::grpc::Addr::parse(a), Ok(crate::grpc::Addr::Tcp(ref hp)) if hp == a)
+            if !matches!(zebu_common::grpc::Addr::parse(a), Ok(zebu_common::grpc::Addr::Tcp(ref hp)) if hp == a)
             {
                 return Err(AgentError::InvalidArgument(format!(
                     "replica address {a:?} is not HOST:PORT"
