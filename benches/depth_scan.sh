@@ -85,6 +85,8 @@ command -v python3 >/dev/null || die "python3 is missing"
   die "nbdkit is missing (apt-get install nbdkit)"
 
 root=$(cd "$(dirname "$0")/.." && pwd)
+# shellcheck source=benches/lib.sh
+source "$root/benches/lib.sh"
 if ((zebu)) && [[ -z $bin_dir ]]; then
   profile=release build=(cargo build --release -p zebu-replica -p zebu-engine)
   ((debug)) && profile=debug build=(cargo build -p zebu-replica -p zebu-engine)
@@ -119,15 +121,8 @@ started() { # system pid: records a process of the system
   pids_of[$1]="${pids_of[$1]:-} $2"
 }
 wait_for() { # pid file regex what
-  local i
-  for ((i = 0; i < 1200; i++)); do
-    grep -Eq "$3" "$2" 2>/dev/null && return 0
-    kill -0 "$1" 2>/dev/null || break
-    sleep 0.1
-  done
-  die "$4 did not start: $(tail -5 "$2" "${2%.out}.err" 2>/dev/null)"
+  wait_ready "$1" "$2" "$3" 120 "depth_scan: $4" || exit 1
 }
-
 start_system() { # system
   local s=$1 d=$work/$1 i addrs=()
   mkdir -p "$d"
@@ -137,13 +132,13 @@ start_system() { # system
         "$bin_dir/zebu-replica" --dir "$d/r$i" --listen 127.0.0.1:0 --size "$size" \
           >"$d/r$i.out" 2>"$d/r$i.err" &
         started "$s" $!
-        wait_for $! "$d/r$i.out" ' on [0-9.]+:[0-9]+ ' "$s's replica $i"
-        addrs+=(--replica "$(sed -n 's/^zebu-replica serving .* on \([0-9.]*:[0-9]*\) .*/\1/p' "$d/r$i.out" | head -1)")
+        wait_for $! "$d/r$i.out" "$REPLICA_READY" "$s's replica $i"
+        addrs+=(--replica "$(replica_address "$d/r$i.out")")
       done
       "$bin_dir/zebu-engine" --volume scan --size "$size" "${addrs[@]}" \
         --nbd "unix:$d/nbd.sock" --listen 127.0.0.1:0 >"$d/e.out" 2>"$d/e.err" &
       started "$s" $!
-      wait_for $! "$d/e.out" '^zebu-engine volume scan ready' "$s's engine"
+      wait_for $! "$d/e.out" "$(engine_ready scan)" "$s's engine"
       uri_of[$s]="nbd+unix:///scan?socket=$d/nbd.sock"
       ;;
     nbdkit-file | nbdkit-file-evicted)

@@ -58,6 +58,8 @@ set -euo pipefail
 
 orig_args=("$@")
 here=$(cd "$(dirname "$0")" && pwd)
+# shellcheck source=benches/lib.sh
+source "$here/lib.sh"
 root=$(cd "$here/.." && pwd)
 
 usage() { # exit status; the text goes to stderr when it is an error
@@ -357,32 +359,21 @@ start_proc() { # label ready_regex timeout_s cmd... ; logs in $work/logs/label.{
   "$@" >"$work/logs/$label.out" 2>"$work/logs/$label.err" &
   pid_of[$label]=$!
   pid_order+=("$label")
-  for ((i = 0; i < limit * 10; i++)); do
-    grep -Eq "$ready" "$work/logs/$label.out" 2>/dev/null && return 0
-    alive "${pid_of[$label]}" || break
-    sleep 0.1
-  done
-  if alive "${pid_of[$label]}"; then
-    echo "fio_compare: $label did not become ready within ${limit}s; its stderr:" >&2
-  else
-    echo "fio_compare: $label exited before it was ready; its stderr:" >&2
-  fi
-  tail -n 20 "$work/logs/$label.err" >&2
-  exit 1
+  wait_ready "${pid_of[$label]}" "$work/logs/$label.out" "$ready" "$limit" "fio_compare: $label" || exit 1
 }
 
 start_zebu() { # system nreplicas
   local sys=$1 n=$2 i addrs=() a
   mkdir -p "$work/$sys"
   for ((i = 1; i <= n; i++)); do
-    start_proc "replica-$sys-r$i" ' on [0-9.]+:[0-9]+ ' 120 \
+    start_proc "replica-$sys-r$i" "$REPLICA_READY" 120 \
       "$bin/zebu-replica" --dir "$work/$sys/r$i" --listen 127.0.0.1:0 --size "$size"
-    a=$(sed -n 's/^zebu-replica serving .* on \([0-9.]*:[0-9]*\) .*/\1/p' "$work/logs/replica-$sys-r$i.out" | head -1)
+    a=$(replica_address "$work/logs/replica-$sys-r$i.out")
     [[ -n $a ]] || die "cannot read replica-$sys-r$i's address from: $(cat "$work/logs/replica-$sys-r$i.out")"
     addrs+=(--replica "$a")
   done
   local vol=${sys//-/}
-  start_proc "engine-$sys" "^zebu-engine volume $vol ready" 300 \
+  start_proc "engine-$sys" "$(engine_ready "$vol")" 300 \
     "$bin/zebu-engine" --volume "$vol" --size "$size" "${addrs[@]}" \
     --nbd "unix:$work/$sys/nbd.sock" --listen 127.0.0.1:0
   uri_of[$sys]="nbd+unix:///$vol?socket=$work/$sys/nbd.sock"
@@ -615,7 +606,7 @@ rb_fail() { # message: recorded, the section stops, the script goes on
   return 1
 }
 replica_addr() { # label
-  sed -n 's/^zebu-replica serving .* on \([0-9.]*:[0-9]*\) .*/\1/p' "$work/logs/$1.out" | head -1
+  replica_address "$work/logs/$1.out"
 }
 kill_replica() { # label: SIGKILL, expected; no stop note
   local p=${pid_of[$1]}
@@ -663,7 +654,7 @@ run_rebuild() {
     [[ -n $a ]] || { rb_fail "cannot read replica-$p-r$i's address"; return 1; }
     addrs+=(--replica "$a")
   done
-  start_proc "engine-$p" "^zebu-engine volume $p ready" 300 \
+  start_proc "engine-$p" "$(engine_ready "$p")" 300 \
     "$bin/zebu-engine" --volume "$p" --size "$rb_size" "${addrs[@]}" \
     --nbd "unix:$d/nbd.sock" --listen 127.0.0.1:0
   rb_ctl=$(sed -n 's/.*; control \([0-9.]*:[0-9]*\);.*/\1/p' "$work/logs/engine-$p.out" | head -1)

@@ -272,12 +272,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         );
     let grpc = tokio::spawn(grpc);
 
-    let line = format!(
-        "zebu-engine volume {} ready: nbd {}; control {control_addr}; epoch {}",
-        args.volume,
-        shown.join(", "),
-        volume.epoch()
-    );
+    let line = zebu_proto::ready::EngineReady {
+        volume: args.volume.clone(),
+        nbd: shown,
+        control: control_addr.to_string(),
+        epoch: volume.epoch(),
+    }
+    .to_string();
     tracing::info!("{line}");
     println!("{line}");
 

@@ -10,6 +10,7 @@
 //!   sent as) HTTP/2 frames directly, below tonic's codec.
 
 pub mod duration;
+pub mod ready;
 pub mod size;
 pub mod wire;
 

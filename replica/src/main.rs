@@ -61,15 +61,16 @@ async fn main() -> anyhow::Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
     let status = store.status().await;
-    let line = format!(
-        "zebu-replica serving {} on {addr} (id {}, size {} bytes, block size {}, io engine {}, previous stop {})",
-        args.dir.display(),
-        status.id,
-        status.size,
-        status.block_size,
-        status.io_engine,
-        if status.clean { "clean" } else { "unclean" },
-    );
+    let line = zebu_proto::ready::ReplicaReady {
+        dir: args.dir.display().to_string(),
+        address: addr.to_string(),
+        id: status.id.to_string(),
+        size_bytes: status.size,
+        block_size: status.block_size,
+        io_engine: status.io_engine.to_string(),
+        clean: status.clean,
+    }
+    .to_string();
     tracing::info!("{line}");
     println!("{line}");
 

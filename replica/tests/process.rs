@@ -26,8 +26,14 @@ struct Replica {
 
 impl Replica {
     fn start(dir: &Path, size: Option<&str>, engine: &str) -> Replica {
+        Self::start_logged(dir, size, engine, &dir.with_extension("log"))
+    }
+
+    /// [`Replica::start`] with its log at `log`: outside `dir`'s filesystem
+    /// when a test fills that one up.
+    fn start_logged(dir: &Path, size: Option<&str>, engine: &str, log: &Path) -> Replica {
         let cmd = Command::new(bin("zebu-replica"));
-        Self::start_with(cmd, dir, size, engine, &dir.with_extension("log"))
+        Self::start_with(cmd, dir, size, engine, log)
     }
 
     /// Starts the replica through `cmd` (the binary itself, or a launcher
@@ -45,14 +51,14 @@ impl Replica {
         if let Some(s) = size {
             cmd.args(["--size", s]);
         }
-        let (server, line) = Server::start(cmd, "zebu-replica", log.to_owned());
-        let addr = line
-            .split(" on ")
-            .nth(1)
-            .and_then(|s| s.split_whitespace().next())
-            .unwrap_or_else(|| panic!("no serving line from zebu-replica: {line:?}"))
-            .to_owned();
-        assert!(line.contains(&format!("io engine {engine}")), "{line}");
+        let (server, ready) = Server::start(
+            cmd,
+            "zebu-replica",
+            log.to_owned(),
+            zebu_proto::ready::ReplicaReady::parse,
+        );
+        assert_eq!(ready.io_engine, engine, "{ready:?}");
+        let addr = ready.address;
         Replica { server, addr }
     }
 
@@ -839,9 +845,10 @@ async fn a_full_disk_refuses_new_layers_and_a_sparse_crc_file_still_opens() {
     let tmp = tempdir();
     let (mnt, _mount) = small_fs(tmp.path());
     let dir = mnt.join("r");
+    let log = tmp.path().join("r.log");
     // 12 GiB (sparse): its CRC files take 12 MiB each, half the filesystem,
     // so whether they fit below is never a close call.
-    let r = Replica::start(&dir, Some("12G"), "uring");
+    let r = Replica::start_logged(&dir, Some("12G"), "uring", &log);
     let mut c = r.client().await;
     c.open(pb::OpenRequest { epoch: 1 }).await.unwrap();
     let mut io = Io::open(&mut c, 1).await;
@@ -897,7 +904,7 @@ async fn a_full_disk_refuses_new_layers_and_a_sparse_crc_file_still_opens() {
     fill(&mnt.join("filler-2"));
     std::fs::remove_file(mnt.join("spacer")).unwrap();
 
-    let r = Replica::start(&dir, None, "uring");
+    let r = Replica::start_logged(&dir, None, "uring", &log);
     let mut c = r.client().await;
     c.open(pb::OpenRequest { epoch: 2 }).await.unwrap();
     let mut io = Io::open(&mut c, 2).await;
@@ -924,7 +931,12 @@ async fn full_disk_returns_no_space_and_keeps_serving() {
     let tmp = tempdir();
     let (mnt, _mount) = small_fs(tmp.path());
 
-    let r = Replica::start(&mnt.join("r"), Some("64M"), "uring");
+    let r = Replica::start_logged(
+        &mnt.join("r"),
+        Some("64M"),
+        "uring",
+        &tmp.path().join("r.log"),
+    );
     let mut c = r.client().await;
     c.open(pb::OpenRequest { epoch: 1 }).await.unwrap();
     let mut io = Io::open(&mut c, 1).await;
@@ -980,7 +992,12 @@ fn disk_flushes(mnt: &Path) -> u64 {
 async fn an_idle_replica_sends_its_disk_no_cache_flushes() {
     let tmp = tempdir();
     let (mnt, _mount) = small_fs(tmp.path());
-    let r = Replica::start(&mnt.join("r"), Some("16M"), "uring");
+    let r = Replica::start_logged(
+        &mnt.join("r"),
+        Some("16M"),
+        "uring",
+        &tmp.path().join("r.log"),
+    );
     let mut c = r.client().await;
     c.open(pb::OpenRequest { epoch: 1 }).await.unwrap();
     let mut io = Io::open(&mut c, 1).await;

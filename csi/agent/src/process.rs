@@ -8,12 +8,9 @@
 //! which guards against pid reuse.
 
 use std::ffi::OsStr;
-use std::fs::File;
-use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+use std::process::Stdio;
 use std::time::Duration;
 
 use nix::errno::Errno;
@@ -21,6 +18,8 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::process::Child;
 use tokio::time::Instant;
+use zebu_common::supervise::{LineScanner, describe_exit, log_tail, open_log_at};
+use zebu_proto::ready::{EngineReady, ReplicaReady};
 
 use super::AgentError;
 use super::record::Kind;
@@ -59,62 +58,18 @@ pub(crate) enum Ready {
 
 /// Parses a replica's ready line (`None` for any other line).
 pub(crate) fn parse_replica_ready(line: &str) -> Option<Ready> {
-    let rest = line.trim_end().strip_prefix("zebu-replica serving ")?;
-    // DIR may contain anything, ADDR and the details do not contain " (id ".
-    let (head, details) = rest.rsplit_once(" (id ")?;
-    let (_dir, address) = head.rsplit_once(" on ")?;
-    let size = details.split_once(", size ")?.1;
-    let size_bytes = size.split_once(" bytes")?.0.parse().ok()?;
-    if address.is_empty() || address.contains(' ') {
-        return None;
-    }
-    Some(Ready::Replica {
-        address: address.to_owned(),
-        size_bytes,
+    ReplicaReady::parse(line).map(|r| Ready::Replica {
+        address: r.address,
+        size_bytes: r.size_bytes,
     })
 }
 
 /// Parses an engine's ready line (`None` for any other line).
 pub(crate) fn parse_engine_ready(line: &str) -> Option<Ready> {
-    let rest = line.trim_end().strip_prefix("zebu-engine volume ")?;
-    let (head, epoch) = rest.rsplit_once("; epoch ")?;
-    let (head, control) = head.rsplit_once("; control ")?;
-    head.split_once(" ready: nbd ")?;
-    if control.is_empty() || control.contains(' ') {
-        return None;
-    }
-    Some(Ready::Engine {
-        control: control.to_owned(),
-        epoch: epoch.parse().ok()?,
+    EngineReady::parse(line).map(|e| Ready::Engine {
+        control: e.control,
+        epoch: e.epoch,
     })
-}
-
-/// `exited with status N` / `killed by signal N`.
-pub(crate) fn describe_exit(status: ExitStatus) -> String {
-    match (status.code(), status.signal()) {
-        (Some(c), _) => format!("exited with status {c}"),
-        (None, Some(s)) => format!("killed by signal {s}"),
-        _ => format!("ended ({status})"),
-    }
-}
-
-/// The last lines the child wrote to `log` since `offset` (at most
-/// [`TAIL_BYTES`]), or a note saying why there are none.
-pub(crate) fn log_tail(log: &Path, offset: u64) -> String {
-    let read = || -> std::io::Result<String> {
-        let mut f = File::open(log)?;
-        let len = f.metadata()?.len();
-        let from = offset.max(len.saturating_sub(TAIL_BYTES)).min(len);
-        f.seek(SeekFrom::Start(from))?;
-        let mut buf = Vec::new();
-        f.take(TAIL_BYTES).read_to_end(&mut buf)?;
-        Ok(String::from_utf8_lossy(&buf).trim().to_owned())
-    };
-    match read() {
-        Ok(s) if s.is_empty() => "(no output)".to_owned(),
-        Ok(s) => s,
-        Err(e) => format!("(cannot read {}: {e})", log.display()),
-    }
 }
 
 /// Kills (SIGKILL) a child that is dropped before it was handed over, so an
@@ -221,14 +176,8 @@ impl Spawned {
     ) -> Result<Launched, AgentError> {
         let deadline = Instant::now() + timeout;
         let mut scanner = LineScanner::default();
-        let mut file = File::open(&self.log).map_err(|source| AgentError::Io {
-            context: format!("opening {}", self.log.display()),
-            source,
-        })?;
-        let opened_at = self.offset;
-        let seek = file.seek(SeekFrom::Start(opened_at));
-        seek.map_err(|source| AgentError::Io {
-            context: format!("seeking in {}", self.log.display()),
+        let mut file = open_log_at(&self.log, self.offset).map_err(|source| AgentError::Io {
+            context: format!("opening {} at {}", self.log.display(), self.offset),
             source,
         })?;
         let mut cancel = std::pin::pin!(cancel);
@@ -259,7 +208,7 @@ impl Spawned {
                         what: self.what.clone(),
                         status: describe_exit(status),
                         log: self.log.clone(),
-                        tail: log_tail(&self.log, self.offset),
+                        tail: log_tail(&self.log, self.offset, TAIL_BYTES),
                     });
                 }
                 Ok(None) => {}
@@ -276,7 +225,7 @@ impl Spawned {
                     what: self.what.clone(),
                     timeout,
                     log: self.log.clone(),
-                    tail: log_tail(&self.log, self.offset),
+                    tail: log_tail(&self.log, self.offset, TAIL_BYTES),
                 });
             }
             tokio::select! {
@@ -294,39 +243,6 @@ impl Spawned {
             let _ = c.start_kill();
             let _ = tokio::time::timeout(Duration::from_secs(10), c.wait()).await;
         }
-    }
-}
-
-/// Finds a ready line in a growing log, one complete line at a time.
-#[derive(Default)]
-struct LineScanner {
-    partial: Vec<u8>,
-}
-
-impl LineScanner {
-    /// Reads what was appended since the last call; returns the first ready
-    /// line's contents.
-    fn scan(&mut self, file: &mut File, parse: fn(&str) -> Option<Ready>) -> Option<Ready> {
-        let mut new = Vec::new();
-        // A read error is like no output yet: the child's exit or the
-        // deadline ends the wait.
-        let _ = file.read_to_end(&mut new);
-        self.partial.extend_from_slice(&new);
-        let mut found = None;
-        let mut consumed = 0;
-        while let Some(nl) = self.partial[consumed..].iter().position(|&b| b == b'\n') {
-            let line = &self.partial[consumed..consumed + nl];
-            consumed += nl + 1;
-            if found.is_none() {
-                found = parse(&String::from_utf8_lossy(line));
-            }
-        }
-        self.partial.drain(..consumed);
-        if self.partial.len() > 64 << 10 {
-            // A pathological line without newline: not a ready line.
-            self.partial.clear();
-        }
-        found
     }
 }
 
@@ -477,49 +393,6 @@ mod tests {
         ] {
             assert_eq!(parse_engine_ready(other), None, "{other}");
         }
-    }
-
-    #[test]
-    fn scanner_waits_for_complete_lines() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("log");
-        std::fs::write(&path, "noise\nzebu-engine volume v ready: nbd unix:/s; con").unwrap();
-        let mut f = File::open(&path).unwrap();
-        let mut s = LineScanner::default();
-        assert_eq!(s.scan(&mut f, parse_engine_ready), None);
-        let mut w = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&path)
-            .unwrap();
-        std::io::Write::write_all(&mut w, b"trol 127.0.0.1:7; epoch 3").unwrap();
-        assert_eq!(s.scan(&mut f, parse_engine_ready), None);
-        std::io::Write::write_all(&mut w, b"\nmore\n").unwrap();
-        assert_eq!(
-            s.scan(&mut f, parse_engine_ready),
-            Some(Ready::Engine {
-                control: "127.0.0.1:7".into(),
-                epoch: 3
-            })
-        );
-    }
-
-    #[test]
-    fn exit_descriptions() {
-        assert_eq!(
-            describe_exit(ExitStatus::from_raw(3 << 8)),
-            "exited with status 3"
-        );
-        assert_eq!(describe_exit(ExitStatus::from_raw(9)), "killed by signal 9");
-    }
-
-    #[test]
-    fn log_tail_reads_from_offset() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("log");
-        std::fs::write(&path, "old run\nnew run: error\n").unwrap();
-        assert_eq!(log_tail(&path, 8), "new run: error");
-        assert_eq!(log_tail(&path, 100), "(no output)");
-        assert!(log_tail(&dir.path().join("nope"), 0).starts_with("(cannot read"));
     }
 
     #[tokio::test]

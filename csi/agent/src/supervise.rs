@@ -21,9 +21,10 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{error, info, warn};
 
-use super::process::{self, Ready, STOP_GRACE, describe_exit, is_ours};
+use super::process::{self, Ready, STOP_GRACE, is_ours};
 use super::record::{Proc, Spec};
 use super::{AgentError, Ctx};
+use zebu_common::supervise::describe_exit;
 
 /// First restart delay.
 pub(crate) const BACKOFF_START: Duration = Duration::from_millis(200);

@@ -1,10 +1,11 @@
 //! What the driver, the node agent, the `zebu` CLI and the FUSE bridge
 //! share: gRPC endpoints served and dialled the same way ([`grpc`]), records
 //! written atomically and durably ([`durable`]), `/proc` parsing
-//! ([`procfs`]) and the names the driver's services and the CLI agree on
+//! ([`procfs`]), waiting for a child's ready line ([`supervise`]) and the names the driver's services and the CLI agree on
 //! ([`context`]).
 
 pub mod context;
 pub mod durable;
 pub mod grpc;
 pub mod procfs;
+pub mod supervise;

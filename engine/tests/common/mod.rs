@@ -22,6 +22,7 @@ use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::transport::Channel;
+use zebu_proto::ready::{EngineReady, ReplicaReady};
 use zebu_proto::replica as pb;
 use zebu_proto::replica::replica_client::ReplicaClient;
 pub use zebu_testkit::*;
@@ -70,19 +71,9 @@ impl Replica {
         }
         let name = dir.file_name().unwrap().to_string_lossy().into_owned();
         let log = dir.with_file_name(format!("{name}-{}.log", rand_u64() % 1_000_000));
-        let (server, line) = Server::start(c, &format!("replica {name}"), log);
-        // zebu-replica serving DIR on 127.0.0.1:PORT (id UUID, size N bytes, ...)
-        let addr = line
-            .rsplit_once(" on ")
-            .and_then(|(_, s)| s.split_whitespace().next())
-            .unwrap_or_else(|| panic!("unexpected replica line: {line:?}"))
-            .to_owned();
-        let id = line
-            .split("(id ")
-            .nth(1)
-            .and_then(|s| s.split([',', ')', ' ']).next())
-            .unwrap_or_else(|| panic!("no id in replica line: {line:?}"))
-            .to_owned();
+        let (server, ready) =
+            Server::start(c, &format!("replica {name}"), log, ReplicaReady::parse);
+        let (addr, id) = (ready.address, ready.id);
         Replica {
             server,
             addr,
@@ -174,30 +165,16 @@ impl Engine {
             .args(["--listen", &format!("{ip}:0")])
             .args(extra);
         let log = tmp.join(format!("engine-{n}.log"));
-        let (server, line) = Server::start(c, "zebu-engine", log);
-        // zebu-engine volume NAME ready: nbd unix:PATH[, tcp:..]; control HOST:PORT; epoch N
-        let parse = || -> Option<(String, u64, Option<String>)> {
-            let rest = line.strip_prefix(&format!("zebu-engine volume {volume} ready: nbd "))?;
-            let control = rest
-                .split("; control ")
-                .nth(1)?
-                .split(';')
-                .next()?
-                .trim()
-                .to_owned();
-            let epoch = rest.split("; epoch ").nth(1)?.trim().parse().ok()?;
-            if !rest.contains(&format!("unix:{}", socket.display())) {
-                return None;
-            }
-            let nbd = rest.split(';').next()?;
-            let tcp = nbd
-                .split(", ")
-                .find_map(|p| p.trim().strip_prefix("tcp:"))
-                .map(str::to_owned);
-            Some((control, epoch, tcp))
-        };
-        let (control, epoch, tcp) =
-            parse().unwrap_or_else(|| panic!("unexpected engine ready line: {line:?}"));
+        let (server, (ready, line)) = Server::start(c, "zebu-engine", log, |line| {
+            EngineReady::parse(line).map(|r| (r, line.to_owned()))
+        });
+        let expected = format!("{}", socket.display());
+        assert!(
+            ready.volume == volume && ready.unix_socket() == Some(expected.as_str()),
+            "unexpected engine ready line: {line:?}"
+        );
+        let (control, epoch) = (ready.control.clone(), ready.epoch);
+        let tcp = ready.tcp().map(str::to_owned);
         Engine {
             server,
             volume: volume.to_owned(),

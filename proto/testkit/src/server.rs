@@ -1,98 +1,98 @@
-//! Long-running processes whose first stdout line says they are ready.
+//! Long-running processes that print a ready line once they serve, waited
+//! for the way the node agent waits for its children
+//! (`zebu_common::supervise`): stdout and stderr appended to one log file,
+//! scanned line by line from the offset the log had at spawn.
 
-use std::fs::File;
-use std::io::{BufRead, BufReader};
+use std::fs::OpenOptions;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc as std_mpsc;
 use std::time::{Duration, Instant};
+
+use zebu_common::supervise::{LineScanner, describe_exit, log_tail, open_log_at};
 
 use crate::DEADLINE;
 use crate::command::{describe, reap};
 
-/// A server process with stderr captured in a log file; killed when dropped
+/// Bytes of log shown in failures.
+const TAIL_BYTES: u64 = 16 << 10;
+
+/// A server process with its output in a log file; killed when dropped
 /// (and its log tail printed when the test is failing).
 pub struct Server {
     child: Option<Child>,
     name: String,
-    /// Where its stderr goes.
+    /// Where its stdout and stderr go.
     pub log: PathBuf,
+    /// The log's length when the process started.
+    offset: u64,
 }
 
 impl Server {
-    /// Starts `cmd`, waits (up to `DEADLINE`) for its first stdout line.
-    pub fn start(mut cmd: Command, name: &str, log: PathBuf) -> (Server, String) {
+    /// Starts `cmd` with its output appended to `log` and waits (up to
+    /// [`DEADLINE`]) for a line that `ready` accepts; returns the server
+    /// and what `ready` made of that line. Panics, with the log's tail,
+    /// when the process exits first or the deadline passes.
+    pub fn start<T>(
+        mut cmd: Command,
+        name: &str,
+        log: PathBuf,
+        ready: impl Fn(&str) -> Option<T>,
+    ) -> (Server, T) {
         let what = describe(&cmd);
-        let logf = File::create(&log).expect("create log file");
-        let mut child = cmd
+        let out = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .unwrap_or_else(|e| panic!("cannot open the log {}: {e}", log.display()));
+        let offset = out.metadata().map(|m| m.len()).unwrap_or(0);
+        let err = out.try_clone().expect("duplicate the log file");
+        let child = cmd
             .env("NO_COLOR", "1")
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(logf)
+            .stdout(out)
+            .stderr(err)
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start `{what}`: {e}"));
-        let stdout = child.stdout.take().unwrap();
-        let (tx, rx) = std_mpsc::channel();
-        std::thread::spawn(move || {
-            let mut r = BufReader::new(stdout);
-            let mut first = true;
-            loop {
-                let mut line = String::new();
-                match r.read_line(&mut line) {
-                    Ok(0) | Err(_) => break,
-                    Ok(_) => {
-                        if first {
-                            let _ = tx.send(line);
-                            first = false;
-                        }
-                    }
-                }
-            }
-        });
         let mut server = Server {
             child: Some(child),
             name: name.to_owned(),
             log,
+            offset,
         };
+        let mut file = open_log_at(&server.log, offset)
+            .unwrap_or_else(|e| panic!("cannot read {}: {e}", server.log.display()));
+        let mut scanner = LineScanner::default();
         let start = Instant::now();
-        let line = loop {
-            match rx.recv_timeout(Duration::from_millis(100)) {
-                Ok(line) => break line,
-                Err(std_mpsc::RecvTimeoutError::Timeout) => {
-                    if let Ok(Some(st)) = server.child.as_mut().unwrap().try_wait() {
-                        panic!(
-                            "`{what}` exited ({st}) before it was ready; stderr:\n{}",
-                            server.log_tail()
-                        );
-                    }
-                    if start.elapsed() > DEADLINE {
-                        panic!(
-                            "`{what}` printed no ready line within {DEADLINE:?}; stderr:\n{}",
-                            server.log_tail()
-                        );
-                    }
-                }
-                Err(std_mpsc::RecvTimeoutError::Disconnected) => {
-                    let c = server.child.as_mut().unwrap();
-                    let _ = c.kill();
-                    reap(c);
-                    let st = c.try_wait().ok().flatten();
-                    panic!(
-                        "`{what}` closed stdout ({st:?}) without a ready line; stderr:\n{}",
-                        server.log_tail()
-                    );
-                }
+        loop {
+            if let Some(r) = scanner.scan(&mut file, &ready) {
+                return (server, r);
             }
-        };
-        (server, line.trim_end().to_owned())
+            let exited = server
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten());
+            if let Some(st) = exited {
+                if let Some(r) = scanner.scan(&mut file, &ready) {
+                    return (server, r);
+                }
+                panic!(
+                    "`{what}` {} before it was ready; its log:\n{}",
+                    describe_exit(st),
+                    server.log_tail()
+                );
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "`{what}` printed no ready line within {DEADLINE:?}; its log:\n{}",
+                server.log_tail()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
-    /// The last 60 lines of its log.
+    /// The end of what it wrote to its log.
     pub fn log_tail(&self) -> String {
-        let s = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = s.lines().collect();
-        let from = lines.len().saturating_sub(60);
-        lines[from..].join("\n")
+        log_tail(&self.log, self.offset, TAIL_BYTES)
     }
 
     /// Its pid (panics once stopped).
