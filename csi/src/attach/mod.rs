@@ -9,7 +9,7 @@
 //! (`nbd+unix:///NAME?socket=PATH`). Kernels without the `nbd` driver (the
 //! usual case in managed/containerised nodes) cannot attach it directly, so
 //! [`attach`] starts Zebu's FUSE bridge `zebu-nbd-fuse` ([`Backend::Bridge`],
-//! module [`bridge`]) to expose the export as a regular file on a private
+//! crate [`zebu_nbd_fuse`]) to expose the export as a regular file on a private
 //! FUSE mount, and a loop device over that file:
 //!
 //! ```text
@@ -281,7 +281,7 @@ pub enum Backend {
     /// `nbdfuse` + loop device; needs only FUSE and loop support. The device
     /// cannot grow while attached.
     Nbdfuse,
-    /// Zebu's own FUSE bridge, `zebu-nbd-fuse` ([`bridge`]), + loop device;
+    /// Zebu's own FUSE bridge, `zebu-nbd-fuse` ([`zebu_nbd_fuse`]), + loop device;
     /// needs only FUSE and loop support (no libnbd), and grows online
     /// ([`refresh_size`]).
     Bridge,

@@ -9,7 +9,7 @@ use super::*;
 ///
 /// [`Backend::Bridge`]: asks the export's size over a new NBD connection,
 /// sends `SIGUSR1` to `zebu-nbd-fuse` (which reconnects and serves the new
-/// size, see [`bridge`]), waits (polling, bounded by [`READY_TIMEOUT`])
+/// size, see [`zebu_nbd_fuse`]), waits (polling, bounded by [`READY_TIMEOUT`])
 /// until `fuse/disk` shows at least that size, runs `losetup -c DEVICE` so
 /// the loop device re-reads it, and records the new size. Works while the
 /// device is mounted and in use; growing the filesystem is a separate step
