@@ -9,7 +9,7 @@
 //! (`nbd+unix:///NAME?socket=PATH`). Kernels without the `nbd` driver (the
 //! usual case in managed/containerised nodes) cannot attach it directly, so
 //! [`attach`] starts Zebu's FUSE bridge `zebu-nbd-fuse` ([`Backend::Bridge`],
-//! module [`bridge`]) to expose the export as a regular file on a private
+//! crate [`zebu_nbd_fuse`]) to expose the export as a regular file on a private
 //! FUSE mount, and a loop device over that file:
 //!
 //! ```text
@@ -21,10 +21,11 @@
 //! through [`attach_with`]) serves the same layout without online growth;
 //! [`detach`] does not care which one runs.
 //!
-//! The code is split by concern: `fuse` (the FUSE server process),
-//! `loopdev`, `filesystem` (make if blank, grow), `mount` (mountinfo,
-//! mount, bind, unmount), `stats`, `command` (running the node's tools);
-//! this file holds the attach/detach life cycle and its state record.
+//! The code is split by concern: `state` (the state record and layout),
+//! `teardown` (detach), `refresh` (online growth of the device), `fuse`
+//! (the FUSE server process), `loopdev`, `filesystem` (make if blank,
+//! grow), `mount` (mountinfo, mount, bind, unmount), `stats`, `command`
+//! (running the node's tools); this file holds the types and attach.
 //!
 //! Everything [`attach`] creates is recorded in `STATE_DIR/attach.json`, so
 //! [`detach`] works after the node plugin restarts. The state directory is
@@ -65,14 +66,20 @@ mod fuse;
 mod loopdev;
 mod mount;
 mod mountinfo;
+mod refresh;
+mod state;
 mod stats;
+mod teardown;
 
 use command::*;
 pub use filesystem::*;
 use fuse::*;
 use loopdev::*;
 pub use mount::*;
+pub use refresh::*;
+use state::*;
 pub use stats::*;
+pub use teardown::*;
 
 pub use mountinfo::MountEntry;
 
@@ -110,13 +117,6 @@ pub const RELEASE_TIMEOUT: Duration = Duration::from_secs(30);
 pub const NBDFUSE_GROW_HINT: &str = "nbdfuse reads the export size only when it connects, so a \
 grown volume becomes visible after it is unstaged and staged again (detach + attach); \
 online growth is not possible with nbdfuse";
-
-const STATE_FILE: &str = "attach.json";
-const FUSE_DIR: &str = "fuse";
-const FUSE_FILE: &str = "disk";
-const PID_FILE: &str = "nbdfuse.pid";
-const LOG_FILE: &str = "nbdfuse.log";
-const STATE_VERSION: u32 = 1;
 
 /// Every error this module returns. `context` says what was being done
 /// (which volume, which path).
@@ -281,7 +281,7 @@ pub enum Backend {
     /// `nbdfuse` + loop device; needs only FUSE and loop support. The device
     /// cannot grow while attached.
     Nbdfuse,
-    /// Zebu's own FUSE bridge, `zebu-nbd-fuse` ([`bridge`]), + loop device;
+    /// Zebu's own FUSE bridge, `zebu-nbd-fuse` ([`zebu_nbd_fuse`]), + loop device;
     /// needs only FUSE and loop support (no libnbd), and grows online
     /// ([`refresh_size`]).
     Bridge,
@@ -322,74 +322,6 @@ pub struct Attached {
     pub size_bytes: u64,
     /// Which FUSE server serves the backing file.
     pub backend: Backend,
-}
-
-/// On-disk record. Written once nbdfuse is started (no device yet) and again
-/// when the loop device exists, so a crash in between can be cleaned up.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-struct StateRecord {
-    version: u32,
-    nbd_uri: String,
-    fuse_dir: PathBuf,
-    backing_file: PathBuf,
-    nbdfuse_pid: Option<i32>,
-    device: Option<PathBuf>,
-    size_bytes: u64,
-    /// Absent in records written before the bridge existed: nbdfuse.
-    #[serde(default = "default_record_backend")]
-    backend: Backend,
-}
-
-fn default_record_backend() -> Backend {
-    Backend::Nbdfuse
-}
-
-struct Layout {
-    state_file: PathBuf,
-    fuse_dir: PathBuf,
-    backing: PathBuf,
-    pidfile: PathBuf,
-    log: PathBuf,
-}
-
-impl Layout {
-    fn new(state_dir: &Path) -> Layout {
-        let fuse_dir = state_dir.join(FUSE_DIR);
-        Layout {
-            state_file: state_dir.join(STATE_FILE),
-            backing: fuse_dir.join(FUSE_FILE),
-            fuse_dir,
-            pidfile: state_dir.join(PID_FILE),
-            log: state_dir.join(LOG_FILE),
-        }
-    }
-}
-
-fn read_state(layout: &Layout, context: &str) -> Result<Option<StateRecord>> {
-    let bytes = match std::fs::read(&layout.state_file) {
-        Ok(b) => b,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(io_err(context)(e)),
-    };
-    serde_json::from_slice(&bytes)
-        .map(Some)
-        .map_err(|source| AttachError::StateFile {
-            context: context.to_owned(),
-            path: layout.state_file.clone(),
-            source,
-        })
-}
-
-/// Writes the record atomically and durably ([`zebu_common::durable`]): detach
-/// reads it after a restart.
-fn write_state(layout: &Layout, rec: &StateRecord, context: &str) -> Result<()> {
-    let json = serde_json::to_vec_pretty(rec).map_err(|source| AttachError::StateFile {
-        context: context.to_owned(),
-        path: layout.state_file.clone(),
-        source,
-    })?;
-    let ctx = format!("{context}: writing {}", layout.state_file.display());
-    zebu_common::durable::write(&layout.state_file, &json, 0o600).map_err(io_err(&ctx))
 }
 
 /// Attaches `nbd_uri` with [`Backend::Bridge`] (Zebu's own FUSE bridge:
@@ -529,309 +461,6 @@ pub async fn export_size(nbd_uri: &str) -> Result<u64> {
     })
 }
 
-/// Makes an attached device show the export's current size (after the
-/// engine grew the volume) and returns the device size in bytes.
-///
-/// [`Backend::Bridge`]: asks the export's size over a new NBD connection,
-/// sends `SIGUSR1` to `zebu-nbd-fuse` (which reconnects and serves the new
-/// size, see [`bridge`]), waits (polling, bounded by [`READY_TIMEOUT`])
-/// until `fuse/disk` shows at least that size, runs `losetup -c DEVICE` so
-/// the loop device re-reads it, and records the new size. Works while the
-/// device is mounted and in use; growing the filesystem is a separate step
-/// ([`expand_filesystem`]).
-///
-/// [`Backend::Nbdfuse`]: the device cannot grow while attached; if the
-/// export is larger than the device this is [`AttachError::DeviceTooSmall`]
-/// (with [`NBDFUSE_GROW_HINT`]), else the device size is returned.
-///
-/// Errors when nothing (working) is attached, or when the export is now
-/// *smaller* than the device: a device never shrinks under data in use.
-pub async fn refresh_size(state_dir: &Path) -> Result<u64> {
-    let ctx = format!(
-        "refreshing the device size (state dir {})",
-        state_dir.display()
-    );
-    let layout = Layout::new(state_dir);
-    let mut rec =
-        read_state(&layout, &ctx)?.ok_or_else(|| precondition(&ctx, "nothing is attached"))?;
-    let att = check_attached(&layout, &rec)
-        .await
-        .map_err(|why| precondition(&ctx, format!("the attachment is not working: {why}")))?;
-    let export = bridge_export_size(&att.nbd_uri, &ctx).await?;
-    let device_size = block_device_size(&att.device, &ctx).await?;
-    match rec.backend {
-        Backend::KernelNbd => return Err(AttachError::KernelNbdNotSupported { context: ctx }),
-        Backend::Nbdfuse => {
-            if export > device_size {
-                return Err(AttachError::DeviceTooSmall {
-                    context: ctx,
-                    device: att.device,
-                    actual: device_size,
-                    required: export,
-                    hint: NBDFUSE_GROW_HINT,
-                });
-            }
-            return Ok(device_size);
-        }
-        Backend::Bridge => {}
-    }
-    if export < rec.size_bytes {
-        return Err(precondition(
-            &ctx,
-            format!(
-                "the export shrank from {} to {export} bytes; the device keeps its size \
-                 (shrinking under data in use is refused)",
-                rec.size_bytes
-            ),
-        ));
-    }
-    match kill(Pid::from_raw(att.nbdfuse_pid), Signal::SIGUSR1) {
-        Ok(()) => {}
-        Err(e) => {
-            return Err(sys_err(&format!(
-                "{ctx}: signalling {BRIDGE_BINARY} (pid {})",
-                att.nbdfuse_pid
-            ))(e));
-        }
-    }
-    // Each stat goes to the bridge once its cached attributes are
-    // invalidated (right after it switched) or expired (1 s).
-    let deadline = Instant::now() + READY_TIMEOUT;
-    let mut delay = Duration::from_millis(5);
-    let file_size = loop {
-        let shown = match tokio::fs::metadata(&layout.backing).await {
-            Ok(m) => m.len(),
-            Err(e) => return Err(io_err(&ctx)(e)),
-        };
-        if shown >= export {
-            break shown;
-        }
-        let now = Instant::now();
-        if now >= deadline {
-            return Err(AttachError::NotReady {
-                context: ctx,
-                what: format!(
-                    "{} to show {export} bytes (it shows {shown}; see {})",
-                    layout.backing.display(),
-                    layout.log.display()
-                ),
-                timeout: READY_TIMEOUT,
-            });
-        }
-        tokio::time::sleep(delay.min(deadline - now)).await;
-        delay = (delay * 2).min(Duration::from_millis(100));
-    };
-    run(
-        &ctx,
-        "losetup",
-        [OsStr::new("-c"), att.device.as_os_str()],
-        COMMAND_TIMEOUT,
-    )
-    .await?;
-    let size = block_device_size(&att.device, &ctx).await?;
-    // The loop device counts whole 512-byte sectors.
-    if size < file_size & !511 {
-        return Err(precondition(
-            &ctx,
-            format!(
-                "{} shows {size} bytes after `losetup -c`, expected {file_size}",
-                att.device.display()
-            ),
-        ));
-    }
-    rec.size_bytes = file_size;
-    write_state(&layout, &rec, &ctx)?;
-    info!(device = %att.device.display(), old = device_size, new = size, "device size refreshed");
-    Ok(size)
-}
-
-/// Checks that a recorded attachment still works: the loop device still
-/// reads our FUSE file, the FUSE mount is there and answers, and nbdfuse
-/// runs. Returns the reason when not.
-async fn check_attached(layout: &Layout, rec: &StateRecord) -> Result<Attached, String> {
-    if rec.backing_file != layout.backing || rec.fuse_dir != layout.fuse_dir {
-        return Err("state dir moved".into());
-    }
-    let device = rec.device.clone().ok_or("no loop device recorded")?;
-    if loop_backing(&device).as_deref() != Some(layout.backing.as_path()) {
-        return Err(format!(
-            "{} no longer reads {}",
-            device.display(),
-            layout.backing.display()
-        ));
-    }
-    let pid = rec.nbdfuse_pid.ok_or("no nbdfuse pid recorded")?;
-    if !is_our_server(pid, &layout.backing) {
-        return Err(format!("the FUSE server (pid {pid}) is gone"));
-    }
-    let mounts = read_mountinfo().map_err(|e| e.to_string())?;
-    if !mounts
-        .iter()
-        .any(|m| m.mount_point == layout.fuse_dir && m.fstype.starts_with("fuse"))
-    {
-        return Err(format!("{} is not a FUSE mount", layout.fuse_dir.display()));
-    }
-    match tokio::time::timeout(COMMAND_TIMEOUT, tokio::fs::metadata(&layout.backing)).await {
-        Ok(Ok(_)) => {}
-        Ok(Err(e)) => return Err(format!("{}: {e}", layout.backing.display())),
-        Err(_) => return Err(format!("{} does not answer", layout.backing.display())),
-    }
-    Ok(Attached {
-        nbd_uri: rec.nbd_uri.clone(),
-        device,
-        fuse_dir: layout.fuse_dir.clone(),
-        backing_file: layout.backing.clone(),
-        nbdfuse_pid: pid,
-        size_bytes: rec.size_bytes,
-        backend: rec.backend,
-    })
-}
-
-/// Undoes [`attach`] using only what is in `state_dir` (the JSON record,
-/// plus the fixed layout, so a half-finished attach is cleaned up too):
-/// `losetup -d` every loop device reading `fuse/disk` and wait until the
-/// kernel has released it, `fusermount3 -u fuse` (falling back to a lazy
-/// unmount), wait for nbdfuse to exit (SIGTERM/SIGKILL it, verified by its
-/// command line, only if it lingers), remove the files.
-///
-/// Callers unmount filesystems first: a loop device still mounted (or bound
-/// onto a publish target) is an error, nothing is torn down. Idempotent:
-/// nothing attached → `Ok`.
-pub async fn detach(state_dir: &Path) -> Result<()> {
-    let ctx = format!("detaching (state dir {})", state_dir.display());
-    if !state_dir.exists() {
-        return Ok(());
-    }
-    cleanup(&Layout::new(state_dir), &ctx).await
-}
-
-async fn cleanup(layout: &Layout, ctx: &str) -> Result<()> {
-    let rec = match read_state(layout, ctx) {
-        Ok(r) => r,
-        Err(e) => {
-            warn!("{e}; cleaning up by layout only");
-            None
-        }
-    };
-
-    // 1. Loop devices reading our FUSE file.
-    let mut loops = loops_backed_by(&layout.backing);
-    if let Some(dev) = rec.as_ref().and_then(|r| r.device.clone())
-        && !loops.contains(&dev)
-        && loop_backing(&dev).as_deref() == Some(layout.backing.as_path())
-    {
-        loops.push(dev);
-    }
-    let mounts = read_mountinfo_ctx(ctx)?;
-    for dev in &loops {
-        if let Some(mp) = mount_using_device(&mounts, dev) {
-            return Err(precondition(
-                ctx,
-                format!(
-                    "{} is still mounted at {}; unmount it first",
-                    dev.display(),
-                    mp.display()
-                ),
-            ));
-        }
-    }
-    for dev in &loops {
-        let out = run_output(
-            ctx,
-            "losetup",
-            [OsStr::new("-d"), dev.as_os_str()],
-            COMMAND_TIMEOUT,
-        )
-        .await?;
-        let still = || loop_backing(dev).as_deref() == Some(layout.backing.as_path());
-        if !out.status.success() && still() {
-            return Err(command_failed(
-                ctx,
-                "losetup",
-                &["-d".into(), dev.clone().into()],
-                &out,
-            ));
-        }
-        // `losetup -d` on an open device only sets autoclear; the kernel
-        // drops the backing file at the last close. FUSE stays busy until then.
-        if !wait_until(RELEASE_TIMEOUT, || !still()).await {
-            return Err(AttachError::NotReady {
-                context: ctx.to_owned(),
-                what: format!(
-                    "{} to release {} (still open?)",
-                    dev.display(),
-                    layout.backing.display()
-                ),
-                timeout: RELEASE_TIMEOUT,
-            });
-        }
-        info!(device = %dev.display(), "loop device detached");
-    }
-
-    // 2. The FUSE mount.
-    let fuse_mounted = |mounts: &[MountEntry]| {
-        mounts
-            .iter()
-            .any(|m| m.mount_point == layout.fuse_dir && m.fstype.starts_with("fuse"))
-    };
-    if fuse_mounted(&read_mountinfo_ctx(ctx)?) {
-        let out = run_output(
-            ctx,
-            "fusermount3",
-            [OsStr::new("-u"), layout.fuse_dir.as_os_str()],
-            COMMAND_TIMEOUT,
-        )
-        .await?;
-        if !out.status.success() {
-            let e = command_failed(
-                ctx,
-                "fusermount3",
-                &["-u".into(), layout.fuse_dir.clone().into()],
-                &out,
-            );
-            warn!("{e}; unmounting lazily");
-            let dir = layout.fuse_dir.clone();
-            let c = format!("{ctx}: lazy unmount of {} after: {e}", dir.display());
-            blocking(ctx, move || {
-                nix::mount::umount2(&dir, MntFlags::MNT_DETACH).map_err(sys_err(&c))
-            })
-            .await?;
-        }
-    }
-
-    // 3. nbdfuse: exits by itself once unmounted.
-    let mut pids: Vec<i32> = rec
-        .as_ref()
-        .and_then(|r| r.nbdfuse_pid)
-        .into_iter()
-        .collect();
-    if let Some(p) = std::fs::read_to_string(&layout.pidfile)
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
-        && !pids.contains(&p)
-    {
-        pids.push(p);
-    }
-    for pid in pids {
-        stop_nbdfuse(pid, &layout.backing, ctx).await?;
-    }
-
-    // 4. Files.
-    for f in [&layout.state_file, &layout.pidfile, &layout.log] {
-        match std::fs::remove_file(f) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(io_err(ctx)(e)),
-        }
-    }
-    match std::fs::remove_dir(&layout.fuse_dir) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => warn!("{ctx}: removing {}: {e}", layout.fuse_dir.display()),
-    }
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -940,21 +569,6 @@ mod tests {
             find_bridge_binary(Some(&deps.join("attach-1234")), None),
             Some(next_to)
         );
-    }
-
-    #[test]
-    fn records_without_a_backend_are_nbdfuse() {
-        let json = r#"{"version":1,"nbd_uri":"nbd+unix:///?socket=/s","fuse_dir":"/d/fuse",
-            "backing_file":"/d/fuse/disk","nbdfuse_pid":7,"device":null,"size_bytes":5}"#;
-        let rec: StateRecord = serde_json::from_str(json).unwrap();
-        assert_eq!(rec.backend, Backend::Nbdfuse);
-        let rec = StateRecord {
-            backend: Backend::Bridge,
-            ..rec
-        };
-        let back: StateRecord =
-            serde_json::from_str(&serde_json::to_string(&rec).unwrap()).unwrap();
-        assert_eq!(back.backend, Backend::Bridge);
     }
 
     #[test]

@@ -3,6 +3,33 @@
 use super::*;
 
 impl Store {
+    pub(super) fn check_range(&self, chain: &Chain, offset: u64, len: u64) -> Result<()> {
+        let bs = self.block_size as u64;
+        if !offset.is_multiple_of(bs) || !len.is_multiple_of(bs) {
+            return Err(StoreError::InvalidArgument(format!(
+                "offset {offset} and length {len} must be multiples of the block size {bs}"
+            )));
+        }
+        if len == 0 || len > MAX_IO_BYTES {
+            return Err(StoreError::InvalidArgument(format!(
+                "length {len} must be between {bs} and {MAX_IO_BYTES} bytes"
+            )));
+        }
+        if offset.checked_add(len).is_none_or(|end| end > chain.size) {
+            return Err(StoreError::OutOfRange {
+                offset,
+                len,
+                size: chain.size,
+            });
+        }
+        Ok(())
+    }
+
+    pub(super) fn mark_dirty(&self, layer: &Arc<Layer>) {
+        let mut d = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
+        d.entry(layer.id).or_insert_with(|| layer.clone());
+    }
+
     /// Writes `payload` at `offset` into the head.
     pub async fn write(
         &self,
@@ -386,4 +413,17 @@ impl Store {
             }),
         }
     }
+}
+
+/// Sorts-merged, overlapping or touching runs collapse into one.
+fn merge_runs(runs: &mut Vec<(u64, u64)>) {
+    runs.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(runs.len());
+    for &(s, e) in runs.iter() {
+        match out.last_mut() {
+            Some(l) if s <= l.1 => l.1 = l.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    *runs = out;
 }

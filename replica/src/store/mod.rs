@@ -13,10 +13,11 @@
 //! are serialized by a separate mutex so a long merge never holds the chain
 //! lock for longer than one chunk.
 //!
-//! The code is split by concern, each file an `impl Store` block: `data`
-//! (read, write, unmap, flush), `snapshot` (snapshot, delete/merge, revert,
-//! expand), `sync` (what resyncs and rebuilds call) and `scrub`; this file
-//! holds the types, opening, metadata, fencing and status.
+//! The code is split by concern, each file an `impl Store` block: `open`
+//! (open, recover, shut down), `fencing` (epochs, `Open`/`Close`, sessions),
+//! `status`, `data` (read, write, unmap, flush), `snapshot` (snapshot,
+//! delete/merge, revert, expand), `sync` (what resyncs and rebuilds call)
+//! and `scrub`; this file holds the chain, the errors and the metadata record.
 //!
 //! Invariant: a write is acknowledged only after its data and CRC entries
 //! were written and its blocks are in the head's index; a flush returns only
@@ -58,18 +59,22 @@ use crate::order::{Ticket, WriteOrder};
 use crate::session::{SessionGuard, Sessions, Superseded};
 
 mod data;
+mod fencing;
+mod open;
 mod scrub;
 mod snapshot;
+mod status;
 mod sync;
+
+pub use fencing::StreamGuard;
+pub use open::OpenOptions;
+pub use scrub::ScrubReport;
+pub use status::{LayerStatus, ReplicaStatus};
 
 /// Largest single I/O the store accepts.
 pub const MAX_IO_BYTES: u64 = 32 << 20;
 /// Blocks moved per step of a merge or layer read.
 const COPY_STEP_BLOCKS: u64 = 256;
-/// Chunks of [`COPY_STEP_BLOCKS`] a scrub reads at once.
-const SCRUB_DEPTH: usize = 4;
-/// Corrupt blocks a [`ScrubReport`] lists (all are counted).
-const SCRUB_LIST_MAX: usize = 1000;
 /// Bytes of one `ReadLayer` stream being read at once; the number of reads
 /// in flight is this over the largest chunk, within `READ_LAYER_DEPTH`.
 const READ_LAYER_BYTES: u64 = 16 << 20;
@@ -299,68 +304,6 @@ impl Chain {
     }
 }
 
-/// What [`Store::scrub`] found.
-#[derive(Clone, Debug, Default)]
-pub struct ScrubReport {
-    /// Blocks read and checked, over every layer.
-    pub blocks_checked: u64,
-    /// Blocks that did not match their stored CRC.
-    pub corrupt_blocks: u64,
-    /// The first of them (at most 1000): layer name ("" is the head), block.
-    pub corrupt: Vec<(String, u64)>,
-}
-
-/// Summary of a layer for [`ReplicaStatus`].
-#[derive(Clone, Debug)]
-pub struct LayerStatus {
-    /// Snapshot name, "" for the head.
-    pub name: String,
-    /// The writable head.
-    pub head: bool,
-    /// Bytes allocated on disk.
-    pub allocated_bytes: u64,
-    /// Blocks held.
-    pub present_blocks: u64,
-    /// Created by a user.
-    pub user_created: bool,
-    /// Creation time (Unix seconds).
-    pub created_unix: i64,
-}
-
-/// A snapshot of the replica's state.
-#[derive(Clone, Debug)]
-pub struct ReplicaStatus {
-    /// Replica id.
-    pub id: String,
-    /// Volume size.
-    pub size: u64,
-    /// Block size.
-    pub block_size: u32,
-    /// Oldest first; the last is the head.
-    pub chain: Vec<LayerStatus>,
-    /// Current epoch.
-    pub epoch: u64,
-    /// Highest revision of a completed write.
-    pub revision: u64,
-    /// The previous run stopped cleanly.
-    pub clean: bool,
-    /// Ejected peer ids.
-    pub ejected: Vec<String>,
-    /// I/O backend.
-    pub io_engine: EngineKind,
-    /// A sync into this replica is in progress.
-    pub syncing: bool,
-    /// Heap bytes of all extent indexes.
-    pub extent_index_bytes: u64,
-    /// An engine opened the replica and has not closed it cleanly.
-    pub attached: bool,
-    /// When the last complete scrub that found nothing corrupt finished
-    /// (Unix seconds), 0 if none has.
-    pub last_clean_scrub_unix: i64,
-    /// The data-stream session the last `Open` started.
-    pub session: u64,
-}
-
 /// The replica's storage.
 pub struct Store {
     dir: PathBuf,
@@ -381,35 +324,11 @@ pub struct Store {
     sessions: Sessions,
 }
 
-/// Parameters to open or create a store.
-#[derive(Clone, Debug)]
-pub struct OpenOptions {
-    /// Replica directory.
-    pub dir: PathBuf,
-    /// Size; required to create, must match when given for an existing replica.
-    pub size: Option<u64>,
-    /// Block size for a new replica.
-    pub block_size: u32,
-    /// I/O backend.
-    pub io_engine: EngineKind,
-}
-
 fn now_unix() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() as i64)
         .unwrap_or(0)
-}
-
-/// How long a scrub that has read `done` bytes in `elapsed` must pause to
-/// average no more than `rate` bytes per second; `None` when it need not
-/// (or `rate` is 0, no limit).
-fn pace(done: u64, rate: u64, elapsed: Duration) -> Option<Duration> {
-    if rate == 0 {
-        return None;
-    }
-    let due = Duration::from_secs_f64(done as f64 / rate as f64);
-    due.checked_sub(elapsed).filter(|d| !d.is_zero())
 }
 
 /// Checks a snapshot name given by a client.
@@ -429,172 +348,6 @@ pub fn validate_name(name: &str) -> Result<()> {
 }
 
 impl Store {
-    /// Opens the replica in `opts.dir`, creating it when the directory is
-    /// missing or empty.
-    pub fn open(opts: OpenOptions) -> Result<Store> {
-        let dir = opts.dir.clone();
-        let bs = opts.block_size;
-        if !(512..=65536).contains(&bs) || !bs.is_power_of_two() {
-            return Err(StoreError::InvalidArgument(format!(
-                "block size {bs} is invalid: use a power of two from 512 to 65536"
-            )));
-        }
-        let meta_path = dir.join("meta");
-        let exists = meta_path.exists();
-        if !exists {
-            if let Ok(mut rd) = std::fs::read_dir(&dir)
-                && rd.next().is_some()
-            {
-                return Err(StoreError::FailedPrecondition(format!(
-                    "{} is not empty and holds no replica (no meta/ directory); \
-                     refusing to use it. Point --dir at an empty or new directory",
-                    dir.display()
-                )));
-            }
-            if opts.size.is_none() {
-                return Err(StoreError::InvalidArgument(format!(
-                    "{} holds no replica yet: --size is required to create one",
-                    dir.display()
-                )));
-            }
-        }
-        std::fs::create_dir_all(dir.join("layers"))
-            .map_err(io_err(format!("creating {}", dir.join("layers").display())))?;
-        let meta_store: Arc<dyn MetaStore> = Arc::new(SledMeta::open(&meta_path)?);
-        let io = IoEngine::start(opts.io_engine).map_err(io_err("starting the I/O backend"))?;
-
-        let (mut meta, entries) = match meta_store.load()? {
-            None => {
-                let size = opts.size.unwrap_or(0);
-                if size == 0 || !size.is_multiple_of(bs as u64) {
-                    return Err(StoreError::InvalidArgument(format!(
-                        "size {size} is invalid: it must be a non-zero multiple of the block size {bs}"
-                    )));
-                }
-                let head =
-                    Layer::create(&dir, 0, size, bs).map_err(io_err("creating the head layer"))?;
-                let lm = LayerMeta {
-                    id: 0,
-                    name: String::new(),
-                    user_created: false,
-                    created_unix: now_unix(),
-                };
-                let meta = Meta {
-                    format: FORMAT,
-                    id: uuid::Uuid::new_v4().to_string(),
-                    size,
-                    block_size: bs,
-                    chain: vec![lm.clone()],
-                    epoch: 0,
-                    revision: 0,
-                    clean: true,
-                    ejected: vec![],
-                    next_layer_id: 1,
-                    syncing: false,
-                    merging: None,
-                    attached: false,
-                    last_clean_scrub_unix: 0,
-                    session: 0,
-                };
-                meta_store.save(&meta)?;
-                (
-                    meta,
-                    vec![Entry {
-                        meta: lm,
-                        layer: Arc::new(head),
-                    }],
-                )
-            }
-            Some(meta) => {
-                if let Some(size) = opts.size
-                    && size != meta.size
-                {
-                    return Err(StoreError::InvalidArgument(format!(
-                        "{} holds a replica of {} bytes; --size {size} does not match (omit --size or pass {})",
-                        dir.display(),
-                        meta.size,
-                        meta.size
-                    )));
-                }
-                let mut entries = Vec::with_capacity(meta.chain.len());
-                for lm in &meta.chain {
-                    let layer =
-                        Layer::open(&dir, lm.id, meta.size, meta.block_size).map_err(|e| {
-                            StoreError::FailedPrecondition(format!(
-                                "replica in {} is damaged: {e}",
-                                dir.display()
-                            ))
-                        })?;
-                    entries.push(Entry {
-                        meta: lm.clone(),
-                        layer: Arc::new(layer),
-                    });
-                }
-                (meta, entries)
-            }
-        };
-        remove_orphans(&dir, &meta);
-
-        let was_clean = meta.clean;
-        if !was_clean {
-            // Writes that were not flushed may have reached the data file and
-            // not the CRC file (or the reverse): recompute what may be stale.
-            let mut suspects = vec![entries[entries.len() - 1].layer.clone()];
-            if let Some(m) = &meta.merging
-                && let Some(e) = entries.iter().find(|e| e.meta.id == m.into)
-            {
-                suspects.push(e.layer.clone());
-            }
-            for layer in suspects {
-                let n = layer
-                    .recompute_crcs(meta.block_size)
-                    .map_err(io_err("recomputing CRCs after an unclean stop"))?;
-                tracing::info!(
-                    layer = layer.id,
-                    blocks = n,
-                    "recomputed CRCs after an unclean stop"
-                );
-            }
-        }
-        meta.clean = false;
-        meta_store.save(&meta)?;
-
-        let chain = Chain {
-            entries,
-            size: meta.size,
-            syncing: meta.syncing,
-            sync_head: false,
-        };
-        Ok(Store {
-            dir,
-            block_size: meta.block_size,
-            io,
-            meta_store,
-            epoch: AtomicU64::new(meta.epoch),
-            revision: AtomicU64::new(meta.revision),
-            sessions: Sessions::new(meta.session),
-            meta: Mutex::new(meta),
-            chain: RwLock::new(chain),
-            control: tokio::sync::Mutex::new(()),
-            flush_lock: tokio::sync::Mutex::new(()),
-            dirty: Mutex::new(HashMap::new()),
-            was_clean,
-            streams: AtomicUsize::new(0),
-            closed: std::sync::atomic::AtomicBool::new(false),
-            write_order: Arc::default(),
-        })
-    }
-
-    /// The block size.
-    pub fn block_size(&self) -> u32 {
-        self.block_size
-    }
-
-    /// The I/O backend in use.
-    pub fn io_engine(&self) -> EngineKind {
-        self.io.kind()
-    }
-
     fn meta(&self) -> std::sync::MutexGuard<'_, Meta> {
         self.meta.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -628,193 +381,6 @@ impl Store {
         })??;
         Ok(())
     }
-
-    fn check_epoch(&self, epoch: u64) -> Result<()> {
-        if self.closed.load(Ordering::Acquire) {
-            return Err(StoreError::FailedPrecondition(
-                "the replica is shutting down; reconnect when it is back".into(),
-            ));
-        }
-        let current = self.epoch.load(Ordering::Acquire);
-        if epoch < current {
-            Err(StoreError::StaleEpoch {
-                got: epoch,
-                current,
-            })
-        } else if epoch > current || current == 0 {
-            Err(StoreError::NotOpen {
-                got: epoch,
-                current,
-            })
-        } else {
-            Ok(())
-        }
-    }
-
-    fn check_range(&self, chain: &Chain, offset: u64, len: u64) -> Result<()> {
-        let bs = self.block_size as u64;
-        if !offset.is_multiple_of(bs) || !len.is_multiple_of(bs) {
-            return Err(StoreError::InvalidArgument(format!(
-                "offset {offset} and length {len} must be multiples of the block size {bs}"
-            )));
-        }
-        if len == 0 || len > MAX_IO_BYTES {
-            return Err(StoreError::InvalidArgument(format!(
-                "length {len} must be between {bs} and {MAX_IO_BYTES} bytes"
-            )));
-        }
-        if offset.checked_add(len).is_none_or(|end| end > chain.size) {
-            return Err(StoreError::OutOfRange {
-                offset,
-                len,
-                size: chain.size,
-            });
-        }
-        Ok(())
-    }
-
-    /// Takes `epoch` (persisted before returning) and starts a new
-    /// data-stream session: once this returns, no request of an older
-    /// session's stream is executing or will be applied. Lower epochs are
-    /// refused.
-    pub async fn open_epoch(&self, epoch: u64) -> Result<ReplicaStatus> {
-        let _c = self.control.lock().await;
-        let current = self.epoch.load(Ordering::Acquire);
-        if epoch == 0 {
-            return Err(StoreError::InvalidArgument(
-                "epoch must be at least 1".into(),
-            ));
-        }
-        if epoch < current {
-            return Err(StoreError::StaleEpoch {
-                got: epoch,
-                current,
-            });
-        }
-        let session = self.meta().session.max(self.sessions.current()) + 1;
-        self.sessions.supersede(session).await;
-        self.update_meta(|m| {
-            m.epoch = epoch;
-            m.attached = true;
-            m.session = session;
-        })
-        .await?;
-        self.epoch.store(epoch, Ordering::Release);
-        drop(_c);
-        Ok(self.status().await)
-    }
-
-    /// Clean detach of the engine holding `epoch`: flushes every layer and
-    /// records that no write of that engine is outstanding.
-    pub async fn close(&self, epoch: u64) -> Result<ReplicaStatus> {
-        self.check_epoch(epoch)?;
-        let _c = self.control.lock().await;
-        self.flush_all(true).await?;
-        self.update_meta(|m| m.attached = false).await?;
-        drop(_c);
-        Ok(self.status().await)
-    }
-
-    /// Admits one data-stream request of `session` and `epoch` (see
-    /// [`crate::session`]): hold the guard until the request is done. A
-    /// stale or unopened epoch is refused as such first.
-    pub fn enter_session(&self, session: u64, epoch: u64) -> Result<SessionGuard<'_>> {
-        self.check_epoch(epoch)?;
-        Ok(self.sessions.enter(session)?)
-    }
-
-    /// Sees every change of the current session (a stream ends itself once
-    /// a later `Open` superseded it).
-    pub fn watch_session(&self) -> tokio::sync::watch::Receiver<u64> {
-        self.sessions.watch()
-    }
-
-    /// Registers an open data stream; revert is refused while any is open.
-    pub fn stream_guard(self: &Arc<Self>) -> StreamGuard {
-        self.streams.fetch_add(1, Ordering::AcqRel);
-        StreamGuard(self.clone())
-    }
-
-    fn mark_dirty(&self, layer: &Arc<Layer>) {
-        let mut d = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
-        d.entry(layer.id).or_insert_with(|| layer.clone());
-    }
-
-    /// Replaces the recorded set of ejected peers.
-    pub async fn set_ejected(&self, ejected: Vec<String>, epoch: u64) -> Result<ReplicaStatus> {
-        self.check_epoch(epoch)?;
-        let _c = self.control.lock().await;
-        self.update_meta(|m| m.ejected = ejected).await?;
-        drop(_c);
-        Ok(self.status().await)
-    }
-
-    /// The replica's state.
-    pub async fn status(&self) -> ReplicaStatus {
-        let chain = self.chain.read().await;
-        let meta = self.meta().clone();
-        let entries = &chain.entries;
-        ReplicaStatus {
-            id: meta.id,
-            size: chain.size,
-            block_size: self.block_size,
-            chain: entries
-                .iter()
-                .enumerate()
-                .map(|(i, e)| LayerStatus {
-                    head: i == entries.len() - 1,
-                    ..layer_status(e)
-                })
-                .collect(),
-            epoch: self.epoch.load(Ordering::Acquire),
-            revision: self.revision.load(Ordering::Acquire),
-            clean: self.was_clean,
-            ejected: meta.ejected,
-            io_engine: self.io.kind(),
-            syncing: chain.syncing,
-            extent_index_bytes: entries
-                .iter()
-                .map(|e| e.layer.index().memory_bytes() as u64)
-                .sum(),
-            attached: meta.attached,
-            last_clean_scrub_unix: meta.last_clean_scrub_unix,
-            session: meta.session,
-        }
-    }
-
-    /// Stops accepting I/O, waits for the I/O in flight, flushes every
-    /// layer and marks the replica cleanly stopped. Clients need not have
-    /// disconnected: whatever they send afterwards is refused.
-    pub async fn shutdown(&self) -> Result<()> {
-        let _c = self.control.lock().await;
-        self.closed.store(true, Ordering::Release);
-        // The exclusive lock waits for every I/O that passed the check.
-        let chain = self.chain.write().await;
-        let layers: Vec<Arc<Layer>> = chain.entries.iter().map(|e| e.layer.clone()).collect();
-        self.sync_layers(&layers).await?;
-        let rev = self.revision.load(Ordering::Acquire);
-        self.update_meta(|m| {
-            m.clean = true;
-            m.revision = m.revision.max(rev);
-        })
-        .await?;
-        drop(chain);
-        Ok(())
-    }
-
-    /// The replica directory.
-    pub fn dir(&self) -> &Path {
-        &self.dir
-    }
-}
-
-/// Counts an open data stream while alive.
-pub struct StreamGuard(Arc<Store>);
-
-impl Drop for StreamGuard {
-    fn drop(&mut self) {
-        self.0.streams.fetch_sub(1, Ordering::AcqRel);
-    }
 }
 
 fn layer_status(e: &Entry) -> LayerStatus {
@@ -825,51 +391,5 @@ fn layer_status(e: &Entry) -> LayerStatus {
         present_blocks: e.layer.index().present(),
         user_created: e.meta.user_created,
         created_unix: e.meta.created_unix,
-    }
-}
-
-/// Sorts-merged, overlapping or touching runs collapse into one.
-fn merge_runs(runs: &mut Vec<(u64, u64)>) {
-    runs.sort_unstable();
-    let mut out: Vec<(u64, u64)> = Vec::with_capacity(runs.len());
-    for &(s, e) in runs.iter() {
-        match out.last_mut() {
-            Some(l) if s <= l.1 => l.1 = l.1.max(e),
-            _ => out.push((s, e)),
-        }
-    }
-    *runs = out;
-}
-
-/// The parts of `[from, to)` not covered by the sorted runs `held`.
-fn gaps(from: u64, to: u64, held: &[(u64, u64)]) -> Vec<(u64, u64)> {
-    let mut out = Vec::new();
-    let mut pos = from;
-    for &(s, e) in held {
-        if pos < s {
-            out.push((pos, s));
-        }
-        pos = pos.max(e);
-    }
-    if pos < to {
-        out.push((pos, to));
-    }
-    out
-}
-
-fn remove_orphans(dir: &Path, meta: &Meta) {
-    let Ok(rd) = std::fs::read_dir(dir.join("layers")) else {
-        return;
-    };
-    for entry in rd.flatten() {
-        let name = entry.file_name();
-        let name = name.to_string_lossy();
-        let id = name.split('.').next().and_then(|s| s.parse::<u64>().ok());
-        if let Some(id) = id
-            && !meta.chain.iter().any(|l| l.id == id)
-        {
-            tracing::info!(file = %name, "removing a layer file no chain refers to (left by an interrupted operation)");
-            let _ = std::fs::remove_file(entry.path());
-        }
     }
 }

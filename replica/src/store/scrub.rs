@@ -4,6 +4,33 @@
 
 use super::*;
 
+/// Chunks of [`COPY_STEP_BLOCKS`] a scrub reads at once.
+const SCRUB_DEPTH: usize = 4;
+/// Corrupt blocks a [`ScrubReport`] lists (all are counted).
+const SCRUB_LIST_MAX: usize = 1000;
+
+/// What [`Store::scrub`] found.
+#[derive(Clone, Debug, Default)]
+pub struct ScrubReport {
+    /// Blocks read and checked, over every layer.
+    pub blocks_checked: u64,
+    /// Blocks that did not match their stored CRC.
+    pub corrupt_blocks: u64,
+    /// The first of them (at most 1000): layer name ("" is the head), block.
+    pub corrupt: Vec<(String, u64)>,
+}
+
+/// How long a scrub that has read `done` bytes in `elapsed` must pause to
+/// average no more than `rate` bytes per second; `None` when it need not
+/// (or `rate` is 0, no limit).
+fn pace(done: u64, rate: u64, elapsed: Duration) -> Option<Duration> {
+    if rate == 0 {
+        return None;
+    }
+    let due = Duration::from_secs_f64(done as f64 / rate as f64);
+    due.checked_sub(elapsed).filter(|d| !d.is_zero())
+}
+
 impl Store {
     /// Reads every present block of every layer and checks it against the
     /// layer's stored CRC (see [`ScrubReport`]). A mismatch is read again

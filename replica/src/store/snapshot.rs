@@ -342,3 +342,19 @@ impl Store {
         Ok(self.status().await)
     }
 }
+
+/// The parts of `[from, to)` not covered by the sorted runs `held`.
+fn gaps(from: u64, to: u64, held: &[(u64, u64)]) -> Vec<(u64, u64)> {
+    let mut out = Vec::new();
+    let mut pos = from;
+    for &(s, e) in held {
+        if pos < s {
+            out.push((pos, s));
+        }
+        pos = pos.max(e);
+    }
+    if pos < to {
+        out.push((pos, to));
+    }
+    out
+}
