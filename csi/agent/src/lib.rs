@@ -64,13 +64,18 @@
 //! - After [`Agent::shutdown`] or [`Agent::stop_all`] every call fails with
 //!   UNAVAILABLE.
 
+mod config;
 mod engines;
+mod error;
 mod process;
 mod record;
 mod replicas;
 mod service;
 mod supervise;
 
+pub use config::{AgentConfig, DEFAULT_MAX_VOLUMES, find_binary};
+use config::{MAX_SOCKET_PATH, engine_socket};
+pub use error::AgentError;
 pub use service::AgentService;
 
 use std::collections::HashMap;
@@ -87,227 +92,6 @@ use zebu_proto::agent::agent_server::AgentServer;
 
 use record::{Key, Kind, Proc, Record, Spec, validate_id};
 use supervise::{Cmd, Initial};
-
-/// Most volumes a node attaches at once when not configured otherwise.
-pub const DEFAULT_MAX_VOLUMES: u64 = 64;
-
-/// Longest Unix socket path (`sun_path` is 108 bytes with the NUL).
-const MAX_SOCKET_PATH: usize = 107;
-
-/// Where sockets go when `<state_dir>/engines/` is too deep for a Unix
-/// socket path: one directory per state dir, named by a hash of it.
-const SHORT_SOCKET_ROOT: &str = "/run/zebu-agent";
-
-/// The NBD socket path of `volume_id`'s engine: `engines_dir/<id>.sock`, or,
-/// when that is longer than a Unix socket path may be (a deep state
-/// directory), `/run/zebu-agent/<hash of engines_dir>/<id>.sock`. The choice
-/// depends only on its inputs, so it is the same after an agent restart.
-fn engine_socket(engines_dir: &Path, volume_id: &str) -> PathBuf {
-    use std::hash::{Hash, Hasher};
-    let direct = engines_dir.join(format!("{volume_id}.sock"));
-    if direct.as_os_str().len() <= MAX_SOCKET_PATH {
-        return direct;
-    }
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    engines_dir.hash(&mut h);
-    Path::new(SHORT_SOCKET_ROOT)
-        .join(format!("{:016x}", h.finish()))
-        .join(format!("{volume_id}.sock"))
-}
-
-/// How the agent is set up.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct AgentConfig {
-    /// The node's name (Kubernetes node name or host name).
-    pub node_id: String,
-    /// Directories replica directories are created in (created if missing).
-    pub disks: Vec<PathBuf>,
-    /// Where records, logs and NBD sockets live (created if missing).
-    pub state_dir: PathBuf,
-    /// The `zebu-replica` binary.
-    pub replica_bin: PathBuf,
-    /// The `zebu-engine` binary.
-    pub engine_bin: PathBuf,
-    /// Host replicas and engines bind (port 0), e.g. `127.0.0.1`; engines on
-    /// other nodes dial replicas there, so use a routable address in a cluster.
-    pub listen_host: String,
-    /// Reported as the node's `max_volumes`.
-    pub max_volumes: u64,
-    /// The agent's own gRPC `host:port` as reported by `GetNode`; filled in
-    /// by the caller once it has bound its server (see also
-    /// [`Agent::set_advertise_address`]).
-    pub advertise_address: String,
-}
-
-impl AgentConfig {
-    /// A configuration with the binaries found by [`find_binary`],
-    /// `listen_host` 127.0.0.1, [`DEFAULT_MAX_VOLUMES`] and no advertised
-    /// address yet.
-    pub fn new(
-        node_id: impl Into<String>,
-        disks: Vec<PathBuf>,
-        state_dir: impl Into<PathBuf>,
-    ) -> Result<AgentConfig, AgentError> {
-        Ok(AgentConfig {
-            node_id: node_id.into(),
-            disks,
-            state_dir: state_dir.into(),
-            replica_bin: find_binary("zebu-replica")?,
-            engine_bin: find_binary("zebu-engine")?,
-            listen_host: "127.0.0.1".to_owned(),
-            max_volumes: DEFAULT_MAX_VOLUMES,
-            advertise_address: String::new(),
-        })
-    }
-}
-
-/// Finds the binary `name`: next to the running executable first (binaries
-/// of one build or package are installed together), else on `$PATH`.
-pub fn find_binary(name: &str) -> Result<PathBuf, AgentError> {
-    let mut searched = Vec::new();
-    let exe_dir = std::env::current_exe()
-        .ok()
-        .and_then(|e| e.parent().map(Path::to_path_buf));
-    let path_dirs = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).collect::<Vec<_>>())
-        .unwrap_or_default();
-    for dir in exe_dir.into_iter().chain(path_dirs) {
-        let p = dir.join(name);
-        if p.is_file() {
-            return Ok(p);
-        }
-        searched.push(dir.display().to_string());
-    }
-    Err(AgentError::BinaryNotFound {
-        name: name.to_owned(),
-        searched: searched.join(":"),
-    })
-}
-
-/// Errors of the node agent.
-#[derive(Debug, thiserror::Error)]
-pub enum AgentError {
-    /// A request field is unusable (bad id, size 0, bad address...).
-    #[error("{0}")]
-    InvalidArgument(String),
-    /// The disk is not one of the node's disks.
-    #[error("disk {disk:?} is not a disk of this node; use one of: {}", valid.join(", "))]
-    UnknownDisk {
-        /// As requested.
-        disk: String,
-        /// The configured disks.
-        valid: Vec<String>,
-    },
-    /// The id is taken by something else.
-    #[error("{0}")]
-    AlreadyExists(String),
-    /// The engine's NBD socket path would not fit in `sun_path`.
-    #[error(
-        "NBD socket path {path} is {len} bytes, more than the {MAX_SOCKET_PATH} a Unix socket \
-         allows: use a shorter state directory or volume id"
-    )]
-    SocketPathTooLong {
-        /// The path.
-        path: String,
-        /// Its length in bytes.
-        len: usize,
-    },
-    /// A binary was not found.
-    #[error(
-        "cannot find the {name} binary next to this executable or on $PATH (searched {searched}): \
-         install it or configure its path"
-    )]
-    BinaryNotFound {
-        /// The binary's file name.
-        name: String,
-        /// Directories searched.
-        searched: String,
-    },
-    /// The configuration is unusable.
-    #[error("invalid agent configuration: {0}")]
-    Config(String),
-    /// Spawning a process failed.
-    #[error("cannot start {what} ({program}): {source}")]
-    Spawn {
-        /// Which process.
-        what: String,
-        /// The binary.
-        program: String,
-        /// Why.
-        source: std::io::Error,
-    },
-    /// The process exited before reporting ready.
-    #[error("{what} {status} before it was ready; last lines of {}:\n{tail}", log.display())]
-    Exited {
-        /// Which process.
-        what: String,
-        /// `exited with status N` / `killed by signal N`.
-        status: String,
-        /// Its log file.
-        log: PathBuf,
-        /// The end of what this run logged.
-        tail: String,
-    },
-    /// The process did not report ready in time (it was killed).
-    #[error("{what} was not ready after {timeout:?} and was killed; last lines of {}:\n{tail}", log.display())]
-    NotReady {
-        /// Which process.
-        what: String,
-        /// How long it had.
-        timeout: Duration,
-        /// Its log file.
-        log: PathBuf,
-        /// The end of what this run logged.
-        tail: String,
-    },
-    /// A start was abandoned because the process is being stopped.
-    #[error("start of {0} abandoned: it is being stopped")]
-    Cancelled(String),
-    /// The agent was shut down.
-    #[error("the node agent is shutting down")]
-    ShuttingDown,
-    /// A filesystem operation failed.
-    #[error("{context}: {source}")]
-    Io {
-        /// What was being done.
-        context: String,
-        /// Why it failed.
-        source: std::io::Error,
-    },
-    /// A record file is not valid JSON of the expected shape.
-    #[error("process record {}: {source}", path.display())]
-    Record {
-        /// The file.
-        path: PathBuf,
-        /// The parse error.
-        source: serde_json::Error,
-    },
-    /// A bug or an unexpected runtime failure.
-    #[error("internal error: {0}")]
-    Internal(String),
-}
-
-impl From<AgentError> for tonic::Status {
-    fn from(e: AgentError) -> tonic::Status {
-        use tonic::Code;
-        let code = match &e {
-            AgentError::InvalidArgument(_)
-            | AgentError::UnknownDisk { .. }
-            | AgentError::SocketPathTooLong { .. } => Code::InvalidArgument,
-            AgentError::AlreadyExists(_) => Code::AlreadyExists,
-            AgentError::BinaryNotFound { .. } | AgentError::Config(_) => Code::FailedPrecondition,
-            AgentError::Exited { .. } | AgentError::NotReady { .. } | AgentError::ShuttingDown => {
-                Code::Unavailable
-            }
-            AgentError::Cancelled(_) => Code::Aborted,
-            AgentError::Spawn { .. }
-            | AgentError::Io { .. }
-            | AgentError::Record { .. }
-            | AgentError::Internal(_) => Code::Internal,
-        };
-        tonic::Status::new(code, e.to_string())
-    }
-}
 
 /// What supervisors and operations share: the configuration and its paths.
 #[derive(Debug)]
@@ -798,28 +582,4 @@ fn refuse_removing(rec: &Record) -> Result<(), AgentError> {
 
 fn info_of<T>(info: Option<T>) -> Result<T, AgentError> {
     info.ok_or_else(|| AgentError::Internal("record of the wrong kind".into()))
-}
-
-#[cfg(test)]
-mod socket_path_tests {
-    use super::*;
-
-    #[test]
-    fn engine_sockets_fit_in_a_unix_socket_path() {
-        let short = Path::new("/var/lib/zebu/agent/engines");
-        assert_eq!(
-            engine_socket(short, "zv-1"),
-            Path::new("/var/lib/zebu/agent/engines/zv-1.sock")
-        );
-        let deep = PathBuf::from(format!("/var/tmp/{}/state/agent/engines", "d".repeat(60)));
-        let id = "zv-14db32ecca8944bb9046d8c2a4aa64ff";
-        let p = engine_socket(&deep, id);
-        assert!(p.starts_with(SHORT_SOCKET_ROOT), "{}", p.display());
-        assert!(p.as_os_str().len() <= MAX_SOCKET_PATH, "{}", p.display());
-        // Stable (an agent restart finds the same socket) and distinct per
-        // state directory.
-        assert_eq!(p, engine_socket(&deep, id));
-        let other = PathBuf::from(format!("/var/tmp/{}/state/agent/engines", "e".repeat(60)));
-        assert_ne!(p, engine_socket(&other, id));
-    }
 }
