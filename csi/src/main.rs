@@ -22,7 +22,7 @@ use zebu_csi::controller::{Controller, ControllerConfig, reconcile};
 use zebu_csi::identity::{IdentityService, Readiness};
 use zebu_csi::node::{NodeConfig, NodeService};
 use zebu_csi::registry::Registry;
-use zebu_csi::store::{SledStore, Store};
+use zebu_csi::store::{KubeStore, SledStore, Store};
 use zebu_proto::agent::registry_client::RegistryClient;
 use zebu_proto::agent::registry_server::RegistryServer;
 use zebu_proto::csi::controller_server::ControllerServer;
@@ -49,6 +49,29 @@ enum Mode {
     Node(NodeArgs),
     /// Controller and node in one process, for one host without Kubernetes.
     Standalone(StandaloneArgs),
+    /// Print the custom resource definitions of the cluster store (YAML,
+    /// for kubectl apply -f -).
+    Crds,
+}
+
+/// Where the controller keeps its state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+enum StoreKind {
+    /// An embedded store in the state directory (one host).
+    Sled,
+    /// Custom resources in the Kubernetes API (zebu-csi crds installs their definitions).
+    Kubernetes,
+}
+
+#[derive(Args, Clone)]
+struct StoreOpts {
+    /// Where the controller keeps volumes, snapshots and nodes.
+    #[arg(long, value_enum, default_value_t = StoreKind::Sled)]
+    store: StoreKind,
+    /// Kubeconfig for --store kubernetes; without it, the in-cluster
+    /// service account, $KUBECONFIG or ~/.kube/config.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -120,6 +143,8 @@ struct ControllerArgs {
     #[command(flatten)]
     common: Common,
     #[command(flatten)]
+    store: StoreOpts,
+    #[command(flatten)]
     opts: ControllerOpts,
 }
 
@@ -138,6 +163,8 @@ struct NodeArgs {
 struct StandaloneArgs {
     #[command(flatten)]
     common: Common,
+    #[command(flatten)]
+    store: StoreOpts,
     #[command(flatten)]
     node: NodeOpts,
     #[command(flatten)]
@@ -190,7 +217,15 @@ fn controller_config(o: &ControllerOpts) -> Result<ControllerConfig> {
     })
 }
 
-fn open_store(state: &std::path::Path) -> Result<Arc<dyn Store>> {
+fn open_store(state: &std::path::Path, opts: &StoreOpts) -> Result<Arc<dyn Store>> {
+    if opts.store == StoreKind::Kubernetes {
+        let store = KubeStore::connect(opts.kubeconfig.as_deref())
+            .context("opening the state store in the Kubernetes API")?;
+        return Ok(Arc::new(store));
+    }
+    if opts.kubeconfig.is_some() {
+        bail!("--kubeconfig is for --store kubernetes");
+    }
     std::fs::create_dir_all(state)
         .with_context(|| format!("creating state directory {}", state.display()))?;
     let store = SledStore::open(&state.join("store"))
@@ -252,7 +287,7 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.mode {
         Mode::Controller(a) => {
             let sock = unix_path(&a.common.endpoint)?;
-            let store = open_store(&a.common.state)?;
+            let store = open_store(&a.common.state, &a.store)?;
             let ctl = Controller::new(store.clone(), controller_config(&a.opts)?);
             let reconciler = tokio::spawn(reconcile::run(ctl.clone(), a.opts.reconcile_interval));
             let incoming =
@@ -311,9 +346,13 @@ async fn run(cli: Cli) -> Result<()> {
             agent_server.abort();
             agent.shutdown().await;
         }
+        Mode::Crds => {
+            let yaml = zebu_csi::crd::definitions_yaml().map_err(anyhow::Error::msg)?;
+            print!("{yaml}");
+        }
         Mode::Standalone(a) => {
             let sock = unix_path(&a.common.endpoint)?;
-            let store = open_store(&a.common.state)?;
+            let store = open_store(&a.common.state, &a.store)?;
             let (agent, listener, node_id) = start_agent(&a.common.state, &a.node).await?;
             let agent_addr = listener.local_addr()?.to_string();
             let agent_server = tokio::spawn(
@@ -389,8 +428,8 @@ async fn heartbeat(controller: &str, agent: &Agent) -> Result<()> {
 }
 
 fn main() {
-    zebu_proto::init_logging("info");
     let cli = Cli::parse();
+    zebu_proto::init_logging("info");
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

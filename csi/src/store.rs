@@ -5,8 +5,9 @@
 //! [`NodeRecord`]). The [`Store`] trait deals in whole objects: get, put,
 //! delete and list per kind, each object carrying a [`Versioned::version`]
 //! for optimistic concurrency. That is the shape of a Kubernetes custom
-//! resource (whole-object read/replace, `resourceVersion`), so a CR backend can
-//! implement the same trait later; [`SledStore`] is the embedded backend.
+//! resource (whole-object read/replace, `resourceVersion`): [`SledStore`] is
+//! the embedded backend (standalone mode), [`KubeStore`] keeps each record as
+//! a custom resource of [`crate::crd`] in a cluster.
 //!
 //! # Versions and optimistic concurrency
 //!
@@ -34,12 +35,64 @@
 //! `list_*` return records sorted by key (volume id, snapshot id, node id) in
 //! byte order, so repeated listings are stable.
 
+/// Implements [`Store`] for a backend with generic `get`, `put`, `delete`
+/// and `list` over every [`Record`] type: one method per kind and operation.
+macro_rules! store_by_kind {
+    ($backend:ty) => {
+        impl $crate::store::Store for $backend {
+            fn get_volume(&self, id: &str) -> Result<Option<Versioned<VolumeRecord>>> {
+                self.get(id)
+            }
+            fn put_volume(&self, rec: &VolumeRecord, expected_version: Option<u64>) -> Result<u64> {
+                self.put(rec, expected_version)
+            }
+            fn delete_volume(&self, id: &str, expected_version: Option<u64>) -> Result<()> {
+                self.delete::<VolumeRecord>(id, expected_version)
+            }
+            fn list_volumes(&self) -> Result<Vec<Versioned<VolumeRecord>>> {
+                self.list()
+            }
+            fn get_snapshot(&self, id: &str) -> Result<Option<Versioned<SnapshotRecord>>> {
+                self.get(id)
+            }
+            fn put_snapshot(
+                &self,
+                rec: &SnapshotRecord,
+                expected_version: Option<u64>,
+            ) -> Result<u64> {
+                self.put(rec, expected_version)
+            }
+            fn delete_snapshot(&self, id: &str, expected_version: Option<u64>) -> Result<()> {
+                self.delete::<SnapshotRecord>(id, expected_version)
+            }
+            fn list_snapshots(&self) -> Result<Vec<Versioned<SnapshotRecord>>> {
+                self.list()
+            }
+            fn get_node(&self, node_id: &str) -> Result<Option<Versioned<NodeRecord>>> {
+                self.get(node_id)
+            }
+            fn put_node(&self, rec: &NodeRecord, expected_version: Option<u64>) -> Result<u64> {
+                self.put(rec, expected_version)
+            }
+            fn delete_node(&self, node_id: &str, expected_version: Option<u64>) -> Result<()> {
+                self.delete::<NodeRecord>(node_id, expected_version)
+            }
+            fn list_nodes(&self) -> Result<Vec<Versioned<NodeRecord>>> {
+                self.list()
+            }
+        }
+    };
+}
+use store_by_kind;
+
+mod kube_backend;
 mod sled_backend;
 
 use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
+pub use kube_backend::KubeStore;
 pub use sled_backend::SledStore;
 
 /// Result of a store operation.
@@ -91,6 +144,18 @@ pub enum StoreError {
     /// The backend failed (I/O, lock, API server, ...).
     #[error("state store backend failed: {0}")]
     Backend(String),
+}
+
+impl StoreError {
+    /// A [`StoreError::Conflict`] on `kind` `key`.
+    pub fn conflict(kind: Kind, key: &str, expected: Option<u64>, actual: Option<u64>) -> Self {
+        StoreError::Conflict {
+            kind,
+            key: key.to_owned(),
+            expected,
+            actual,
+        }
+    }
 }
 
 fn describe_version(v: Option<u64>) -> String {

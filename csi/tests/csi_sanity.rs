@@ -1,7 +1,8 @@
 //! Runs the CSI conformance suite `csi-sanity` (kubernetes-csi/csi-test)
 //! against `zebu-csi standalone` with real replicas, engines, nbdfuse
-//! devices and mounts. Every test it runs must pass; the skipped ones are
-//! listed in README.md with the reason.
+//! devices and mounts, on each state store: the embedded one, and the
+//! custom resources of a real API server (the test cluster). Every test it
+//! runs must pass; the skipped ones are listed in README.md with the reason.
 //!
 //! `csi-sanity` is found at `$CSI_SANITY`, on `$PATH` or in `~/go/bin`;
 //! `.ci/run` installs the pinned version with `go install`.
@@ -36,13 +37,33 @@ fn csi_sanity() -> PathBuf {
 #[test]
 fn csi_sanity_passes_against_the_standalone_driver() {
     let _serial = serial();
+    sanity_against_standalone(&[]);
+}
+
+#[test]
+fn csi_sanity_passes_with_the_kubernetes_store() {
+    let _serial = serial();
+    let cluster = zebu_testkit::kube::cluster();
+    clear_kube_store(&cluster.kubeconfig);
+    let kubeconfig = cluster.kubeconfig.to_str().expect("UTF-8 kubeconfig path");
+    sanity_against_standalone(&["--store", "kubernetes", "--kubeconfig", kubeconfig]);
+    // Everything it created was deleted from the API too.
+    let left = zebu_testkit::run(
+        &mut cluster.kubectl(&["get", "zebuvolumes,zebusnapshots", "-o", "name"]),
+        zebu_testkit::SHORT,
+    )
+    .expect_ok();
+    assert_eq!(left.stdout.trim(), "", "csi-sanity left objects behind");
+}
+
+fn sanity_against_standalone(extra: &[&str]) {
     require_node_tools();
     require_data_path_bins();
     let sanity = csi_sanity();
     let tmp = tempdir();
     let root = tmp.path().to_owned();
     let _scrub = Scrub(root.clone());
-    let driver = Driver::standalone(&root, "sanity-node", 3, &[]);
+    let driver = Driver::standalone(&root, "sanity-node", 3, extra);
     let junit = root.join("junit.xml");
     let out = Command::new(&sanity)
         .arg(format!("--csi.endpoint={}", driver.endpoint))

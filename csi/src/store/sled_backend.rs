@@ -1,4 +1,4 @@
-//! [`Store`] on an embedded sled database.
+//! [`Store`](super::Store) on an embedded sled database.
 //!
 //! One tree per kind (`volumes`, `snapshots`, `nodes`), keyed by the record's
 //! id. Each value is the JSON envelope `{"version": N, "record": {...}}`.
@@ -16,10 +16,10 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::{
-    Kind, NodeRecord, Record, Result, SnapshotRecord, Store, StoreError, Versioned, VolumeRecord,
+    Kind, NodeRecord, Record, Result, SnapshotRecord, StoreError, Versioned, VolumeRecord,
 };
 
-/// [`Store`] on sled. Cheap to share: wrap it in an `Arc`.
+/// [`Store`](super::Store) on sled. Cheap to share: wrap it in an `Arc`.
 pub struct SledStore {
     db: sled::Db,
     volumes: sled::Tree,
@@ -151,7 +151,7 @@ impl SledStore {
             .map(|raw| decode_version(R::KIND, key, raw))
             .transpose()?;
         if actual != expected {
-            return Err(conflict(R::KIND, key, expected, actual));
+            return Err(StoreError::conflict(R::KIND, key, expected, actual));
         }
         let version = self
             .db
@@ -173,7 +173,7 @@ impl SledStore {
                 .as_ref()
                 .map(|raw| decode_version(R::KIND, key, raw))
                 .transpose()?;
-            return Err(conflict(R::KIND, key, expected, actual));
+            return Err(StoreError::conflict(R::KIND, key, expected, actual));
         }
         self.flush()?;
         tracing::debug!(kind = %R::KIND, key, version, "stored");
@@ -201,7 +201,7 @@ impl SledStore {
                     .ok_or_else(not_found)?;
                 let actual = decode_version(R::KIND, key, &current)?;
                 if actual != expected_v {
-                    return Err(conflict(R::KIND, key, expected, Some(actual)));
+                    return Err(StoreError::conflict(R::KIND, key, expected, Some(actual)));
                 }
                 let swapped = tree
                     .compare_and_swap(key, Some(&current), None::<sled::IVec>)
@@ -212,7 +212,7 @@ impl SledStore {
                         .as_ref()
                         .map(|raw| decode_version(R::KIND, key, raw))
                         .transpose()?;
-                    return Err(conflict(R::KIND, key, expected, actual));
+                    return Err(StoreError::conflict(R::KIND, key, expected, actual));
                 }
             }
         }
@@ -235,15 +235,6 @@ impl SledStore {
 
 fn backend(location: &str, op: &str, e: impl std::fmt::Display) -> StoreError {
     StoreError::Backend(format!("sled database at {location}: {op}: {e}"))
-}
-
-fn conflict(kind: Kind, key: &str, expected: Option<u64>, actual: Option<u64>) -> StoreError {
-    StoreError::Conflict {
-        kind,
-        key: key.to_owned(),
-        expected,
-        actual,
-    }
 }
 
 fn check_key(kind: Kind, key: &str) -> Result<()> {
@@ -282,46 +273,7 @@ fn decode_version(kind: Kind, key: &str, raw: &[u8]) -> Result<u64> {
     Ok(v.version)
 }
 
-impl Store for SledStore {
-    fn get_volume(&self, id: &str) -> Result<Option<Versioned<VolumeRecord>>> {
-        self.get(id)
-    }
-    fn put_volume(&self, rec: &VolumeRecord, expected_version: Option<u64>) -> Result<u64> {
-        self.put(rec, expected_version)
-    }
-    fn delete_volume(&self, id: &str, expected_version: Option<u64>) -> Result<()> {
-        self.delete::<VolumeRecord>(id, expected_version)
-    }
-    fn list_volumes(&self) -> Result<Vec<Versioned<VolumeRecord>>> {
-        self.list()
-    }
-
-    fn get_snapshot(&self, id: &str) -> Result<Option<Versioned<SnapshotRecord>>> {
-        self.get(id)
-    }
-    fn put_snapshot(&self, rec: &SnapshotRecord, expected_version: Option<u64>) -> Result<u64> {
-        self.put(rec, expected_version)
-    }
-    fn delete_snapshot(&self, id: &str, expected_version: Option<u64>) -> Result<()> {
-        self.delete::<SnapshotRecord>(id, expected_version)
-    }
-    fn list_snapshots(&self) -> Result<Vec<Versioned<SnapshotRecord>>> {
-        self.list()
-    }
-
-    fn get_node(&self, node_id: &str) -> Result<Option<Versioned<NodeRecord>>> {
-        self.get(node_id)
-    }
-    fn put_node(&self, rec: &NodeRecord, expected_version: Option<u64>) -> Result<u64> {
-        self.put(rec, expected_version)
-    }
-    fn delete_node(&self, node_id: &str, expected_version: Option<u64>) -> Result<()> {
-        self.delete::<NodeRecord>(node_id, expected_version)
-    }
-    fn list_nodes(&self) -> Result<Vec<Versioned<NodeRecord>>> {
-        self.list()
-    }
-}
+super::store_by_kind!(SledStore);
 
 #[cfg(test)]
 mod tests;

@@ -354,3 +354,21 @@ pub async fn detach(ctl_ep: &str, a: &Attached) {
     .await
     .expect("ControllerUnpublishVolume");
 }
+
+/// Deletes every volume, snapshot and node of the Kubernetes store at
+/// `kubeconfig` (through the store, which lifts the volumes' finalizers).
+pub fn clear_kube_store(kubeconfig: &Path) {
+    use zebu_csi::store::{KubeStore, Store};
+    let s = KubeStore::connect(Some(kubeconfig)).expect("connect to the test cluster");
+    for v in s.list_volumes().expect("list volumes") {
+        s.delete_volume(&v.value.id, None).expect("delete a volume");
+    }
+    for v in s.list_snapshots().expect("list snapshots") {
+        s.delete_snapshot(&v.value.id, None)
+            .expect("delete a snapshot");
+    }
+    for v in s.list_nodes().expect("list nodes") {
+        s.delete_node(&v.value.node_id, None)
+            .expect("delete a node");
+    }
+}

@@ -11,6 +11,8 @@
 //!   test fails.
 //! - [`block`]: loop devices, mounts and `nbdfuse` exports as guards.
 //! - [`nbd`]: libnbd's tools (`nbdcopy`, `nbdinfo`) and fio on NBD URIs.
+//! - [`kube`]: the test cluster (a real Kubernetes control plane) with
+//!   Zebu's custom resources installed.
 //! - [`data`]: deterministic data patterns and comparisons that report the
 //!   first differing block instead of megabytes.
 //!
@@ -26,6 +28,7 @@ use std::time::{Duration, Instant};
 pub mod block;
 pub mod command;
 pub mod data;
+pub mod kube;
 pub mod nbd;
 pub mod server;
 

@@ -1,0 +1,92 @@
+//! The test cluster: a real Kubernetes control plane brought up by
+//! `deploy/kubernetes/e2e/cluster.sh` (idempotent: a cluster already up is
+//! reused; the binaries are built on first use and cached outside the
+//! clone), with Zebu's custom resource definitions applied from
+//! `deploy/kubernetes/crds/` by `kubectl`, as a user would.
+//!
+//! `.ci/run` takes the cluster down at the end; a developer's stays up for
+//! the next run (`cluster.sh down` removes it).
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+use crate::command::run;
+
+/// What tests need to reach the cluster.
+#[derive(Clone, Debug)]
+pub struct Cluster {
+    /// The admin kubeconfig (cluster-admin), usable from the host.
+    pub kubeconfig: PathBuf,
+    /// The `kubectl` built at the cluster's version.
+    pub kubectl: PathBuf,
+}
+
+impl Cluster {
+    /// Applies `deploy/kubernetes/crds/` with kubectl and waits until the
+    /// API serves every definition.
+    pub fn install_definitions(&self) {
+        let crds = repo_root().join("deploy/kubernetes/crds");
+        let crds = crds.to_str().expect("UTF-8 repository path");
+        run(&mut self.kubectl(&["apply", "-f", crds]), crate::SHORT).expect_ok();
+        run(
+            &mut self.kubectl(&[
+                "wait",
+                "--for=condition=established",
+                "--timeout=60s",
+                "crd/zebuvolumes.zebu.csi.dev",
+                "crd/zebusnapshots.zebu.csi.dev",
+                "crd/zebunodes.zebu.csi.dev",
+            ]),
+            crate::SHORT,
+        )
+        .expect_ok();
+    }
+
+    /// `kubectl --kubeconfig ADMIN ARGS...`, ready to run.
+    pub fn kubectl(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(&self.kubectl);
+        c.arg("--kubeconfig").arg(&self.kubeconfig).args(args);
+        c
+    }
+}
+
+/// The repository's root (this crate is `proto/testkit`).
+pub fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("the repository root")
+}
+
+/// The test cluster, up and with Zebu's CRDs established; brought up once
+/// per test process.
+pub fn cluster() -> Cluster {
+    static CLUSTER: OnceLock<Cluster> = OnceLock::new();
+    CLUSTER.get_or_init(bring_up).clone()
+}
+
+fn bring_up() -> Cluster {
+    let script = repo_root().join("deploy/kubernetes/e2e/cluster.sh");
+    // A cold build of the Kubernetes binaries takes minutes on 2 cores.
+    run(
+        Command::new("bash").arg(&script).arg("up"),
+        Duration::from_secs(3600),
+    )
+    .expect_ok();
+    let env = run(Command::new("bash").arg(&script).arg("env"), crate::SHORT).expect_ok();
+    let var = |name: &str| -> PathBuf {
+        env.stdout
+            .lines()
+            .find_map(|l| l.strip_prefix(&format!("export {name}=")))
+            .map(|v| PathBuf::from(v.trim().trim_matches(|c| c == '"' || c == '\'')))
+            .unwrap_or_else(|| panic!("cluster.sh env did not export {name}:\n{}", env.stdout))
+    };
+    let cluster = Cluster {
+        kubeconfig: var("KUBECONFIG"),
+        kubectl: var("ZEBU_K8S_BIN").join("kubectl"),
+    };
+    cluster.install_definitions();
+    cluster
+}
