@@ -99,6 +99,9 @@ struct Inner {
     ops: InFlight,
     locks: std::sync::Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     agents: Agents,
+    /// The lease this controller campaigns for; `None`: it always leads
+    /// (one controller, as in standalone mode).
+    leadership: Option<crate::leader::Leadership>,
 }
 
 /// A CSI operation's hold on a key: its in-flight entry (a second CSI call
@@ -326,8 +329,19 @@ fn page<T>(
 }
 
 impl Controller {
-    /// A controller over `store`.
+    /// A controller over `store` that always leads.
     pub fn new(store: Arc<dyn Store>, cfg: ControllerConfig) -> Self {
+        Self::electing(store, cfg, None)
+    }
+
+    /// A controller over `store` that leads only while `leadership` says so:
+    /// it then reconciles and serves mutating calls; otherwise those answer
+    /// UNAVAILABLE and the reconcile loop idles.
+    pub fn electing(
+        store: Arc<dyn Store>,
+        cfg: ControllerConfig,
+        leadership: Option<crate::leader::Leadership>,
+    ) -> Self {
         Controller {
             inner: Arc::new(Inner {
                 agents: Agents::new(store.clone()),
@@ -335,7 +349,28 @@ impl Controller {
                 cfg,
                 ops: InFlight::default(),
                 locks: std::sync::Mutex::new(HashMap::new()),
+                leadership,
             }),
+        }
+    }
+
+    /// Whether this controller leads now.
+    pub fn is_leader(&self) -> bool {
+        self.inner.leadership.as_ref().is_none_or(|l| l.is_leader())
+    }
+
+    /// UNAVAILABLE, naming the leader, unless this controller leads.
+    fn require_leader(&self) -> Result<(), Status> {
+        match &self.inner.leadership {
+            Some(l) if !l.is_leader() => {
+                let holder = l.state().holder;
+                Err(Status::unavailable(if holder.is_empty() {
+                    "no controller leads yet (leader election in progress); retry".to_owned()
+                } else {
+                    format!("this controller does not lead; {holder} does; retry")
+                }))
+            }
+            _ => Ok(()),
         }
     }
 
@@ -351,8 +386,11 @@ impl Controller {
         locks.entry(key.to_owned()).or_default().clone()
     }
 
-    /// Claims `key` for a CSI operation (ABORTED if another one holds it).
+    /// Claims `key` for a CSI operation: UNAVAILABLE unless this controller
+    /// leads, ABORTED if another operation holds it. Every mutating call
+    /// claims first.
     pub(crate) async fn claim(&self, key: &str, what: &str) -> Result<Claim, Status> {
+        self.require_leader()?;
         let op = self.inner.ops.begin_named(key, what)?;
         let lock = self.lock_of(key).lock_owned().await;
         Ok(Claim {

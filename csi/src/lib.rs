@@ -11,6 +11,7 @@
 //! - [`controller`]: the CSI Controller service, replica placement, the
 //!   reconcile loop.
 //! - [`identity`]: the CSI Identity service.
+//! - [`leader`]: leader election on a Lease among controllers.
 //! - [`inflight`]: one operation per volume at a time (ABORTED otherwise).
 //! - [`node`]: the CSI Node service (stage, publish, stats, expand).
 //! - [`registry`]: where node agents announce themselves to the controller.
@@ -20,6 +21,7 @@ pub mod controller;
 pub mod crd;
 pub mod identity;
 pub mod inflight;
+pub mod leader;
 pub mod node;
 pub mod registry;
 pub mod store;

@@ -20,6 +20,7 @@ use zebu_agent::{Agent, AgentConfig};
 use zebu_common::grpc;
 use zebu_csi::controller::{Controller, ControllerConfig, reconcile};
 use zebu_csi::identity::{IdentityService, Readiness};
+use zebu_csi::leader::{ElectionConfig, Leadership};
 use zebu_csi::node::{NodeConfig, NodeService};
 use zebu_csi::registry::Registry;
 use zebu_csi::store::{KubeStore, SledStore, Store};
@@ -144,6 +145,13 @@ struct ControllerArgs {
     common: Common,
     #[command(flatten)]
     store: StoreOpts,
+    /// With --store kubernetes: the namespace of the Lease controllers elect
+    /// their leader on (only the leader reconciles and serves mutating calls).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "zebu-system")]
+    leader_election_namespace: String,
+    /// This controller's identity in the election (default: host name and pid).
+    #[arg(long, env = "POD_NAME")]
+    leader_election_identity: Option<String>,
     #[command(flatten)]
     opts: ControllerOpts,
 }
@@ -154,9 +162,11 @@ struct NodeArgs {
     common: Common,
     #[command(flatten)]
     node: NodeOpts,
-    /// The controller's CSI endpoint (its node registry), unix:///path.
-    #[arg(long)]
-    controller: String,
+    /// A controller's CSI endpoint (its node registry), unix:///path; repeat
+    /// it for every controller of an election, so whichever leads knows the
+    /// node.
+    #[arg(long, required = true)]
+    controller: Vec<String>,
 }
 
 #[derive(Args)]
@@ -288,7 +298,11 @@ async fn run(cli: Cli) -> Result<()> {
         Mode::Controller(a) => {
             let sock = unix_path(&a.common.endpoint)?;
             let store = open_store(&a.common.state, &a.store)?;
-            let ctl = Controller::new(store.clone(), controller_config(&a.opts)?);
+            let leadership = match a.store.store {
+                StoreKind::Sled => None,
+                StoreKind::Kubernetes => Some(elect(&a).await?),
+            };
+            let ctl = Controller::electing(store.clone(), controller_config(&a.opts)?, leadership);
             let reconciler = tokio::spawn(reconcile::run(ctl.clone(), a.opts.reconcile_interval));
             let incoming =
                 grpc::bind_unix(&sock).with_context(|| format!("binding {}", sock.display()))?;
@@ -317,14 +331,18 @@ async fn run(cli: Cli) -> Result<()> {
                 max_volumes: a.node.max_volumes,
                 state_dir: a.common.state.join("node"),
             });
-            let controller = a.controller.clone();
+            let controllers = a.controller.clone();
             let (hb_agent, hb_ready) = (agent.clone(), readiness.clone());
             let heartbeat = tokio::spawn(async move {
                 loop {
-                    match heartbeat(&controller, &hb_agent).await {
-                        Ok(()) => hb_ready.set_ready(),
-                        Err(e) => {
-                            tracing::warn!(error = %format!("{e:#}"), "heartbeat to the controller failed")
+                    for controller in &controllers {
+                        match heartbeat(controller, &hb_agent).await {
+                            Ok(()) => hb_ready.set_ready(),
+                            Err(e) => tracing::warn!(
+                                controller = %controller,
+                                error = %format!("{e:#}"),
+                                "heartbeat to a controller failed"
+                            ),
                         }
                     }
                     tokio::time::sleep(Duration::from_secs(5)).await;
@@ -413,6 +431,29 @@ async fn run(cli: Cli) -> Result<()> {
     }
     Ok(())
 }
+
+/// Starts campaigning for the controllers' Lease.
+async fn elect(a: &ControllerArgs) -> Result<Leadership> {
+    let client = zebu_csi::store::kube_client(a.store.kubeconfig.as_deref())
+        .await
+        .context("connecting to the Kubernetes API for leader election")?;
+    let identity = match &a.leader_election_identity {
+        Some(i) => i.clone(),
+        None => format!(
+            "{}-{}",
+            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .unwrap_or_default()
+                .trim(),
+            std::process::id()
+        ),
+    };
+    let cfg = ElectionConfig::new(&a.leader_election_namespace, LEASE_NAME, &identity);
+    tracing::info!(identity = %identity, namespace = %cfg.namespace, lease = LEASE_NAME, "campaigning for the controller lease");
+    Ok(Leadership::start(client, cfg))
+}
+
+/// The Lease controllers elect their leader on.
+const LEASE_NAME: &str = "zebu-csi-controller";
 
 async fn heartbeat(controller: &str, agent: &Agent) -> Result<()> {
     let ch = grpc::connect(controller).await?;

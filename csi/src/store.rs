@@ -92,7 +92,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-pub use kube_backend::KubeStore;
+pub use kube_backend::{KubeStore, kube_client};
 pub use sled_backend::SledStore;
 
 /// Result of a store operation.

@@ -36,6 +36,11 @@ pub async fn run(ctl: Controller, interval: Duration) {
     let mut down_since: HashMap<String, Instant> = HashMap::new();
     loop {
         tokio::time::sleep(interval).await;
+        if !ctl.is_leader() {
+            // A follower forgets what it saw: the leader owns these clocks.
+            down_since.clear();
+            continue;
+        }
         if let Err(e) = pass(&ctl, &mut down_since).await {
             tracing::warn!(error = %e.message(), "reconcile pass failed");
         }

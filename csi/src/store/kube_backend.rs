@@ -206,28 +206,7 @@ impl KubeStore {
         };
         let config_path = path.clone();
         let client = run_on(&runtime, async move {
-            let config = match &config_path {
-                Some(p) => {
-                    let kc = Kubeconfig::read_from(p).map_err(|e| {
-                        StoreError::Backend(format!("cannot read kubeconfig {}: {e}", p.display()))
-                    })?;
-                    Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
-                        .await
-                        .map_err(|e| {
-                            StoreError::Backend(format!(
-                                "kubeconfig {} is unusable: {e}",
-                                p.display()
-                            ))
-                        })?
-                }
-                None => Config::infer().await.map_err(|e| {
-                    StoreError::Backend(format!(
-                        "no Kubernetes configuration found ({e}); pass --kubeconfig FILE"
-                    ))
-                })?,
-            };
-            Client::try_from(config)
-                .map_err(|e| StoreError::Backend(format!("cannot create the API client: {e}")))
+            kube_client(config_path.as_deref()).await
         })?;
         let store = KubeStore {
             runtime: Some(runtime),
@@ -454,6 +433,31 @@ impl KubeStore {
             Ok(out)
         })
     }
+}
+
+/// A client of the API server: with the kubeconfig at `kubeconfig`, or,
+/// without one, as `kubectl` would find its configuration (in-cluster
+/// service account, `$KUBECONFIG`, `~/.kube/config`).
+pub async fn kube_client(kubeconfig: Option<&Path>) -> Result<Client> {
+    let config = match kubeconfig {
+        Some(p) => {
+            let kc = Kubeconfig::read_from(p).map_err(|e| {
+                StoreError::Backend(format!("cannot read kubeconfig {}: {e}", p.display()))
+            })?;
+            Config::from_custom_kubeconfig(kc, &KubeConfigOptions::default())
+                .await
+                .map_err(|e| {
+                    StoreError::Backend(format!("kubeconfig {} is unusable: {e}", p.display()))
+                })?
+        }
+        None => Config::infer().await.map_err(|e| {
+            StoreError::Backend(format!(
+                "no Kubernetes configuration found ({e}); pass --kubeconfig FILE"
+            ))
+        })?,
+    };
+    Client::try_from(config)
+        .map_err(|e| StoreError::Backend(format!("cannot create the API client: {e}")))
 }
 
 const TIMED_OUT: &str = "timed out";

@@ -74,9 +74,31 @@ impl Driver {
 
     /// Starts `zebu-csi node` joining the controller at `controller`.
     pub fn node(root: &Path, node_id: &str, controller: &str) -> Driver {
+        Driver::node_joining(root, node_id, &[controller], 1)
+    }
+
+    /// Starts `zebu-csi controller NAME` under `root` with `extra` flags.
+    pub fn controller(root: &Path, name: &str, extra: &[&str]) -> Driver {
+        let dir = root.join(name);
+        let socket = dir.join("csi.sock");
+        let mut args: Vec<String> = vec![
+            "controller".into(),
+            "--endpoint".into(),
+            format!("unix://{}", socket.display()),
+            "--state".into(),
+            dir.join("state").display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        std::fs::create_dir_all(&dir).expect("controller dir");
+        Driver::spawn(&args, socket, name, &root.join(format!("{name}.log")))
+    }
+
+    /// Starts `zebu-csi node` with `disks` disks, heartbeating to every
+    /// controller of `controllers`.
+    pub fn node_joining(root: &Path, node_id: &str, controllers: &[&str], disks: usize) -> Driver {
         let dir = root.join(node_id);
         let socket = dir.join("csi.sock");
-        let args: Vec<String> = vec![
+        let mut args: Vec<String> = vec![
             "node".into(),
             "--endpoint".into(),
             format!("unix://{}", socket.display()),
@@ -84,11 +106,20 @@ impl Driver {
             dir.join("state").display().to_string(),
             "--node-id".into(),
             node_id.into(),
-            "--disk".into(),
-            dir.join("disk").display().to_string(),
-            "--controller".into(),
-            controller.into(),
         ];
+        for i in 0..disks {
+            let name = if i == 0 {
+                "disk".to_owned()
+            } else {
+                format!("disk{i}")
+            };
+            args.push("--disk".into());
+            args.push(dir.join(name).display().to_string());
+        }
+        for c in controllers {
+            args.push("--controller".into());
+            args.push(c.to_string());
+        }
         Driver::spawn(&args, socket, node_id, &root.join(format!("{node_id}.log")))
     }
 

@@ -1,0 +1,269 @@
+//! Two controllers on the Kubernetes store elect a leader on a Lease of the
+//! real API server (the test cluster); the follower refuses mutating calls
+//! with UNAVAILABLE. The leader is SIGKILLed while volumes are being
+//! created: the follower takes over, every CreateVolume (retried as the CSI
+//! sidecars retry) succeeds exactly once, no replica is left without its
+//! volume, and `kubectl get zebuvolumes` shows them healthy.
+
+mod common;
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use common::*;
+use tonic::Code;
+use zebu_csi::store::{KubeStore, Store};
+use zebu_proto::csi as pb;
+use zebu_testkit::kube::Cluster;
+use zebu_testkit::{DEADLINE, SHORT, run};
+
+const MIB: i64 = 1 << 20;
+const NAMESPACE: &str = "default";
+const LEASE: &str = "zebu-csi-controller";
+const VOLUMES: usize = 6;
+
+fn holder(cluster: &Cluster) -> String {
+    let r = run(
+        &mut cluster.kubectl(&[
+            "get",
+            "lease",
+            LEASE,
+            "-n",
+            NAMESPACE,
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+            "--ignore-not-found",
+        ]),
+        SHORT,
+    )
+    .expect_ok();
+    r.stdout.trim().to_owned()
+}
+
+fn request(name: &str) -> pb::CreateVolumeRequest {
+    pb::CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(pb::CapacityRange {
+            required_bytes: 64 * MIB,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![mount_cap()],
+        parameters: HashMap::from([("numberOfReplicas".into(), "2".into())]),
+        ..Default::default()
+    }
+}
+
+/// CreateVolume `name` until it succeeds, against whichever endpoint
+/// answers, as a sidecar of each controller would: UNAVAILABLE, ABORTED and
+/// a dead socket mean "try again".
+async fn create_until_done(endpoints: &[String], name: &str) -> pb::Volume {
+    let end = Instant::now() + DEADLINE * 2;
+    let mut i = 0;
+    loop {
+        assert!(Instant::now() < end, "CreateVolume {name} never succeeded");
+        let ep = &endpoints[i % endpoints.len()];
+        i += 1;
+        let Ok(ch) = zebu_common::grpc::connect(ep).await else {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            continue;
+        };
+        let mut c = pb::controller_client::ControllerClient::new(ch);
+        match c.create_volume(request(name)).await {
+            Ok(r) => return r.into_inner().volume.expect("a volume"),
+            Err(s)
+                if matches!(
+                    s.code(),
+                    Code::Unavailable | Code::Aborted | Code::ResourceExhausted | Code::Unknown
+                ) =>
+            {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+            }
+            Err(s) => panic!("CreateVolume {name} on {ep}: {s:?}"),
+        }
+    }
+}
+
+/// Replica directories under the node's disks: (volume id, replica id).
+fn replica_dirs(node_dir: &Path) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for disk in std::fs::read_dir(node_dir).into_iter().flatten().flatten() {
+        let vols = disk.path().join("replicas");
+        for v in std::fs::read_dir(&vols).into_iter().flatten().flatten() {
+            for r in std::fs::read_dir(v.path()).into_iter().flatten().flatten() {
+                out.push((
+                    v.file_name().to_string_lossy().into_owned(),
+                    r.file_name().to_string_lossy().into_owned(),
+                ));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn the_follower_takes_over_and_every_volume_is_created_once() {
+    let _serial = serial();
+    require_node_tools();
+    require_data_path_bins();
+    let cluster = zebu_testkit::kube::cluster();
+    clear_kube_store(&cluster.kubeconfig);
+    run(
+        &mut cluster.kubectl(&[
+            "delete",
+            "lease",
+            LEASE,
+            "-n",
+            NAMESPACE,
+            "--ignore-not-found",
+        ]),
+        SHORT,
+    )
+    .expect_ok();
+    let tmp = zebu_testkit::tempdir();
+    let root = tmp.path().to_owned();
+    let _scrub = Scrub(root.clone());
+    let kc = cluster.kubeconfig.to_str().expect("UTF-8 path").to_owned();
+    let flags = |id: &str| -> Vec<String> {
+        [
+            "--store",
+            "kubernetes",
+            "--kubeconfig",
+            &kc,
+            "--leader-election-namespace",
+            NAMESPACE,
+            "--leader-election-identity",
+            id,
+            "--reconcile-interval",
+            "1s",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let fa = flags("ctl-a");
+    let fb = flags("ctl-b");
+    let fa: Vec<&str> = fa.iter().map(String::as_str).collect();
+    let fb: Vec<&str> = fb.iter().map(String::as_str).collect();
+    let mut ctl: BTreeMap<String, Driver> = BTreeMap::new();
+    ctl.insert("ctl-a".into(), Driver::controller(&root, "ctl-a", &fa));
+    ctl.insert("ctl-b".into(), Driver::controller(&root, "ctl-b", &fb));
+    let endpoints: Vec<String> = ctl.values().map(|d| d.endpoint.clone()).collect();
+    let eps: Vec<&str> = endpoints.iter().map(String::as_str).collect();
+    let _node = Driver::node_joining(&root, "node-x", &eps, 3);
+
+    // One of them leads; the other refuses mutating calls, naming it.
+    poll("a leader", DEADLINE, || !holder(&cluster).is_empty());
+    let leader = holder(&cluster);
+    let follower = ctl
+        .keys()
+        .find(|k| **k != leader)
+        .expect("a follower")
+        .clone();
+    let rt = zebu_testkit::runtime();
+    let refused = rt.block_on(async {
+        let mut c = controller(&ctl[&follower].endpoint).await;
+        c.create_volume(request("refused")).await
+    });
+    let st = refused.expect_err("the follower created a volume");
+    assert_eq!(st.code(), Code::Unavailable, "{st:?}");
+    assert!(st.message().contains(&leader), "{st:?}");
+
+    // Create volumes; kill the leader once two exist.
+    let names: Vec<String> = (0..VOLUMES).map(|i| format!("fo-{i}")).collect();
+    let creator = {
+        let (endpoints, names) = (endpoints.clone(), names.clone());
+        std::thread::spawn(move || {
+            zebu_testkit::runtime().block_on(async {
+                let mut out = Vec::new();
+                for n in &names {
+                    out.push(create_until_done(&endpoints, n).await);
+                }
+                out
+            })
+        })
+    };
+    let store = KubeStore::connect(Some(&cluster.kubeconfig)).expect("store");
+    poll("two volumes", DEADLINE * 2, || {
+        store.list_volumes().map(|v| v.len() >= 2).unwrap_or(false)
+    });
+    ctl.get_mut(&leader).expect("leader").kill();
+    let killed = Instant::now();
+    poll("the follower to take over", DEADLINE, || {
+        holder(&cluster) == follower
+    });
+    let takeover = killed.elapsed();
+    eprintln!("takeover {takeover:?} after SIGKILL of the leader (lease 15 s)");
+    assert!(
+        takeover < Duration::from_secs(60),
+        "the follower took {takeover:?} to take over a 15 s lease"
+    );
+    let created = creator.join().expect("the creating thread");
+
+    // Each name exactly once, each Ready, each with its replicas.
+    let vols = store.list_volumes().expect("list");
+    let mut by_name: BTreeMap<String, usize> = BTreeMap::new();
+    for v in &vols {
+        *by_name.entry(v.value.name.clone()).or_default() += 1;
+    }
+    assert_eq!(
+        by_name.keys().cloned().collect::<Vec<_>>(),
+        names,
+        "volumes in the store: {by_name:?}"
+    );
+    assert!(by_name.values().all(|&n| n == 1), "duplicates: {by_name:?}");
+    for v in &vols {
+        assert_eq!(v.value.num_replicas, 2);
+        assert!(
+            created.iter().any(|c| c.volume_id == v.value.id),
+            "{} was not what CreateVolume returned",
+            v.value.id
+        );
+    }
+    // No replica without its volume, once the new leader has cleaned up.
+    let node_dir = root.join("node-x");
+    poll("replica directories to match the records", DEADLINE, || {
+        let vols = store.list_volumes().unwrap_or_default();
+        let mut want: Vec<(String, String)> = vols
+            .iter()
+            .flat_map(|v| {
+                v.value
+                    .replicas
+                    .iter()
+                    .map(move |r| (v.value.id.clone(), r.id.clone()))
+            })
+            .collect();
+        want.sort();
+        replica_dirs(&node_dir) == want
+    });
+    // And kubectl shows them healthy.
+    poll("every ZebuVolume healthy", DEADLINE, || {
+        let r = run(
+            &mut cluster.kubectl(&[
+                "get",
+                "zebuvolumes",
+                "-o",
+                "jsonpath={range .items[*]}{.status.condition}{\"\\n\"}{end}",
+            ]),
+            SHORT,
+        )
+        .expect_ok();
+        let conds: Vec<&str> = r.stdout.lines().collect();
+        conds.len() == VOLUMES && conds.iter().all(|c| *c == "healthy")
+    });
+
+    // Clean up through the new leader.
+    rt.block_on(async {
+        let mut c = controller(&ctl[&follower].endpoint).await;
+        for v in &created {
+            c.delete_volume(pb::DeleteVolumeRequest {
+                volume_id: v.volume_id.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("delete");
+        }
+    });
+    assert!(store.list_volumes().expect("list").is_empty());
+}
