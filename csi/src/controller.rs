@@ -71,6 +71,9 @@ pub struct ControllerConfig {
     pub scrub_interval: String,
     /// Engine `--scrub-rate` (empty: the engine's default).
     pub scrub_rate: String,
+    /// The token node agents require (`zebu_common::auth`); `None`: agents
+    /// are called without one.
+    pub agent_token: Option<zebu_common::auth::Token>,
 }
 
 impl Default for ControllerConfig {
@@ -82,6 +85,7 @@ impl Default for ControllerConfig {
             replacement_delay: Duration::from_secs(60),
             io_timeout: String::new(),
             scrub_interval: String::new(),
+            agent_token: None,
             scrub_rate: String::new(),
         }
     }
@@ -344,7 +348,7 @@ impl Controller {
     ) -> Self {
         Controller {
             inner: Arc::new(Inner {
-                agents: Agents::new(store.clone()),
+                agents: Agents::new(store.clone(), cfg.agent_token.clone()),
                 store,
                 cfg,
                 ops: InFlight::default(),
@@ -536,7 +540,7 @@ impl Controller {
     /// with `v`'s current replica addresses.
     pub(crate) async fn start_engine(
         &self,
-        agent: &mut zebu_proto::agent::agent_client::AgentClient<tonic::transport::Channel>,
+        agent: &mut agents::AgentConn,
         node: &str,
         v: &VolumeRecord,
     ) -> Result<apb::EngineProcess, Status> {

@@ -17,6 +17,7 @@ use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tonic::transport::Server;
 use zebu_agent::{Agent, AgentConfig};
+use zebu_common::auth::Token;
 use zebu_common::grpc;
 use zebu_csi::controller::{Controller, ControllerConfig, reconcile};
 use zebu_csi::identity::{IdentityService, Readiness};
@@ -87,6 +88,22 @@ struct Common {
     /// State directory (sled store, agent process records, logs).
     #[arg(long, default_value = "/var/lib/zebu")]
     state: PathBuf,
+    /// File holding the bearer token of the node agents' API: a node's agent
+    /// refuses calls without it, a controller presents it. Required by
+    /// controllers on --store kubernetes (mount it from a Secret).
+    #[arg(long, env = "ZEBU_AGENT_TOKEN_FILE")]
+    agent_token_file: Option<PathBuf>,
+}
+
+impl Common {
+    /// The agent token, if a file names one.
+    fn agent_token(&self) -> Result<Option<Token>> {
+        self.agent_token_file
+            .as_deref()
+            .map(Token::from_file)
+            .transpose()
+            .map_err(anyhow::Error::from)
+    }
 }
 
 #[derive(Args, Clone)]
@@ -209,7 +226,7 @@ fn unix_path(endpoint: &str) -> Result<PathBuf> {
     }
 }
 
-fn controller_config(o: &ControllerOpts) -> Result<ControllerConfig> {
+fn controller_config(o: &ControllerOpts, agent_token: Option<Token>) -> Result<ControllerConfig> {
     if o.default_replicas == 0 || o.default_replicas > zebu_csi::controller::MAX_REPLICAS {
         bail!(
             "--default-replicas must be from 1 to {}",
@@ -224,6 +241,7 @@ fn controller_config(o: &ControllerOpts) -> Result<ControllerConfig> {
         io_timeout: o.io_timeout.clone(),
         scrub_interval: o.scrub_interval.clone(),
         scrub_rate: o.scrub_rate.clone(),
+        agent_token,
     })
 }
 
@@ -302,7 +320,19 @@ async fn run(cli: Cli) -> Result<()> {
                 StoreKind::Sled => None,
                 StoreKind::Kubernetes => Some(elect(&a).await?),
             };
-            let ctl = Controller::electing(store.clone(), controller_config(&a.opts)?, leadership);
+            let token = a.common.agent_token()?;
+            if token.is_none() && a.store.store == StoreKind::Kubernetes {
+                bail!(
+                    "a controller in a cluster needs --agent-token-file: the node agents' API \
+                     (which creates processes and deletes data) must not be open to anyone who \
+                     can reach a node"
+                );
+            }
+            let ctl = Controller::electing(
+                store.clone(),
+                controller_config(&a.opts, token)?,
+                leadership,
+            );
             let reconciler = tokio::spawn(reconcile::run(ctl.clone(), a.opts.reconcile_interval));
             let incoming =
                 grpc::bind_unix(&sock).with_context(|| format!("binding {}", sock.display()))?;
@@ -319,11 +349,12 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Mode::Node(a) => {
             let sock = unix_path(&a.common.endpoint)?;
+            let token = a.common.agent_token()?;
             let (agent, listener, node_id) = start_agent(&a.common.state, &a.node).await?;
             let agent_addr = listener.local_addr()?.to_string();
             let agent_server = tokio::spawn(
                 Server::builder()
-                    .add_service(agent.service())
+                    .add_service(agent.service_requiring(token.clone()))
                     .serve_with_incoming(TcpListenerStream::new(listener)),
             );
             let node = NodeService::new(NodeConfig {
@@ -370,12 +401,13 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Mode::Standalone(a) => {
             let sock = unix_path(&a.common.endpoint)?;
+            let token = a.common.agent_token()?;
             let store = open_store(&a.common.state, &a.store)?;
             let (agent, listener, node_id) = start_agent(&a.common.state, &a.node).await?;
             let agent_addr = listener.local_addr()?.to_string();
             let agent_server = tokio::spawn(
                 Server::builder()
-                    .add_service(agent.service())
+                    .add_service(agent.service_requiring(token.clone()))
                     .serve_with_incoming(TcpListenerStream::new(listener)),
             );
             let registry = Registry::new(store.clone());
@@ -401,7 +433,7 @@ async fn run(cli: Cli) -> Result<()> {
                     }
                 }
             });
-            let ctl = Controller::new(store.clone(), controller_config(&a.opts)?);
+            let ctl = Controller::new(store.clone(), controller_config(&a.opts, token)?);
             let reconciler = tokio::spawn(reconcile::run(ctl.clone(), a.opts.reconcile_interval));
             let node = NodeService::new(NodeConfig {
                 node_id: node_id.clone(),

@@ -3,7 +3,8 @@
 //! with UNAVAILABLE. The leader is SIGKILLed while volumes are being
 //! created: the follower takes over, every CreateVolume (retried as the CSI
 //! sidecars retry) succeeds exactly once, no replica is left without its
-//! volume, and `kubectl get zebuvolumes` shows them healthy.
+//! volume, and `kubectl get zebuvolumes` shows them healthy. The node
+//! agent's API refuses callers without the controllers' bearer token.
 
 mod common;
 
@@ -124,9 +125,16 @@ fn the_follower_takes_over_and_every_volume_is_created_once() {
     let tmp = zebu_testkit::tempdir();
     let root = tmp.path().to_owned();
     let _scrub = Scrub(root.clone());
+    let rt = zebu_testkit::runtime();
     let kc = cluster.kubeconfig.to_str().expect("UTF-8 path").to_owned();
+    // The node agent's API is protected; the controllers present the token.
+    let token = root.join("agent-token");
+    std::fs::write(&token, "zebu-test-token-0123456789\n").expect("write the token");
+    let token = token.to_str().expect("UTF-8 path").to_owned();
     let flags = |id: &str| -> Vec<String> {
         [
+            "--agent-token-file",
+            &token,
             "--store",
             "kubernetes",
             "--kubeconfig",
@@ -151,7 +159,31 @@ fn the_follower_takes_over_and_every_volume_is_created_once() {
     ctl.insert("ctl-b".into(), Driver::controller(&root, "ctl-b", &fb));
     let endpoints: Vec<String> = ctl.values().map(|d| d.endpoint.clone()).collect();
     let eps: Vec<&str> = endpoints.iter().map(String::as_str).collect();
-    let _node = Driver::node_joining(&root, "node-x", &eps, 3);
+    let node = Driver::node_joining(&root, "node-x", &eps, 3, &["--agent-token-file", &token]);
+    let agent_addr = node
+        .ready
+        .rsplit_once("agent ")
+        .map(|(_, a)| a.trim().to_owned())
+        .expect("the node's ready line names its agent");
+
+    // The agent refuses callers without the token; the controllers (below)
+    // hold it and are served.
+    for presented in [None, Some("zebu-test-token-0123456789-wrong")] {
+        let st = rt.block_on(async {
+            let ch = zebu_common::grpc::connect(&agent_addr)
+                .await
+                .expect("agent channel");
+            let token = presented.map(|t| zebu_common::auth::Token::parse(t).expect("token"));
+            let mut c = zebu_proto::agent::agent_client::AgentClient::with_interceptor(
+                ch,
+                zebu_common::auth::Present(token),
+            );
+            c.list_replicas(zebu_proto::agent::ListReplicasRequest {})
+                .await
+        });
+        let st = st.expect_err("the agent served a caller without the token");
+        assert_eq!(st.code(), Code::Unauthenticated, "{st:?}");
+    }
 
     // One of them leads; the other refuses mutating calls, naming it.
     poll("a leader", DEADLINE, || !holder(&cluster).is_empty());
@@ -161,7 +193,6 @@ fn the_follower_takes_over_and_every_volume_is_created_once() {
         .find(|k| **k != leader)
         .expect("a follower")
         .clone();
-    let rt = zebu_testkit::runtime();
     let refused = rt.block_on(async {
         let mut c = controller(&ctl[&follower].endpoint).await;
         c.create_volume(request("refused")).await
@@ -266,4 +297,24 @@ fn the_follower_takes_over_and_every_volume_is_created_once() {
         }
     });
     assert!(store.list_volumes().expect("list").is_empty());
+}
+
+#[test]
+fn a_cluster_controller_without_an_agent_token_refuses_to_start() {
+    let _serial = serial();
+    let cluster = zebu_testkit::kube::cluster();
+    let tmp = zebu_testkit::tempdir();
+    let kc = cluster.kubeconfig.to_str().expect("UTF-8 path");
+    let out = std::process::Command::new(csi_bin())
+        .args(["controller", "--store", "kubernetes", "--kubeconfig", kc])
+        .arg("--endpoint")
+        .arg(format!("unix://{}", tmp.path().join("c.sock").display()))
+        .arg("--state")
+        .arg(tmp.path())
+        .env_remove("ZEBU_AGENT_TOKEN_FILE")
+        .output()
+        .expect("run zebu-csi");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("--agent-token-file"), "{stderr}");
 }

@@ -359,6 +359,21 @@ impl Agent {
         AgentServer::new(AgentService::new(self.clone()))
     }
 
+    /// The gRPC service, refusing every call without `token` when one is
+    /// given (see `zebu_common::auth`).
+    pub fn service_requiring(
+        &self,
+        token: Option<zebu_common::auth::Token>,
+    ) -> tonic::service::interceptor::InterceptedService<
+        AgentServer<AgentService>,
+        zebu_common::auth::Require,
+    > {
+        tonic::service::interceptor::InterceptedService::new(
+            self.service(),
+            zebu_common::auth::Require(token),
+        )
+    }
+
     /// Sets the address `GetNode` reports (once the caller bound its server).
     pub fn set_advertise_address(&self, address: impl Into<String>) {
         *lock(&self.inner.advertise) = address.into();

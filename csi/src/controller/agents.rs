@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tonic::Status;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
+use zebu_common::auth::{Present, Token};
 use zebu_proto::agent as apb;
 use zebu_proto::agent::agent_client::AgentClient;
 use zebu_proto::engine::engine_client::EngineClient;
@@ -23,23 +25,29 @@ pub const AGENT_CALL: Duration = Duration::from_secs(120);
 /// Deadline of a quick query (listing, status).
 pub const SHORT_CALL: Duration = Duration::from_secs(10);
 
+/// A client of one node agent, presenting the controller's token.
+pub type AgentConn = AgentClient<InterceptedService<Channel, Present>>;
+
 /// Agent clients by node id.
 pub struct Agents {
     store: Arc<dyn Store>,
     channels: Mutex<HashMap<String, Channel>>,
+    token: Present,
 }
 
 impl Agents {
-    /// A pool resolving node ids through `store`.
-    pub fn new(store: Arc<dyn Store>) -> Self {
+    /// A pool resolving node ids through `store`, presenting `token` (when
+    /// given) on every call.
+    pub fn new(store: Arc<dyn Store>, token: Option<Token>) -> Self {
         Agents {
             store,
             channels: Mutex::new(HashMap::new()),
+            token: Present(token),
         }
     }
 
     /// A client for the agent of `node`.
-    pub async fn client(&self, node: &str) -> Result<AgentClient<Channel>, Status> {
+    pub async fn client(&self, node: &str) -> Result<AgentConn, Status> {
         let rec = self
             .store
             .get_node(node)
@@ -76,7 +84,8 @@ impl Agents {
                 ch
             }
         };
-        Ok(AgentClient::new(ch).max_decoding_message_size(zebu_proto::MAX_MESSAGE_BYTES))
+        Ok(AgentClient::with_interceptor(ch, self.token.clone())
+            .max_decoding_message_size(zebu_proto::MAX_MESSAGE_BYTES))
     }
 
     /// Every replica process the agent of `node` holds.

@@ -74,7 +74,7 @@ impl Driver {
 
     /// Starts `zebu-csi node` joining the controller at `controller`.
     pub fn node(root: &Path, node_id: &str, controller: &str) -> Driver {
-        Driver::node_joining(root, node_id, &[controller], 1)
+        Driver::node_joining(root, node_id, &[controller], 1, &[])
     }
 
     /// Starts `zebu-csi controller NAME` under `root` with `extra` flags.
@@ -93,9 +93,15 @@ impl Driver {
         Driver::spawn(&args, socket, name, &root.join(format!("{name}.log")))
     }
 
-    /// Starts `zebu-csi node` with `disks` disks, heartbeating to every
-    /// controller of `controllers`.
-    pub fn node_joining(root: &Path, node_id: &str, controllers: &[&str], disks: usize) -> Driver {
+    /// Starts `zebu-csi node` with `disks` disks and `extra` flags,
+    /// heartbeating to every controller of `controllers`.
+    pub fn node_joining(
+        root: &Path,
+        node_id: &str,
+        controllers: &[&str],
+        disks: usize,
+        extra: &[&str],
+    ) -> Driver {
         let dir = root.join(node_id);
         let socket = dir.join("csi.sock");
         let mut args: Vec<String> = vec![
@@ -120,6 +126,7 @@ impl Driver {
             args.push("--controller".into());
             args.push(c.to_string());
         }
+        args.extend(extra.iter().map(|s| s.to_string()));
         Driver::spawn(&args, socket, node_id, &root.join(format!("{node_id}.log")))
     }
 
