@@ -7,7 +7,6 @@
 //! - [`attach`]: the node side — attach an NBD export as a block device
 //!   (Zebu's FUSE bridge + loop), make a filesystem only if blank, mount / bind /
 //!   unmount, grow, volume statistics.
-//! - [`crd`]: the custom resources of the cluster store (`--store kubernetes`).
 //! - [`controller`]: the CSI Controller service, replica placement, the
 //!   reconcile loop.
 //! - [`identity`]: the CSI Identity service.
@@ -18,7 +17,6 @@
 
 pub mod attach;
 pub mod controller;
-pub mod crd;
 pub mod identity;
 pub mod inflight;
 pub mod leader;

@@ -396,7 +396,7 @@ async fn run(cli: Cli) -> Result<()> {
             agent.shutdown().await;
         }
         Mode::Crds => {
-            let yaml = zebu_csi::crd::definitions_yaml().map_err(anyhow::Error::msg)?;
+            let yaml = zebu_csi::store::crd::definitions_yaml().map_err(anyhow::Error::msg)?;
             print!("{yaml}");
         }
         Mode::Standalone(a) => {

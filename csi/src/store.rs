@@ -7,7 +7,7 @@
 //! for optimistic concurrency. That is the shape of a Kubernetes custom
 //! resource (whole-object read/replace, `resourceVersion`): [`SledStore`] is
 //! the embedded backend (standalone mode), [`KubeStore`] keeps each record as
-//! a custom resource of [`crate::crd`] in a cluster.
+//! a custom resource of [`crd`] in a cluster.
 //!
 //! # Versions and optimistic concurrency
 //!
@@ -85,6 +85,7 @@ macro_rules! store_by_kind {
 }
 use store_by_kind;
 
+pub mod crd;
 mod kube_backend;
 mod sled_backend;
 

@@ -1,4 +1,4 @@
-//! [`KubeStore`]: the state store on the custom resources of [`crate::crd`],
+//! [`KubeStore`]: the state store on the custom resources of [`crd`](super::crd),
 //! for a driver that runs in a Kubernetes cluster.
 //!
 //! Each record is the `spec` of one cluster-scoped object named by the
@@ -15,7 +15,7 @@
 //!   writer writes its own) and the put returns the spec's version, so the
 //!   caller's next write conflicts and re-reads.
 //! - A [`ZebuVolume`] that owns replicas carries
-//!   [`REPLICAS_FINALIZER`](crate::crd::REPLICAS_FINALIZER): deleting it
+//!   [`REPLICAS_FINALIZER`](crate::store::crd::REPLICAS_FINALIZER): deleting it
 //!   any other way than through this store (`kubectl delete`) leaves it in
 //!   place, marked for deletion, until Zebu has removed its replicas.
 //! - The trait is synchronous; the calls run on a small runtime of the
@@ -37,7 +37,7 @@ use serde::de::DeserializeOwned;
 use super::{
     Kind, NodeRecord, Record, Result, SnapshotRecord, StoreError, Versioned, VolumeRecord,
 };
-use crate::crd::{
+use crate::store::crd::{
     REPLICAS_FINALIZER, ZebuNode, ZebuNodeSpec, ZebuSnapshot, ZebuSnapshotSpec, ZebuVolume,
     ZebuVolumeSpec,
 };
