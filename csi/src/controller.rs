@@ -23,6 +23,7 @@
 
 pub mod agents;
 pub mod copy;
+pub mod events;
 pub mod placement;
 pub mod reconcile;
 mod rpc;
@@ -106,6 +107,8 @@ struct Inner {
     /// The lease this controller campaigns for; `None`: it always leads
     /// (one controller, as in standalone mode).
     leadership: Option<crate::leader::Leadership>,
+    /// Where volume events go (`None`: only the log).
+    events: Option<Arc<dyn events::EventSink>>,
 }
 
 /// A CSI operation's hold on a key: its in-flight entry (a second CSI call
@@ -335,16 +338,18 @@ fn page<T>(
 impl Controller {
     /// A controller over `store` that always leads.
     pub fn new(store: Arc<dyn Store>, cfg: ControllerConfig) -> Self {
-        Self::electing(store, cfg, None)
+        Self::electing(store, cfg, None, None)
     }
 
     /// A controller over `store` that leads only while `leadership` says so:
     /// it then reconciles and serves mutating calls; otherwise those answer
-    /// UNAVAILABLE and the reconcile loop idles.
+    /// UNAVAILABLE and the reconcile loop idles. Volume events go to
+    /// `events` too.
     pub fn electing(
         store: Arc<dyn Store>,
         cfg: ControllerConfig,
         leadership: Option<crate::leader::Leadership>,
+        events: Option<Arc<dyn events::EventSink>>,
     ) -> Self {
         Controller {
             inner: Arc::new(Inner {
@@ -354,7 +359,16 @@ impl Controller {
                 ops: InFlight::default(),
                 locks: std::sync::Mutex::new(HashMap::new()),
                 leadership,
+                events,
             }),
+        }
+    }
+
+    /// Tells the event sink, if any, that `event` happened to `volume`.
+    pub(crate) fn event(&self, volume: &str, event: events::VolumeEvent, note: String) {
+        tracing::info!(volume = %volume, event = ?event, "{note}");
+        if let Some(sink) = &self.inner.events {
+            sink.volume_event(volume, event, note);
         }
     }
 

@@ -19,6 +19,7 @@ use tonic::transport::Server;
 use zebu_agent::{Agent, AgentConfig};
 use zebu_common::auth::Token;
 use zebu_common::grpc;
+use zebu_csi::controller::events::{EventSink, KubeEvents};
 use zebu_csi::controller::{Controller, ControllerConfig, reconcile};
 use zebu_csi::identity::{IdentityService, Readiness};
 use zebu_csi::leader::{ElectionConfig, Leadership};
@@ -315,11 +316,6 @@ async fn run(cli: Cli) -> Result<()> {
     match cli.mode {
         Mode::Controller(a) => {
             let sock = unix_path(&a.common.endpoint)?;
-            let store = open_store(&a.common.state, &a.store)?;
-            let leadership = match a.store.store {
-                StoreKind::Sled => None,
-                StoreKind::Kubernetes => Some(elect(&a).await?),
-            };
             let token = a.common.agent_token()?;
             if token.is_none() && a.store.store == StoreKind::Kubernetes {
                 bail!(
@@ -328,10 +324,19 @@ async fn run(cli: Cli) -> Result<()> {
                      can reach a node"
                 );
             }
+            let store = open_store(&a.common.state, &a.store)?;
+            let (leadership, events) = match a.store.store {
+                StoreKind::Sled => (None, None),
+                StoreKind::Kubernetes => {
+                    let (l, e) = elect(&a).await?;
+                    (Some(l), Some(e))
+                }
+            };
             let ctl = Controller::electing(
                 store.clone(),
                 controller_config(&a.opts, token)?,
                 leadership,
+                events,
             );
             let reconciler = tokio::spawn(reconcile::run(ctl.clone(), a.opts.reconcile_interval));
             let incoming =
@@ -433,7 +438,21 @@ async fn run(cli: Cli) -> Result<()> {
                     }
                 }
             });
-            let ctl = Controller::new(store.clone(), controller_config(&a.opts, token)?);
+            let events: Option<Arc<dyn EventSink>> = match a.store.store {
+                StoreKind::Sled => None,
+                StoreKind::Kubernetes => {
+                    let client = zebu_csi::store::kube_client(a.store.kubeconfig.as_deref())
+                        .await
+                        .context("connecting to the Kubernetes API for events")?;
+                    Some(Arc::new(KubeEvents::new(client, &node_id)))
+                }
+            };
+            let ctl = Controller::electing(
+                store.clone(),
+                controller_config(&a.opts, token)?,
+                None,
+                events,
+            );
             let reconciler = tokio::spawn(reconcile::run(ctl.clone(), a.opts.reconcile_interval));
             let node = NodeService::new(NodeConfig {
                 node_id: node_id.clone(),
@@ -464,8 +483,9 @@ async fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
-/// Starts campaigning for the controllers' Lease.
-async fn elect(a: &ControllerArgs) -> Result<Leadership> {
+/// Starts campaigning for the controllers' Lease; returns the candidate and
+/// where its volume events go.
+async fn elect(a: &ControllerArgs) -> Result<(Leadership, Arc<dyn EventSink>)> {
     let client = zebu_csi::store::kube_client(a.store.kubeconfig.as_deref())
         .await
         .context("connecting to the Kubernetes API for leader election")?;
@@ -481,7 +501,8 @@ async fn elect(a: &ControllerArgs) -> Result<Leadership> {
     };
     let cfg = ElectionConfig::new(&a.leader_election_namespace, LEASE_NAME, &identity);
     tracing::info!(identity = %identity, namespace = %cfg.namespace, lease = LEASE_NAME, "campaigning for the controller lease");
-    Ok(Leadership::start(client, cfg))
+    let events: Arc<dyn EventSink> = Arc::new(KubeEvents::new(client.clone(), &identity));
+    Ok((Leadership::start(client, cfg), events))
 }
 
 /// The Lease controllers elect their leader on.

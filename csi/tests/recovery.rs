@@ -82,13 +82,65 @@ fn placement_nodes(v: &pb::Volume) -> Vec<String> {
 #[test]
 fn a_replica_on_a_lost_node_is_replaced_elsewhere_and_rebuilt() {
     let _serial = serial();
+    lost_node(&["--replica-replacement-delay", "1s"], None);
+}
+
+/// The same on the Kubernetes store: the `ZebuVolume` says degraded, then
+/// healthy, and Events say what happened.
+#[test]
+fn on_the_kubernetes_store_a_lost_node_shows_in_status_and_events() {
+    let _serial = serial();
+    let cluster = zebu_testkit::kube::cluster();
+    clear_kube_store(&cluster.kubeconfig);
+    let kc = cluster.kubeconfig.to_str().expect("UTF-8 path").to_owned();
+    lost_node(
+        &[
+            "--replica-replacement-delay",
+            "8s",
+            "--store",
+            "kubernetes",
+            "--kubeconfig",
+            &kc,
+        ],
+        Some(&cluster),
+    );
+}
+
+/// `kubectl get zebuvolume ID` field at `path`.
+fn zv_field(cluster: &zebu_testkit::kube::Cluster, id: &str, path: &str) -> String {
+    let r = zebu_testkit::run(
+        &mut cluster.kubectl(&["get", "zebuvolume", id, "-o", &format!("jsonpath={path}")]),
+        zebu_testkit::SHORT,
+    );
+    r.stdout.trim().to_owned()
+}
+
+/// The reasons of the Events about volume `id`.
+fn event_reasons(cluster: &zebu_testkit::kube::Cluster, id: &str) -> Vec<String> {
+    let r = zebu_testkit::run(
+        &mut cluster.kubectl(&[
+            "get",
+            "events",
+            "-A",
+            "--field-selector",
+            &format!("involvedObject.name={id}"),
+            "-o",
+            "jsonpath={range .items[*]}{.reason}{\"\\n\"}{end}",
+        ]),
+        zebu_testkit::SHORT,
+    )
+    .expect_ok();
+    r.stdout.lines().map(str::to_owned).collect()
+}
+
+fn lost_node(extra: &[&str], kube: Option<&zebu_testkit::kube::Cluster>) {
     require_node_tools();
     require_data_path_bins();
     let tmp = tempdir();
     let root = tmp.path().to_owned();
     let _scrub = Scrub(root.clone());
     let rt = rt();
-    let standalone = Driver::standalone(&root, "node-1", 1, &["--replica-replacement-delay", "1s"]);
+    let standalone = Driver::standalone(&root, "node-1", 1, extra);
     let ep = standalone.endpoint.clone();
     let mut others: Vec<Driver> = ["node-2", "node-3", "node-4"]
         .iter()
@@ -139,6 +191,13 @@ fn a_replica_on_a_lost_node_is_replaced_elsewhere_and_rebuilt() {
         }
         // Writes go on with two replicas.
         write_file(&target_path.join("b"), &pattern(2, 2 << 20));
+        if let Some(c) = kube {
+            poll(
+                "the ZebuVolume to say degraded",
+                Duration::from_secs(120),
+                || zv_field(c, &v, "{.status.condition}") == "degraded",
+            );
+        }
 
         // After the replacement delay the controller places a new replica on
         // the spare node and the engine rebuilds it.
@@ -172,6 +231,25 @@ fn a_replica_on_a_lost_node_is_replaced_elsewhere_and_rebuilt() {
             std::fs::read(target_path.join("b")).expect("read b"),
             pattern(2, 2 << 20)
         );
+        if let Some(c) = kube {
+            poll(
+                "the ZebuVolume to say healthy",
+                Duration::from_secs(120),
+                || zv_field(c, &v, "{.status.condition}") == "healthy",
+            );
+            let nodes = zv_field(c, &v, "{.status.replicas[*].node}");
+            assert!(!nodes.contains(victim_name.as_str()), "{nodes}");
+            poll(
+                "the events of the loss, replacement and rebuild",
+                Duration::from_secs(60),
+                || {
+                    let reasons = event_reasons(c, &v);
+                    ["ReplicaLost", "ReplicaReplaced", "Rebuilt"]
+                        .iter()
+                        .all(|r| reasons.iter().any(|x| x == r))
+                },
+            );
+        }
         detach_and_delete(&ep, &a).await;
     });
     // Nothing of the volume is left on the live nodes.

@@ -29,7 +29,7 @@ modprobe fuse 2>/dev/null || true
 modprobe loop 2>/dev/null || true
 
 say "building zebu-csi, zebu, zebu-replica and zebu-engine (release)"
-cargo build --release -q -p zebu-csi -p zebu-replica -p zebu-engine
+cargo build --release -q -p zebu-csi -p zebu-cli -p zebu-nbd-fuse -p zebu-replica -p zebu-engine
 bin=$root/target/release
 export PATH=$bin:$PATH
 export ZEBU_ENDPOINT=unix:///run/zebu/csi.sock

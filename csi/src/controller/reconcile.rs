@@ -28,6 +28,7 @@ use zebu_proto::agent as apb;
 use zebu_proto::engine as epb;
 
 use super::agents::{AGENT_CALL, engine, with_deadline};
+use super::events::VolumeEvent;
 use super::{Controller, placement};
 use crate::store::{ReplicaRecord, ReplicaState, VolumeRecord, VolumeStatus};
 
@@ -179,11 +180,26 @@ async fn volume(
                     ReplicaState::Ready
                 };
                 if r.state != state {
-                    ctl.update_volume(&v.id, |rec| {
+                    let rec = ctl.update_volume(&v.id, |rec| {
                         if let Some(x) = rec.replicas.iter_mut().find(|x| x.id == r.id) {
                             x.state = state;
                         }
                     })?;
+                    if state == ReplicaState::Ready && r.state != ReplicaState::Pending {
+                        let ready = rec
+                            .replicas
+                            .iter()
+                            .filter(|x| x.state == ReplicaState::Ready)
+                            .count();
+                        ctl.event(
+                            &v.id,
+                            VolumeEvent::Rebuilt,
+                            format!(
+                                "replica {} on node {} is in sync and serves again; {ready} of {} replicas ready",
+                                r.id, r.node, rec.num_replicas
+                            ),
+                        );
+                    }
                 }
             }
             (_, true) => {
@@ -206,6 +222,24 @@ async fn volume(
                 })?;
             }
             (_, false) => {
+                if r.state != ReplicaState::Failed {
+                    ctl.update_volume(&v.id, |rec| {
+                        if let Some(x) = rec.replicas.iter_mut().find(|x| x.id == r.id) {
+                            x.state = ReplicaState::Failed;
+                        }
+                    })?;
+                    ctl.event(
+                        &v.id,
+                        VolumeEvent::ReplicaLost,
+                        format!(
+                            "replica {} on node {} does not answer: the volume is degraded; \
+                             it is replaced elsewhere unless it is back within {:?}",
+                            r.id,
+                            r.node,
+                            ctl.config().replacement_delay
+                        ),
+                    );
+                }
                 let since = *down_since.entry(r.id.clone()).or_insert_with(Instant::now);
                 if since.elapsed() >= ctl.config().replacement_delay {
                     replace(ctl, &v, &r, &mut eng).await?;
@@ -275,7 +309,14 @@ async fn replace(
         address: String::new(),
         state: ReplicaState::Pending,
     };
-    tracing::info!(volume = %v.id, old = %old.id, new = %new.id, node = %node, "replacing a lost replica");
+    ctl.event(
+        &v.id,
+        VolumeEvent::ReplicaReplaced,
+        format!(
+            "replica {} on node {} was lost; replaced by {} on node {node}, rebuilding from the healthy replicas",
+            old.id, old.node, new.id
+        ),
+    );
     // Record the new replica before creating it, so a crash here leaves a
     // record the next pass can finish rather than an orphan process.
     let rec = ctl.update_volume(&v.id, |rec| {
@@ -289,6 +330,13 @@ async fn replace(
         .find(|r| r.id == new.id)
         .map(|r| r.address.clone())
         .unwrap_or_default();
+    // It holds nothing yet: rebuilding until the engine has it in sync
+    // (a later pass sees it read-write and says it is rebuilt).
+    ctl.update_volume(&v.id, |rec| {
+        if let Some(x) = rec.replicas.iter_mut().find(|x| x.id == new.id) {
+            x.state = ReplicaState::Rebuilding;
+        }
+    })?;
     eng.add_replica(with_deadline(
         epb::AddReplicaRequest {
             address: addr,
