@@ -180,10 +180,15 @@ struct NodeArgs {
     common: Common,
     #[command(flatten)]
     node: NodeOpts,
+    /// Where the node registers: with --store kubernetes it writes its
+    /// ZebuNode itself (and needs --agent-token-file); with sled (the
+    /// default) it heartbeats to every --controller.
+    #[command(flatten)]
+    store: StoreOpts,
     /// A controller's CSI endpoint (its node registry), unix:///path; repeat
     /// it for every controller of an election, so whichever leads knows the
     /// node.
-    #[arg(long, required = true)]
+    #[arg(long)]
     controller: Vec<String>,
 }
 
@@ -355,6 +360,19 @@ async fn run(cli: Cli) -> Result<()> {
         Mode::Node(a) => {
             let sock = unix_path(&a.common.endpoint)?;
             let token = a.common.agent_token()?;
+            match a.store.store {
+                StoreKind::Sled if a.controller.is_empty() => {
+                    bail!(
+                        "a node needs --controller (its controller's socket), or --store kubernetes"
+                    )
+                }
+                StoreKind::Kubernetes if token.is_none() => bail!(
+                    "a node in a cluster needs --agent-token-file: its agent's API (which \
+                     creates processes and deletes data) must not be open to anyone who can \
+                     reach the node"
+                ),
+                _ => {}
+            }
             let (agent, listener, node_id) = start_agent(&a.common.state, &a.node).await?;
             let agent_addr = listener.local_addr()?.to_string();
             let agent_server = tokio::spawn(
@@ -368,9 +386,28 @@ async fn run(cli: Cli) -> Result<()> {
                 state_dir: a.common.state.join("node"),
             });
             let controllers = a.controller.clone();
+            // Registration: straight into the cluster's store, or through
+            // the controllers' registries.
+            let registry = match a.store.store {
+                StoreKind::Kubernetes => {
+                    Some(Registry::new(open_store(&a.common.state, &a.store)?))
+                }
+                StoreKind::Sled => None,
+            };
             let (hb_agent, hb_ready) = (agent.clone(), readiness.clone());
             let heartbeat = tokio::spawn(async move {
                 loop {
+                    if let Some(registry) = &registry {
+                        match hb_agent.node_info().await {
+                            Ok(info) => match registry.record(&info) {
+                                Ok(()) => hb_ready.set_ready(),
+                                Err(s) => {
+                                    tracing::warn!(error = %s.message(), "recording this node failed")
+                                }
+                            },
+                            Err(e) => tracing::warn!(error = %e, "reading the node's disks failed"),
+                        }
+                    }
                     for controller in &controllers {
                         match heartbeat(controller, &hb_agent).await {
                             Ok(()) => hb_ready.set_ready(),

@@ -4,7 +4,8 @@
 //! created: the follower takes over, every CreateVolume (retried as the CSI
 //! sidecars retry) succeeds exactly once, no replica is left without its
 //! volume, and `kubectl get zebuvolumes` shows them healthy. The node
-//! agent's API refuses callers without the controllers' bearer token.
+//! agent's API refuses callers without the controllers' bearer token; the
+//! node registers itself in the cluster (its `ZebuNode`).
 
 mod common;
 
@@ -158,8 +159,22 @@ fn the_follower_takes_over_and_every_volume_is_created_once() {
     ctl.insert("ctl-a".into(), Driver::controller(&root, "ctl-a", &fa));
     ctl.insert("ctl-b".into(), Driver::controller(&root, "ctl-b", &fb));
     let endpoints: Vec<String> = ctl.values().map(|d| d.endpoint.clone()).collect();
-    let eps: Vec<&str> = endpoints.iter().map(String::as_str).collect();
-    let node = Driver::node_joining(&root, "node-x", &eps, 3, &["--agent-token-file", &token]);
+    // The node registers itself in the cluster (its ZebuNode), not through
+    // a controller's socket: whichever controller leads finds it there.
+    let node = Driver::node_joining(
+        &root,
+        "node-x",
+        &[],
+        3,
+        &[
+            "--agent-token-file",
+            &token,
+            "--store",
+            "kubernetes",
+            "--kubeconfig",
+            &kc,
+        ],
+    );
     let agent_addr = node
         .ready
         .rsplit_once("agent ")
