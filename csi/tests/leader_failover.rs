@@ -132,49 +132,35 @@ fn the_follower_takes_over_and_every_volume_is_created_once() {
     let token = root.join("agent-token");
     std::fs::write(&token, "zebu-test-token-0123456789\n").expect("write the token");
     let token = token.to_str().expect("UTF-8 path").to_owned();
-    let flags = |id: &str| -> Vec<String> {
-        [
-            "--agent-token-file",
-            &token,
-            "--store",
-            "kubernetes",
-            "--kubeconfig",
-            &kc,
+    // What every process of the cluster is given.
+    let cluster_flags = [
+        "--agent-token-file",
+        token.as_str(),
+        "--store",
+        "kubernetes",
+        "--kubeconfig",
+        kc.as_str(),
+    ];
+    let start_controller = |id: &str| {
+        let mut flags = cluster_flags.to_vec();
+        flags.extend([
             "--leader-election-namespace",
             NAMESPACE,
             "--leader-election-identity",
             id,
             "--reconcile-interval",
             "1s",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .collect()
+        ]);
+        Driver::controller(&root, id, &flags)
     };
-    let fa = flags("ctl-a");
-    let fb = flags("ctl-b");
-    let fa: Vec<&str> = fa.iter().map(String::as_str).collect();
-    let fb: Vec<&str> = fb.iter().map(String::as_str).collect();
     let mut ctl: BTreeMap<String, Driver> = BTreeMap::new();
-    ctl.insert("ctl-a".into(), Driver::controller(&root, "ctl-a", &fa));
-    ctl.insert("ctl-b".into(), Driver::controller(&root, "ctl-b", &fb));
+    for id in ["ctl-a", "ctl-b"] {
+        ctl.insert(id.into(), start_controller(id));
+    }
     let endpoints: Vec<String> = ctl.values().map(|d| d.endpoint.clone()).collect();
     // The node registers itself in the cluster (its ZebuNode), not through
     // a controller's socket: whichever controller leads finds it there.
-    let node = Driver::node_joining(
-        &root,
-        "node-x",
-        &[],
-        3,
-        &[
-            "--agent-token-file",
-            &token,
-            "--store",
-            "kubernetes",
-            "--kubeconfig",
-            &kc,
-        ],
-    );
+    let node = Driver::node_joining(&root, "node-x", &[], 3, &cluster_flags);
     let agent_addr = node
         .ready
         .rsplit_once("agent ")

@@ -205,7 +205,7 @@ impl KubeStore {
             None => "the cluster (in-cluster or default kubeconfig)".to_owned(),
         };
         let config_path = path.clone();
-        let client = run_on(&runtime, async move {
+        let client = run_on(&runtime, "connecting", &location, async move {
             kube_client(config_path.as_deref()).await
         })?;
         let store = KubeStore {
@@ -223,47 +223,9 @@ impl KubeStore {
         let c = self.client.clone();
         let location = self.location.clone();
         self.block("checking the custom resources", async move {
-            for (plural, probe) in [
-                (
-                    "zebuvolumes",
-                    Api::<ZebuVolume>::all(c.clone())
-                        .list(&ListParams::default().limit(1))
-                        .await
-                        .map(|_| ()),
-                ),
-                (
-                    "zebusnapshots",
-                    Api::<ZebuSnapshot>::all(c.clone())
-                        .list(&ListParams::default().limit(1))
-                        .await
-                        .map(|_| ()),
-                ),
-                (
-                    "zebunodes",
-                    Api::<ZebuNode>::all(c.clone())
-                        .list(&ListParams::default().limit(1))
-                        .await
-                        .map(|_| ()),
-                ),
-            ] {
-                match probe.map_err(classify) {
-                    Ok(()) => {}
-                    Err(Failure::NotFound) => {
-                        return Err(StoreError::Backend(format!(
-                            "{location} has no {plural}.zebu.csi.dev resource: install Zebu's \
-                             custom resources first (kubectl apply -f deploy/kubernetes/crds/, \
-                             or zebu-csi crds | kubectl apply -f -)"
-                        )));
-                    }
-                    Err(Failure::Conflict) => {}
-                    Err(Failure::Other(e)) => {
-                        return Err(StoreError::Backend(format!(
-                            "cannot list {plural} in {location}: {e}"
-                        )));
-                    }
-                }
-            }
-            Ok(())
+            probe::<ZebuVolume>(&c, &location).await?;
+            probe::<ZebuSnapshot>(&c, &location).await?;
+            probe::<ZebuNode>(&c, &location).await
         })
     }
 
@@ -277,14 +239,7 @@ impl KubeStore {
         let Some(rt) = &self.runtime else {
             return Err(StoreError::Backend("the store is shut down".into()));
         };
-        run_on(rt, f).map_err(|e| match e {
-            StoreError::Backend(m) if m == TIMED_OUT => StoreError::Backend(format!(
-                "{what}: {} did not answer within {:?}",
-                self.location,
-                CALL_TIMEOUT * 4
-            )),
-            other => other,
-        })
+        run_on(rt, what, &self.location, f)
     }
 
     fn get<R: Backed>(&self, key: &str) -> Result<Option<Versioned<R>>> {
@@ -460,20 +415,47 @@ pub async fn kube_client(kubeconfig: Option<&Path>) -> Result<Client> {
         .map_err(|e| StoreError::Backend(format!("cannot create the API client: {e}")))
 }
 
-const TIMED_OUT: &str = "timed out";
-
-/// Runs `f` on `rt` and waits for it from this thread, whichever runtime
-/// (if any) this thread belongs to.
+/// Runs `f` (`what`, against `location`) on `rt` and waits for it from this
+/// thread, whichever runtime (if any) this thread belongs to; a few calls
+/// at most, so bounded by four call timeouts.
 fn run_on<T: Send + 'static>(
     rt: &tokio::runtime::Runtime,
+    what: &str,
+    location: &str,
     f: impl Future<Output = Result<T>> + Send + 'static,
 ) -> Result<T> {
+    let limit = CALL_TIMEOUT * 4;
     let (tx, rx) = std::sync::mpsc::channel();
     rt.spawn(async move {
         let _ = tx.send(f.await);
     });
-    rx.recv_timeout(CALL_TIMEOUT * 4)
-        .unwrap_or_else(|_| Err(StoreError::Backend(TIMED_OUT.into())))
+    rx.recv_timeout(limit).unwrap_or_else(|_| {
+        Err(StoreError::Backend(format!(
+            "{what}: {location} did not answer within {limit:?}"
+        )))
+    })
+}
+
+/// Fails with how to install them when the API server has no resource `K`.
+async fn probe<K>(client: &Client, location: &str) -> Result<()>
+where
+    K: Resource<DynamicType = (), Scope = ClusterResourceScope> + Clone + Debug + DeserializeOwned,
+{
+    let plural = K::plural(&());
+    match call(Api::<K>::all(client.clone()).list(&ListParams::default().limit(1)))
+        .await
+        .map_err(classify)
+    {
+        Ok(_) | Err(Failure::Conflict) => Ok(()),
+        Err(Failure::NotFound) => Err(StoreError::Backend(format!(
+            "{location} has no {plural}.zebu.csi.dev resource: install Zebu's custom \
+             resources first (kubectl apply -f deploy/kubernetes/crds/, or zebu-csi crds | \
+             kubectl apply -f -)"
+        ))),
+        Err(Failure::Other(e)) => Err(StoreError::Backend(format!(
+            "cannot list {plural} in {location}: {e}"
+        ))),
+    }
 }
 
 /// One API call, bounded by [`CALL_TIMEOUT`].
