@@ -109,6 +109,20 @@ struct Inner {
     leadership: Option<crate::leader::Leadership>,
     /// Where volume events go (`None`: only the log).
     events: Option<Arc<dyn events::EventSink>>,
+    /// The nodes' Leases (`None`: nodes are judged by their agents alone).
+    node_leases: Option<crate::node_lease::NodeLeases>,
+}
+
+/// What a controller in a cluster has besides its store: the election it
+/// takes part in, where its events go, the nodes' Leases.
+#[derive(Default)]
+pub struct ClusterParts {
+    /// The lease this controller campaigns for (`None`: it always leads).
+    pub leadership: Option<crate::leader::Leadership>,
+    /// Where volume events go (`None`: only the log).
+    pub events: Option<Arc<dyn events::EventSink>>,
+    /// The nodes' Leases (`None`: nodes are judged by their agents alone).
+    pub node_leases: Option<crate::node_lease::NodeLeases>,
 }
 
 /// A CSI operation's hold on a key: its in-flight entry (a second CSI call
@@ -338,19 +352,19 @@ fn page<T>(
 impl Controller {
     /// A controller over `store` that always leads.
     pub fn new(store: Arc<dyn Store>, cfg: ControllerConfig) -> Self {
-        Self::electing(store, cfg, None, None)
+        Self::in_cluster(store, cfg, ClusterParts::default())
     }
 
-    /// A controller over `store` that leads only while `leadership` says so:
-    /// it then reconciles and serves mutating calls; otherwise those answer
-    /// UNAVAILABLE and the reconcile loop idles. Volume events go to
-    /// `events` too.
-    pub fn electing(
-        store: Arc<dyn Store>,
-        cfg: ControllerConfig,
-        leadership: Option<crate::leader::Leadership>,
-        events: Option<Arc<dyn events::EventSink>>,
-    ) -> Self {
+    /// A controller over `store` that leads only while `parts.leadership`
+    /// says so: it then reconciles and serves mutating calls; otherwise
+    /// those answer UNAVAILABLE and the reconcile loop idles. Volume events
+    /// go to `parts.events` too; nodes are judged lost by their Leases.
+    pub fn in_cluster(store: Arc<dyn Store>, cfg: ControllerConfig, parts: ClusterParts) -> Self {
+        let ClusterParts {
+            leadership,
+            events,
+            node_leases,
+        } = parts;
         Controller {
             inner: Arc::new(Inner {
                 agents: Agents::new(store.clone(), cfg.agent_token.clone()),
@@ -360,8 +374,21 @@ impl Controller {
                 locks: std::sync::Mutex::new(HashMap::new()),
                 leadership,
                 events,
+                node_leases,
             }),
         }
+    }
+
+    /// What the nodes' Leases say about `node`.
+    pub(crate) fn node_state(&self, node: &str) -> crate::node_lease::NodeState {
+        self.inner
+            .node_leases
+            .as_ref()
+            .map_or(crate::node_lease::NodeState::Unknown, |l| l.state(node))
+    }
+
+    pub(crate) fn node_leases(&self) -> Option<&crate::node_lease::NodeLeases> {
+        self.inner.node_leases.as_ref()
     }
 
     /// Tells the event sink, if any, that `event` happened to `volume`.
@@ -469,6 +496,10 @@ impl Controller {
         let vols = self.store().list_volumes().map_err(store_status)?;
         let mut out = Vec::new();
         for n in nodes {
+            if let crate::node_lease::NodeState::Lost(_) = self.node_state(&n.value.node_id) {
+                // Nothing new goes to a node that stopped renewing its Lease.
+                continue;
+            }
             for d in &n.value.disks {
                 let allocated = vols
                     .iter()

@@ -21,5 +21,6 @@ pub mod identity;
 pub mod inflight;
 pub mod leader;
 pub mod node;
+pub mod node_lease;
 pub mod registry;
 pub mod store;

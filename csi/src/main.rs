@@ -19,11 +19,12 @@ use tonic::transport::Server;
 use zebu_agent::{Agent, AgentConfig};
 use zebu_common::auth::Token;
 use zebu_common::grpc;
-use zebu_csi::controller::events::{EventSink, KubeEvents};
-use zebu_csi::controller::{Controller, ControllerConfig, reconcile};
+use zebu_csi::controller::events::KubeEvents;
+use zebu_csi::controller::{ClusterParts, Controller, ControllerConfig, reconcile};
 use zebu_csi::identity::{IdentityService, Readiness};
 use zebu_csi::leader::{ElectionConfig, Leadership};
 use zebu_csi::node::{NodeConfig, NodeService};
+use zebu_csi::node_lease::{self, NodeLeases};
 use zebu_csi::registry::Registry;
 use zebu_csi::store::{KubeStore, SledStore, Store};
 use zebu_proto::agent::registry_client::RegistryClient;
@@ -75,6 +76,10 @@ struct StoreOpts {
     /// service account, $KUBECONFIG or ~/.kube/config.
     #[arg(long)]
     kubeconfig: Option<PathBuf>,
+    /// With --store kubernetes: the driver's namespace, where its Leases
+    /// live (the controllers' election, the nodes' heartbeats).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "zebu-system")]
+    namespace: String,
 }
 
 #[derive(Args)]
@@ -155,6 +160,12 @@ struct NodeOpts {
     /// Most volumes attached to this node at once.
     #[arg(long, default_value_t = 64)]
     max_volumes: u64,
+    /// With --store kubernetes: how long this node's heartbeat Lease lasts
+    /// without renewal (renewed four times per duration); a controller
+    /// counts the node lost, and its replicas' replacement delay, from its
+    /// expiry.
+    #[arg(long, default_value = "40s", value_parser = zebu_proto::duration::parse)]
+    node_lease_duration: Duration,
 }
 
 #[derive(Args)]
@@ -163,10 +174,6 @@ struct ControllerArgs {
     common: Common,
     #[command(flatten)]
     store: StoreOpts,
-    /// With --store kubernetes: the namespace of the Lease controllers elect
-    /// their leader on (only the leader reconciles and serves mutating calls).
-    #[arg(long, env = "POD_NAMESPACE", default_value = "zebu-system")]
-    leader_election_namespace: String,
     /// This controller's identity in the election (default: host name and pid).
     #[arg(long, env = "POD_NAME")]
     leader_election_identity: Option<String>,
@@ -330,19 +337,12 @@ async fn run(cli: Cli) -> Result<()> {
                 );
             }
             let store = open_store(&a.common.state, &a.store)?;
-            let (leadership, events) = match a.store.store {
-                StoreKind::Sled => (None, None),
-                StoreKind::Kubernetes => {
-                    let (l, e) = elect(&a).await?;
-                    (Some(l), Some(e))
-                }
+            let parts = match a.store.store {
+                StoreKind::Sled => ClusterParts::default(),
+                StoreKind::Kubernetes => elect(&a).await?,
             };
-            let ctl = Controller::electing(
-                store.clone(),
-                controller_config(&a.opts, token)?,
-                leadership,
-                events,
-            );
+            let ctl =
+                Controller::in_cluster(store.clone(), controller_config(&a.opts, token)?, parts);
             let reconciler = tokio::spawn(reconcile::run(ctl.clone(), a.opts.reconcile_interval));
             let incoming =
                 grpc::bind_unix(&sock).with_context(|| format!("binding {}", sock.display()))?;
@@ -386,13 +386,14 @@ async fn run(cli: Cli) -> Result<()> {
                 state_dir: a.common.state.join("node"),
             });
             let controllers = a.controller.clone();
-            // Registration: straight into the cluster's store, or through
-            // the controllers' registries.
-            let registry = match a.store.store {
-                StoreKind::Kubernetes => {
-                    Some(Registry::new(open_store(&a.common.state, &a.store)?))
-                }
-                StoreKind::Sled => None,
+            // Registration: straight into the cluster's store (and a Lease
+            // renewed as heartbeat), or through the controllers' registries.
+            let (registry, lease) = match a.store.store {
+                StoreKind::Kubernetes => (
+                    Some(Registry::new(open_store(&a.common.state, &a.store)?)),
+                    Some(renew_node_lease(&a.store, &node_id, &a.node).await?),
+                ),
+                StoreKind::Sled => (None, None),
             };
             let (hb_agent, hb_ready) = (agent.clone(), readiness.clone());
             let heartbeat = tokio::spawn(async move {
@@ -434,6 +435,9 @@ async fn run(cli: Cli) -> Result<()> {
                 .await
                 .context("serving CSI")?;
             heartbeat.abort();
+            if let Some(l) = lease {
+                l.abort();
+            }
             agent_server.abort();
             agent.shutdown().await;
         }
@@ -475,21 +479,25 @@ async fn run(cli: Cli) -> Result<()> {
                     }
                 }
             });
-            let events: Option<Arc<dyn EventSink>> = match a.store.store {
-                StoreKind::Sled => None,
+            let (parts, lease) = match a.store.store {
+                StoreKind::Sled => (ClusterParts::default(), None),
                 StoreKind::Kubernetes => {
                     let client = zebu_csi::store::kube_client(a.store.kubeconfig.as_deref())
                         .await
-                        .context("connecting to the Kubernetes API for events")?;
-                    Some(Arc::new(KubeEvents::new(client, &node_id)))
+                        .context("connecting to the Kubernetes API for events and leases")?;
+                    let parts = ClusterParts {
+                        leadership: None,
+                        events: Some(Arc::new(KubeEvents::new(client.clone(), &node_id))),
+                        node_leases: Some(NodeLeases::new(client, &a.store.namespace)),
+                    };
+                    (
+                        parts,
+                        Some(renew_node_lease(&a.store, &node_id, &a.node).await?),
+                    )
                 }
             };
-            let ctl = Controller::electing(
-                store.clone(),
-                controller_config(&a.opts, token)?,
-                None,
-                events,
-            );
+            let ctl =
+                Controller::in_cluster(store.clone(), controller_config(&a.opts, token)?, parts);
             let reconciler = tokio::spawn(reconcile::run(ctl.clone(), a.opts.reconcile_interval));
             let node = NodeService::new(NodeConfig {
                 node_id: node_id.clone(),
@@ -513,6 +521,9 @@ async fn run(cli: Cli) -> Result<()> {
                 .context("serving CSI")?;
             reconciler.abort();
             heartbeat.abort();
+            if let Some(l) = lease {
+                l.abort();
+            }
             agent_server.abort();
             agent.shutdown().await;
         }
@@ -520,9 +531,9 @@ async fn run(cli: Cli) -> Result<()> {
     Ok(())
 }
 
-/// Starts campaigning for the controllers' Lease; returns the candidate and
-/// where its volume events go.
-async fn elect(a: &ControllerArgs) -> Result<(Leadership, Arc<dyn EventSink>)> {
+/// Starts campaigning for the controllers' Lease; returns the candidate,
+/// where its volume events go and its view of the nodes' Leases.
+async fn elect(a: &ControllerArgs) -> Result<ClusterParts> {
     let client = zebu_csi::store::kube_client(a.store.kubeconfig.as_deref())
         .await
         .context("connecting to the Kubernetes API for leader election")?;
@@ -536,10 +547,41 @@ async fn elect(a: &ControllerArgs) -> Result<(Leadership, Arc<dyn EventSink>)> {
             std::process::id()
         ),
     };
-    let cfg = ElectionConfig::new(&a.leader_election_namespace, LEASE_NAME, &identity);
+    let cfg = ElectionConfig::new(&a.store.namespace, LEASE_NAME, &identity);
     tracing::info!(identity = %identity, namespace = %cfg.namespace, lease = LEASE_NAME, "campaigning for the controller lease");
-    let events: Arc<dyn EventSink> = Arc::new(KubeEvents::new(client.clone(), &identity));
-    Ok((Leadership::start(client, cfg), events))
+    Ok(ClusterParts {
+        leadership: Some(Leadership::start(client.clone(), cfg)),
+        events: Some(Arc::new(KubeEvents::new(client.clone(), &identity))),
+        node_leases: Some(NodeLeases::new(client, &a.store.namespace)),
+    })
+}
+
+/// Starts renewing `node_id`'s heartbeat Lease; the first renewal must
+/// succeed (a node that cannot renew would be judged lost).
+async fn renew_node_lease(
+    store: &StoreOpts,
+    node_id: &str,
+    node: &NodeOpts,
+) -> Result<tokio::task::JoinHandle<()>> {
+    let client = zebu_csi::store::kube_client(store.kubeconfig.as_deref())
+        .await
+        .context("connecting to the Kubernetes API for the node's lease")?;
+    node_lease::renew_once(&client, &store.namespace, node_id, node.node_lease_duration)
+        .await
+        .with_context(|| {
+            format!(
+                "writing this node's Lease {} in namespace {} (does the namespace exist, and \
+                 may this service account write Leases there?)",
+                node_lease::lease_name(node_id),
+                store.namespace
+            )
+        })?;
+    Ok(tokio::spawn(node_lease::renew(
+        client,
+        store.namespace.clone(),
+        node_id.to_owned(),
+        node.node_lease_duration,
+    )))
 }
 
 /// The Lease controllers elect their leader on.

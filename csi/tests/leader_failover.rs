@@ -140,12 +140,12 @@ fn the_follower_takes_over_and_every_volume_is_created_once() {
         "kubernetes",
         "--kubeconfig",
         kc.as_str(),
+        "--namespace",
+        NAMESPACE,
     ];
     let start_controller = |id: &str| {
         let mut flags = cluster_flags.to_vec();
         flags.extend([
-            "--leader-election-namespace",
-            NAMESPACE,
             "--leader-election-identity",
             id,
             "--reconcile-interval",

@@ -8,6 +8,7 @@ use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use common::*;
+use k8s_openapi::jiff::Timestamp;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use zebu_proto::csi as pb;
@@ -85,25 +86,65 @@ fn a_replica_on_a_lost_node_is_replaced_elsewhere_and_rebuilt() {
     lost_node(&["--replica-replacement-delay", "1s"], None);
 }
 
-/// The same on the Kubernetes store: the `ZebuVolume` says degraded, then
-/// healthy, and Events say what happened.
+/// The nodes' heartbeat Leases in the Kubernetes variant.
+const LEASE_NAMESPACE: &str = "default";
+const LEASE_SECS: u64 = 6;
+const REPLACEMENT_SECS: u64 = 4;
+
+/// The same on the Kubernetes store, with every node registering itself and
+/// renewing its Lease: the node is lost when its Lease expires, its replica
+/// is replaced no earlier than the replacement delay after that, the
+/// `ZebuVolume` says degraded then healthy, and Events say what happened.
 #[test]
 fn on_the_kubernetes_store_a_lost_node_shows_in_status_and_events() {
     let _serial = serial();
     let cluster = zebu_testkit::kube::cluster();
     clear_kube_store(&cluster.kubeconfig);
-    let kc = cluster.kubeconfig.to_str().expect("UTF-8 path").to_owned();
-    lost_node(
-        &[
-            "--replica-replacement-delay",
-            "8s",
-            "--store",
-            "kubernetes",
-            "--kubeconfig",
-            &kc,
-        ],
-        Some(&cluster),
-    );
+    lost_node(&[], Some(&cluster));
+}
+
+/// `renewTime` of `node`'s Lease, as a timestamp.
+fn lease_renewed(cluster: &zebu_testkit::kube::Cluster, node: &str) -> Timestamp {
+    let r = zebu_testkit::run(
+        &mut cluster.kubectl(&[
+            "get",
+            "lease",
+            "-n",
+            LEASE_NAMESPACE,
+            &zebu_csi::node_lease::lease_name(node),
+            "-o",
+            "jsonpath={.spec.renewTime}",
+        ]),
+        zebu_testkit::SHORT,
+    )
+    .expect_ok();
+    r.stdout
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("renewTime {:?}: {e}", r.stdout))
+}
+
+/// When the `reason` Event about volume `id` was recorded, and its note.
+fn event_of(cluster: &zebu_testkit::kube::Cluster, id: &str, reason: &str) -> (Timestamp, String) {
+    let r = zebu_testkit::run(
+        &mut cluster.kubectl(&[
+            "get",
+            "events",
+            "-A",
+            "--field-selector",
+            &format!("involvedObject.name={id},reason={reason}"),
+            "-o",
+            "jsonpath={.items[0].eventTime}{\"\\n\"}{.items[0].message}",
+        ]),
+        zebu_testkit::SHORT,
+    )
+    .expect_ok();
+    let (time, note) = r.stdout.split_once('\n').unwrap_or((&r.stdout, ""));
+    let time = time
+        .trim()
+        .parse()
+        .unwrap_or_else(|e| panic!("eventTime {time:?}: {e}"));
+    (time, note.to_owned())
 }
 
 /// `kubectl get zebuvolume ID` field at `path`.
@@ -140,11 +181,44 @@ fn lost_node(extra: &[&str], kube: Option<&zebu_testkit::kube::Cluster>) {
     let root = tmp.path().to_owned();
     let _scrub = Scrub(root.clone());
     let rt = rt();
-    let standalone = Driver::standalone(&root, "node-1", 1, extra);
+    // On Kubernetes every process gets the agents' token and the cluster's
+    // store; the nodes register themselves and renew their Leases.
+    let token = root.join("agent-token");
+    std::fs::write(&token, "zebu-test-token-0123456789\n").expect("write the token");
+    let (token, lease, delay) = (
+        token.display().to_string(),
+        format!("{LEASE_SECS}s"),
+        format!("{REPLACEMENT_SECS}s"),
+    );
+    let kc = kube.map(|c| c.kubeconfig.display().to_string());
+    let cluster_flags: Vec<&str> = match &kc {
+        Some(kc) => vec![
+            "--agent-token-file",
+            &token,
+            "--store",
+            "kubernetes",
+            "--kubeconfig",
+            kc,
+            "--namespace",
+            LEASE_NAMESPACE,
+            "--node-lease-duration",
+            &lease,
+        ],
+        None => vec![],
+    };
+    let mut standalone_flags = cluster_flags.clone();
+    standalone_flags.extend(extra);
+    if kube.is_some() {
+        standalone_flags.extend(["--replica-replacement-delay", delay.as_str()]);
+    }
+    let standalone = Driver::standalone(&root, "node-1", 1, &standalone_flags);
     let ep = standalone.endpoint.clone();
     let mut others: Vec<Driver> = ["node-2", "node-3", "node-4"]
         .iter()
-        .map(|n| Driver::node(&root, n, &ep))
+        .map(|n| match kube {
+            Some(_) => Driver::node_joining(&root, n, &[], 1, &cluster_flags),
+            None => Driver::node(&root, n, &ep),
+        })
         .collect();
 
     rt.block_on(async {
@@ -189,6 +263,8 @@ fn lost_node(extra: &[&str], kube: Option<&zebu_testkit::kube::Cluster>) {
         for pid in pids_mentioning(&victim_dir) {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
+        // The victim's last renewal, now that it renews no more.
+        let renewed = kube.map(|c| lease_renewed(c, &victim_name));
         // Writes go on with two replicas.
         write_file(&target_path.join("b"), &pattern(2, 2 << 20));
         if let Some(c) = kube {
@@ -249,6 +325,19 @@ fn lost_node(extra: &[&str], kube: Option<&zebu_testkit::kube::Cluster>) {
                         .all(|r| reasons.iter().any(|x| x == r))
                 },
             );
+            // Replaced no earlier than the Lease's expiry plus the delay,
+            // and the Event says why.
+            let renewed = renewed.expect("renewTime read");
+            let (replaced, note) = event_of(c, &v, "ReplicaReplaced");
+            let earliest = renewed
+                .checked_add(Duration::from_secs(LEASE_SECS + REPLACEMENT_SECS))
+                .expect("timestamp");
+            println!("lease renewed {renewed}, replaced {replaced}: {note}");
+            assert!(
+                replaced >= earliest,
+                "replaced at {replaced}, before the lease's expiry plus the delay ({earliest})"
+            );
+            assert!(note.contains("lease expired"), "{note}");
         }
         detach_and_delete(&ep, &a).await;
     });

@@ -8,9 +8,15 @@
 //!   in sync is handed back to it with `AddReplica`: the engine recognises a
 //!   returning replica by its id and copies only what changed (delta
 //!   resync);
-//! - a replica that has been unreachable for longer than the replacement
-//!   delay is replaced by a new one on another node (or disk), which the
-//!   engine rebuilds in full; the old one is deleted when its agent answers.
+//! - a replica that is lost for longer than the replacement delay is
+//!   replaced by a new one on another node (or disk), which the engine
+//!   rebuilds in full; the old one is deleted when its agent answers.
+//!   When is a replica lost? If its node renews a Lease ([`crate::node_lease`]),
+//!   from the moment that Lease expired, or from when its agent answered
+//!   that the replica does not run; a node whose Lease is fresh but whose
+//!   agent does not answer is alive (partitioned from this controller, not
+//!   lost), and its replicas wait. A node without a Lease is lost from the
+//!   first pass its agent did not answer.
 //!
 //! Replacement happens only while the volume is attached: the engine is
 //! what rebuilds a replica, and a detached volume loses nothing by waiting.
@@ -30,6 +36,7 @@ use zebu_proto::engine as epb;
 use super::agents::{AGENT_CALL, engine, with_deadline};
 use super::events::VolumeEvent;
 use super::{Controller, placement};
+use crate::node_lease::NodeState;
 use crate::store::{ReplicaRecord, ReplicaState, VolumeRecord, VolumeStatus};
 
 /// Runs passes every `interval` until the task is dropped.
@@ -40,7 +47,15 @@ pub async fn run(ctl: Controller, interval: Duration) {
         if !ctl.is_leader() {
             // A follower forgets what it saw: the leader owns these clocks.
             down_since.clear();
+            if let Some(l) = ctl.node_leases() {
+                l.forget();
+            }
             continue;
+        }
+        if let Some(l) = ctl.node_leases()
+            && let Err(e) = l.refresh().await
+        {
+            tracing::warn!(error = %e, "cannot list the nodes' leases; judging nodes by their agents");
         }
         if let Err(e) = pass(&ctl, &mut down_since).await {
             tracing::warn!(error = %e.message(), "reconcile pass failed");
@@ -153,14 +168,24 @@ async fn volume(
         ))
         .await?
         .into_inner();
-    let running: HashMap<String, bool> = {
+    let running: HashMap<String, Presence> = {
         let mut m = HashMap::new();
         for r in &v.replicas {
-            let up = match ctl.agents().list_replicas(&r.node).await {
-                Ok(list) => list.iter().any(|p| p.replica_id == r.id && p.running),
-                Err(_) => false,
+            let node = ctl.node_state(&r.node);
+            let p = if let NodeState::Lost(at) = node {
+                // No call to a node known to be gone (it would only time out).
+                Presence::NodeLost(at)
+            } else {
+                match ctl.agents().list_replicas(&r.node).await {
+                    Ok(list) if list.iter().any(|p| p.replica_id == r.id && p.running) => {
+                        Presence::Running
+                    }
+                    Ok(_) => Presence::Stopped,
+                    Err(_) if node == NodeState::Alive => Presence::Partitioned,
+                    Err(_) => Presence::AgentSilent,
+                }
             };
-            m.insert(r.id.clone(), up);
+            m.insert(r.id.clone(), p);
         }
         m
     };
@@ -170,8 +195,8 @@ async fn volume(
             .iter()
             .find(|e| e.address == r.address)
             .map(|e| e.mode.as_str());
-        let up = running.get(&r.id).copied().unwrap_or(false);
-        match (in_engine, up) {
+        let presence = running.get(&r.id).copied().unwrap_or(Presence::AgentSilent);
+        match (in_engine, presence == Presence::Running) {
             (Some("RW") | Some("WO"), _) => {
                 down_since.remove(&r.id);
                 let state = if in_engine == Some("WO") {
@@ -232,17 +257,29 @@ async fn volume(
                         &v.id,
                         VolumeEvent::ReplicaLost,
                         format!(
-                            "replica {} on node {} does not answer: the volume is degraded; \
+                            "replica {} on node {} {}: the volume is degraded; \
                              it is replaced elsewhere unless it is back within {:?}",
                             r.id,
                             r.node,
+                            presence.describe(),
                             ctl.config().replacement_delay
                         ),
                     );
                 }
-                let since = *down_since.entry(r.id.clone()).or_insert_with(Instant::now);
+                let since = match presence {
+                    Presence::NodeLost(at) => {
+                        down_since.insert(r.id.clone(), at);
+                        at
+                    }
+                    Presence::Partitioned => {
+                        // Alive by its Lease: nothing is lost yet.
+                        down_since.remove(&r.id);
+                        continue;
+                    }
+                    _ => *down_since.entry(r.id.clone()).or_insert_with(Instant::now),
+                };
                 if since.elapsed() >= ctl.config().replacement_delay {
-                    replace(ctl, &v, &r, &mut eng).await?;
+                    replace(ctl, &v, &r, presence, &mut eng).await?;
                     down_since.remove(&r.id);
                     // One replacement per pass keeps the volume's I/O bearable.
                     return Ok(());
@@ -253,11 +290,47 @@ async fn volume(
     Ok(())
 }
 
+/// Where a replica's process stands, as far as this pass can tell.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Presence {
+    /// Its agent says it runs.
+    Running,
+    /// Its agent answers and says it does not run.
+    Stopped,
+    /// Its node's Lease expired at this instant.
+    NodeLost(Instant),
+    /// Its agent does not answer, but its node renews its Lease.
+    Partitioned,
+    /// Its agent does not answer and no Lease says anything.
+    AgentSilent,
+}
+
+impl Presence {
+    /// Why the replica is out of service, for people.
+    fn describe(self) -> String {
+        match self {
+            Presence::Running => "runs".into(),
+            Presence::Stopped => "is not running".into(),
+            Presence::NodeLost(at) => format!(
+                "is lost with its node (the node's lease expired {}s ago)",
+                at.elapsed().as_secs()
+            ),
+            Presence::Partitioned => {
+                "is out of reach (its node's agent does not answer this controller, \
+                 but the node renews its lease)"
+                    .into()
+            }
+            Presence::AgentSilent => "does not answer".into(),
+        }
+    }
+}
+
 /// Replaces the lost replica `old` of attached volume `v` by a new one.
 async fn replace(
     ctl: &Controller,
     v: &VolumeRecord,
     old: &ReplicaRecord,
+    why: Presence,
     eng: &mut zebu_proto::engine::engine_client::EngineClient<tonic::transport::Channel>,
 ) -> Result<(), Status> {
     let disks = ctl.disk_space()?;
@@ -313,8 +386,13 @@ async fn replace(
         &v.id,
         VolumeEvent::ReplicaReplaced,
         format!(
-            "replica {} on node {} was lost; replaced by {} on node {node}, rebuilding from the healthy replicas",
-            old.id, old.node, new.id
+            "replica {} on node {} {} for longer than {:?}; replaced by {} on node {node}, \
+             rebuilding from the healthy replicas",
+            old.id,
+            old.node,
+            why.describe(),
+            ctl.config().replacement_delay,
+            new.id
         ),
     );
     // Record the new replica before creating it, so a crash here leaves a
