@@ -326,6 +326,19 @@ pub struct VolumeRecord {
     pub created_unix: i64,
     /// Lifecycle state.
     pub status: VolumeStatus,
+    /// The PersistentVolumeClaim it was provisioned for, when the
+    /// provisioner said (`--extra-create-metadata`): events go there too.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim: Option<ClaimRef>,
+}
+
+/// A PersistentVolumeClaim, by namespace and name.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimRef {
+    /// Its namespace.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
 }
 
 impl Record for VolumeRecord {

@@ -3,8 +3,7 @@
 
 mod common;
 
-use std::os::unix::fs::FileExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use common::*;
@@ -49,71 +48,6 @@ impl Zebu<'_> {
         a.extend(["-o", "json"]);
         serde_json::from_str(&self.ok(&a)).expect("valid JSON")
     }
-}
-
-/// A filesystem frozen with `fsfreeze` (no writes reach its device) until
-/// dropped, also when the test fails.
-struct Frozen(String);
-
-impl Frozen {
-    fn new(mountpoint: &str) -> Frozen {
-        let o = Command::new("fsfreeze")
-            .args(["-f", mountpoint])
-            .output()
-            .expect("run fsfreeze");
-        assert!(o.status.success(), "fsfreeze -f {mountpoint}: {o:?}");
-        Frozen(mountpoint.to_owned())
-    }
-}
-
-impl Drop for Frozen {
-    fn drop(&mut self) {
-        let _ = Command::new("fsfreeze").args(["-u", &self.0]).status();
-    }
-}
-
-/// The data files of every replica under `root` (each replica directory
-/// holds `layers/<id>.img`).
-fn layer_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    let Ok(entries) = std::fs::read_dir(dir) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            layer_files(&p, out);
-        } else if p.extension().is_some_and(|x| x == "img")
-            && p.parent().is_some_and(|d| d.ends_with("layers"))
-        {
-            out.push(p);
-        }
-    }
-}
-
-/// Flips bytes in the first block holding data of the first replica data
-/// file found under `root` (the only volume's replicas), behind the
-/// replica's back; returns the file.
-fn corrupt_first_data_block(root: &Path) -> PathBuf {
-    let mut files = Vec::new();
-    layer_files(root, &mut files);
-    files.sort();
-    for f in files {
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .open(&f)
-            .expect("open a layer file");
-        let Ok(at) = nix::unistd::lseek(&file, 0, nix::unistd::Whence::SeekData) else {
-            continue; // no data in this layer
-        };
-        let mut b = [0u8; 32];
-        file.read_exact_at(&mut b, at as u64 + 100).expect("read");
-        b.iter_mut().for_each(|x| *x = !*x);
-        file.write_all_at(&b, at as u64 + 100).expect("write");
-        file.sync_all().expect("sync");
-        return f;
-    }
-    panic!("no replica data file with data under {}", root.display());
 }
 
 #[test]

@@ -15,7 +15,7 @@ use zebu_proto::csi as pb;
 
 const MIB: i64 = 1 << 20;
 
-async fn create(ep: &str, name: &str, replicas: u32) -> pb::Volume {
+async fn create(ep: &str, name: &str, replicas: u32, extra: &[(&str, &str)]) -> pb::Volume {
     let mut ctl = controller(ep).await;
     let end = Instant::now() + Duration::from_secs(60);
     loop {
@@ -27,7 +27,10 @@ async fn create(ep: &str, name: &str, replicas: u32) -> pb::Volume {
                     limit_bytes: 0,
                 }),
                 volume_capabilities: vec![mount_cap()],
-                parameters: HashMap::from([("numberOfReplicas".into(), replicas.to_string())]),
+                parameters: [("numberOfReplicas".to_owned(), replicas.to_string())]
+                    .into_iter()
+                    .chain(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+                    .collect(),
                 ..Default::default()
             })
             .await;
@@ -101,6 +104,56 @@ fn on_the_kubernetes_store_a_lost_node_shows_in_status_and_events() {
     let cluster = zebu_testkit::kube::cluster();
     clear_kube_store(&cluster.kubeconfig);
     lost_node(&[], Some(&cluster));
+}
+
+/// The PersistentVolumeClaim the Kubernetes variant's volume is for.
+const CLAIM: &str = "lost-node-data";
+
+/// Creates the claim (it stays Pending: no provisioner serves its class).
+fn make_claim(cluster: &zebu_testkit::kube::Cluster) {
+    let _ = zebu_testkit::run(
+        &mut cluster.kubectl(&[
+            "delete",
+            "pvc",
+            "-n",
+            LEASE_NAMESPACE,
+            CLAIM,
+            "--ignore-not-found",
+        ]),
+        zebu_testkit::SHORT,
+    );
+    let manifest = format!(
+        "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata:\n  name: {CLAIM}\n  namespace: {LEASE_NAMESPACE}\n\
+         spec:\n  accessModes: [ReadWriteOnce]\n  storageClassName: zebu-test-unserved\n\
+         \x20 resources:\n    requests:\n      storage: 128Mi\n"
+    );
+    let path = std::env::temp_dir().join(format!("zebu-claim-{}.yaml", std::process::id()));
+    std::fs::write(&path, manifest).expect("write the claim");
+    zebu_testkit::run(
+        &mut cluster.kubectl(&["apply", "-f", path.to_str().expect("UTF-8 path")]),
+        zebu_testkit::SHORT,
+    )
+    .expect_ok();
+    let _ = std::fs::remove_file(path);
+}
+
+/// The reasons of the Events about the claim.
+fn event_reasons_on_claim(cluster: &zebu_testkit::kube::Cluster) -> Vec<String> {
+    let r = zebu_testkit::run(
+        &mut cluster.kubectl(&[
+            "get",
+            "events",
+            "-n",
+            LEASE_NAMESPACE,
+            "--field-selector",
+            &format!("involvedObject.kind=PersistentVolumeClaim,involvedObject.name={CLAIM}"),
+            "-o",
+            "jsonpath={range .items[*]}{.reason}{\"\\n\"}{end}",
+        ]),
+        zebu_testkit::SHORT,
+    )
+    .expect_ok();
+    r.stdout.lines().map(str::to_owned).collect()
 }
 
 /// `renewTime` of `node`'s Lease, as a timestamp.
@@ -240,7 +293,19 @@ fn lost_node(extra: &[&str], kube: Option<&zebu_testkit::kube::Cluster>) {
             assert!(Instant::now() < end, "the node plugins did not register");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        let vol = create(&ep, "lost-node", 3).await;
+        // On Kubernetes the volume is provisioned for a claim, as the
+        // external-provisioner does with --extra-create-metadata.
+        let claim_params: Vec<(&str, &str)> = match kube {
+            Some(c) => {
+                make_claim(c);
+                vec![
+                    ("csi.storage.k8s.io/pvc/name", CLAIM),
+                    ("csi.storage.k8s.io/pvc/namespace", LEASE_NAMESPACE),
+                ]
+            }
+            None => vec![],
+        };
+        let vol = create(&ep, "lost-node", 3, &claim_params).await;
         let v = vol.volume_id.clone();
         let before = placement_nodes(&vol);
         assert_eq!(before.len(), 3);
@@ -338,6 +403,52 @@ fn lost_node(extra: &[&str], kube: Option<&zebu_testkit::kube::Cluster>) {
                 "replaced at {replaced}, before the lease's expiry plus the delay ({earliest})"
             );
             assert!(note.contains("lease expired"), "{note}");
+            // The claim's user sees the same story on the claim.
+            let on_claim = event_reasons_on_claim(c);
+            for r in ["ReplicaLost", "ReplicaReplaced", "Rebuilt"] {
+                assert!(
+                    on_claim.iter().any(|x| x == r),
+                    "{r} not on the claim: {on_claim:?}"
+                );
+            }
+
+            // A block rots on a replica's disk (the filesystem frozen so it
+            // cannot rewrite it): a scrub finds it and an Event says so.
+            let engine = zv_field(c, &v, "{.status.engineAddress}");
+            let live = after
+                .iter()
+                .find(|n| *n != "node-1")
+                .expect("a replica off node-1");
+            let frozen = Frozen::new(target_path.to_str().expect("UTF-8 path"));
+            let rotten = corrupt_first_data_block(&root.join(live));
+            let mut eng = zebu_proto::engine::engine_client::EngineClient::connect(format!(
+                "http://{engine}"
+            ))
+            .await
+            .expect("connect to the engine");
+            let found = eng
+                .scrub(zebu_proto::engine::ScrubRequest {
+                    repair: false,
+                    max_bytes_per_sec: 0,
+                })
+                .await
+                .expect("Scrub")
+                .into_inner();
+            drop(frozen);
+            let corrupt: u64 = found.replicas.iter().map(|r| r.corrupt_blocks).sum();
+            assert_eq!(corrupt, 1, "{found:?} ({})", rotten.display());
+            poll(
+                "a ScrubFoundCorruption event on the volume and its claim",
+                Duration::from_secs(60),
+                || {
+                    event_reasons(c, &v)
+                        .iter()
+                        .any(|r| r == "ScrubFoundCorruption")
+                        && event_reasons_on_claim(c)
+                            .iter()
+                            .any(|r| r == "ScrubFoundCorruption")
+                },
+            );
         }
         detach_and_delete(&ep, &a).await;
     });
@@ -366,7 +477,7 @@ fn a_killed_driver_restarts_adopts_its_processes_and_volumes_keep_serving() {
     let mut first = Driver::standalone(&root, "solo", 3, &[]);
     let ep = first.endpoint.clone();
     let (v, a, ctx) = rt.block_on(async {
-        let vol = create(&ep, "survivor", 3).await;
+        let vol = create(&ep, "survivor", 3, &[]).await;
         let a = attach(&ep, &first, &vol.volume_id, &root).await;
         write_file(&a.target.join("before"), &pattern(3, 1 << 20));
         let ctx = a.publish_context.clone();

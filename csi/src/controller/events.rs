@@ -1,6 +1,8 @@
 //! What a user must know about a volume, told as Kubernetes Events on its
-//! `ZebuVolume` (`kubectl describe zebuvolume ID`, `kubectl get events`):
-//! a replica lost, replaced, rebuilt.
+//! `ZebuVolume` (`kubectl describe zebuvolume ID`) and, when the volume was
+//! provisioned for a PersistentVolumeClaim, on that claim too (`kubectl
+//! describe pvc NAME`, where users look): a replica lost (the volume is
+//! degraded), replaced, rebuilt; a scrub that found corrupt blocks.
 //!
 //! Invariant: publishing never delays or fails the work it reports: events
 //! go out from a task of their own, and one volume repeats one reason at
@@ -10,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::core::v1::ObjectReference;
+use k8s_openapi::api::core::v1::{ObjectReference, PersistentVolumeClaim};
 use kube::runtime::events::{Event, EventType, Recorder, Reporter};
 
 use crate::store::crd::ZebuVolume;
@@ -27,6 +29,8 @@ pub enum VolumeEvent {
     ReplicaReplaced,
     /// A replica caught up and serves again.
     Rebuilt,
+    /// A scrub found blocks whose data does not match their checksums.
+    ScrubFoundCorruption,
 }
 
 impl VolumeEvent {
@@ -35,12 +39,13 @@ impl VolumeEvent {
             VolumeEvent::ReplicaLost => "ReplicaLost",
             VolumeEvent::ReplicaReplaced => "ReplicaReplaced",
             VolumeEvent::Rebuilt => "Rebuilt",
+            VolumeEvent::ScrubFoundCorruption => "ScrubFoundCorruption",
         }
     }
 
     fn kind(self) -> EventType {
         match self {
-            VolumeEvent::ReplicaLost => EventType::Warning,
+            VolumeEvent::ReplicaLost | VolumeEvent::ScrubFoundCorruption => EventType::Warning,
             VolumeEvent::ReplicaReplaced | VolumeEvent::Rebuilt => EventType::Normal,
         }
     }
@@ -91,27 +96,51 @@ impl EventSink for KubeEvents {
             volume.to_owned(),
         );
         tokio::spawn(async move {
-            let api = kube::Api::<ZebuVolume>::all(client);
-            let uid = match api.get_opt(&volume).await {
-                Ok(Some(v)) => v.metadata.uid,
-                _ => None,
-            };
-            let reference = ObjectReference {
+            let zv = kube::Api::<ZebuVolume>::all(client.clone())
+                .get_opt(&volume)
+                .await
+                .ok()
+                .flatten();
+            let mut about = vec![ObjectReference {
                 api_version: Some("zebu.csi.dev/v1alpha1".into()),
                 kind: Some("ZebuVolume".into()),
                 name: Some(volume.clone()),
-                uid,
+                uid: zv.as_ref().and_then(|v| v.metadata.uid.clone()),
                 ..ObjectReference::default()
-            };
-            let ev = Event {
-                type_: event.kind(),
-                reason: event.reason().into(),
-                note: Some(note),
-                action: "Reconcile".into(),
-                secondary: None,
-            };
-            if let Err(e) = recorder.publish(&ev, &reference).await {
-                tracing::warn!(volume = %volume, reason = event.reason(), error = %e, "cannot publish an event");
+            }];
+            if let Some(claim) = zv.and_then(|v| v.spec.claim) {
+                // An Event names its object's uid; a claim that is gone gets none.
+                let pvc = kube::Api::<PersistentVolumeClaim>::namespaced(client, &claim.namespace)
+                    .get_opt(&claim.name)
+                    .await;
+                if let Ok(Some(pvc)) = pvc {
+                    about.push(ObjectReference {
+                        api_version: Some("v1".into()),
+                        kind: Some("PersistentVolumeClaim".into()),
+                        namespace: Some(claim.namespace.clone()),
+                        name: Some(claim.name.clone()),
+                        uid: pvc.metadata.uid,
+                        ..ObjectReference::default()
+                    });
+                }
+            }
+            for reference in about {
+                // On the claim, say which volume (the claim's user may not know).
+                let note = if reference.kind.as_deref() == Some("ZebuVolume") {
+                    note.clone()
+                } else {
+                    format!("volume {volume}: {note}")
+                };
+                let ev = Event {
+                    type_: event.kind(),
+                    reason: event.reason().into(),
+                    note: Some(note),
+                    action: "Reconcile".into(),
+                    secondary: None,
+                };
+                if let Err(e) = recorder.publish(&ev, &reference).await {
+                    tracing::warn!(volume = %volume, reason = event.reason(), error = %e, "cannot publish an event");
+                }
             }
         });
     }

@@ -39,14 +39,25 @@ use super::{Controller, placement};
 use crate::node_lease::NodeState;
 use crate::store::{ReplicaRecord, ReplicaState, VolumeRecord, VolumeStatus};
 
+/// What the loop remembers between passes (the leader's alone: a follower
+/// forgets it).
+#[derive(Default)]
+pub struct Memory {
+    /// Since when each replica (by id) has been lost.
+    down_since: HashMap<String, Instant>,
+    /// Per volume, when the last scrub whose findings were reported
+    /// finished (engine time, Unix seconds).
+    scrub_reported: HashMap<String, i64>,
+}
+
 /// Runs passes every `interval` until the task is dropped.
 pub async fn run(ctl: Controller, interval: Duration) {
-    let mut down_since: HashMap<String, Instant> = HashMap::new();
+    let mut memory = Memory::default();
     loop {
         tokio::time::sleep(interval).await;
         if !ctl.is_leader() {
             // A follower forgets what it saw: the leader owns these clocks.
-            down_since.clear();
+            memory = Memory::default();
             if let Some(l) = ctl.node_leases() {
                 l.forget();
             }
@@ -57,17 +68,14 @@ pub async fn run(ctl: Controller, interval: Duration) {
         {
             tracing::warn!(error = %e, "cannot list the nodes' leases; judging nodes by their agents");
         }
-        if let Err(e) = pass(&ctl, &mut down_since).await {
+        if let Err(e) = pass(&ctl, &mut memory).await {
             tracing::warn!(error = %e.message(), "reconcile pass failed");
         }
     }
 }
 
 /// One pass over every volume.
-pub async fn pass(
-    ctl: &Controller,
-    down_since: &mut HashMap<String, Instant>,
-) -> Result<(), Status> {
+pub async fn pass(ctl: &Controller, memory: &mut Memory) -> Result<(), Status> {
     collect_orphans(ctl).await?;
     let vols = ctl.store().list_volumes().map_err(super::store_status)?;
     for v in vols {
@@ -78,7 +86,7 @@ pub async fn pass(
         let Some(_g) = ctl.try_claim_for_reconcile(&v.id) else {
             continue;
         };
-        if let Err(e) = volume(ctl, &v, down_since).await {
+        if let Err(e) = volume(ctl, &v, memory).await {
             tracing::warn!(volume = %v.id, error = %e.message(), "reconciling the volume failed");
         }
     }
@@ -124,11 +132,7 @@ async fn collect_orphans(ctl: &Controller) -> Result<(), Status> {
     Ok(())
 }
 
-async fn volume(
-    ctl: &Controller,
-    v: &VolumeRecord,
-    down_since: &mut HashMap<String, Instant>,
-) -> Result<(), Status> {
+async fn volume(ctl: &Controller, v: &VolumeRecord, memory: &mut Memory) -> Result<(), Status> {
     let mut v = ctl.fresh_addresses(v).await?;
     let Some(att) = v.attachment.clone() else {
         return Ok(());
@@ -168,6 +172,8 @@ async fn volume(
         ))
         .await?
         .into_inner();
+    report_scrub(ctl, &v.id, st.scrub.as_ref(), &mut memory.scrub_reported);
+    let down_since = &mut memory.down_since;
     let running: HashMap<String, Presence> = {
         let mut m = HashMap::new();
         for r in &v.replicas {
@@ -288,6 +294,47 @@ async fn volume(
         }
     }
     Ok(())
+}
+
+/// Tells of corrupt blocks the engine's last scrub found, once per scrub.
+fn report_scrub(
+    ctl: &Controller,
+    volume: &str,
+    scrub: Option<&epb::ScrubStatus>,
+    reported: &mut HashMap<String, i64>,
+) {
+    let Some(s) = scrub else { return };
+    if s.last_finished_unix == 0 || reported.get(volume) == Some(&s.last_finished_unix) {
+        return;
+    }
+    reported.insert(volume.to_owned(), s.last_finished_unix);
+    let found: Vec<String> = s
+        .last
+        .iter()
+        .filter(|r| r.corrupt_blocks > 0)
+        .map(|r| {
+            format!(
+                "replica {} has {} corrupt block(s){}",
+                r.id,
+                r.corrupt_blocks,
+                if r.repaired {
+                    ", resynced from a clean replica"
+                } else {
+                    ", not repaired (zebu replica scrub VOLUME --repair)"
+                }
+            )
+        })
+        .collect();
+    if !found.is_empty() {
+        ctl.event(
+            volume,
+            VolumeEvent::ScrubFoundCorruption,
+            format!(
+                "a scrub found data that does not match its checksums: {}",
+                found.join("; ")
+            ),
+        );
+    }
 }
 
 /// Where a replica's process stands, as far as this pass can tell.

@@ -11,6 +11,7 @@ use zebu_proto::csi::controller_server::Controller as CsiController;
 use zebu_proto::engine as epb;
 
 use super::*;
+use crate::store::ClaimRef;
 
 fn cap(t: Cap) -> pb::ControllerServiceCapability {
     pb::ControllerServiceCapability {
@@ -24,12 +25,19 @@ fn cap(t: Cap) -> pb::ControllerServiceCapability {
 struct Params {
     replicas: u32,
     fs_type: Option<String>,
+    /// The claim the external-provisioner names (`--extra-create-metadata`).
+    claim: Option<ClaimRef>,
 }
+
+/// Parameters the external-provisioner adds with `--extra-create-metadata`.
+const PARAM_PVC_NAME: &str = "csi.storage.k8s.io/pvc/name";
+const PARAM_PVC_NAMESPACE: &str = "csi.storage.k8s.io/pvc/namespace";
 
 fn parse_params(p: &HashMap<String, String>, default_replicas: u32) -> Result<Params, Status> {
     let mut out = Params {
         replicas: default_replicas,
         fs_type: None,
+        claim: None,
     };
     for (k, v) in p {
         match k.as_str() {
@@ -58,6 +66,15 @@ fn parse_params(p: &HashMap<String, String>, default_replicas: u32) -> Result<Pa
                 )));
             }
         }
+    }
+    if let (Some(name), Some(namespace)) = (p.get(PARAM_PVC_NAME), p.get(PARAM_PVC_NAMESPACE))
+        && !name.is_empty()
+        && !namespace.is_empty()
+    {
+        out.claim = Some(ClaimRef {
+            namespace: namespace.clone(),
+            name: name.clone(),
+        });
     }
     Ok(out)
 }
@@ -203,6 +220,7 @@ impl CsiController for Controller {
                     attachment: None,
                     created_unix: now_unix(),
                     status: VolumeStatus::Creating,
+                    claim: params.claim,
                 };
                 self.store().put_volume(&rec, None).map_err(store_status)?;
                 rec
@@ -830,6 +848,19 @@ mod tests {
         assert!(p(&[("numberOfReplicas", "x")]).is_err());
         assert!(p(&[("csi.storage.k8s.io/fstype", "btrfs")]).is_err());
         assert!(p(&[("csi.storage.k8s.io/pvc/name", "data-0")]).is_ok());
+        let claim = p(&[
+            ("csi.storage.k8s.io/pvc/name", "data-0"),
+            ("csi.storage.k8s.io/pvc/namespace", "db"),
+        ])
+        .unwrap()
+        .claim;
+        assert_eq!(
+            claim,
+            Some(ClaimRef {
+                namespace: "db".into(),
+                name: "data-0".into()
+            })
+        );
         let e = p(&[("replicaz", "3")]).err().unwrap();
         assert!(e.message().contains("numberOfReplicas"), "{}", e.message());
     }

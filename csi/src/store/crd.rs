@@ -25,8 +25,8 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 use crate::store::{
-    AccessType, Attachment, ContentSource, DiskRecord, NodeRecord, ReplicaRecord, ReplicaState,
-    SnapshotRecord, VolumeRecord, VolumeStatus,
+    AccessType, Attachment, ClaimRef, ContentSource, DiskRecord, NodeRecord, ReplicaRecord,
+    ReplicaState, SnapshotRecord, VolumeRecord, VolumeStatus,
 };
 
 /// The API group of every Zebu resource.
@@ -83,6 +83,18 @@ pub struct ZebuVolumeSpec {
     pub created_unix: i64,
     /// `creating`, `ready` or `deleting`.
     pub phase: VolumePhase,
+    /// The PersistentVolumeClaim it was provisioned for, if known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub claim: Option<ClaimSpec>,
+}
+
+/// A PersistentVolumeClaim, by namespace and name.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
+pub struct ClaimSpec {
+    /// Its namespace.
+    pub namespace: String,
+    /// Its name.
+    pub name: String,
 }
 
 /// How a volume is consumed.
@@ -395,6 +407,10 @@ impl From<&VolumeRecord> for ZebuVolumeSpec {
                 VolumeStatus::Ready => VolumePhase::Ready,
                 VolumeStatus::Deleting => VolumePhase::Deleting,
             },
+            claim: r.claim.as_ref().map(|c| ClaimSpec {
+                namespace: c.namespace.clone(),
+                name: c.name.clone(),
+            }),
         }
     }
 }
@@ -462,6 +478,10 @@ impl ZebuVolumeSpec {
                 VolumePhase::Ready => VolumeStatus::Ready,
                 VolumePhase::Deleting => VolumeStatus::Deleting,
             },
+            claim: self.claim.as_ref().map(|c| ClaimRef {
+                namespace: c.namespace.clone(),
+                name: c.name.clone(),
+            }),
         }
     }
 
@@ -639,6 +659,10 @@ mod tests {
             }),
             created_unix: 1_700_000_000,
             status: VolumeStatus::Ready,
+            claim: Some(ClaimRef {
+                namespace: "db".into(),
+                name: "data-db-0".into(),
+            }),
         }
     }
 

@@ -523,6 +523,7 @@ mod tests {
             attachment: None,
             created_unix: 0,
             status: super::super::VolumeStatus::Ready,
+            claim: None,
         };
         assert!(v.finalizers().is_empty());
         v.replicas.push(super::super::ReplicaRecord {

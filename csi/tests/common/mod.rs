@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 
@@ -409,4 +410,81 @@ pub fn clear_kube_store(kubeconfig: &Path) {
         s.delete_node(&v.value.node_id, None)
             .expect("delete a node");
     }
+    // And the nodes' heartbeat Leases.
+    zebu_testkit::run(
+        &mut zebu_testkit::kube::cluster().kubectl(&[
+            "delete",
+            "lease",
+            "-A",
+            "-l",
+            zebu_csi::node_lease::NODE_LABEL,
+        ]),
+        zebu_testkit::SHORT,
+    )
+    .expect_ok();
+}
+
+/// A filesystem frozen with `fsfreeze` (no writes reach its device) until
+/// dropped, also when the test fails.
+pub struct Frozen(String);
+
+impl Frozen {
+    pub fn new(mountpoint: &str) -> Frozen {
+        let o = Command::new("fsfreeze")
+            .args(["-f", mountpoint])
+            .output()
+            .expect("run fsfreeze");
+        assert!(o.status.success(), "fsfreeze -f {mountpoint}: {o:?}");
+        Frozen(mountpoint.to_owned())
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        let _ = Command::new("fsfreeze").args(["-u", &self.0]).status();
+    }
+}
+
+/// The data files of every replica under `root` (each replica directory
+/// holds `layers/<id>.img`).
+pub fn layer_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            layer_files(&p, out);
+        } else if p.extension().is_some_and(|x| x == "img")
+            && p.parent().is_some_and(|d| d.ends_with("layers"))
+        {
+            out.push(p);
+        }
+    }
+}
+
+/// Flips bytes in the first block holding data of the first replica data
+/// file found under `root` (the only volume's replicas), behind the
+/// replica's back; returns the file.
+pub fn corrupt_first_data_block(root: &Path) -> PathBuf {
+    let mut files = Vec::new();
+    layer_files(root, &mut files);
+    files.sort();
+    for f in files {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&f)
+            .expect("open a layer file");
+        let Ok(at) = nix::unistd::lseek(&file, 0, nix::unistd::Whence::SeekData) else {
+            continue; // no data in this layer
+        };
+        let mut b = [0u8; 32];
+        file.read_exact_at(&mut b, at as u64 + 100).expect("read");
+        b.iter_mut().for_each(|x| *x = !*x);
+        file.write_all_at(&b, at as u64 + 100).expect("write");
+        file.sync_all().expect("sync");
+        return f;
+    }
+    panic!("no replica data file with data under {}", root.display());
 }

@@ -66,6 +66,7 @@ pub fn volume(id: &str, name: &str) -> VolumeRecord {
         }),
         created_unix: 1_700_000_000,
         status: VolumeStatus::Ready,
+        claim: None,
     }
 }
 

@@ -33,6 +33,7 @@ fn volume(id: &str, name: &str) -> VolumeRecord {
         }),
         created_unix: 1_700_000_000,
         status: VolumeStatus::Ready,
+        claim: None,
     }
 }
 
