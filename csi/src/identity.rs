@@ -1,5 +1,12 @@
 //! CSI Identity service: who the driver is and whether it is ready.
 //!
+//! Every process (controller, node, standalone) describes the same plugin:
+//! CSI's capabilities belong to the plugin as a whole, not to the process
+//! answering, so a node plugin also names the Controller service (which its
+//! controller serves elsewhere). Which process serves which service is the
+//! deployment's business: the CO calls Controller RPCs on the controller's
+//! socket and Node RPCs on each node's.
+//!
 //! `Probe` reports ready only once the process has its state store open and
 //! its node agent serving (the [`Readiness`] flag is raised by `main` after
 //! both are up), so a sidecar never sends work to a half-started plugin.
@@ -33,17 +40,12 @@ impl Readiness {
 #[derive(Clone, Debug)]
 pub struct IdentityService {
     readiness: Readiness,
-    controller: bool,
 }
 
 impl IdentityService {
-    /// `controller`: whether this process serves the Controller service
-    /// (controller and standalone modes).
-    pub fn new(readiness: Readiness, controller: bool) -> Self {
-        IdentityService {
-            readiness,
-            controller,
-        }
+    /// Probe answers what `readiness` says.
+    pub fn new(readiness: Readiness) -> Self {
+        IdentityService { readiness }
     }
 }
 
@@ -64,22 +66,22 @@ impl pb::identity_server::Identity for IdentityService {
         &self,
         _r: Request<pb::GetPluginCapabilitiesRequest>,
     ) -> Result<Response<pb::GetPluginCapabilitiesResponse>, Status> {
-        let mut capabilities = vec![pb::PluginCapability {
-            r#type: Some(plugin_capability::Type::VolumeExpansion(
-                plugin_capability::VolumeExpansion {
-                    r#type: volume_expansion::Type::Online as i32,
-                },
-            )),
-        }];
-        if self.controller {
-            capabilities.push(pb::PluginCapability {
+        let capabilities = vec![
+            pb::PluginCapability {
+                r#type: Some(plugin_capability::Type::VolumeExpansion(
+                    plugin_capability::VolumeExpansion {
+                        r#type: volume_expansion::Type::Online as i32,
+                    },
+                )),
+            },
+            pb::PluginCapability {
                 r#type: Some(plugin_capability::Type::Service(
                     plugin_capability::Service {
                         r#type: service::Type::ControllerService as i32,
                     },
                 )),
-            });
-        }
+            },
+        ];
         Ok(Response::new(pb::GetPluginCapabilitiesResponse {
             capabilities,
         }))

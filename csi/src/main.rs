@@ -349,7 +349,7 @@ async fn run(cli: Cli) -> Result<()> {
             readiness.set_ready();
             println!("zebu-csi controller ready: csi unix://{}", sock.display());
             Server::builder()
-                .add_service(IdentityServer::new(IdentityService::new(readiness, true)))
+                .add_service(IdentityServer::new(IdentityService::new(readiness)))
                 .add_service(ControllerServer::new(ctl))
                 .add_service(RegistryServer::new(Registry::new(store)))
                 .serve_with_incoming_shutdown(incoming, shutdown_signal())
@@ -429,7 +429,7 @@ async fn run(cli: Cli) -> Result<()> {
                 sock.display()
             );
             Server::builder()
-                .add_service(IdentityServer::new(IdentityService::new(readiness, false)))
+                .add_service(IdentityServer::new(IdentityService::new(readiness)))
                 .add_service(NodeServer::new(node))
                 .serve_with_incoming_shutdown(incoming, shutdown_signal())
                 .await
@@ -512,7 +512,7 @@ async fn run(cli: Cli) -> Result<()> {
                 sock.display()
             );
             Server::builder()
-                .add_service(IdentityServer::new(IdentityService::new(readiness, true)))
+                .add_service(IdentityServer::new(IdentityService::new(readiness)))
                 .add_service(ControllerServer::new(ctl))
                 .add_service(NodeServer::new(node))
                 .add_service(RegistryServer::new(registry))
