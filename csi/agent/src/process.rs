@@ -423,7 +423,18 @@ mod tests {
                 epoch: 5
             }
         );
-        // After exec the command line is sleep's, not the recorded one.
+        // After exec the command line is sleep's, not the recorded one. The
+        // ready line comes before the exec: wait until the kernel shows the
+        // new command line (mid-exec it reads empty, and only the name counts).
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        let execed = || {
+            zebu_common::procfs::live(pid)
+                .is_some_and(|p| p.args.first().is_some_and(|a| a == b"sleep"))
+        };
+        while !execed() {
+            assert!(std::time::Instant::now() < end, "sh never became sleep");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         assert!(!is_ours(pid, "/bin/sh", &args));
         let sleep_args = ["60".to_owned()];
         assert!(is_ours(pid, "sleep", &sleep_args));
