@@ -3,6 +3,8 @@
 # kube-controller-manager, kube-scheduler) for Zebu's e2e tests, without Docker.
 #
 #   cluster.sh up      start it (idempotent; needs root)
+#   cluster.sh node-up also run a node: containerd + runc (Debian) and a kubelet
+#                      v1.34.4 named node1 in the same netns (implies up)
 #   cluster.sh down    stop it and remove all its state (idempotent; needs root)
 #   cluster.sh status  exit 0 if it is up and healthy
 #   cluster.sh env     print `export` lines for tests: eval "$(cluster.sh env)"
@@ -39,6 +41,10 @@ SERVICE_CIDR=10.96.0.0/16
 SERVER=https://$IP_NS:6443
 NFT_TABLE="inet zebu_k8s"   # not created today; removed by `down` if a later part adds it
 LOCK=/run/lock/zebu-k8s-cluster.lock
+NODE_NAME=node1
+KUBELET_DIR=/var/lib/kubelet          # where CSI drivers and the kubelet expect it
+KUBELET_MARKER=$KUBELET_DIR/.zebu-k8s-node
+CONTAINERD=$STATE/containerd           # root, state and socket of our containerd
 
 READY_TIMEOUT=${ZEBU_K8S_READY_TIMEOUT:-180}   # seconds, each wait
 STOP_TIMEOUT=10                                 # SIGTERM -> SIGKILL
@@ -50,11 +56,14 @@ since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 
 usage() {
   cat >&2 <<EOF
-usage: $(basename "$0") up|down|status|env
+usage: $(basename "$0") up|node-up|down|status|env
 
   up      start etcd, kube-apiserver, kube-controller-manager and kube-scheduler
           v$K8S_VERSION in netns $NETNS (apiserver $SERVER); idempotent
-  down    stop everything 'up' started and remove $STATE; idempotent
+  node-up up, plus containerd, runc and a kubelet (node $NODE_NAME, root
+          $KUBELET_DIR) in the same netns; idempotent
+  down    stop everything 'up' and 'node-up' started and remove $STATE and
+          $KUBELET_DIR; idempotent
   status  exit 0 if the cluster is up and healthy, 1 otherwise
   env     print shell export lines; use: eval "\$($0 env)"
 
@@ -166,6 +175,13 @@ teardown() {
   if command -v nft > /dev/null 2>&1 && nft list table $NFT_TABLE > /dev/null 2>&1; then
     nft delete table $NFT_TABLE
   fi
+  if [ -f "$KUBELET_MARKER" ]; then
+    # The kubelet bind-mounts its directory onto itself; pods' volumes live below.
+    while read -r m; do
+      umount "$m" 2>/dev/null || umount -l "$m" || log "warning: cannot unmount $m"
+    done < <(awk -v s="$KUBELET_DIR" '$5 == s || index($5, s "/") == 1 { print $5 }' /proc/self/mountinfo | sort -r)
+    rm -rf --one-file-system "$KUBELET_DIR"
+  fi
   if [ -e "$STATE" ]; then
     # Unmount anything below the state dir, deepest first (lazy if busy).
     while read -r m; do
@@ -180,6 +196,14 @@ teardown() {
 }
 
 # ---------------------------------------------------------------- setup pieces
+apt_install() { # PKGS...: install the Debian packages named, if any
+  [ $# -gt 0 ] || return 0
+  log "installing Debian packages: $*"
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq || die "apt-get update failed"
+  apt-get install -y -qq --no-install-recommends "$@" > /dev/null || die "apt-get install $* failed"
+}
+
 ensure_packages() {
   local pkgs=()
   command -v etcd > /dev/null || pkgs+=(etcd-server)
@@ -187,12 +211,7 @@ ensure_packages() {
   command -v openssl > /dev/null || pkgs+=(openssl)
   command -v ip > /dev/null || pkgs+=(iproute2)
   { command -v nsenter && command -v setsid && command -v flock; } > /dev/null || pkgs+=(util-linux)
-  [ ${#pkgs[@]} -gt 0 ] || return 0
-  log "installing Debian packages: ${pkgs[*]}"
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq || die "apt-get update failed"
-  apt-get install -y -qq --no-install-recommends "${pkgs[@]}" > /dev/null ||
-    die "apt-get install ${pkgs[*]} failed"
+  apt_install "${pkgs[@]}"
   command -v etcd > /dev/null && command -v etcdctl > /dev/null || die "etcd/etcdctl missing after install"
 }
 
@@ -417,6 +436,104 @@ cmd_up() {
 
 apiserver_ready() { [ "$(kctl get --raw /readyz 2>/dev/null)" = ok ]; }
 
+node_healthy() {
+  healthy && proc_alive containerd && proc_alive kubelet &&
+    [ "$(kctl get node "$NODE_NAME" -o 'jsonpath={.metadata.name}' 2>/dev/null)" = "$NODE_NAME" ]
+}
+
+ensure_node_packages() {
+  local pkgs=()
+  command -v containerd > /dev/null || pkgs+=(containerd)
+  command -v runc > /dev/null || pkgs+=(runc)
+  [ -x /usr/lib/cni/bridge ] || pkgs+=(containernetworking-plugins)
+  apt_install "${pkgs[@]}"
+}
+
+write_node_config() {
+  # containerd: everything under the state dir; restrict_oom_score_adj because this
+  # machine lacks CAP_SYS_RESOURCE (runc cannot lower a pod's oom_score_adj).
+  cat > "$RUN/containerd.toml" <<TOML
+version = 2
+root = "$CONTAINERD/root"
+state = "$CONTAINERD/state"
+[grpc]
+  address = "$CONTAINERD/containerd.sock"
+[plugins."io.containerd.grpc.v1.cri"]
+  restrict_oom_score_adj = true
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/usr/lib/cni"
+    conf_dir = "$RUN/cni"
+TOML
+  cat > "$RUN/cni/10-bridge.conflist" <<'JSON'
+{ "cniVersion": "1.0.0", "name": "podnet", "plugins": [
+  {"type": "bridge", "bridge": "cni0", "isGateway": true, "ipMasq": false, "hairpinMode": true,
+   "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.244.0.0/24"}]], "routes": [{"dst": "0.0.0.0/0"}]}},
+  {"type": "loopback"} ] }
+JSON
+  # cgroupfs + failCgroupV1 false: this machine has cgroup v1 and no systemd.
+  cat > "$RUN/kubelet.yaml" <<YAML
+apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+cgroupDriver: cgroupfs
+failCgroupV1: false
+failSwapOn: false
+containerRuntimeEndpoint: unix://$CONTAINERD/containerd.sock
+authentication:
+  anonymous: {enabled: false}
+  webhook: {enabled: true}
+  x509: {clientCAFile: $PKI/ca.crt}
+authorization: {mode: Webhook}
+tlsCertFile: $PKI/kubelet.crt
+tlsPrivateKeyFile: $PKI/kubelet.key
+readOnlyPort: 0
+healthzBindAddress: 127.0.0.1
+clusterDomain: cluster.local
+resolvConf: /etc/resolv.conf
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
+evictionHard: {memory.available: "100Mi", nodefs.available: "1%", imagefs.available: "1%", nodefs.inodesFree: "1%"}
+protectKernelDefaults: false
+YAML
+}
+
+cmd_node_up() {
+  need_root node-up
+  cmd_up > /dev/null
+  take_lock
+  if node_healthy; then
+    log "node $NODE_NAME already up"
+    echo "KUBECONFIG=$PKI/admin.kubeconfig"
+    return 0
+  fi
+  local t0 n; t0=$(now)
+  for n in kubelet containerd; do stop "$n"; done
+  ensure_node_packages
+  if [ -e "$KUBELET_DIR" ] && [ ! -f "$KUBELET_MARKER" ]; then
+    die "$KUBELET_DIR exists and is not ours (no $(basename "$KUBELET_MARKER")); is a kubelet already running here?"
+  fi
+  mkdir -p "$KUBELET_DIR" "$CONTAINERD" "$RUN/cni"
+  : > "$KUBELET_MARKER"
+  write_node_config
+  start containerd "$(command -v containerd)" --config "$RUN/containerd.toml"
+  wait_for "$READY_TIMEOUT" containerd test -S "$CONTAINERD/containerd.sock" ||
+    fail_up "containerd did not start ($WAIT_WHY)" containerd
+  start kubelet "$BIN/kubelet" --config="$RUN/kubelet.yaml" --kubeconfig="$PKI/kubelet.kubeconfig" \
+    --hostname-override="$NODE_NAME" --node-ip="$IP_NS" --root-dir="$KUBELET_DIR"
+  wait_for "$READY_TIMEOUT" kubelet kctl get node "$NODE_NAME" ||
+    fail_up "node $NODE_NAME did not register ($WAIT_WHY)" kubelet containerd
+  wait_for "$READY_TIMEOUT" kubelet test -d "$KUBELET_DIR/plugins_registry" ||
+    fail_up "the kubelet made no plugin registry ($WAIT_WHY)" kubelet
+  log "node $NODE_NAME up in $(since "$t0")s (kubelet dir $KUBELET_DIR)"
+  echo "KUBECONFIG=$PKI/admin.kubeconfig"
+}
+
 cmd_down() {
   need_root down
   check_state_path
@@ -443,6 +560,7 @@ cmd_env() {
 
 case "${1:-}" in
   up) cmd_up ;;
+  node-up) cmd_node_up ;;
   down) cmd_down ;;
   status) cmd_status ;;
   env) cmd_env ;;

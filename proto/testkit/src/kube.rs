@@ -67,8 +67,33 @@ pub fn cluster() -> Cluster {
     CLUSTER.get_or_init(bring_up).clone()
 }
 
+/// The test cluster with a node: containerd and a kubelet (node `node1`,
+/// root `/var/lib/kubelet`) beside the control plane.
+pub fn cluster_with_node() -> Cluster {
+    static NODE: OnceLock<()> = OnceLock::new();
+    let c = cluster();
+    NODE.get_or_init(|| {
+        run(
+            Command::new("bash").arg(script()).arg("node-up"),
+            Duration::from_secs(3600),
+        )
+        .expect_ok();
+    });
+    c
+}
+
+/// The kubelet's root directory on the test node.
+pub const KUBELET_DIR: &str = "/var/lib/kubelet";
+
+/// The test node's name.
+pub const NODE_NAME: &str = "node1";
+
+fn script() -> PathBuf {
+    repo_root().join("deploy/kubernetes/e2e/cluster.sh")
+}
+
 fn bring_up() -> Cluster {
-    let script = repo_root().join("deploy/kubernetes/e2e/cluster.sh");
+    let script = script();
     // A cold build of the Kubernetes binaries takes minutes on 2 cores.
     run(
         Command::new("bash").arg(&script).arg("up"),
