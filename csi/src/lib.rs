@@ -19,6 +19,7 @@ pub mod attach;
 pub mod controller;
 pub mod identity;
 pub mod inflight;
+pub mod kubelet;
 pub mod leader;
 pub mod node;
 pub mod node_lease;

@@ -99,6 +99,11 @@ struct Common {
     /// controllers on --store kubernetes (mount it from a Secret).
     #[arg(long, env = "ZEBU_AGENT_TOKEN_FILE")]
     agent_token_file: Option<PathBuf>,
+    /// Serve the gRPC health protocol (grpc.health.v1, what a kubelet
+    /// `grpc` probe asks) on HOST:PORT: SERVING once the driver is ready
+    /// (and, for a node registering with the kubelet, registered).
+    #[arg(long)]
+    health_listen: Option<String>,
 }
 
 impl Common {
@@ -197,6 +202,15 @@ struct NodeArgs {
     /// node.
     #[arg(long)]
     controller: Vec<String>,
+    /// Register with the kubelet through its plugin registry directory
+    /// (usually /var/lib/kubelet/plugins_registry), as node-driver-registrar
+    /// would.
+    #[arg(long)]
+    kubelet_registry: Option<PathBuf>,
+    /// The CSI socket's path as the kubelet's host sees it (default: the
+    /// --endpoint path; differs when this runs in a container).
+    #[arg(long)]
+    kubelet_csi_path: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -347,6 +361,7 @@ async fn run(cli: Cli) -> Result<()> {
             let incoming =
                 grpc::bind_unix(&sock).with_context(|| format!("binding {}", sock.display()))?;
             readiness.set_ready();
+            let _health = serve_health(&a.common, readiness.clone(), None).await?;
             println!("zebu-csi controller ready: csi unix://{}", sock.display());
             Server::builder()
                 .add_service(IdentityServer::new(IdentityService::new(readiness)))
@@ -424,9 +439,21 @@ async fn run(cli: Cli) -> Result<()> {
             });
             let incoming =
                 grpc::bind_unix(&sock).with_context(|| format!("binding {}", sock.display()))?;
+            let registration = match &a.kubelet_registry {
+                Some(dir) => Some(Arc::new(zebu_csi::kubelet::serve(
+                    dir,
+                    a.kubelet_csi_path.clone().unwrap_or_else(|| sock.clone()),
+                )?)),
+                None => None,
+            };
+            let health = serve_health(&a.common, readiness.clone(), registration.clone()).await?;
             println!(
-                "zebu-csi node {node_id} ready: csi unix://{}; agent {agent_addr}",
-                sock.display()
+                "zebu-csi node {node_id} ready: csi unix://{}; agent {agent_addr}{}",
+                sock.display(),
+                health
+                    .as_ref()
+                    .map(|h| format!("; health {}", h.addr))
+                    .unwrap_or_default()
             );
             Server::builder()
                 .add_service(IdentityServer::new(IdentityService::new(readiness)))
@@ -438,6 +465,8 @@ async fn run(cli: Cli) -> Result<()> {
             if let Some(l) = lease {
                 l.abort();
             }
+            drop(registration);
+            drop(health);
             agent_server.abort();
             agent.shutdown().await;
         }
@@ -507,6 +536,7 @@ async fn run(cli: Cli) -> Result<()> {
             let incoming =
                 grpc::bind_unix(&sock).with_context(|| format!("binding {}", sock.display()))?;
             readiness.set_ready();
+            let _health = serve_health(&a.common, readiness.clone(), None).await?;
             println!(
                 "zebu-csi standalone ready: csi unix://{}; node {node_id}; agent {agent_addr}",
                 sock.display()
@@ -582,6 +612,63 @@ async fn renew_node_lease(
         node_id.to_owned(),
         node.node_lease_duration,
     )))
+}
+
+/// Serves grpc.health.v1 on `--health-listen`, if given: SERVING while
+/// `readiness` is up and, when registering with the kubelet, the kubelet
+/// took the plugin. Dropping the handle stops it.
+async fn serve_health(
+    common: &Common,
+    readiness: Readiness,
+    registration: Option<Arc<zebu_csi::kubelet::Registered>>,
+) -> Result<Option<Health>> {
+    let Some(addr) = &common.health_listen else {
+        return Ok(None);
+    };
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the health endpoint to {addr}"))?;
+    let addr = listener.local_addr()?;
+    let (reporter, service) = tonic_health::server::health_reporter();
+    let watcher = tokio::spawn(async move {
+        let mut last = None;
+        loop {
+            let up = readiness.is_ready() && registration.as_ref().is_none_or(|r| r.registered());
+            if last != Some(up) {
+                let status = if up {
+                    tonic_health::ServingStatus::Serving
+                } else {
+                    tonic_health::ServingStatus::NotServing
+                };
+                reporter.set_service_status("", status).await;
+                last = Some(up);
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    });
+    let server = tokio::spawn(
+        Server::builder()
+            .add_service(service)
+            .serve_with_incoming(TcpListenerStream::new(listener)),
+    );
+    Ok(Some(Health {
+        addr,
+        tasks: vec![watcher.abort_handle(), server.abort_handle()],
+    }))
+}
+
+/// A running health endpoint; dropping it stops it.
+struct Health {
+    addr: std::net::SocketAddr,
+    tasks: Vec<tokio::task::AbortHandle>,
+}
+
+impl Drop for Health {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
 }
 
 /// The Lease controllers elect their leader on.

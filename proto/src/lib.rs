@@ -47,6 +47,13 @@ pub mod csi {
     tonic::include_proto!("csi.v1");
 }
 
+/// `pluginregistration`: the kubelet's plugin registration API, which the
+/// node plugin serves so the kubelet finds its CSI socket.
+#[allow(missing_docs, clippy::all)]
+pub mod pluginregistration {
+    tonic::include_proto!("pluginregistration");
+}
+
 /// Largest gRPC message any Zebu endpoint sends or accepts (a batch of
 /// requests or one 32 MiB I/O with headroom).
 pub const MAX_MESSAGE_BYTES: usize = 64 << 20;

@@ -104,7 +104,17 @@ impl Driver {
         extra: &[&str],
     ) -> Driver {
         let dir = root.join(node_id);
-        let socket = dir.join("csi.sock");
+        // `--endpoint` in `extra` replaces the default socket under `root`.
+        let socket = extra
+            .iter()
+            .position(|a| *a == "--endpoint")
+            .and_then(|i| extra.get(i + 1))
+            .and_then(|e| e.strip_prefix("unix://"))
+            .map_or_else(|| dir.join("csi.sock"), PathBuf::from);
+        let extra: Vec<&str> = match extra.iter().position(|a| *a == "--endpoint") {
+            Some(i) => [&extra[..i], &extra[(i + 2).min(extra.len())..]].concat(),
+            None => extra.to_vec(),
+        };
         let mut args: Vec<String> = vec![
             "node".into(),
             "--endpoint".into(),
