@@ -527,7 +527,8 @@ impl Replica for ReplicaService {
         &self,
         request: Request<pb::CloseRequest>,
     ) -> Result<Response<pb::ReplicaInfo>, Status> {
-        reply(self.store.close(request.into_inner().epoch).await)
+        let r = request.into_inner();
+        reply(self.store.close(r.epoch, r.session).await)
     }
 
     async fn info(
@@ -542,7 +543,11 @@ impl Replica for ReplicaService {
         request: Request<pb::CreateSnapshotRequest>,
     ) -> Result<Response<pb::ReplicaInfo>, Status> {
         let r = request.into_inner();
-        reply(self.store.snapshot(&r.name, r.user_created, r.epoch).await)
+        reply(
+            self.store
+                .snapshot(&r.name, r.user_created, r.epoch, r.session)
+                .await,
+        )
     }
 
     async fn list_snapshots(
@@ -564,7 +569,11 @@ impl Replica for ReplicaService {
         request: Request<pb::DeleteSnapshotRequest>,
     ) -> Result<Response<pb::ReplicaInfo>, Status> {
         let r = request.into_inner();
-        reply(self.store.delete_snapshot(&r.name, r.epoch).await)
+        reply(
+            self.store
+                .delete_snapshot(&r.name, r.epoch, r.session)
+                .await,
+        )
     }
 
     async fn revert(
@@ -572,7 +581,7 @@ impl Replica for ReplicaService {
         request: Request<pb::RevertRequest>,
     ) -> Result<Response<pb::ReplicaInfo>, Status> {
         let r = request.into_inner();
-        reply(self.store.revert(&r.name, r.epoch).await)
+        reply(self.store.revert(&r.name, r.epoch, r.session).await)
     }
 
     async fn expand(
@@ -580,7 +589,7 @@ impl Replica for ReplicaService {
         request: Request<pb::ExpandRequest>,
     ) -> Result<Response<pb::ReplicaInfo>, Status> {
         let r = request.into_inner();
-        reply(self.store.expand(r.size, r.epoch).await)
+        reply(self.store.expand(r.size, r.epoch, r.session).await)
     }
 
     async fn scrub(
@@ -610,7 +619,7 @@ impl Replica for ReplicaService {
         request: Request<pb::SetEjectedRequest>,
     ) -> Result<Response<pb::ReplicaInfo>, Status> {
         let r = request.into_inner();
-        reply(self.store.set_ejected(r.ejected, r.epoch).await)
+        reply(self.store.set_ejected(r.ejected, r.epoch, r.session).await)
     }
 
     type BlockCrcsStream = BoxStream<pb::BlockCrcsChunk>;

@@ -37,8 +37,7 @@ pub struct Sessions {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error(
     "session {got} was superseded by session {current}: this replica was opened again since \
-     this data stream started, so its requests are refused; open a new stream with the session \
-     that Open returned"
+     that session began, so its requests are refused; use the session the latest Open returned"
 )]
 pub struct Superseded {
     /// The stream's session.

@@ -162,7 +162,10 @@ fn corruption_in_a_snapshot_fails_reads_through_it_and_its_merge() {
         for b in 0..8 {
             write(&store, b, block(1, b)).await;
         }
-        store.snapshot("before", true, EPOCH).await.unwrap();
+        store
+            .snapshot("before", true, EPOCH, store.session())
+            .await
+            .unwrap();
         // The head holds blocks 0-1 only; 2-7 are read from the snapshot.
         for b in 0..2 {
             write(&store, b, block(2, b)).await;
@@ -175,7 +178,10 @@ fn corruption_in_a_snapshot_fails_reads_through_it_and_its_merge() {
         assert_eq!(head_part.slice(..BS as usize), block(2, 0));
         // Merging the snapshot into the head would give the rotten block a
         // valid CRC there: refused, and the snapshot stays.
-        match store.delete_snapshot("before", EPOCH).await {
+        match store
+            .delete_snapshot("before", EPOCH, store.session())
+            .await
+        {
             Err(StoreError::Corrupt {
                 block: 5, layer, ..
             }) => assert_eq!(layer, "before"),
@@ -251,7 +257,10 @@ fn a_scrub_finds_every_rotten_block_of_every_layer() {
         for b in 0..16 {
             write(&store, b, block(1, b)).await;
         }
-        store.snapshot("s1", true, EPOCH).await.unwrap();
+        store
+            .snapshot("s1", true, EPOCH, store.session())
+            .await
+            .unwrap();
         for b in 0..4 {
             write(&store, b, block(2, b)).await;
         }
@@ -311,8 +320,14 @@ fn a_scrub_during_writes_unmaps_and_merges_finds_nothing() {
                         write(&store, b, block(i as u8, b)).await;
                     }
                     if i % 100 == 50 {
-                        store.snapshot("mid", true, EPOCH).await.unwrap();
-                        store.delete_snapshot("mid", EPOCH).await.unwrap();
+                        store
+                            .snapshot("mid", true, EPOCH, store.session())
+                            .await
+                            .unwrap();
+                        store
+                            .delete_snapshot("mid", EPOCH, store.session())
+                            .await
+                            .unwrap();
                     }
                 }
             })

@@ -286,10 +286,19 @@ async fn flushed_data_survives_sigkill(engine: &str) {
     assert!(resp.payload.iter().all(|&b| b == 0));
     drop(io);
     // A clean detach is recorded; a stale epoch cannot detach.
-    let err = c.close(pb::CloseRequest { epoch: 1 }).await.unwrap_err();
+    let err = c
+        .close(pb::CloseRequest {
+            epoch: 1,
+            session: session_of(&mut c.clone()).await,
+        })
+        .await
+        .unwrap_err();
     assert_eq!(err.code(), tonic::Code::FailedPrecondition);
     let info = c
-        .close(pb::CloseRequest { epoch: 2 })
+        .close(pb::CloseRequest {
+            epoch: 2,
+            session: session_of(&mut c.clone()).await,
+        })
         .await
         .unwrap()
         .into_inner();
@@ -379,11 +388,62 @@ async fn bad_requests_are_rejected(engine: &str) {
     let resp = io6.one(read_req(0, BS)).await;
     assert!(resp.payload.iter().all(|&b| b == 7));
 
+    // A control call of a superseded session (its caller has re-opened the
+    // replica since; a late call of an ejected engine link) is refused,
+    // whatever it asks, and changes nothing.
+    let current = session_of(&mut c).await;
+    let late = current - 1;
+    let size_before = c.info(pb::InfoRequest {}).await.unwrap().into_inner().size;
+    let refused = [
+        c.create_snapshot(pb::CreateSnapshotRequest {
+            name: "late".into(),
+            epoch: 6,
+            user_created: true,
+            session: late,
+        })
+        .await
+        .map(|_| ()),
+        c.set_ejected(pb::SetEjectedRequest {
+            ejected: vec!["someone".into()],
+            epoch: 6,
+            session: late,
+        })
+        .await
+        .map(|_| ()),
+        c.expand(pb::ExpandRequest {
+            size: 1 << 30,
+            epoch: 6,
+            session: late,
+        })
+        .await
+        .map(|_| ()),
+        c.close(pb::CloseRequest {
+            epoch: 6,
+            session: late,
+        })
+        .await
+        .map(|_| ()),
+    ];
+    for r in refused {
+        let err = r.expect_err("a superseded session's control call was applied");
+        assert_eq!(err.code(), tonic::Code::FailedPrecondition, "{err:?}");
+        assert!(err.message().contains("session"), "{}", err.message());
+    }
+    let info = c.info(pb::InfoRequest {}).await.unwrap().into_inner();
+    assert!(info.ejected.is_empty(), "{:?}", info.ejected);
+    assert_eq!(info.size, size_before);
+    assert!(
+        info.chain.iter().all(|l| l.name != "late"),
+        "{:?}",
+        info.chain
+    );
+
     // Control-plane errors.
     let err = c
         .delete_snapshot(pb::DeleteSnapshotRequest {
             name: "nope".into(),
             epoch: 6,
+            session: session_of(&mut c.clone()).await,
         })
         .await
         .unwrap_err();
@@ -392,6 +452,7 @@ async fn bad_requests_are_rejected(engine: &str) {
         .expand(pb::ExpandRequest {
             size: 4 << 20,
             epoch: 6,
+            session: session_of(&mut c.clone()).await,
         })
         .await
         .unwrap_err();
@@ -402,6 +463,7 @@ async fn bad_requests_are_rejected(engine: &str) {
             name: "bad name!".into(),
             epoch: 6,
             user_created: true,
+            session: session_of(&mut c.clone()).await,
         })
         .await
         .unwrap_err();
@@ -410,6 +472,7 @@ async fn bad_requests_are_rejected(engine: &str) {
         name: "s1".into(),
         epoch: 6,
         user_created: true,
+        session: session_of(&mut c.clone()).await,
     })
     .await
     .unwrap();
@@ -418,6 +481,7 @@ async fn bad_requests_are_rejected(engine: &str) {
             name: "s1".into(),
             epoch: 6,
             user_created: true,
+            session: session_of(&mut c.clone()).await,
         })
         .await
         .unwrap_err();
@@ -427,6 +491,7 @@ async fn bad_requests_are_rejected(engine: &str) {
         .revert(pb::RevertRequest {
             name: "s1".into(),
             epoch: 6,
+            session: session_of(&mut c.clone()).await,
         })
         .await
         .unwrap_err();
@@ -543,6 +608,7 @@ async fn freeze_base(c: &mut ReplicaClient<Channel>) {
         name: "base".into(),
         epoch: 1,
         user_created: false,
+        session: session_of(&mut c.clone()).await,
     })
     .await
     .unwrap();
@@ -863,6 +929,7 @@ async fn a_full_disk_refuses_new_layers_and_a_sparse_crc_file_still_opens() {
             name: "s1".into(),
             epoch: 1,
             user_created: true,
+            session: session_of(&mut c.clone()).await,
         })
         .await
         .expect_err("no room for the new layer's files");

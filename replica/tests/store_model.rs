@@ -158,20 +158,26 @@ async fn run(steps: Vec<Step>, engine: EngineKind) -> Result<(), TestCaseError> 
                 // deleting one right below the head folds the head down.
                 let user_created = snap_no % 2 == 0;
                 snap_no += 1;
-                store.snapshot(&name, user_created, EPOCH).await.unwrap();
+                store
+                    .snapshot(&name, user_created, EPOCH, store.session())
+                    .await
+                    .unwrap();
                 model.snapshots.push((name, model.blocks.clone()));
             }
             Step::Delete(i) => {
                 if !model.snapshots.is_empty() {
                     let (name, _) = model.snapshots.remove(i % model.snapshots.len());
-                    store.delete_snapshot(&name, EPOCH).await.unwrap();
+                    store
+                        .delete_snapshot(&name, EPOCH, store.session())
+                        .await
+                        .unwrap();
                 }
             }
             Step::Revert(i) => {
                 if !model.snapshots.is_empty() {
                     let i = i % model.snapshots.len();
                     let (name, blocks) = model.snapshots[i].clone();
-                    store.revert(&name, EPOCH).await.unwrap();
+                    store.revert(&name, EPOCH, store.session()).await.unwrap();
                     model.snapshots.truncate(i + 1);
                     // The volume keeps its current size; blocks past the
                     // snapshot's size read as zeros.
@@ -182,7 +188,7 @@ async fn run(steps: Vec<Step>, engine: EngineKind) -> Result<(), TestCaseError> 
             }
             Step::Expand(extra) => {
                 let size = (nblocks + extra) * BS;
-                store.expand(size, EPOCH).await.unwrap();
+                store.expand(size, EPOCH, store.session()).await.unwrap();
                 model.blocks.resize((nblocks + extra) as usize, 0);
             }
             Step::Flush => store.flush(EPOCH).await.unwrap(),
@@ -249,10 +255,16 @@ fn folding_an_expanded_head_into_an_older_snapshot_keeps_its_crcs() {
         };
         write(0, 1).await;
         write(1, 2).await;
-        store.snapshot("sys", false, EPOCH).await.unwrap();
-        store.expand(64 * BS, EPOCH).await.unwrap();
+        store
+            .snapshot("sys", false, EPOCH, store.session())
+            .await
+            .unwrap();
+        store.expand(64 * BS, EPOCH, store.session()).await.unwrap();
         write(40, 3).await;
-        store.delete_snapshot("sys", EPOCH).await.unwrap();
+        store
+            .delete_snapshot("sys", EPOCH, store.session())
+            .await
+            .unwrap();
         assert!(store.snapshots().await.is_empty(), "the snapshot is gone");
         check_stored_crcs(&store).await.unwrap();
         write(63, 4).await;

@@ -120,7 +120,11 @@ pub async fn fill(
         .await
         .map_err(err("finishing the sync"))?;
         dst.call("closing", |mut c| async move {
-            c.close(rpb::CloseRequest { epoch: EPOCH }).await
+            c.close(rpb::CloseRequest {
+                epoch: EPOCH,
+                session,
+            })
+            .await
         })
         .await
         .map_err(err("closing"))?;

@@ -128,11 +128,11 @@ impl Volume {
     pub async fn shutdown(&self) -> Result<(), DeviceError> {
         self.flush_all().await?;
         let _quiet = self.gate.write().await;
-        for (_, c) in self.live_members() {
-            let epoch = self.epoch;
+        for (rid, c) in self.live_members() {
+            let (epoch, session) = (self.epoch, self.member_session(rid));
             if let Err(e) = c
                 .call_long("closing", |mut cl| async move {
-                    cl.close(pb::CloseRequest { epoch }).await
+                    cl.close(pb::CloseRequest { epoch, session }).await
                 })
                 .await
             {

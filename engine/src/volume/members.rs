@@ -6,6 +6,13 @@ use super::*;
 
 impl Volume {
     /// The replicas that are not ejected, for control calls.
+    /// The session member `rid`'s `Open` started (0 if it is gone): every
+    /// control call to it names it, so a late call of an older attachment
+    /// of the same replica is refused.
+    pub(super) fn member_session(&self, rid: ReplicaId) -> u64 {
+        self.lock().members.get(&rid).map_or(0, |m| m.session)
+    }
+
     pub(super) fn live_members(&self) -> Vec<(ReplicaId, Control)> {
         let inner = self.lock();
         inner
@@ -95,9 +102,15 @@ impl Volume {
             })
             .await?;
         if info.size < size {
+            let session = opened.session;
             control
                 .call("growing to the volume size", |mut cl| async move {
-                    cl.expand(pb::ExpandRequest { size, epoch }).await
+                    cl.expand(pb::ExpandRequest {
+                        size,
+                        epoch,
+                        session,
+                    })
+                    .await
                 })
                 .await?;
         }
@@ -181,12 +194,16 @@ impl Volume {
         }
         self.record_ejected().await;
         // The system snapshot has served its purpose: fold it back.
-        for (_, c) in self.live_members() {
-            let (n, epoch) = (snap.to_owned(), self.epoch);
+        for (rid, c) in self.live_members() {
+            let (n, epoch, session) = (snap.to_owned(), self.epoch, self.member_session(rid));
             if let Err(e) = c
                 .call_long("deleting the rebuild snapshot", |mut cl| async move {
-                    cl.delete_snapshot(pb::DeleteSnapshotRequest { name: n, epoch })
-                        .await
+                    cl.delete_snapshot(pb::DeleteSnapshotRequest {
+                        name: n,
+                        epoch,
+                        session,
+                    })
+                    .await
                 })
                 .await
             {
@@ -199,12 +216,16 @@ impl Volume {
     /// Writes the current set of ejected replica ids to every live replica.
     pub(super) async fn record_ejected(&self) {
         let ejected: Vec<String> = self.lock().ejected.iter().cloned().collect();
-        for (_, c) in self.live_members() {
-            let (ej, epoch) = (ejected.clone(), self.epoch);
+        for (rid, c) in self.live_members() {
+            let (ej, epoch, session) = (ejected.clone(), self.epoch, self.member_session(rid));
             if let Err(e) = c
                 .call("recording ejected replicas", |mut cl| async move {
-                    cl.set_ejected(pb::SetEjectedRequest { ejected: ej, epoch })
-                        .await
+                    cl.set_ejected(pb::SetEjectedRequest {
+                        ejected: ej,
+                        epoch,
+                        session,
+                    })
+                    .await
                 })
                 .await
             {

@@ -243,10 +243,15 @@ impl Volume {
             match info {
                 Ok(mut info) => {
                     if info.size < opts.size {
-                        let size = opts.size;
+                        let (size, session) = (opts.size, info.session);
                         info = c
                             .call("growing to the volume size", |mut cl| async move {
-                                cl.expand(pb::ExpandRequest { size, epoch }).await
+                                cl.expand(pb::ExpandRequest {
+                                    size,
+                                    epoch,
+                                    session,
+                                })
+                                .await
                             })
                             .await?;
                     }
@@ -501,9 +506,14 @@ impl Volume {
                             }
                         }
                         let uuids: Vec<String> = inner.ejected.iter().cloned().collect();
-                        let targets: Vec<(ReplicaId, Control)> = on
+                        let targets: Vec<(ReplicaId, Control, u64)> = on
                             .iter()
-                            .filter_map(|r| inner.members.get(r).map(|m| (*r, m.control.clone())))
+                            .filter_map(|r| {
+                                inner
+                                    .members
+                                    .get(r)
+                                    .map(|m| (*r, m.control.clone(), m.session))
+                            })
                             .collect();
                         let missing: Vec<ReplicaId> = on
                             .iter()
@@ -514,12 +524,16 @@ impl Volume {
                         let epoch = self.epoch;
                         tokio::spawn(async move {
                             let mut failed_on = missing;
-                            for (rid, c) in targets {
+                            for (rid, c, session) in targets {
                                 let ej = uuids.clone();
                                 let r = c
                                     .call("recording an ejection", |mut cl| async move {
-                                        cl.set_ejected(pb::SetEjectedRequest { ejected: ej, epoch })
-                                            .await
+                                        cl.set_ejected(pb::SetEjectedRequest {
+                                            ejected: ej,
+                                            epoch,
+                                            session,
+                                        })
+                                        .await
                                     })
                                     .await;
                                 if let Err(e) = r {

@@ -12,13 +12,14 @@ impl Volume {
         let mut any_ok = false;
         for (rid, c) in self.live_members() {
             let n = name.to_owned();
-            let epoch = self.epoch;
+            let (epoch, session) = (self.epoch, self.member_session(rid));
             let r = c
                 .call("creating a snapshot", |mut cl| async move {
                     cl.create_snapshot(pb::CreateSnapshotRequest {
                         name: n,
                         epoch,
                         user_created,
+                        session,
                     })
                     .await
                 })
@@ -111,11 +112,15 @@ impl Volume {
         self.check_no_rebuild("delete a snapshot")?;
         let mut found = false;
         for (rid, c) in self.live_members() {
-            let (n, epoch) = (name.to_owned(), self.epoch);
+            let (n, epoch, session) = (name.to_owned(), self.epoch, self.member_session(rid));
             let r = c
                 .call_long("deleting a snapshot", |mut cl| async move {
-                    cl.delete_snapshot(pb::DeleteSnapshotRequest { name: n, epoch })
-                        .await
+                    cl.delete_snapshot(pb::DeleteSnapshotRequest {
+                        name: n,
+                        epoch,
+                        session,
+                    })
+                    .await
                 })
                 .await;
             match r {
@@ -162,10 +167,15 @@ impl Volume {
         for (rid, c) in &members {
             let mut attempt = 0;
             loop {
-                let (n, epoch) = (name.to_owned(), self.epoch);
+                let (n, epoch, session) = (name.to_owned(), self.epoch, self.member_session(*rid));
                 let r = c
                     .call("reverting", |mut cl| async move {
-                        cl.revert(pb::RevertRequest { name: n, epoch }).await
+                        cl.revert(pb::RevertRequest {
+                            name: n,
+                            epoch,
+                            session,
+                        })
+                        .await
                     })
                     .await;
                 match r {
@@ -235,10 +245,15 @@ impl Volume {
         }
         let _quiet = self.gate.write().await;
         for (rid, c) in self.live_members() {
-            let epoch = self.epoch;
+            let (epoch, session) = (self.epoch, self.member_session(rid));
             let r = c
                 .call("expanding", |mut cl| async move {
-                    cl.expand(pb::ExpandRequest { size, epoch }).await
+                    cl.expand(pb::ExpandRequest {
+                        size,
+                        epoch,
+                        session,
+                    })
+                    .await
                 })
                 .await;
             if let Err(e) = r {

@@ -60,13 +60,34 @@ impl Store {
 
     /// Clean detach of the engine holding `epoch`: flushes every layer and
     /// records that no write of that engine is outstanding.
-    pub async fn close(&self, epoch: u64) -> Result<ReplicaStatus> {
+    pub async fn close(&self, epoch: u64, session: u64) -> Result<ReplicaStatus> {
         self.check_epoch(epoch)?;
         let _c = self.control.lock().await;
+        self.check_session(session)?;
         self.flush_all(true).await?;
         self.update_meta(|m| m.attached = false).await?;
         drop(_c);
         Ok(self.status().await)
+    }
+
+    /// The current data-stream session (that of the last `Open`; 0 before
+    /// the first).
+    pub fn session(&self) -> u64 {
+        self.sessions.current()
+    }
+
+    /// Refuses a control call of `session` unless it is the current one
+    /// (call it holding the control lock, which `Open` takes too).
+    pub(super) fn check_session(&self, session: u64) -> Result<()> {
+        let current = self.sessions.current();
+        if session == 0 || session != current {
+            return Err(Superseded {
+                got: session,
+                current,
+            }
+            .into());
+        }
+        Ok(())
     }
 
     /// Admits one data-stream request of `session` and `epoch` (see

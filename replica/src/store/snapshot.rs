@@ -10,10 +10,12 @@ impl Store {
         name: &str,
         user_created: bool,
         epoch: u64,
+        session: u64,
     ) -> Result<ReplicaStatus> {
         validate_name(name)?;
         self.check_epoch(epoch)?;
         let _c = self.control.lock().await;
+        self.check_session(session)?;
         {
             let mut chain = self.chain.write().await;
             if chain.find_frozen(name).is_some() {
@@ -81,9 +83,15 @@ impl Store {
     /// Deletes snapshot `name`, merging its blocks into its child. I/O keeps
     /// flowing; when the child is the head, each chunk briefly holds the
     /// chain exclusively.
-    pub async fn delete_snapshot(&self, name: &str, epoch: u64) -> Result<ReplicaStatus> {
+    pub async fn delete_snapshot(
+        &self,
+        name: &str,
+        epoch: u64,
+        session: u64,
+    ) -> Result<ReplicaStatus> {
         self.check_epoch(epoch)?;
         let _c = self.control.lock().await;
+        self.check_session(session)?;
         let (from, into, into_is_head, user_created) = {
             let chain = self.chain.read().await;
             if chain.syncing {
@@ -263,9 +271,10 @@ impl Store {
 
     /// Drops every layer above snapshot `name` and starts an empty head on
     /// it. Refused while data streams are open.
-    pub async fn revert(&self, name: &str, epoch: u64) -> Result<ReplicaStatus> {
+    pub async fn revert(&self, name: &str, epoch: u64, session: u64) -> Result<ReplicaStatus> {
         self.check_epoch(epoch)?;
         let _c = self.control.lock().await;
+        self.check_session(session)?;
         let open = self.streams.load(Ordering::Acquire);
         if open > 0 {
             return Err(StoreError::FailedPrecondition(format!(
@@ -308,9 +317,10 @@ impl Store {
     }
 
     /// Grows the volume to `size` bytes.
-    pub async fn expand(&self, size: u64, epoch: u64) -> Result<ReplicaStatus> {
+    pub async fn expand(&self, size: u64, epoch: u64, session: u64) -> Result<ReplicaStatus> {
         self.check_epoch(epoch)?;
         let _c = self.control.lock().await;
+        self.check_session(session)?;
         {
             let mut chain = self.chain.write().await;
             let bs = self.block_size as u64;

@@ -71,9 +71,15 @@ impl Store {
     }
 
     /// Replaces the recorded set of ejected peers.
-    pub async fn set_ejected(&self, ejected: Vec<String>, epoch: u64) -> Result<ReplicaStatus> {
+    pub async fn set_ejected(
+        &self,
+        ejected: Vec<String>,
+        epoch: u64,
+        session: u64,
+    ) -> Result<ReplicaStatus> {
         self.check_epoch(epoch)?;
         let _c = self.control.lock().await;
+        self.check_session(session)?;
         self.update_meta(|m| m.ejected = ejected).await?;
         drop(_c);
         Ok(self.status().await)
