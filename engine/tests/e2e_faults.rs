@@ -1,7 +1,8 @@
 //! End to end, faults between the engine and its replicas: links that stop
 //! delivering in one direction or both (a fault proxy holds the bytes, as a
 //! TCP send queue behind a dead link would, and delivers them late), a
-//! replica paused past the I/O timeout and resumed, and a second engine
+//! replica paused past the I/O timeout and resumed, a link that delays
+//! everything (a delay line in the proxy), and a second engine
 //! taking over the replicas of a running one. After each: every
 //! acknowledged and flushed write reads back, nothing unacknowledged is
 //! reported written, and every replica read alone holds the same image.
@@ -279,4 +280,76 @@ fn a_fenced_engine_never_acknowledges_a_write() {
     new.stop();
     let image = assert_replicas_identical(&addrs);
     assert_same("block 0 of every replica", &image[..BS as usize], &a);
+}
+
+/// A link that delays everything (a proxy delay line, both ways): at 30 ms
+/// the engine keeps going, slower; at 1.5 s — more than the I/O timeout —
+/// the replica is ejected while requests of the old link are still in the
+/// line, the writes are acknowledged by the two others, and the replica is
+/// added back while those old requests are still on their way; they arrive
+/// late and change nothing. Every write reads back and every replica holds
+/// the same image.
+#[test]
+fn a_delayed_link_slows_io_and_a_link_slower_than_the_timeout_ejects_safely() {
+    let _serial = serial();
+    let tmp = tempdir();
+    let (replicas, proxies, mut engine) = proxied(tmp.path(), "delayed");
+    let mut nbd = NbdConn::connect(&engine.socket, "delayed");
+    let blocks = 32u64;
+    let mut expect: Vec<Vec<u8>> = Vec::new();
+
+    // Slow but within the timeout: every write is acknowledged.
+    proxies[1].set_delay(Duration::from_millis(30));
+    for i in 0..blocks {
+        let data = pattern(100 + i, BS as usize);
+        nbd.write(i * BS, &data).expect("write through a slow link");
+        expect.push(data);
+    }
+    nbd.flush().expect("flush through a slow link");
+    for (i, data) in expect.iter().enumerate() {
+        assert_same(
+            "a block written through a slow link",
+            &nbd.read(i as u64 * BS, BS as u32).expect("read"),
+            data,
+        );
+    }
+
+    // Slower than the I/O timeout: replica 1 is ejected; the writes go on.
+    proxies[1].set_delay(Duration::from_millis(1500));
+    for i in 0..blocks / 2 {
+        let data = pattern(200 + i, BS as usize);
+        nbd.write(i * BS, &data)
+            .expect("write acknowledged by the two others");
+        expect[i as usize] = data;
+    }
+    nbd.flush().expect("flush acknowledged by the two others");
+    engine.wait_status("replica 1 ejected", |s| {
+        replica_entry(s, &proxies[1].addr).is_some_and(|r| r["mode"] == "ERR")
+    });
+    // The link speeds up; the replica comes back while the old link's
+    // requests may still be in the delay line.
+    proxies[1].set_delay(Duration::ZERO);
+    engine.ctl_ok(&["replica", "add", &proxies[1].addr, "--wait"]);
+    engine.wait_healthy(3);
+    // Every old request has arrived (or died with its connection).
+    assert!(
+        proxies[1].wait_delivered(Duration::from_secs(30)),
+        "the delay line never drained"
+    );
+    for _ in 0..3 {
+        for (i, data) in expect.iter().enumerate() {
+            assert_same(
+                "a block after the slow replica came back",
+                &nbd.read(i as u64 * BS, BS as u32).expect("read"),
+                data,
+            );
+        }
+    }
+    drop(nbd);
+    engine.stop();
+    let image = assert_replicas_identical(&replica_addrs(&replicas));
+    for (i, data) in expect.iter().enumerate() {
+        let at = i * BS as usize;
+        assert_same("every replica's block", &image[at..at + BS as usize], data);
+    }
 }

@@ -9,7 +9,9 @@
 //! [`FaultProxy::release`] then delivers the held bytes, as TCP's next
 //! retransmission would, even when the engine has closed its end since. The proxy reports whether the
 //! engine closed a frozen connection and when the replica closed the
-//! connection the released bytes went to.
+//! connection the released bytes went to. [`FaultProxy::set_delay`] makes
+//! the link slow to answer: every chunk is delivered a fixed time after it
+//! was sent, in order (a delay line per direction, as netem would add).
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, TcpListener, TcpStream};
@@ -23,6 +25,50 @@ struct Conn {
     upstream: TcpStream,
     client: TcpStream,
     state: Mutex<ConnState>,
+    /// Delay lines toward the replica and toward the engine.
+    to_upstream: DelayLine,
+    to_client: DelayLine,
+}
+
+/// Delivers each chunk to a socket `delay` after it was handed over, in
+/// order, from a thread of its own.
+struct DelayLine {
+    tx: Mutex<std::sync::mpsc::Sender<(Instant, Vec<u8>)>>,
+    /// Chunks handed over and not yet written (or dropped).
+    pending: Arc<std::sync::atomic::AtomicUsize>,
+}
+
+impl DelayLine {
+    fn new(mut to: TcpStream) -> DelayLine {
+        let (tx, rx) = std::sync::mpsc::channel::<(Instant, Vec<u8>)>();
+        let pending = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let left = pending.clone();
+        std::thread::spawn(move || {
+            let mut broken = false;
+            for (due, bytes) in rx {
+                if let Some(wait) = due.checked_duration_since(Instant::now()) {
+                    std::thread::sleep(wait);
+                }
+                // A closed socket drops the rest, still counted off.
+                broken = broken || to.write_all(&bytes).is_err();
+                left.fetch_sub(1, Ordering::AcqRel);
+            }
+        });
+        DelayLine {
+            tx: Mutex::new(tx),
+            pending,
+        }
+    }
+
+    /// Sends `bytes` to arrive `delay` from now.
+    fn send(&self, delay: Duration, bytes: &[u8]) {
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        let _ = self
+            .tx
+            .lock()
+            .unwrap()
+            .send((Instant::now() + delay, bytes.to_vec()));
+    }
 }
 
 /// Which way a freeze stops the bytes.
@@ -58,6 +104,8 @@ struct Shared {
     conns: Mutex<Vec<Arc<Conn>>>,
     changed: Condvar,
     stop: AtomicBool,
+    /// Added one-way latency, each direction (zero: none).
+    delay: Mutex<Duration>,
 }
 
 impl Shared {
@@ -86,6 +134,7 @@ impl FaultProxy {
             conns: Mutex::new(Vec::new()),
             changed: Condvar::new(),
             stop: AtomicBool::new(false),
+            delay: Mutex::new(Duration::ZERO),
         });
         let (sh, up) = (shared.clone(), upstream.to_owned());
         let accept = std::thread::spawn(move || {
@@ -99,10 +148,15 @@ impl FaultProxy {
                 };
                 let _ = client.set_nodelay(true);
                 let _ = upstream.set_nodelay(true);
+                let (Ok(up2), Ok(cl2)) = (upstream.try_clone(), client.try_clone()) else {
+                    continue;
+                };
                 let conn = Arc::new(Conn {
                     upstream,
                     client,
                     state: Mutex::default(),
+                    to_upstream: DelayLine::new(up2),
+                    to_client: DelayLine::new(cl2),
                 });
                 sh.conns.lock().unwrap().push(conn.clone());
                 let (s1, c1) = (sh.clone(), conn.clone());
@@ -115,6 +169,37 @@ impl FaultProxy {
             addr,
             shared,
             accept: Some(accept),
+        }
+    }
+
+    /// Delays from now on every chunk, both ways, by `delay` (zero: none).
+    pub fn set_delay(&self, delay: Duration) {
+        *self.shared.delay.lock().unwrap() = delay;
+    }
+
+    /// Waits up to `limit` until every delayed chunk was delivered (or
+    /// dropped with its connection); whether they were.
+    pub fn wait_delivered(&self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        loop {
+            let pending: usize = self
+                .shared
+                .conns
+                .lock()
+                .unwrap()
+                .iter()
+                .map(|c| {
+                    c.to_upstream.pending.load(Ordering::Acquire)
+                        + c.to_client.pending.load(Ordering::Acquire)
+                })
+                .sum();
+            if pending == 0 {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 
@@ -245,9 +330,12 @@ fn pump_from_client(shared: &Shared, conn: &Conn) {
             }
             return;
         }
+        let delay = *shared.delay.lock().unwrap();
         let mut st = conn.state.lock().unwrap();
         if st.frozen {
             st.held.extend_from_slice(&buf[..n]);
+        } else if !delay.is_zero() {
+            conn.to_upstream.send(delay, &buf[..n]);
         } else if (&conn.upstream).write_all(&buf[..n]).is_err() {
             return;
         }
@@ -262,9 +350,12 @@ fn pump_from_upstream(shared: &Shared, conn: &Conn) {
         match (&conn.upstream).read(&mut buf) {
             Ok(0) | Err(_) => break,
             Ok(n) => {
+                let delay = *shared.delay.lock().unwrap();
                 let mut st = conn.state.lock().unwrap();
                 if st.replies_frozen {
                     st.held_replies.extend_from_slice(&buf[..n]);
+                } else if !delay.is_zero() {
+                    conn.to_client.send(delay, &buf[..n]);
                 } else {
                     // The engine may be gone; keep reading so the
                     // replica's end is seen.
