@@ -24,6 +24,7 @@
 pub mod agents;
 pub mod copy;
 pub mod events;
+pub mod forward;
 pub mod placement;
 pub mod reconcile;
 mod rpc;
@@ -397,6 +398,14 @@ impl Controller {
         if let Some(sink) = &self.inner.events {
             sink.volume_event(volume, event, note);
         }
+    }
+
+    /// The leader's forwarding address while this controller follows one
+    /// that published it (see [`forward`]).
+    pub fn leader_address(&self) -> Option<String> {
+        let l = self.inner.leadership.as_ref()?;
+        let st = l.state();
+        (!st.leading && !st.address.is_empty()).then_some(st.address)
     }
 
     /// Whether this controller leads now.
@@ -795,7 +804,8 @@ impl Controller {
         &self.inner.agents
     }
 
-    pub(crate) fn config(&self) -> &ControllerConfig {
+    /// The settings it runs with.
+    pub fn config(&self) -> &ControllerConfig {
         &self.inner.cfg
     }
 }

@@ -38,7 +38,13 @@ pub struct ElectionConfig {
     pub renew_deadline: Duration,
     /// How often a candidate tries to acquire or renew.
     pub retry_period: Duration,
+    /// Where followers reach this candidate's Controller service while it
+    /// leads (`HOST:PORT`), published on the Lease; `None`: nowhere.
+    pub address: Option<String>,
 }
+
+/// The Lease annotation naming the leader's forwarding address.
+pub const ADDRESS_ANNOTATION: &str = "zebu.csi.dev/controller-address";
 
 impl ElectionConfig {
     /// The defaults of Kubernetes' own controllers (15 s, 10 s, 2 s).
@@ -50,6 +56,7 @@ impl ElectionConfig {
             lease_duration: Duration::from_secs(15),
             renew_deadline: Duration::from_secs(10),
             retry_period: Duration::from_secs(2),
+            address: None,
         }
     }
 }
@@ -61,6 +68,8 @@ pub struct LeaderState {
     pub leading: bool,
     /// The holder of the lease as last seen (empty: none).
     pub holder: String,
+    /// The holder's forwarding address as last seen (empty: none).
+    pub address: String,
 }
 
 /// A running candidate; dropping it stops campaigning (a leader's lease then
@@ -180,6 +189,7 @@ async fn try_once(
         let lease = Lease {
             metadata: ObjectMeta {
                 name: Some(cfg.name.clone()),
+                annotations: annotations(cfg),
                 ..ObjectMeta::default()
             },
             spec: Some(mine(0, None)),
@@ -188,12 +198,10 @@ async fn try_once(
             Ok(_) => LeaderState {
                 leading: true,
                 holder: cfg.identity.clone(),
+                address: cfg.address.clone().unwrap_or_default(),
             },
             // Another candidate created it first.
-            Err(kube::Error::Api(s)) if s.code == 409 => LeaderState {
-                leading: false,
-                holder: String::new(),
-            },
+            Err(kube::Error::Api(s)) if s.code == 409 => LeaderState::default(),
             Err(e) => return Err(e),
         });
     };
@@ -204,6 +212,13 @@ async fn try_once(
         .unwrap_or_default();
     let spec = current.spec.clone().unwrap_or_default();
     let holder = spec.holder_identity.clone().unwrap_or_default();
+    let address = current
+        .metadata
+        .annotations
+        .as_ref()
+        .and_then(|a| a.get(ADDRESS_ANNOTATION))
+        .cloned()
+        .unwrap_or_default();
     let seen_since = match observed {
         Some((seen_rv, since)) if *seen_rv == rv => *since,
         _ => {
@@ -221,6 +236,7 @@ async fn try_once(
         return Ok(LeaderState {
             leading: false,
             holder,
+            address,
         });
     }
     let transitions = spec.lease_transitions.unwrap_or(0) + i32::from(holder != cfg.identity);
@@ -231,6 +247,7 @@ async fn try_once(
     };
     let mut lease = current;
     lease.spec = Some(mine(transitions, acquired));
+    lease.metadata.annotations = annotations(cfg);
     match api.replace(&cfg.name, &PostParams::default(), &lease).await {
         Ok(written) => {
             *observed = written
@@ -240,13 +257,22 @@ async fn try_once(
             Ok(LeaderState {
                 leading: true,
                 holder: cfg.identity.clone(),
+                address: cfg.address.clone().unwrap_or_default(),
             })
         }
         // Someone else wrote first (renewed, or took it over).
         Err(kube::Error::Api(s)) if s.code == 409 => Ok(LeaderState {
             leading: false,
             holder,
+            address,
         }),
         Err(e) => Err(e),
     }
+}
+
+/// The Lease's annotations when `cfg` writes it: its forwarding address.
+fn annotations(cfg: &ElectionConfig) -> Option<std::collections::BTreeMap<String, String>> {
+    cfg.address
+        .as_ref()
+        .map(|a| [(ADDRESS_ANNOTATION.to_owned(), a.clone())].into())
 }

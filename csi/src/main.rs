@@ -20,6 +20,7 @@ use zebu_agent::{Agent, AgentConfig};
 use zebu_common::auth::Token;
 use zebu_common::grpc;
 use zebu_csi::controller::events::KubeEvents;
+use zebu_csi::controller::forward::Forwarding;
 use zebu_csi::controller::{ClusterParts, Controller, ControllerConfig, reconcile};
 use zebu_csi::identity::{IdentityService, Readiness};
 use zebu_csi::leader::{ElectionConfig, Leadership};
@@ -182,6 +183,15 @@ struct ControllerArgs {
     /// This controller's identity in the election (default: host name and pid).
     #[arg(long, env = "POD_NAME")]
     leader_election_identity: Option<String>,
+    /// With --store kubernetes: serve the Controller service on HOST:PORT
+    /// (bearer token required) so that followers relay their calls here
+    /// while this controller leads, instead of answering UNAVAILABLE.
+    #[arg(long)]
+    forward_listen: Option<String>,
+    /// The address followers dial for --forward-listen (default: the
+    /// listening address; in a pod, $(POD_IP):PORT).
+    #[arg(long)]
+    forward_advertise: Option<String>,
     #[command(flatten)]
     opts: ControllerOpts,
 }
@@ -351,26 +361,70 @@ async fn run(cli: Cli) -> Result<()> {
                 );
             }
             let store = open_store(&a.common.state, &a.store)?;
+            let forward = match (&a.forward_listen, a.store.store) {
+                (Some(_), StoreKind::Sled) => {
+                    bail!(
+                        "--forward-listen is for --store kubernetes (there is no election on sled)"
+                    )
+                }
+                (Some(addr), StoreKind::Kubernetes) => {
+                    let l = TcpListener::bind(addr)
+                        .await
+                        .with_context(|| format!("binding --forward-listen {addr}"))?;
+                    let local = l.local_addr()?;
+                    let advertise = match &a.forward_advertise {
+                        Some(x) => x.clone(),
+                        None if local.ip().is_unspecified() => bail!(
+                            "--forward-listen {addr} listens on every address: say which one \
+                             followers dial with --forward-advertise (e.g. $(POD_IP):{})",
+                            local.port()
+                        ),
+                        None => local.to_string(),
+                    };
+                    Some((l, advertise))
+                }
+                (None, _) => None,
+            };
             let parts = match a.store.store {
                 StoreKind::Sled => ClusterParts::default(),
-                StoreKind::Kubernetes => elect(&a).await?,
+                StoreKind::Kubernetes => {
+                    elect(&a, forward.as_ref().map(|(_, adv)| adv.clone())).await?
+                }
             };
             let ctl =
                 Controller::in_cluster(store.clone(), controller_config(&a.opts, token)?, parts);
             let reconciler = tokio::spawn(reconcile::run(ctl.clone(), a.opts.reconcile_interval));
+            let forward_server = forward.map(|(listener, _)| {
+                tokio::spawn(
+                    Server::builder()
+                        .add_service(ControllerServer::with_interceptor(
+                            ctl.clone(),
+                            zebu_common::auth::Require(ctl.config().agent_token.clone()),
+                        ))
+                        .serve_with_incoming(TcpListenerStream::new(listener)),
+                )
+            });
             let incoming =
                 grpc::bind_unix(&sock).with_context(|| format!("binding {}", sock.display()))?;
             readiness.set_ready();
             let _health = serve_health(&a.common, readiness.clone(), None).await?;
             println!("zebu-csi controller ready: csi unix://{}", sock.display());
+            let token = ctl.config().agent_token.clone();
             Server::builder()
                 .add_service(IdentityServer::new(IdentityService::new(readiness)))
-                .add_service(ControllerServer::new(ctl))
+                .add_service(Forwarding::new(
+                    ControllerServer::new(ctl.clone()),
+                    ctl,
+                    token,
+                ))
                 .add_service(RegistryServer::new(Registry::new(store)))
                 .serve_with_incoming_shutdown(incoming, shutdown_signal())
                 .await
                 .context("serving CSI")?;
             reconciler.abort();
+            if let Some(f) = forward_server {
+                f.abort();
+            }
         }
         Mode::Node(a) => {
             let sock = unix_path(&a.common.endpoint)?;
@@ -563,7 +617,7 @@ async fn run(cli: Cli) -> Result<()> {
 
 /// Starts campaigning for the controllers' Lease; returns the candidate,
 /// where its volume events go and its view of the nodes' Leases.
-async fn elect(a: &ControllerArgs) -> Result<ClusterParts> {
+async fn elect(a: &ControllerArgs, address: Option<String>) -> Result<ClusterParts> {
     let client = zebu_csi::store::kube_client(a.store.kubeconfig.as_deref())
         .await
         .context("connecting to the Kubernetes API for leader election")?;
@@ -577,7 +631,8 @@ async fn elect(a: &ControllerArgs) -> Result<ClusterParts> {
             std::process::id()
         ),
     };
-    let cfg = ElectionConfig::new(&a.store.namespace, LEASE_NAME, &identity);
+    let mut cfg = ElectionConfig::new(&a.store.namespace, LEASE_NAME, &identity);
+    cfg.address = address;
     tracing::info!(identity = %identity, namespace = %cfg.namespace, lease = LEASE_NAME, "campaigning for the controller lease");
     Ok(ClusterParts {
         leadership: Some(Leadership::start(client.clone(), cfg)),

@@ -71,22 +71,8 @@ fn csi_sanity_passes_against_a_controller_and_a_node_apart() {
     let tmp = tempdir();
     let root = tmp.path().to_owned();
     let _scrub = Scrub(root.clone());
-    let token = root.join("agent-token");
-    std::fs::write(&token, "zebu-sanity-token-0123456789\n").expect("write the token");
-    let (token, kc) = (
-        token.display().to_string(),
-        cluster.kubeconfig.display().to_string(),
-    );
-    let flags = [
-        "--agent-token-file",
-        &token,
-        "--store",
-        "kubernetes",
-        "--kubeconfig",
-        &kc,
-        "--namespace",
-        "default",
-    ];
+    let flags = cluster_flags(&root, &cluster.kubeconfig, "default");
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let controller = Driver::controller(&root, "ctl", &flags);
     let node = Driver::node_joining(&root, "sanity-node", &[], 3, &flags);
     // The controller leads (a lease left by an earlier test expires first)

@@ -43,15 +43,11 @@ fn the_node_plugin_registers_with_the_kubelet_and_reports_health() {
     let tmp = tempdir();
     let root = tmp.path().to_owned();
     let _scrub = Scrub(root.clone());
-    let token = root.join("agent-token");
-    std::fs::write(&token, "zebu-kubelet-token-0123456789\n").expect("write the token");
     // The CSI socket where the kubelet expects drivers' sockets.
     let plugin_dir = std::path::Path::new(KUBELET_DIR).join("plugins/zebu.csi.dev");
     std::fs::create_dir_all(&plugin_dir).expect("plugin dir");
     let csi = plugin_dir.join("csi.sock");
-    let (token, kc, endpoint, registry) = (
-        token.display().to_string(),
-        cluster.kubeconfig.display().to_string(),
+    let (endpoint, registry) = (
         format!("unix://{}", csi.display()),
         format!("{KUBELET_DIR}/plugins_registry"),
     );
@@ -60,28 +56,17 @@ fn the_node_plugin_registers_with_the_kubelet_and_reports_health() {
         "",
         "a driver left registered by an earlier run"
     );
-    let mut node = Driver::node_joining(
-        &root,
-        NODE_NAME,
-        &[],
-        1,
-        &[
-            "--agent-token-file",
-            &token,
-            "--store",
-            "kubernetes",
-            "--kubeconfig",
-            &kc,
-            "--namespace",
-            "default",
-            "--endpoint",
-            &endpoint,
-            "--kubelet-registry",
-            &registry,
-            "--health-listen",
-            "127.0.0.1:0",
-        ],
-    );
+    let flags = cluster_flags(&root, &cluster.kubeconfig, "default");
+    let mut flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    flags.extend([
+        "--endpoint",
+        &endpoint,
+        "--kubelet-registry",
+        &registry,
+        "--health-listen",
+        "127.0.0.1:0",
+    ]);
+    let mut node = Driver::node_joining(&root, NODE_NAME, &[], 1, &flags);
     let health = node
         .ready
         .split("; health ")

@@ -1,6 +1,6 @@
 //! Two controllers on the Kubernetes store elect a leader on a Lease of the
 //! real API server (the test cluster); the follower refuses mutating calls
-//! with UNAVAILABLE. The leader is SIGKILLed while volumes are being
+//! with UNAVAILABLE, or with `--forward-listen` relays them to the leader. The leader is SIGKILLed while volumes are being
 //! created: the follower takes over, every CreateVolume (retried as the CSI
 //! sidecars retry) succeeds exactly once, no replica is left without its
 //! volume, and `kubectl get zebuvolumes` shows them healthy. The node
@@ -62,8 +62,12 @@ fn request(name: &str) -> pb::CreateVolumeRequest {
 async fn create_until_done(endpoints: &[String], name: &str) -> pb::Volume {
     let end = Instant::now() + DEADLINE * 2;
     let mut i = 0;
+    let mut last = None;
     loop {
-        assert!(Instant::now() < end, "CreateVolume {name} never succeeded");
+        assert!(
+            Instant::now() < end,
+            "CreateVolume {name} never succeeded; last answer: {last:?}"
+        );
         let ep = &endpoints[i % endpoints.len()];
         i += 1;
         let Ok(ch) = zebu_common::grpc::connect(ep).await else {
@@ -79,11 +83,31 @@ async fn create_until_done(endpoints: &[String], name: &str) -> pb::Volume {
                     Code::Unavailable | Code::Aborted | Code::ResourceExhausted | Code::Unknown
                 ) =>
             {
+                last = Some(s);
                 tokio::time::sleep(Duration::from_millis(300)).await;
             }
             Err(s) => panic!("CreateVolume {name} on {ep}: {s:?}"),
         }
     }
+}
+
+/// The test cluster with an empty store and no controller Lease.
+fn fresh_cluster() -> Cluster {
+    let cluster = zebu_testkit::kube::cluster();
+    clear_kube_store(&cluster.kubeconfig);
+    run(
+        &mut cluster.kubectl(&[
+            "delete",
+            "lease",
+            LEASE,
+            "-n",
+            NAMESPACE,
+            "--ignore-not-found",
+        ]),
+        SHORT,
+    )
+    .expect_ok();
+    cluster
 }
 
 /// Replica directories under the node's disks: (volume id, replica id).
@@ -109,20 +133,7 @@ fn the_follower_takes_over_and_every_volume_is_created_once() {
     let _serial = serial();
     require_node_tools();
     require_data_path_bins();
-    let cluster = zebu_testkit::kube::cluster();
-    clear_kube_store(&cluster.kubeconfig);
-    run(
-        &mut cluster.kubectl(&[
-            "delete",
-            "lease",
-            LEASE,
-            "-n",
-            NAMESPACE,
-            "--ignore-not-found",
-        ]),
-        SHORT,
-    )
-    .expect_ok();
+    let cluster = fresh_cluster();
     let tmp = zebu_testkit::tempdir();
     let root = tmp.path().to_owned();
     let _scrub = Scrub(root.clone());
@@ -318,4 +329,98 @@ fn a_cluster_controller_without_an_agent_token_refuses_to_start() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(stderr.contains("--agent-token-file"), "{stderr}");
+}
+
+/// With `--forward-listen`, a follower relays Controller calls to the
+/// leader (at the address the leader published on the Lease) instead of
+/// answering UNAVAILABLE, so a CSI sidecar whose own leader sits beside the
+/// follower is served. The forwarding endpoint refuses callers without the
+/// driver's token.
+#[test]
+fn a_follower_relays_controller_calls_to_the_leader() {
+    let _serial = serial();
+    require_node_tools();
+    require_data_path_bins();
+    let cluster = fresh_cluster();
+    let tmp = zebu_testkit::tempdir();
+    let root = tmp.path().to_owned();
+    let _scrub = Scrub(root.clone());
+    let rt = zebu_testkit::runtime();
+    let flags = cluster_flags(&root, &cluster.kubeconfig, NAMESPACE);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let mut ctl: BTreeMap<String, Driver> = BTreeMap::new();
+    for id in ["fw-a", "fw-b"] {
+        let mut f = flags.clone();
+        f.extend([
+            "--leader-election-identity",
+            id,
+            "--forward-listen",
+            "127.0.0.1:0",
+        ]);
+        ctl.insert(id.into(), Driver::controller(&root, id, &f));
+    }
+    let _node = Driver::node_joining(&root, "node-fw", &[], 2, &flags);
+    poll("a leader", DEADLINE, || !holder(&cluster).is_empty());
+    let leader = holder(&cluster);
+    let follower = ctl
+        .keys()
+        .find(|k| **k != leader)
+        .expect("a follower")
+        .clone();
+    let address = run(
+        &mut cluster.kubectl(&[
+            "get",
+            "lease",
+            LEASE,
+            "-n",
+            NAMESPACE,
+            "-o",
+            "jsonpath={.metadata.annotations.zebu\\.csi\\.dev/controller-address}",
+        ]),
+        SHORT,
+    )
+    .expect_ok()
+    .stdout
+    .trim()
+    .to_owned();
+    assert!(address.starts_with("127.0.0.1:"), "{address:?}");
+
+    rt.block_on(async {
+        // Through the follower's socket, as its pod's sidecars would call.
+        let vol =
+            create_until_done(std::slice::from_ref(&ctl[&follower].endpoint), "relayed").await;
+        let mut c = controller(&ctl[&follower].endpoint).await;
+        let listed = c
+            .list_volumes(pb::ListVolumesRequest::default())
+            .await
+            .expect("ListVolumes through the follower")
+            .into_inner();
+        assert!(
+            listed.entries.iter().any(|e| e
+                .volume
+                .as_ref()
+                .is_some_and(|v| v.volume_id == vol.volume_id)),
+            "{listed:?}"
+        );
+        c.delete_volume(pb::DeleteVolumeRequest {
+            volume_id: vol.volume_id.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("DeleteVolume through the follower");
+
+        // The leader's forwarding endpoint wants the token.
+        let ch = tonic::transport::Endpoint::from_shared(format!("http://{address}"))
+            .expect("address")
+            .connect()
+            .await
+            .expect("connect to the forwarding endpoint");
+        let st = pb::controller_client::ControllerClient::new(ch)
+            .list_volumes(pb::ListVolumesRequest::default())
+            .await
+            .expect_err("the forwarding endpoint served a caller without the token");
+        assert_eq!(st.code(), Code::Unauthenticated, "{st:?}");
+    });
+    let store = KubeStore::connect(Some(&cluster.kubeconfig)).expect("store");
+    assert!(store.list_volumes().expect("list").is_empty());
 }

@@ -76,7 +76,8 @@ impl Token {
         Ok(Token(s.into()))
     }
 
-    fn header(&self) -> String {
+    /// The `authorization` header value that presents this token.
+    pub fn header(&self) -> String {
         format!("Bearer {}", self.0)
     }
 }
@@ -119,13 +120,14 @@ impl Interceptor for Require {
             Ok(req)
         } else if given.is_empty() {
             Err(Status::unauthenticated(
-                "this node agent requires a bearer token: give the controller \
-                 --agent-token-file with the token the node was started with",
+                "this endpoint (a node agent, or a controller's forwarding endpoint) requires \
+                 the driver's bearer token: give the caller --agent-token-file with the token \
+                 this side was started with",
             ))
         } else {
             Err(Status::unauthenticated(
-                "wrong bearer token for this node agent: the controller's \
-                 --agent-token-file must hold the token the node was started with",
+                "wrong bearer token: the caller's --agent-token-file must hold the token this \
+                 node agent or controller was started with",
             ))
         }
     }

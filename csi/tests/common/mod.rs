@@ -498,3 +498,23 @@ pub fn corrupt_first_data_block(root: &Path) -> PathBuf {
     }
     panic!("no replica data file with data under {}", root.display());
 }
+
+/// Writes the agents' bearer token under `root` and returns the flags every
+/// process of a cluster test gets: that token, the Kubernetes store of
+/// `kubeconfig`, and `namespace` for the driver's Leases.
+pub fn cluster_flags(root: &Path, kubeconfig: &Path, namespace: &str) -> Vec<String> {
+    let token = root.join("agent-token");
+    std::fs::write(&token, "zebu-test-token-0123456789\n").expect("write the token");
+    [
+        "--agent-token-file",
+        &token.display().to_string(),
+        "--store",
+        "kubernetes",
+        "--kubeconfig",
+        &kubeconfig.display().to_string(),
+        "--namespace",
+        namespace,
+    ]
+    .map(str::to_owned)
+    .to_vec()
+}
