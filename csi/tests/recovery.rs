@@ -137,25 +137,6 @@ fn make_claim(cluster: &zebu_testkit::kube::Cluster) {
     let _ = std::fs::remove_file(path);
 }
 
-/// The reasons of the Events about the claim.
-fn event_reasons_on_claim(cluster: &zebu_testkit::kube::Cluster) -> Vec<String> {
-    let r = zebu_testkit::run(
-        &mut cluster.kubectl(&[
-            "get",
-            "events",
-            "-n",
-            LEASE_NAMESPACE,
-            "--field-selector",
-            &format!("involvedObject.kind=PersistentVolumeClaim,involvedObject.name={CLAIM}"),
-            "-o",
-            "jsonpath={range .items[*]}{.reason}{\"\\n\"}{end}",
-        ]),
-        zebu_testkit::SHORT,
-    )
-    .expect_ok();
-    r.stdout.lines().map(str::to_owned).collect()
-}
-
 /// `renewTime` of `node`'s Lease, as a timestamp.
 fn lease_renewed(cluster: &zebu_testkit::kube::Cluster, node: &str) -> Timestamp {
     let r = zebu_testkit::run(
@@ -177,29 +158,6 @@ fn lease_renewed(cluster: &zebu_testkit::kube::Cluster, node: &str) -> Timestamp
         .unwrap_or_else(|e| panic!("renewTime {:?}: {e}", r.stdout))
 }
 
-/// When the `reason` Event about volume `id` was recorded, and its note.
-fn event_of(cluster: &zebu_testkit::kube::Cluster, id: &str, reason: &str) -> (Timestamp, String) {
-    let r = zebu_testkit::run(
-        &mut cluster.kubectl(&[
-            "get",
-            "events",
-            "-A",
-            "--field-selector",
-            &format!("involvedObject.name={id},reason={reason}"),
-            "-o",
-            "jsonpath={.items[0].eventTime}{\"\\n\"}{.items[0].message}",
-        ]),
-        zebu_testkit::SHORT,
-    )
-    .expect_ok();
-    let (time, note) = r.stdout.split_once('\n').unwrap_or((&r.stdout, ""));
-    let time = time
-        .trim()
-        .parse()
-        .unwrap_or_else(|e| panic!("eventTime {time:?}: {e}"));
-    (time, note.to_owned())
-}
-
 /// `kubectl get zebuvolume ID` field at `path`.
 fn zv_field(cluster: &zebu_testkit::kube::Cluster, id: &str, path: &str) -> String {
     let r = zebu_testkit::run(
@@ -209,22 +167,72 @@ fn zv_field(cluster: &zebu_testkit::kube::Cluster, id: &str, path: &str) -> Stri
     r.stdout.trim().to_owned()
 }
 
-/// The reasons of the Events about volume `id`.
-fn event_reasons(cluster: &zebu_testkit::kube::Cluster, id: &str) -> Vec<String> {
+/// An Event as the tests look at it.
+struct Ev {
+    reason: String,
+    time: Option<Timestamp>,
+    note: String,
+}
+
+/// The Events, in every namespace, that match the field `selector`.
+fn events(cluster: &zebu_testkit::kube::Cluster, selector: &str) -> Vec<Ev> {
     let r = zebu_testkit::run(
         &mut cluster.kubectl(&[
             "get",
             "events",
             "-A",
             "--field-selector",
-            &format!("involvedObject.name={id}"),
+            selector,
             "-o",
-            "jsonpath={range .items[*]}{.reason}{\"\\n\"}{end}",
+            "json",
         ]),
         zebu_testkit::SHORT,
     )
     .expect_ok();
-    r.stdout.lines().map(str::to_owned).collect()
+    let list: serde_json::Value = serde_json::from_str(&r.stdout).expect("kubectl's JSON");
+    let text = |e: &serde_json::Value, k: &str| e[k].as_str().unwrap_or_default().to_owned();
+    list["items"]
+        .as_array()
+        .map(|items| {
+            items
+                .iter()
+                .map(|e| Ev {
+                    reason: text(e, "reason"),
+                    time: text(e, "eventTime").parse().ok(),
+                    note: text(e, "message"),
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// The reasons of the Events about volume `id`.
+fn event_reasons(cluster: &zebu_testkit::kube::Cluster, id: &str) -> Vec<String> {
+    reasons(&events(cluster, &format!("involvedObject.name={id}")))
+}
+
+/// The reasons of the Events about the claim.
+fn event_reasons_on_claim(cluster: &zebu_testkit::kube::Cluster) -> Vec<String> {
+    reasons(&events(
+        cluster,
+        &format!("involvedObject.kind=PersistentVolumeClaim,involvedObject.name={CLAIM}"),
+    ))
+}
+
+fn reasons(evs: &[Ev]) -> Vec<String> {
+    evs.iter().map(|e| e.reason.clone()).collect()
+}
+
+/// When the `reason` Event about volume `id` was recorded, and its note.
+fn event_of(cluster: &zebu_testkit::kube::Cluster, id: &str, reason: &str) -> (Timestamp, String) {
+    let evs = events(
+        cluster,
+        &format!("involvedObject.name={id},reason={reason}"),
+    );
+    let e = evs
+        .first()
+        .unwrap_or_else(|| panic!("no {reason} Event about {id}"));
+    (e.time.expect("the Event's eventTime"), e.note.clone())
 }
 
 fn lost_node(extra: &[&str], kube: Option<&zebu_testkit::kube::Cluster>) {
