@@ -110,8 +110,18 @@ start() { # NAME CMD ARGS...: run CMD inside the netns, detached, logging to $LO
   # setsid keeps it alive when the caller's terminal or process group goes away.
   # 8>&- : the daemon must not inherit (and so hold forever) our lock on $LOCK.
   setsid nsenter --net="$NETNS_PATH" "$@" < /dev/null > "$LOGS/$n.log" 2>&1 8>&- &
-  echo $! > "$RUN/$n.pid"
+  local pid=$! i argv0
+  echo "$pid" > "$RUN/$n.pid"
   echo "$n" >> "$RUN/order"
+  # Until setsid and nsenter have exec'd the daemon, its pid shows their
+  # command line and proc_alive would call it dead: wait for the exec.
+  for ((i = 0; i < 100; i++)); do
+    argv0=
+    { IFS= read -r -d '' argv0 < "/proc/$pid/cmdline"; } 2>/dev/null || true
+    [ "$argv0" = "$1" ] && return 0
+    kill -0 "$pid" 2>/dev/null || return 0
+    sleep 0.05
+  done
 }
 
 stop() { # NAME: SIGTERM, then SIGKILL after $STOP_TIMEOUT s; only the recorded process
