@@ -138,24 +138,12 @@ fn the_follower_takes_over_and_every_volume_is_created_once() {
     let root = tmp.path().to_owned();
     let _scrub = Scrub(root.clone());
     let rt = zebu_testkit::runtime();
-    let kc = cluster.kubeconfig.to_str().expect("UTF-8 path").to_owned();
-    // The node agent's API is protected; the controllers present the token.
-    let token = root.join("agent-token");
-    std::fs::write(&token, "zebu-test-token-0123456789\n").expect("write the token");
-    let token = token.to_str().expect("UTF-8 path").to_owned();
-    // What every process of the cluster is given.
-    let cluster_flags = [
-        "--agent-token-file",
-        token.as_str(),
-        "--store",
-        "kubernetes",
-        "--kubeconfig",
-        kc.as_str(),
-        "--namespace",
-        NAMESPACE,
-    ];
+    // What every process of the cluster is given: the node agent's API is
+    // protected, the controllers present the token.
+    let cluster_flags = cluster_flags(&root, &cluster.kubeconfig, NAMESPACE);
+    let cluster_flags: Vec<&str> = cluster_flags.iter().map(String::as_str).collect();
     let start_controller = |id: &str| {
-        let mut flags = cluster_flags.to_vec();
+        let mut flags = cluster_flags.clone();
         flags.extend([
             "--leader-election-identity",
             id,

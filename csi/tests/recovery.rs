@@ -244,29 +244,15 @@ fn lost_node(extra: &[&str], kube: Option<&zebu_testkit::kube::Cluster>) {
     let rt = rt();
     // On Kubernetes every process gets the agents' token and the cluster's
     // store; the nodes register themselves and renew their Leases.
-    let token = root.join("agent-token");
-    std::fs::write(&token, "zebu-test-token-0123456789\n").expect("write the token");
-    let (token, lease, delay) = (
-        token.display().to_string(),
-        format!("{LEASE_SECS}s"),
-        format!("{REPLACEMENT_SECS}s"),
-    );
-    let kc = kube.map(|c| c.kubeconfig.display().to_string());
-    let cluster_flags: Vec<&str> = match &kc {
-        Some(kc) => vec![
-            "--agent-token-file",
-            &token,
-            "--store",
-            "kubernetes",
-            "--kubeconfig",
-            kc,
-            "--namespace",
-            LEASE_NAMESPACE,
-            "--node-lease-duration",
-            &lease,
-        ],
+    let (lease, delay) = (format!("{LEASE_SECS}s"), format!("{REPLACEMENT_SECS}s"));
+    let cluster_flags = match kube {
+        Some(c) => cluster_flags(&root, &c.kubeconfig, LEASE_NAMESPACE),
         None => vec![],
     };
+    let mut cluster_flags: Vec<&str> = cluster_flags.iter().map(String::as_str).collect();
+    if kube.is_some() {
+        cluster_flags.extend(["--node-lease-duration", lease.as_str()]);
+    }
     let mut standalone_flags = cluster_flags.clone();
     standalone_flags.extend(extra);
     if kube.is_some() {

@@ -120,21 +120,9 @@ impl Drop for Registered {
 /// server on in-process pipes.
 pub fn serve(registry_dir: &Path, csi_path: PathBuf) -> anyhow::Result<Registered> {
     use anyhow::Context;
-    std::fs::create_dir_all(registry_dir).with_context(|| {
-        format!(
-            "creating the kubelet's plugin registry {}",
-            registry_dir.display()
-        )
-    })?;
     let path = registry_dir.join(socket_name());
-    match std::fs::remove_file(&path) {
-        Ok(()) => tracing::info!(socket = %path.display(), "replacing a stale registration socket"),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => {
-            return Err(e).with_context(|| format!("removing the stale socket {}", path.display()));
-        }
-    }
-    let listener = tokio::net::UnixListener::bind(&path)
+    // Creates the directory and replaces a stale socket, as for every socket.
+    let mut listener = zebu_common::grpc::bind_unix(&path)
         .with_context(|| format!("binding the registration socket {}", path.display()))?;
     let service = Registration::new(csi_path);
     let (pipes, incoming) = tokio::sync::mpsc::channel::<tokio::io::DuplexStream>(4);
@@ -156,12 +144,13 @@ pub fn serve(registry_dir: &Path, csi_path: PathBuf) -> anyhow::Result<Registere
         let path = path.clone();
         async move {
             loop {
-                let conn = match listener.accept().await {
-                    Ok((conn, _)) => conn,
-                    Err(e) => {
+                let conn = match listener.next().await {
+                    Some(Ok(conn)) => conn,
+                    Some(Err(e)) => {
                         tracing::error!(socket = %path.display(), error = %e, "accepting on the registration socket failed");
                         return;
                     }
+                    None => return,
                 };
                 let (outer, inner) = tokio::io::duplex(64 << 10);
                 if pipes.send(inner).await.is_err() {
