@@ -221,6 +221,17 @@ struct NodeArgs {
     /// --endpoint path; differs when this runs in a container).
     #[arg(long)]
     kubelet_csi_path: Option<PathBuf>,
+    /// Move the processes that serve attached volumes (replicas, engines,
+    /// FUSE bridges) into this cgroup (a path relative to each hierarchy's
+    /// root, e.g. zebu), so that they outlive this process's container and
+    /// the next node plugin adopts them. For a node plugin in a Pod: needs
+    /// the host's cgroup filesystem at --cgroup-root and `hostPID: true`.
+    #[arg(long)]
+    data_path_cgroup: Option<String>,
+    /// Where the host's cgroup hierarchies are mounted (for
+    /// --data-path-cgroup).
+    #[arg(long, default_value = "/sys/fs/cgroup")]
+    cgroup_root: PathBuf,
 }
 
 #[derive(Args)]
@@ -428,6 +439,13 @@ async fn run(cli: Cli) -> Result<()> {
         }
         Mode::Node(a) => {
             let sock = unix_path(&a.common.endpoint)?;
+            if let Some(name) = &a.data_path_cgroup {
+                if name.is_empty() || name.starts_with('/') || name.split('/').any(|c| c == "..") {
+                    bail!("--data-path-cgroup {name:?}: give a relative cgroup path such as zebu");
+                }
+                zebu_common::cgroup::init(&a.cgroup_root, name)
+                    .context("setting up --data-path-cgroup")?;
+            }
             let token = a.common.agent_token()?;
             match a.store.store {
                 StoreKind::Sled if a.controller.is_empty() => {

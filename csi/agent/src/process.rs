@@ -155,6 +155,9 @@ pub(crate) fn spawn(
         .as_ref()
         .and_then(|c| c.id())
         .ok_or_else(|| AgentError::Internal(format!("{what}: spawned child has no pid")))?;
+    // Out of the plugin's container, when it runs in one (dropping `child`
+    // on failure kills it).
+    zebu_common::cgroup::place(pid).map_err(|e| AgentError::Internal(format!("{what}: {e}")))?;
     Ok(Spawned {
         child,
         pid,

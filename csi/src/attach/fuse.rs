@@ -125,7 +125,16 @@ pub(super) async fn start_server(
         size_bytes: expected,
         backend,
     };
-    let ready = match write_state(layout, &rec, ctx) {
+    // Out of the plugin's container, when it runs in one (see
+    // zebu_common::cgroup): the mount must outlive the plugin's Pod.
+    let placed = match child_pid {
+        Some(pid) => zebu_common::cgroup::place(pid as u32).map_err(|source| AttachError::Cgroup {
+            context: ctx.to_owned(),
+            source,
+        }),
+        None => Ok(()),
+    };
+    let ready = match placed.and_then(|()| write_state(layout, &rec, ctx)) {
         Ok(()) => wait_nbdfuse_ready(&mut child, layout, expected, &command, ctx).await,
         Err(e) => Err(e),
     };

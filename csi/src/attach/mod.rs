@@ -173,6 +173,15 @@ pub enum AttachError {
         #[source]
         source: Errno,
     },
+    /// The FUSE server could not be moved out of the plugin's container.
+    #[error("{context}: {source}")]
+    Cgroup {
+        /// What was being done.
+        context: String,
+        /// Why.
+        #[source]
+        source: zebu_common::cgroup::CgroupError,
+    },
     /// The state file exists but cannot be read or written as JSON.
     #[error("{context}: state file {}: {source}", path.display())]
     StateFile {

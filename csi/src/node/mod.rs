@@ -268,7 +268,8 @@ fn attach_status(e: AttachError) -> Status {
         | AttachError::Command { .. }
         | AttachError::Io { .. }
         | AttachError::Sys { .. }
-        | AttachError::StateFile { .. } => Status::internal(msg),
+        | AttachError::StateFile { .. }
+        | AttachError::Cgroup { .. } => Status::internal(msg),
     }
 }
 
