@@ -4,6 +4,7 @@
 //! with the driver (`zebu-common`) are crates of their own beside this one.
 //!
 //! - [`store`]: the control plane's state store (volumes, snapshots, nodes).
+//! - [`agent_secret`]: the Secret holding the node agents' token in a cluster.
 //! - [`attach`]: the node side — attach an NBD export as a block device
 //!   (Zebu's FUSE bridge + loop), make a filesystem only if blank, mount / bind /
 //!   unmount, grow, volume statistics.
@@ -15,6 +16,7 @@
 //! - [`node`]: the CSI Node service (stage, publish, stats, expand).
 //! - [`registry`]: where node agents announce themselves to the controller.
 
+pub mod agent_secret;
 pub mod attach;
 pub mod controller;
 pub mod identity;

@@ -57,6 +57,23 @@ enum Mode {
     /// Print the custom resource definitions of the cluster store (YAML,
     /// for kubectl apply -f -).
     Crds,
+    /// Create the Secret holding the node agents' bearer token (a new random
+    /// token) unless it exists; the install runs this as a Job.
+    AgentToken(AgentTokenArgs),
+}
+
+#[derive(Args)]
+struct AgentTokenArgs {
+    /// Name of the Secret (the token is its key `token`).
+    #[arg(long, default_value = "zebu-agent-token")]
+    secret: String,
+    /// Namespace of the Secret.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "zebu-system")]
+    namespace: String,
+    /// Kubeconfig; without it, the in-cluster service account, $KUBECONFIG
+    /// or ~/.kube/config.
+    #[arg(long)]
+    kubeconfig: Option<PathBuf>,
 }
 
 /// Where the controller keeps its state.
@@ -541,6 +558,17 @@ async fn run(cli: Cli) -> Result<()> {
             drop(health);
             agent_server.abort();
             agent.shutdown().await;
+        }
+        Mode::AgentToken(a) => {
+            let client = zebu_csi::store::kube_client(a.kubeconfig.as_deref())
+                .await
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            let outcome = zebu_csi::agent_secret::ensure(client, &a.namespace, &a.secret).await?;
+            let what = match outcome {
+                zebu_csi::agent_secret::Outcome::Created => "created with a new token",
+                zebu_csi::agent_secret::Outcome::Existing => "exists; left as it is",
+            };
+            println!("Secret {}/{} {what}", a.namespace, a.secret);
         }
         Mode::Crds => {
             let yaml = zebu_csi::store::crd::definitions_yaml().map_err(anyhow::Error::msg)?;
