@@ -213,7 +213,7 @@ fn a_cluster_without_the_definitions_is_a_clear_error() {
     // gone: clear through the store first.
     common::clear_kube_store(&h.cluster.kubeconfig);
     run(
-        &mut h.cluster.kubectl(&["delete", "-f", &crds, "--wait=true"]),
+        &mut h.cluster.kubectl(&["delete", "-k", &crds, "--wait=true"]),
         zebu_testkit::LONG,
     )
     .expect_ok();
@@ -221,7 +221,7 @@ fn a_cluster_without_the_definitions_is_a_clear_error() {
     h.cluster.install_definitions();
     let msg = err.to_string();
     assert!(
-        msg.contains("kubectl apply -f deploy/kubernetes/crds/") && msg.contains("zebu.csi.dev"),
+        msg.contains("kubectl apply -k deploy/kubernetes/crds") && msg.contains("zebu.csi.dev"),
         "{msg}"
     );
 }

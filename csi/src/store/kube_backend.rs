@@ -437,19 +437,23 @@ fn run_on<T: Send + 'static>(
 }
 
 /// Fails with how to install them when the API server has no resource `K`.
+/// A caller not allowed to list `K` (a node plugin may use only ZebuNodes)
+/// cannot tell, and passes: a call it is not allowed either reports that.
 async fn probe<K>(client: &Client, location: &str) -> Result<()>
 where
     K: Resource<DynamicType = (), Scope = ClusterResourceScope> + Clone + Debug + DeserializeOwned,
 {
     let plural = K::plural(&());
-    match call(Api::<K>::all(client.clone()).list(&ListParams::default().limit(1)))
-        .await
-        .map_err(classify)
-    {
+    let listed =
+        match call(Api::<K>::all(client.clone()).list(&ListParams::default().limit(1))).await {
+            Err(kube::Error::Api(s)) if s.code == 403 => return Ok(()),
+            r => r.map_err(classify),
+        };
+    match listed {
         Ok(_) | Err(Failure::Conflict) => Ok(()),
         Err(Failure::NotFound) => Err(StoreError::Backend(format!(
             "{location} has no {plural}.zebu.csi.dev resource: install Zebu's custom \
-             resources first (kubectl apply -f deploy/kubernetes/crds/, or zebu-csi crds | \
+             resources first (kubectl apply -k deploy/kubernetes/crds, or zebu-csi crds | \
              kubectl apply -f -)"
         ))),
         Err(Failure::Other(e)) => Err(StoreError::Backend(format!(

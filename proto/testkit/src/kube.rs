@@ -2,7 +2,7 @@
 //! `deploy/kubernetes/e2e/cluster.sh` (idempotent: a cluster already up is
 //! reused; the binaries are built on first use and cached outside the
 //! clone), with Zebu's custom resource definitions applied from
-//! `deploy/kubernetes/crds/` by `kubectl`, as a user would.
+//! `deploy/kubernetes/crds` by `kubectl apply -k`, as a user would.
 //!
 //! `.ci/run` takes the cluster down at the end; a developer's stays up for
 //! the next run (`cluster.sh down` removes it).
@@ -24,12 +24,12 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    /// Applies `deploy/kubernetes/crds/` with kubectl and waits until the
+    /// Applies `deploy/kubernetes/crds` (`kubectl apply -k`) and waits until the
     /// API serves every definition.
     pub fn install_definitions(&self) {
         let crds = repo_root().join("deploy/kubernetes/crds");
         let crds = crds.to_str().expect("UTF-8 repository path");
-        run(&mut self.kubectl(&["apply", "-f", crds]), crate::SHORT).expect_ok();
+        run(&mut self.kubectl(&["apply", "-k", crds]), crate::SHORT).expect_ok();
         run(
             &mut self.kubectl(&[
                 "wait",
