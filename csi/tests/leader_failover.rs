@@ -409,6 +409,27 @@ fn a_follower_relays_controller_calls_to_the_leader() {
             .expect_err("the forwarding endpoint served a caller without the token");
         assert_eq!(st.code(), Code::Unauthenticated, "{st:?}");
     });
+
+    // A leader that stops answering (frozen here; dead with its address
+    // still on the Lease in a cluster) does not stop a follower from
+    // answering what every controller answers alike: a sidecar starting
+    // beside it checks the capabilities within a second.
+    let frozen = nix::unistd::Pid::from_raw(ctl[&leader].child.id() as i32);
+    nix::sys::signal::kill(frozen, nix::sys::signal::Signal::SIGSTOP).expect("SIGSTOP");
+    let caps = rt.block_on(async {
+        let mut c = controller(&ctl[&follower].endpoint).await;
+        tokio::time::timeout(
+            std::time::Duration::from_secs(30),
+            c.controller_get_capabilities(pb::ControllerGetCapabilitiesRequest::default()),
+        )
+        .await
+    });
+    nix::sys::signal::kill(frozen, nix::sys::signal::Signal::SIGCONT).expect("SIGCONT");
+    let caps = caps
+        .expect("the follower relayed ControllerGetCapabilities to a frozen leader")
+        .expect("ControllerGetCapabilities");
+    assert!(!caps.into_inner().capabilities.is_empty());
+
     let store = KubeStore::connect(Some(&cluster.kubeconfig)).expect("store");
     assert!(store.list_volumes().expect("list").is_empty());
 }

@@ -13,6 +13,10 @@
 //!   leadership moved meanwhile (the sidecar retries), never relays again.
 //! - Without a known leader address (none published yet, or a standalone
 //!   controller) the call is served locally, as before.
+//! - What every controller answers alike is never relayed
+//!   ([`LOCAL_CALLS`]): a sidecar starting beside a follower checks the
+//!   driver's capabilities within a second, and a leader that just died
+//!   (its address still on the Lease) must not make that check fail.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
@@ -29,6 +33,10 @@ use zebu_common::auth::Token;
 use super::Controller;
 
 type Response = http::Response<Body>;
+
+/// Calls served by whichever controller gets them: their answers do not
+/// depend on leading.
+pub const LOCAL_CALLS: &[&str] = &["/csi.v1.Controller/ControllerGetCapabilities"];
 
 /// The Controller service `inner`, relaying to the leader while `ctl`
 /// follows one that published an address.
@@ -87,7 +95,11 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<Body>) -> Self::Future {
-        let Some(addr) = self.ctl.leader_address() else {
+        let leader = match self.ctl.leader_address() {
+            Some(addr) if !LOCAL_CALLS.contains(&req.uri().path()) => Some(addr),
+            _ => None,
+        };
+        let Some(addr) = leader else {
             let fut = self.inner.call(req);
             return Box::pin(fut);
         };
