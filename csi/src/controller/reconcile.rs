@@ -234,8 +234,26 @@ async fn volume(ctl: &Controller, v: &VolumeRecord, memory: &mut Memory) -> Resu
                 }
             }
             (_, true) => {
-                // Running but not in sync with the engine: give it back.
+                // Running but not in sync with the engine (it stopped and was
+                // restarted, or the engine ejected it): the volume is degraded
+                // until the resync that re-adding starts is done.
                 down_since.remove(&r.id);
+                if matches!(r.state, ReplicaState::Ready) {
+                    ctl.update_volume(&v.id, |rec| {
+                        if let Some(x) = rec.replicas.iter_mut().find(|x| x.id == r.id) {
+                            x.state = ReplicaState::Rebuilding;
+                        }
+                    })?;
+                    ctl.event(
+                        &v.id,
+                        VolumeEvent::ReplicaLost,
+                        format!(
+                            "replica {} on node {} is out of sync with the engine (it stopped \
+                             or was ejected): the volume is degraded until it is resynced",
+                            r.id, r.node
+                        ),
+                    );
+                }
                 tracing::info!(volume = %v.id, replica = %r.id, address = %r.address, "re-adding replica to its engine");
                 eng.add_replica(with_deadline(
                     epb::AddReplicaRequest {
