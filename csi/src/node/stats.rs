@@ -11,7 +11,7 @@ impl NodeService {
         let path = PathBuf::from(require(&req.volume_path, "volume_path")?);
         let rec = self.staged(id)?;
         let is_staging = path == rec.staging_path;
-        if !is_staging && !rec.targets.contains_key(&path) {
+        if !is_staging && !rec.targets.contains_key(&path) && !same_device(&rec, &path) {
             return Err(Status::not_found(format!(
                 "volume {id} is neither staged nor published at {}",
                 path.display()
@@ -97,5 +97,19 @@ impl NodeService {
             };
         };
         engine_condition(addr).await
+    }
+}
+
+/// Whether `path` is a node of the block device a raw block volume is
+/// attached as: the kubelet asks about the device it maps into each Pod
+/// (`.../volumeDevices/<pv>/dev/<pod uid>`), not the published target.
+fn same_device(rec: &VolumeRecord, path: &Path) -> bool {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let (Access::Block, Some(device)) = (&rec.access, &rec.device) else {
+        return false;
+    };
+    match (std::fs::metadata(path), std::fs::metadata(device)) {
+        (Ok(a), Ok(b)) => a.file_type().is_block_device() && a.rdev() == b.rdev(),
+        _ => false,
     }
 }
