@@ -5,6 +5,7 @@
 #   cluster.sh up      start it (idempotent; needs root)
 #   cluster.sh node-up also run a node: containerd + runc (Debian) and a kubelet
 #                      v1.34.4 named node1 in the same netns (implies up)
+#   cluster.sh import TAR...  load OCI image archives into the node's containerd
 #   cluster.sh down    stop it and remove all its state (idempotent; needs root)
 #   cluster.sh status  exit 0 if it is up and healthy
 #   cluster.sh env     print `export` lines for tests: eval "$(cluster.sh env)"
@@ -45,6 +46,15 @@ NODE_NAME=node1
 KUBELET_DIR=/var/lib/kubelet          # where CSI drivers and the kubelet expect it
 KUBELET_MARKER=$KUBELET_DIR/.zebu-k8s-node
 CONTAINERD=$STATE/containerd           # root, state and socket of our containerd
+# The node plugin's data (the DaemonSet's hostPath) and the cgroup it moves
+# volumes' processes to: removed by `down` only when the e2e test marked
+# the directory as its own.
+E2E_DATA=/var/lib/zebu
+E2E_MARKER=$E2E_DATA/.zebu-e2e
+E2E_ASIDE=/var/lib/zebu.before-e2e    # what was there before, set aside by the e2e
+DATA_CGROUP=zebu
+PAUSE_IMAGE=localhost/pause:3.10.1     # built here from pause.c (no registry to pull from)
+BUSYBOX_IMAGE=localhost/busybox:1.35   # from Debian's busybox-static, for test Pods
 
 READY_TIMEOUT=${ZEBU_K8S_READY_TIMEOUT:-180}   # seconds, each wait
 STOP_TIMEOUT=10                                 # SIGTERM -> SIGKILL
@@ -56,14 +66,16 @@ since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.1f", b - a }'; }
 
 usage() {
   cat >&2 <<EOF
-usage: $(basename "$0") up|node-up|down|status|env
+usage: $(basename "$0") up|node-up|import|down|status|env
 
   up      start etcd, kube-apiserver, kube-controller-manager and kube-scheduler
           v$K8S_VERSION in netns $NETNS (apiserver $SERVER); idempotent
   node-up up, plus containerd, runc and a kubelet (node $NODE_NAME, root
           $KUBELET_DIR) in the same netns; idempotent
-  down    stop everything 'up' and 'node-up' started and remove $STATE and
-          $KUBELET_DIR; idempotent
+  import TAR...  load OCI image archives into the node's containerd (node-up
+          first); Pods use them with imagePullPolicy IfNotPresent or Never
+  down    stop everything 'up' and 'node-up' started (and every Pod's
+          containers), remove $STATE and $KUBELET_DIR; idempotent
   status  exit 0 if the cluster is up and healthy, 1 otherwise
   env     print shell export lines; use: eval "\$($0 env)"
 
@@ -166,15 +178,65 @@ healthy() { # the whole cluster from this state dir is up
 }
 
 anything_present() {
-  [ -e "$NETNS_PATH" ] || [ -e "$STATE" ] || ip link show "$IF_HOST" > /dev/null 2>&1
+  [ -e "$NETNS_PATH" ] || [ -e "$STATE" ] || [ -f "$E2E_MARKER" ] || [ -d "$E2E_ASIDE" ] || ip link show "$IF_HOST" > /dev/null 2>&1
 }
 
 # ---------------------------------------------------------------- teardown
+ctr_() { ctr --address "$CONTAINERD/containerd.sock" --namespace k8s.io "$@"; }
+
+stop_pods() { # with the kubelet stopped: kill every container, drop the Pods' netns
+  local ids id netns
+  proc_alive containerd || return 0
+  ids=$(ctr_ tasks ls -q 2>/dev/null || true)
+  for id in $ids; do
+    # A sandbox's network namespace (CNI made it; nothing else removes it now).
+    netns=$(ctr_ containers info "$id" 2>/dev/null | python3 -c '
+import json, sys
+for ns in json.load(sys.stdin).get("Spec", {}).get("linux", {}).get("namespaces", []):
+    if ns.get("type") == "network" and ns.get("path", "").startswith("/var/run/netns/cni-"):
+        print(ns["path"])' 2>/dev/null || true)
+    ctr_ tasks kill --all --signal SIGKILL "$id" > /dev/null 2>&1 || true
+    if [ -n "$netns" ]; then
+      umount "$netns" 2>/dev/null || umount -l "$netns" 2>/dev/null || true
+      rm -f "$netns"
+    fi
+  done
+  for id in $ids; do
+    for ((i = 0; i < 50; i++)); do ctr_ tasks delete "$id" > /dev/null 2>&1 && break; sleep 0.1; done
+  done
+}
+
+stop_data_path() { # the e2e's volumes' processes, which the node plugin moved out of its Pod
+  if [ -f "$E2E_MARKER" ]; then stop_e2e_data; fi
+  if [ -d "$E2E_ASIDE" ] && [ ! -e "$E2E_DATA" ]; then mv -T "$E2E_ASIDE" "$E2E_DATA"; fi
+}
+
+stop_e2e_data() {
+  local f pid i left m
+  for ((i = 0; i < 50; i++)); do
+    left=
+    for f in /sys/fs/cgroup/*/"$DATA_CGROUP"/cgroup.procs /sys/fs/cgroup/"$DATA_CGROUP"/cgroup.procs; do
+      [ -f "$f" ] || continue
+      for pid in $(cat "$f" 2>/dev/null); do kill -KILL "$pid" 2>/dev/null || true; left=1; done
+    done
+    [ -z "$left" ] && break
+    sleep 0.1
+  done
+  rmdir /sys/fs/cgroup/*/"$DATA_CGROUP" /sys/fs/cgroup/"$DATA_CGROUP" 2>/dev/null || true
+  while read -r m; do
+    umount "$m" 2>/dev/null || umount -l "$m" || log "warning: cannot unmount $m"
+  done < <(awk -v s="$E2E_DATA" '$5 == s || index($5, s "/") == 1 { print $5 }' /proc/self/mountinfo | sort -r)
+  rm -rf --one-file-system "$E2E_DATA"
+}
+
 teardown() {
-  local n pids m
+  local n pids m dev file
   if [ -d "$RUN" ]; then
+    stop kubelet
+    stop_pods
     for n in $(recorded_names); do stop "$n"; done
   fi
+  stop_data_path
   if [ -e "$NETNS_PATH" ]; then
     pids=$(ip netns pids "$NETNS" 2>/dev/null | tr '\n' ' ' || true)
     [ -z "${pids// /}" ] || log "warning: processes not started by cluster.sh remain in netns $NETNS (left alone): $pids"
@@ -186,6 +248,19 @@ teardown() {
     nft delete table $NFT_TABLE
   fi
   if [ -f "$KUBELET_MARKER" ]; then
+    # Loop devices of Zebu's attachments (each recorded in an attach.json
+    # under the plugin's state): made in the plugin's container, they name
+    # their backing file relative to a mount the host cannot see, so they
+    # are found by these records, not by path.
+    # (find fails on a FUSE mount whose server is gone; what it found counts.)
+    { find "$KUBELET_DIR/plugins" -name attach.json 2>/dev/null || true; } | while read -r f; do
+      dev=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1])).get("device") or "")' "$f" 2>/dev/null || true)
+      case $dev in /dev/loop[0-9]*) losetup -d "$dev" 2>/dev/null || log "warning: cannot detach $dev" ;; esac
+    done
+    # And the kubelet's own, which hold raw block volumes' devices.
+    losetup -nO NAME,BACK-FILE 2>/dev/null | while read -r dev file; do
+      case $file in "$KUBELET_DIR"/*) losetup -d "$dev" 2>/dev/null || log "warning: cannot detach $dev" ;; esac
+    done
     # The kubelet bind-mounts its directory onto itself; pods' volumes live below.
     while read -r m; do
       umount "$m" 2>/dev/null || umount -l "$m" || log "warning: cannot unmount $m"
@@ -470,6 +545,7 @@ state = "$CONTAINERD/state"
   address = "$CONTAINERD/containerd.sock"
 [plugins."io.containerd.grpc.v1.cri"]
   restrict_oom_score_adj = true
+  sandbox_image = "$PAUSE_IMAGE"
   [plugins."io.containerd.grpc.v1.cri".containerd]
     snapshotter = "overlayfs"
     default_runtime_name = "runc"
@@ -534,6 +610,7 @@ cmd_node_up() {
   start containerd "$(command -v containerd)" --config "$RUN/containerd.toml"
   wait_for "$READY_TIMEOUT" containerd test -S "$CONTAINERD/containerd.sock" ||
     fail_up "containerd did not start ($WAIT_WHY)" containerd
+  base_images
   start kubelet "$BIN/kubelet" --config="$RUN/kubelet.yaml" --kubeconfig="$PKI/kubelet.kubeconfig" \
     --hostname-override="$NODE_NAME" --node-ip="$IP_NS" --root-dir="$KUBELET_DIR"
   wait_for "$READY_TIMEOUT" kubelet kctl get node "$NODE_NAME" ||
@@ -542,6 +619,47 @@ cmd_node_up() {
     fail_up "the kubelet made no plugin registry ($WAIT_WHY)" kubelet
   log "node $NODE_NAME up in $(since "$t0")s (kubelet dir $KUBELET_DIR)"
   echo "KUBECONFIG=$PKI/admin.kubeconfig"
+}
+
+base_images() { # the pause and busybox images, built once per content, imported
+  local key dir w
+  command -v gcc > /dev/null || apt_install gcc libc6-dev
+  [ -x /bin/busybox ] && /bin/busybox --list 2>/dev/null | grep -qx sh || apt_install busybox-static
+  key=$(cat "$HERE/pause.c" "$HERE/../images/oci-image.sh" /bin/busybox | sha256sum | cut -c1-12)
+  dir=$CACHE/e2e-images-$key
+  if [ ! -f "$dir/busybox.tar" ]; then
+    w=$(mktemp -d)
+    mkdir -p "$w/pause" "$w/bb/bin" "$w/bb/etc" "$w/bb/tmp" "$dir.tmp"
+    gcc -static -Os -s -o "$w/pause/pause" "$HERE/pause.c" || { rm -rf "$w"; die "cannot build pause"; }
+    tar --sort=name --owner=0 --group=0 --numeric-owner --mtime=@0 -C "$w/pause" -cf "$w/pause.layer" .
+    "$HERE/../images/oci-image.sh" "$PAUSE_IMAGE" "$dir.tmp/pause.tar" '["/pause"]' "$w/pause.layer" > /dev/null
+    cp /bin/busybox "$w/bb/bin/busybox"
+    for n in $(/bin/busybox --list); do [ "$n" = busybox ] || ln -s busybox "$w/bb/bin/$n"; done
+    echo 'root:x:0:0:root:/root:/bin/sh' > "$w/bb/etc/passwd"
+    echo 'root:x:0:' > "$w/bb/etc/group"
+    chmod 1777 "$w/bb/tmp"
+    tar --sort=name --owner=0 --group=0 --numeric-owner --mtime=@0 -C "$w/bb" -cf "$w/bb.layer" .
+    "$HERE/../images/oci-image.sh" "$BUSYBOX_IMAGE" "$dir.tmp/busybox.tar" '["/bin/sh"]' "$w/bb.layer" > /dev/null
+    rm -rf "$w" "$dir"
+    mv "$dir.tmp" "$dir"
+  fi
+  import_images "$dir/pause.tar" "$dir/busybox.tar"
+}
+
+import_images() { # TAR...
+  local t
+  for t in "$@"; do
+    ctr_ images import "$t" > /dev/null || die "cannot import $t into containerd"
+  done
+}
+
+cmd_import() {
+  need_root import
+  [ $# -gt 0 ] || die "import needs OCI archives to load"
+  proc_alive containerd || die "the node is not up (cluster.sh node-up first)"
+  local t0; t0=$(now)
+  import_images "$@"
+  log "imported $# image(s) in $(since "$t0")s"
 }
 
 cmd_down() {
@@ -571,6 +689,7 @@ cmd_env() {
 case "${1:-}" in
   up) cmd_up ;;
   node-up) cmd_node_up ;;
+  import) shift; cmd_import "$@" ;;
   down) cmd_down ;;
   status) cmd_status ;;
   env) cmd_env ;;
