@@ -124,9 +124,19 @@ impl Store {
         }]);
         let crc_written = layer.store_crcs(first, &crcs);
         // Wait for the data write even when the CRC write failed.
-        IoEngine::wait(pending)
-            .await
-            .map_err(io_err_with(context))?;
+        if let Err(e) = IoEngine::wait(pending).await {
+            // The blocks on disk are now old, new or torn, while their CRC
+            // entries already describe the new data: an entry that matched
+            // the new data would let a resync (which compares entries)
+            // skip the block, keeping whatever the disk holds. Entries
+            // that match nothing make reads fail over and resyncs copy.
+            let invalid: Vec<u8> = crcs.iter().map(|b| !b).collect();
+            if let Err(e) = layer.store_crcs(first, &invalid) {
+                tracing::warn!(error = %e, block = first, "could not invalidate the CRC entries of a failed write");
+            }
+            self.mark_dirty(layer);
+            return Err(io_err_with(context)(e));
+        }
         crc_written.map_err(io_err_with(context))?;
         layer.index_mut().insert(first, len / bs);
         self.mark_dirty(layer);
@@ -350,8 +360,14 @@ impl Store {
         Ok(())
     }
 
-    /// fdatasyncs the data and CRC files of `layers`; on failure they stay
-    /// dirty so the next flush tries again.
+    /// fdatasyncs the data and CRC files of `layers`.
+    ///
+    /// A failure is final for this process: the kernel reports a failed
+    /// writeback once and marks the pages clean, so a second fdatasync
+    /// would succeed without the data (or the CRCs) being on disk. The
+    /// replica refuses every request from then on ([`Self::check_sync`])
+    /// and never marks a clean stop; restarted, it recomputes its CRCs
+    /// from the disk and the engine resyncs it.
     pub(super) async fn sync_layers(&self, layers: &[Arc<Layer>]) -> Result<()> {
         let ops = layers.iter().flat_map(|l| {
             [
@@ -364,10 +380,23 @@ impl Store {
             ]
         });
         if let Err(e) = self.io.run(ops).await {
-            for l in layers {
-                self.mark_dirty(l);
-            }
+            self.sync_failed.store(true, Ordering::Release);
+            tracing::error!(error = %e, "a cache flush of the replica's disk failed: refusing all I/O until restarted");
             return Err(io_err("syncing layer files")(e));
+        }
+        Ok(())
+    }
+
+    /// Fails once a cache flush failed ([`Self::sync_layers`]).
+    pub(super) fn check_sync(&self) -> Result<()> {
+        if self.sync_failed.load(Ordering::Acquire) {
+            return Err(StoreError::Io {
+                context: "a cache flush of this replica's disk failed earlier, so writes since \
+                          the last good flush may not be on disk; restart the replica (it \
+                          recomputes its checksums) and resync it"
+                    .into(),
+                source: std::io::Error::from_raw_os_error(libc::EIO),
+            });
         }
         Ok(())
     }

@@ -6,6 +6,7 @@ use super::*;
 
 impl Store {
     pub(super) fn check_epoch(&self, epoch: u64) -> Result<()> {
+        self.check_sync()?;
         if self.closed.load(Ordering::Acquire) {
             return Err(StoreError::FailedPrecondition(
                 "the replica is shutting down; reconnect when it is back".into(),
@@ -33,6 +34,7 @@ impl Store {
     /// refused.
     pub async fn open_epoch(&self, epoch: u64) -> Result<ReplicaStatus> {
         let _c = self.control.lock().await;
+        self.check_sync()?;
         let current = self.epoch.load(Ordering::Acquire);
         if epoch == 0 {
             return Err(StoreError::InvalidArgument(

@@ -320,6 +320,9 @@ pub struct Store {
     was_clean: bool,
     streams: AtomicUsize,
     closed: std::sync::atomic::AtomicBool,
+    /// A cache flush of the disk failed (see [`Store::sync_layers`]): until
+    /// a restart, which recomputes every CRC, the replica serves nothing.
+    sync_failed: std::sync::atomic::AtomicBool,
     write_order: Arc<WriteOrder>,
     sessions: Sessions,
 }

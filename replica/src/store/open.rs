@@ -170,6 +170,7 @@ impl Store {
             was_clean,
             streams: AtomicUsize::new(0),
             closed: std::sync::atomic::AtomicBool::new(false),
+            sync_failed: std::sync::atomic::AtomicBool::new(false),
             write_order: Arc::default(),
         })
     }
@@ -180,6 +181,9 @@ impl Store {
     pub async fn shutdown(&self) -> Result<()> {
         let _c = self.control.lock().await;
         self.closed.store(true, Ordering::Release);
+        // Not clean after a failed cache flush: the next start must
+        // recompute the CRCs from what the disk really holds.
+        self.check_sync()?;
         // The exclusive lock waits for every I/O that passed the check.
         let chain = self.chain.write().await;
         let layers: Vec<Arc<Layer>> = chain.entries.iter().map(|e| e.layer.clone()).collect();
