@@ -1,8 +1,8 @@
 //! Harness of the engine's end-to-end tests, on top of `zebu_testkit`:
 //! real `zebu-replica` and `zebu-engine` processes on 127.0.0.1 (port 0,
 //! parsed from their ready lines), direct gRPC access to replicas to check
-//! what they hold, a minimal NBD client, and the fault injectors (a TCP
-//! proxy, network namespaces).
+//! what they hold, a minimal NBD client, a checker of acknowledged writes,
+//! and the fault injectors (a TCP proxy, network namespaces).
 //!
 //! Cleanup: every process started here is owned by a guard (see
 //! `zebu_testkit`); declare mounts, loop devices and FUSE exports after the
@@ -27,8 +27,10 @@ use zebu_proto::replica as pb;
 use zebu_proto::replica::replica_client::ReplicaClient;
 pub use zebu_testkit::*;
 
+mod checker;
 mod netns;
 mod proxy;
+pub use checker::Checker;
 pub use netns::{Lab, Way, in_netns};
 pub use proxy::{FaultProxy, Toward};
 

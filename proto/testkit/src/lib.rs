@@ -10,6 +10,8 @@
 //!   line, killed and reaped by a guard that prints their log tail when the
 //!   test fails.
 //! - [`block`]: loop devices, mounts and `nbdfuse` exports as guards.
+//! - [`eio_disk`]: a disk that fails reads or writes with EIO on demand
+//!   (a FUSE file served by the test, under a loop device and ext4).
 //! - [`nbd`]: libnbd's tools (`nbdcopy`, `nbdinfo`) and fio on NBD URIs.
 //! - [`kube`]: the test cluster (a real Kubernetes control plane) with
 //!   Zebu's custom resources installed.
@@ -28,6 +30,7 @@ use std::time::{Duration, Instant};
 pub mod block;
 pub mod command;
 pub mod data;
+pub mod eio_disk;
 pub mod kube;
 pub mod nbd;
 pub mod server;
@@ -35,6 +38,7 @@ pub mod server;
 pub use block::{FuseExport, LoopDev, Mount};
 pub use command::{Bg, Run, cmd, reap, run, run_quiet};
 pub use data::{all_zero, assert_same, pattern, rand_u64, write_file};
+pub use eio_disk::{EioDisk, Faults};
 pub use nbd::{Fio, NbdKit, nbd_read_all, nbd_write_file, nbdinfo};
 pub use server::Server;
 

@@ -1,0 +1,424 @@
+//! A disk that fails with EIO on demand, for the fault matrix: a FUSE file
+//! served by the test process, a loop device over it, ext4 on the loop
+//! device, mounted on a directory that holds a replica's `--dir`.
+//!
+//! ```text
+//! replica ─ ext4 (DIR) ─ /dev/loopN ─ FUSE file (this module, a thread of the test) ─ backing file
+//!                                                      ▲
+//!                                        Faults: fail reads / fail writes
+//! ```
+//!
+//! # Invariants
+//!
+//! * While writes fail ([`Faults::fail_writes`]), every WRITE and FSYNC the
+//!   kernel sends answers EIO and leaves the backing file unchanged; while
+//!   reads fail ([`Faults::fail_reads`]), every READ answers EIO. A request
+//!   is judged by the switches when it arrives; nothing is failed later.
+//! * The FUSE file is opened `FOPEN_DIRECT_IO`: the kernel keeps no page
+//!   cache of it, so every request of the loop device reaches this server
+//!   and sees the switches as they are now.
+//! * [`EioDisk`] undoes its setup when dropped, also while a test unwinds:
+//!   the switches are cleared (so ext4 can write its last metadata), ext4 is
+//!   unmounted, the loop device detached, the FUSE file unmounted and its
+//!   thread joined. A step that fails is undone lazily; the thread is then
+//!   left running rather than joined, never hanging the test.
+//! * The FUSE handlers never panic on what the kernel sends: an inode,
+//!   offset or length they cannot serve is answered with an error.
+//!
+//! # What reaches the replica, and when
+//!
+//! The replica opens its layer data files `O_DIRECT`, so ext4 sends their
+//! reads and writes straight to the loop device: a failing disk fails the
+//! very read or write that hit it, the replica answers that request with
+//! an I/O error (`writing 4096 bytes at …: Input/output error (os error
+//! 5)`; the replica itself logs nothing) and the engine ejects it. No page
+//! cache above this module holds those blocks, so nothing needs dropping.
+//! What is buffered — the CRC files (stored through a shared mapping), the
+//! metadata record (sled) and ext4's own metadata — meets the fault only
+//! when it is written back: on the replica's FLUSH (its `fdatasync` fails)
+//! or when ext4 commits its journal. A journal commit that fails aborts the
+//! journal and leaves ext4 read-only until it is unmounted and checked, so
+//! ext4 is mounted with `commit=3600`: only an fsync commits, never a timer
+//! firing while a test fails the disk for a moment. Reads of ext4 metadata
+//! in the loop device's buffer cache do not reach this module.
+//!
+//! Needs root (the FUSE mount uses mount(2), `losetup`, `mount`), `/dev/fuse`
+//! and e2fsprogs. If the test process is killed outright the stack stays
+//! mounted: `umount DIR`, `losetup -d`, `umount` the FUSE directory.
+
+use std::ffi::OsStr;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    BackgroundSession, Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags,
+    INodeNo, LockOwner, MountOption, OpenFlags, ReplyAttr, ReplyData, ReplyEmpty, ReplyEntry,
+    ReplyOpen, ReplyWrite, Request, WriteFlags,
+};
+
+use crate::LONG;
+use crate::block::{LoopDev, Mount};
+use crate::command::run;
+
+/// The one file the FUSE filesystem serves.
+pub const FILE_NAME: &str = "disk";
+
+const INO_ROOT: INodeNo = INodeNo(1);
+const INO_FILE: INodeNo = INodeNo(2);
+const ATTR_TTL: Duration = Duration::from_secs(1);
+
+/// The switches a test flips while the disk is in use, and what they did.
+#[derive(Debug, Default)]
+pub struct Faults {
+    reads: AtomicBool,
+    writes: AtomicBool,
+    refused_reads: AtomicU64,
+    refused_writes: AtomicU64,
+}
+
+impl Faults {
+    /// From now on, reads fail with EIO (`true`) or are served (`false`).
+    pub fn fail_reads(&self, fail: bool) {
+        self.reads.store(fail, Ordering::SeqCst);
+    }
+
+    /// From now on, writes and cache flushes fail with EIO (`true`) or are
+    /// served (`false`).
+    pub fn fail_writes(&self, fail: bool) {
+        self.writes.store(fail, Ordering::SeqCst);
+    }
+
+    /// Serves everything again.
+    pub fn heal(&self) {
+        self.fail_reads(false);
+        self.fail_writes(false);
+    }
+
+    /// Reads answered with EIO so far.
+    pub fn refused_reads(&self) -> u64 {
+        self.refused_reads.load(Ordering::SeqCst)
+    }
+
+    /// Writes and flushes answered with EIO so far.
+    pub fn refused_writes(&self) -> u64 {
+        self.refused_writes.load(Ordering::SeqCst)
+    }
+
+    /// Whether a read arriving now fails (and counts it).
+    fn refuse_read(&self) -> bool {
+        let refuse = self.reads.load(Ordering::SeqCst);
+        if refuse {
+            self.refused_reads.fetch_add(1, Ordering::SeqCst);
+        }
+        refuse
+    }
+
+    /// Whether a write or flush arriving now fails (and counts it).
+    fn refuse_write(&self) -> bool {
+        let refuse = self.writes.load(Ordering::SeqCst);
+        if refuse {
+            self.refused_writes.fetch_add(1, Ordering::SeqCst);
+        }
+        refuse
+    }
+}
+
+/// The FUSE filesystem: a root directory holding [`FILE_NAME`], whose
+/// content is `backing`.
+struct EioFs {
+    backing: File,
+    size: u64,
+    faults: Arc<Faults>,
+    started: SystemTime,
+}
+
+impl EioFs {
+    fn attr(&self, ino: INodeNo) -> FileAttr {
+        let file = ino == INO_FILE;
+        FileAttr {
+            ino,
+            size: if file { self.size } else { 0 },
+            blocks: if file { self.size.div_ceil(512) } else { 0 },
+            atime: self.started,
+            mtime: self.started,
+            ctime: self.started,
+            crtime: self.started,
+            kind: if file {
+                FileType::RegularFile
+            } else {
+                FileType::Directory
+            },
+            perm: if file { 0o600 } else { 0o700 },
+            nlink: if file { 1 } else { 2 },
+            // Root's, like the mount (no `default_permissions`: the kernel
+            // does not check them; the session admits its owner only).
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+
+    /// The length of a request of `len` bytes at `offset` that lies inside
+    /// the file, or `None` when it starts beyond the end.
+    fn clamp(&self, offset: u64, len: u64) -> Option<u64> {
+        (offset <= self.size).then(|| len.min(self.size - offset))
+    }
+}
+
+fn errno(e: &io::Error) -> Errno {
+    Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
+}
+
+impl Filesystem for EioFs {
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        if parent == INO_ROOT && name == FILE_NAME {
+            reply.entry(&ATTR_TTL, &self.attr(INO_FILE), fuser::Generation(0));
+        } else {
+            reply.error(Errno::ENOENT);
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match ino {
+            INO_ROOT | INO_FILE => reply.attr(&ATTR_TTL, &self.attr(ino)),
+            _ => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if ino != INO_FILE {
+            reply.error(Errno::EISDIR);
+            return;
+        }
+        reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO);
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        // Only the file is ever opened (`open`), so `ino` is the file's.
+        if self.faults.refuse_read() {
+            reply.error(Errno::EIO);
+            return;
+        }
+        let Some(len) = self.clamp(offset, u64::from(size)) else {
+            reply.data(&[]);
+            return;
+        };
+        // `len` ≤ `size`, a u32: it fits a usize.
+        let mut buf = vec![0u8; len as usize];
+        match self.backing.read_exact_at(&mut buf, offset) {
+            Ok(()) => reply.data(&buf),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        // Only the file is ever opened (`open`), so `ino` is the file's.
+        let Ok(written) = u32::try_from(data.len()) else {
+            reply.error(Errno::EINVAL);
+            return;
+        };
+        // The disk does not grow.
+        if self.clamp(offset, data.len() as u64) != Some(data.len() as u64) {
+            reply.error(Errno::ENOSPC);
+            return;
+        }
+        if self.faults.refuse_write() {
+            reply.error(Errno::EIO);
+            return;
+        }
+        match self.backing.write_all_at(data, offset) {
+            Ok(()) => reply.written(written),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        if self.faults.refuse_write() {
+            reply.error(Errno::EIO);
+            return;
+        }
+        match self.backing.sync_data() {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(errno(&e)),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        // close(2) of the file: nothing is buffered here.
+        reply.ok();
+    }
+}
+
+/// The FUSE file, served by a thread of this process; unmounted (and the
+/// thread joined) when dropped.
+struct FuseFile {
+    session: Option<BackgroundSession>,
+    dir: PathBuf,
+}
+
+impl FuseFile {
+    /// Mounts the filesystem on `dir` (created first) with `backing` (a
+    /// sparse file of `size` bytes, created) as the content of [`FILE_NAME`].
+    fn mount(dir: &Path, backing: &Path, size: u64, faults: Arc<Faults>) -> FuseFile {
+        std::fs::create_dir_all(dir)
+            .unwrap_or_else(|e| panic!("creating the FUSE directory {}: {e}", dir.display()));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(backing)
+            .unwrap_or_else(|e| panic!("creating the backing file {}: {e}", backing.display()));
+        file.set_len(size)
+            .unwrap_or_else(|e| panic!("sizing the backing file {}: {e}", backing.display()));
+        let fs = EioFs {
+            backing: file,
+            size,
+            faults,
+            started: SystemTime::now(),
+        };
+        // Named in /proc/mounts; served to its owner (root) only.
+        let mut config = Config::default();
+        config.mount_options = vec![MountOption::FSName("zebu-eio-disk".into())];
+        let session = fuser::spawn_mount(fs, dir, &config).unwrap_or_else(|e| {
+            panic!(
+                "mounting the EIO disk's FUSE file on {} (needs root and /dev/fuse): {e}",
+                dir.display()
+            )
+        });
+        FuseFile {
+            session: Some(session),
+            dir: dir.to_owned(),
+        }
+    }
+}
+
+impl Drop for FuseFile {
+    fn drop(&mut self) {
+        let Some(session) = self.session.take() else {
+            return;
+        };
+        // Unmounted, the kernel ends the session and the thread returns.
+        if let Err(e) = session.umount_and_join() {
+            // Still in use (a loop device left behind): detached lazily and
+            // served until the last user lets go; the thread is not joined.
+            eprintln!(
+                "cleanup: unmounting the EIO disk's FUSE file on {}: {e}; unmounting lazily",
+                self.dir.display()
+            );
+            let _ = nix::mount::umount2(&self.dir, nix::mount::MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+/// The whole stack: FUSE file → loop device → ext4 mounted on [`Self::dir`].
+/// Fields drop in order: ext4, then the loop device, then the FUSE file.
+pub struct EioDisk {
+    mount: Option<Mount>,
+    loopdev: Option<LoopDev>,
+    fuse: Option<FuseFile>,
+    faults: Arc<Faults>,
+    /// Where ext4 is mounted: put the replica's `--dir` below it.
+    pub dir: PathBuf,
+}
+
+impl EioDisk {
+    /// Builds the stack under `root` (`root/fuse/disk` backed by
+    /// `root/disk.img` of `size` bytes; ext4 mounted on `root/ext4`) with
+    /// every request served. Panics, naming the step, when a step fails
+    /// (what was set up before is undone).
+    pub fn create(root: &Path, size: u64) -> EioDisk {
+        let faults = Arc::new(Faults::default());
+        let mut disk = EioDisk {
+            mount: None,
+            loopdev: None,
+            fuse: None,
+            faults: Arc::clone(&faults),
+            dir: root.join("ext4"),
+        };
+        let fuse_dir = root.join("fuse");
+        disk.fuse = Some(FuseFile::mount(
+            &fuse_dir,
+            &root.join("disk.img"),
+            size,
+            faults,
+        ));
+        let loopdev = LoopDev::attach(&fuse_dir.join(FILE_NAME));
+        // 4 KiB blocks (mke2fs would pick 1 KiB for a small disk); every
+        // inode table and the journal written now, not by a background
+        // thread while a test fails the disk.
+        run(
+            Command::new("mkfs.ext4")
+                .args(["-q", "-F", "-b", "4096"])
+                .args(["-E", "lazy_itable_init=0,lazy_journal_init=0,nodiscard"])
+                .arg(&loopdev.dev),
+            LONG,
+        )
+        .expect_ok();
+        // No journal commit on a timer: only an fsync commits, so a test
+        // that fails the disk for a moment does not abort the journal.
+        disk.mount = Some(Mount::with_options(
+            Path::new(&loopdev.dev),
+            &disk.dir,
+            "commit=3600",
+        ));
+        disk.loopdev = Some(loopdev);
+        disk
+    }
+
+    /// The switches of this disk.
+    pub fn faults(&self) -> &Faults {
+        &self.faults
+    }
+}
+
+impl Drop for EioDisk {
+    fn drop(&mut self) {
+        self.faults.heal();
+        drop(self.mount.take());
+        drop(self.loopdev.take());
+        drop(self.fuse.take());
+    }
+}
