@@ -37,10 +37,11 @@
 //! metadata record (sled) and ext4's own metadata — meets the fault only
 //! when it is written back: on the replica's FLUSH (its `fdatasync` fails)
 //! or when ext4 commits its journal. A journal commit that fails aborts the
-//! journal and leaves ext4 read-only until it is unmounted and checked, so
-//! ext4 is mounted with `commit=3600`: only an fsync commits, never a timer
-//! firing while a test fails the disk for a moment. Reads of ext4 metadata
-//! in the loop device's buffer cache do not reach this module.
+//! journal and leaves ext4 read-only until it is unmounted and checked
+//! ([`EioDisk::remount`]), so ext4 is mounted with `commit=3600`: only an
+//! fsync commits, never a timer firing while a test fails the disk for a
+//! moment. Reads of ext4 metadata in the loop device's buffer cache do not
+//! reach this module.
 //!
 //! Needs root (the FUSE mount uses mount(2), `losetup`, `mount`), `/dev/fuse`
 //! and e2fsprogs. If the test process is killed outright the stack stays
@@ -397,13 +398,7 @@ impl EioDisk {
             LONG,
         )
         .expect_ok();
-        // No journal commit on a timer: only an fsync commits, so a test
-        // that fails the disk for a moment does not abort the journal.
-        disk.mount = Some(Mount::with_options(
-            Path::new(&loopdev.dev),
-            &disk.dir,
-            "commit=3600",
-        ));
+        disk.mount = Some(mount_ext4(&loopdev, &disk.dir));
         disk.loopdev = Some(loopdev);
         disk
     }
@@ -412,6 +407,42 @@ impl EioDisk {
     pub fn faults(&self) -> &Faults {
         &self.faults
     }
+
+    /// Heals the disk, unmounts ext4, checks it (`e2fsck -f -y`: replays
+    /// its journal and repairs what an aborted journal left) and mounts it
+    /// again: what a restart after a disk fault sees, with no page cache of
+    /// the files above the disk left. Returns e2fsck's output. Nothing may
+    /// hold a file below [`Self::dir`] open. Panics when a step fails or
+    /// e2fsck leaves errors uncorrected (exit status above 1).
+    pub fn remount(&mut self) -> String {
+        self.faults.heal();
+        if let Some(mount) = self.mount.take() {
+            mount.umount();
+        }
+        let loopdev = self.loopdev.as_ref().expect("the loop device is attached");
+        let fsck = run(
+            Command::new("e2fsck").args(["-f", "-y"]).arg(&loopdev.dev),
+            LONG,
+        );
+        // 0: no errors; 1: errors corrected.
+        assert!(
+            matches!(fsck.status.code(), Some(0 | 1)),
+            "{} left errors ({}):\nstdout: {}\nstderr: {}",
+            fsck.what,
+            fsck.status,
+            fsck.stdout,
+            fsck.stderr
+        );
+        self.mount = Some(mount_ext4(loopdev, &self.dir));
+        format!("{}{}", fsck.stdout, fsck.stderr)
+    }
+}
+
+/// Mounts the ext4 on `loopdev` on `dir`. No journal commit on a timer:
+/// only an fsync commits, so a test that fails the disk for a moment does
+/// not abort the journal.
+fn mount_ext4(loopdev: &LoopDev, dir: &Path) -> Mount {
+    Mount::with_options(Path::new(&loopdev.dev), dir, "commit=3600")
 }
 
 impl Drop for EioDisk {
