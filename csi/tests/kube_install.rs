@@ -65,13 +65,8 @@ impl K {
         let src = repo_root().join("deploy/kubernetes/examples").join(name);
         let text = std::fs::read_to_string(&src).expect("read the example");
         assert!(text.contains("image: busybox:1.36") || !text.contains("image:"));
-        let file = dir.join(name);
-        std::fs::write(
-            &file,
-            text.replace("image: busybox:1.36", &format!("image: {BUSYBOX}")),
-        )
-        .expect("write the example");
-        self.ok(&["apply", "-f", file.to_str().expect("UTF-8")]);
+        let text = text.replace("image: busybox:1.36", &format!("image: {BUSYBOX}"));
+        self.apply_yaml(dir, name, &text);
     }
 
     /// How often Pod `pod`'s container restarted.
@@ -115,6 +110,32 @@ impl K {
             },
         );
         self.wait_pod_ready(pod);
+    }
+
+    /// The controller Pod leading Zebu (the holder of its Lease).
+    fn leader(&self) -> String {
+        self.ok(&[
+            "-n",
+            "zebu-system",
+            "get",
+            "lease",
+            "zebu-csi-controller",
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ])
+    }
+
+    /// Writes `yaml` to `dir/name` and applies it.
+    fn apply_yaml(&self, dir: &Path, name: &str, yaml: &str) {
+        let file = dir.join(name);
+        std::fs::write(&file, yaml).expect("write a manifest");
+        self.ok(&["apply", "-f", file.to_str().expect("UTF-8")]);
+    }
+
+    /// Waits until `what` (`daemonset/NAME`, ...) in namespace `ns` has
+    /// rolled out.
+    fn rollout(&self, ns: &str, what: &str) {
+        self.ok(&["-n", ns, "rollout", "status", what, WAIT]);
     }
 
     fn wait_pod_ready(&self, pod: &str) {
@@ -166,25 +187,6 @@ impl K {
             })
             .unwrap_or_default()
     }
-}
-
-/// Processes whose command line contains every one of `words`.
-fn pids_with(words: &[&str]) -> Vec<u32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").expect("/proc").flatten() {
-        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
-            continue;
-        };
-        let Ok(raw) = std::fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let cmd = String::from_utf8_lossy(&raw).replace('\0', " ");
-        if words.iter().all(|w| cmd.contains(w)) {
-            out.push(pid);
-        }
-    }
-    out.sort();
-    out
 }
 
 /// Lines of `log` that are complete (a crash-consistent copy may end in a
@@ -375,30 +377,9 @@ fn install(k: &K, dir: &Path) {
         "job/zebu-agent-token",
         WAIT,
     ]);
-    k.ok(&[
-        "-n",
-        "zebu-system",
-        "rollout",
-        "status",
-        "daemonset/zebu-node",
-        WAIT,
-    ]);
-    k.ok(&[
-        "-n",
-        "zebu-system",
-        "rollout",
-        "status",
-        "deployment/zebu-controller",
-        WAIT,
-    ]);
-    k.ok(&[
-        "-n",
-        "kube-system",
-        "rollout",
-        "status",
-        "deployment/snapshot-controller",
-        WAIT,
-    ]);
+    k.rollout("zebu-system", "daemonset/zebu-node");
+    k.rollout("zebu-system", "deployment/zebu-controller");
+    k.rollout("kube-system", "deployment/snapshot-controller");
     let ready = k.ok(&[
         "-n",
         "zebu-system",
@@ -445,7 +426,7 @@ fn install(k: &K, dir: &Path) {
 /// Returns each Pod's file checksum.
 fn statefulset(k: &K, dir: &Path) -> Vec<String> {
     k.apply_example("statefulset.yaml", dir);
-    k.ok(&["rollout", "status", "statefulset/zebu-demo", WAIT]);
+    k.rollout("default", "statefulset/zebu-demo");
     let mut sums = Vec::new();
     for pod in ["zebu-demo-0", "zebu-demo-1"] {
         let check = k.exec(pod, "sha256sum -c /data/hello.sha256");
@@ -537,9 +518,7 @@ fn expansion(k: &K, dir: &Path) {
          volumeMounts: [{{name: data, mountPath: /data}}]\n  \
          volumes: [{{name: data, persistentVolumeClaim: {{claimName: zebu-xfs}}}}]\n"
     );
-    let file = dir.join("xfs.yaml");
-    std::fs::write(&file, yaml).expect("write");
-    k.ok(&["apply", "-f", file.to_str().expect("UTF-8")]);
+    k.apply_yaml(dir, "xfs.yaml", &yaml);
     k.wait_pod_ready("zebu-xfs");
     let (before, first) = (df("zebu-xfs"), k.uid("zebu-xfs"));
     grow("zebu-xfs");
@@ -642,7 +621,7 @@ fn replica_killed_while_writing(k: &K) {
     assert_eq!(replicas.len(), 3, "three replica processes of {id}");
     let before = k.log_lines("zebu-demo-0");
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(replicas[0] as i32),
+        nix::unistd::Pid::from_raw(replicas[0]),
         nix::sys::signal::Signal::SIGKILL,
     )
     .expect("SIGKILL a replica");
@@ -679,14 +658,7 @@ fn node_plugin_pod_deleted(k: &K) {
     ]);
     k.ok(&["-n", "zebu-system", "delete", "pod", &old, "--wait=true"]);
     let before = k.log_lines("zebu-demo-0");
-    k.ok(&[
-        "-n",
-        "zebu-system",
-        "rollout",
-        "status",
-        "daemonset/zebu-node",
-        WAIT,
-    ]);
+    k.rollout("zebu-system", "daemonset/zebu-node");
     poll("the Pod to keep writing", Duration::from_secs(120), || {
         k.log_lines("zebu-demo-0") > before + 3
     });
@@ -695,9 +667,10 @@ fn node_plugin_pod_deleted(k: &K) {
         engines,
         "the engine was not replaced"
     );
-    // The new plugin knows the attachment: a new Pod on a new volume works,
-    // and this volume still detaches and reattaches (the StatefulSet Pod
-    // is recreated below in removal()).
+    // Still writable. That the new plugin knows the attachment is shown by
+    // the steps after this one: leader_deleted_while_provisioning() attaches
+    // a new volume through it, and removal() detaches this one through it
+    // and finds no mount or loop device left.
     k.exec(
         "zebu-demo-0",
         "echo after-plugin-restart > /data/marker && sync",
@@ -709,22 +682,12 @@ fn node_plugin_pod_deleted(k: &K) {
 /// The leading controller's Pod deleted right after a claim is made: the
 /// other controller takes over and provisioning completes.
 fn leader_deleted_while_provisioning(k: &K, dir: &Path) {
-    let leader = k.ok(&[
-        "-n",
-        "zebu-system",
-        "get",
-        "lease",
-        "zebu-csi-controller",
-        "-o",
-        "jsonpath={.spec.holderIdentity}",
-    ]);
+    let leader = k.leader();
     assert!(leader.starts_with("zebu-controller-"), "leader {leader:?}");
     let yaml = format!(
         "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {{name: zebu-failover}}\nspec:\n  accessModes: [ReadWriteOnce]\n  storageClassName: zebu\n  resources: {{requests: {{storage: 256Mi}}}}\n---\napiVersion: v1\nkind: Pod\nmetadata: {{name: zebu-failover}}\nspec:\n  terminationGracePeriodSeconds: 5\n  containers:\n    - name: app\n      image: {BUSYBOX}\n      command: [sh, -c, \"echo ok > /data/ok && sync && sleep 1000000\"]\n      volumeMounts: [{{name: data, mountPath: /data}}]\n  volumes: [{{name: data, persistentVolumeClaim: {{claimName: zebu-failover}}}}]\n"
     );
-    let file = dir.join("failover.yaml");
-    std::fs::write(&file, yaml).expect("write");
-    k.ok(&["apply", "-f", file.to_str().expect("UTF-8")]);
+    k.apply_yaml(dir, "failover.yaml", &yaml);
     k.ok(&[
         "-n",
         "zebu-system",
@@ -736,25 +699,10 @@ fn leader_deleted_while_provisioning(k: &K, dir: &Path) {
     k.wait_pod_ready("zebu-failover");
     assert_eq!(k.exec("zebu-failover", "cat /data/ok").trim(), "ok");
     poll("a new leader", Duration::from_secs(120), || {
-        let now = k.ok(&[
-            "-n",
-            "zebu-system",
-            "get",
-            "lease",
-            "zebu-csi-controller",
-            "-o",
-            "jsonpath={.spec.holderIdentity}",
-        ]);
+        let now = k.leader();
         !now.is_empty() && now != leader
     });
-    k.ok(&[
-        "-n",
-        "zebu-system",
-        "rollout",
-        "status",
-        "deployment/zebu-controller",
-        WAIT,
-    ]);
+    k.rollout("zebu-system", "deployment/zebu-controller");
     // The replacement Pod's sidecars started beside a follower whose leader
     // had just died: none of them failed its start-up checks.
     let restarts = k.ok(&[

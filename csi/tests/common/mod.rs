@@ -212,7 +212,12 @@ pub async fn identity(endpoint: &str) -> IdentityClient<Channel> {
 
 /// Pids of processes whose command line mentions `path`.
 pub fn pids_mentioning(path: &Path) -> Vec<i32> {
-    let needle = path.display().to_string();
+    pids_with(&[&path.display().to_string()])
+}
+
+/// Pids (sorted; not this process) whose command line contains every one
+/// of `words`.
+pub fn pids_with(words: &[&str]) -> Vec<i32> {
     let me = std::process::id() as i32;
     let mut out = Vec::new();
     let Ok(rd) = std::fs::read_dir("/proc") else {
@@ -225,14 +230,14 @@ pub fn pids_mentioning(path: &Path) -> Vec<i32> {
         if pid == me {
             continue;
         }
-        if let Ok(cmd) = std::fs::read(e.path().join("cmdline"))
-            && String::from_utf8_lossy(&cmd)
-                .replace('\0', " ")
-                .contains(&needle)
-        {
-            out.push(pid);
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if words.iter().all(|w| cmd.contains(w)) {
+                out.push(pid);
+            }
         }
     }
+    out.sort();
     out
 }
 
