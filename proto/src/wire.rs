@@ -138,6 +138,11 @@ impl Segments {
             let b = self.get_u8()?;
             v |= u64::from(b & 0x7f) << (7 * i);
             if b & 0x80 == 0 {
+                // The tenth byte holds bit 63 alone: more would not fit, and
+                // protobuf parsers (prost among them) refuse it.
+                if i == 9 && b > 1 {
+                    return Err(WireError::Invalid("a varint overflows 64 bits"));
+                }
                 return Ok(v);
             }
         }
@@ -290,6 +295,10 @@ fn len_of(buf: &mut Segments) -> Result<usize, WireError> {
 
 fn key(buf: &mut Segments) -> Result<(u64, u64), WireError> {
     let k = buf.varint()?;
+    // Keys are 32 bits (field numbers end at 2^29 - 1), as prost checks.
+    if k > u64::from(u32::MAX) {
+        return Err(WireError::Invalid("a field key is larger than 32 bits"));
+    }
     let field = k >> 3;
     if field == 0 {
         return Err(WireError::Invalid("field number 0"));
@@ -982,5 +991,38 @@ mod tests {
         // A known field with the wrong wire type.
         let e = decode_batch(segments(&[0x0a, 2, 0x0d, 1], &[])).unwrap_err();
         assert!(e.to_string().contains("wrong wire type"), "{e}");
+    }
+
+    /// Found by the fuzz target `wire_layer_data` (`proto/fuzz`): bytes
+    /// prost refuses were decoded, a key over 32 bits as an unknown field
+    /// and a varint over 64 bits as its low 64 bits.
+    #[test]
+    fn keys_over_32_bits_and_varints_over_64_bits_are_refused_as_prost_refuses_them() {
+        // Field 2^32 (key 2^35, a varint), value 0.
+        let key = [0x80, 0x80, 0x80, 0x80, 0x80, 0x01, 0x00];
+        // Field 2 (`offset`), ten bytes whose last carries bits 63 and 64.
+        let offset = [
+            0x10, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02,
+        ];
+        for (bad, what) in [
+            (&key[..], "larger than 32 bits"),
+            (&offset, "overflows 64 bits"),
+        ] {
+            assert!(pb::LayerData::decode(bad).is_err());
+            let e = decode_layer_data(segments(bad, &[])).unwrap_err();
+            assert!(e.to_string().contains(what), "{e}");
+            let e = decode_reply_batch(segments(&[&[0x0a, bad.len() as u8], bad].concat(), &[3]));
+            assert!(e.unwrap_err().to_string().contains(what));
+        }
+        // The largest of each still decodes: field 2^29 - 1, and u64::MAX.
+        let last = [0xf8, 0xff, 0xff, 0xff, 0x0f, 0x00];
+        assert_eq!(decode_layer_data(segments(&last, &[])).unwrap().offset, 0);
+        let max = [
+            0x10, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01,
+        ];
+        assert_eq!(
+            decode_layer_data(segments(&max, &[])).unwrap().offset,
+            u64::MAX
+        );
     }
 }
