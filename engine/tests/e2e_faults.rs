@@ -4,7 +4,7 @@
 //! replica paused past the I/O timeout and resumed, a link that delays
 //! everything (a delay line in the proxy), a second engine taking over
 //! the replicas of a running one, and the disk under one replica failing
-//! reads or writes with EIO (`zebu_testkit::eio_disk`). After each: every
+//! reads or writes with EIO or filling up (`zebu_testkit::eio_disk`). After each: every
 //! acknowledged and flushed write reads back, nothing unacknowledged is
 //! reported written, and every replica read alone holds the same image.
 
@@ -358,15 +358,27 @@ fn a_delayed_link_slows_io_and_a_link_slower_than_the_timeout_ejects_safely() {
 /// Blocks the checker of the failing-disk tests writes round and round.
 const CHECKED_BLOCKS: u64 = 512;
 
+/// How a test makes replica 1's disk fail, shows that the disk (and not
+/// something else) made the replica fail, and heals it.
+struct DiskFault {
+    /// Checked blocks written before the fault (a full round and more, or
+    /// fewer when the fault needs blocks never written yet).
+    written_before: u64,
+    make: fn(&EioDisk),
+    /// Panics unless the disk is what failed replica 1; says what it did.
+    confirm: fn(&EioDisk, &Engine) -> String,
+    heal: fn(&EioDisk),
+}
+
 /// Three replicas, replica 1 on a disk that fails on demand ([`EioDisk`]),
-/// and an engine serving an 8 MiB volume on them. A checker writes until
-/// every checked block holds data; between two of its writes `fault` makes
-/// the disk fail. Replica 1 must be ejected (having answered EIO to
-/// something: `refused` counts it) while writes go on, acknowledged by the
-/// two others. The disk heals; more writes while replica 1 is added back
-/// and resynced; then every acknowledged write reads back through the
-/// engine and from every replica read alone, which hold the same image.
-fn on_failing_disk(volume: &str, fault: impl FnOnce(&Faults), refused: impl Fn(&Faults) -> u64) {
+/// and an engine serving an 8 MiB volume on them. A checker writes
+/// `fault.written_before` writes; between two of its writes the disk
+/// fails. Replica 1 must be ejected (`fault.confirm` shows the disk did
+/// it) while writes go on, acknowledged by the two others. The disk heals;
+/// more writes while replica 1 is added back and resynced; then every
+/// acknowledged write reads back through the engine and from every replica
+/// read alone, which hold the same image.
+fn on_failing_disk(volume: &str, fault: DiskFault) {
     let _serial = serial();
     let tmp = tempdir();
     // Declared first, dropped last: after the processes that use it.
@@ -380,11 +392,11 @@ fn on_failing_disk(volume: &str, fault: impl FnOnce(&Faults), refused: impl Fn(&
     let mut engine = Engine::start(tmp.path(), volume, "8M", &addrs);
     engine.wait_healthy(3);
     let checker = Checker::start(&engine, CHECKED_BLOCKS, rand_u64());
-    let mut writes = CHECKED_BLOCKS + 8;
+    let mut writes = fault.written_before;
     checker.run_to(writes);
     checker.wait_acked(writes);
 
-    fault(disk.faults());
+    (fault.make)(&disk);
     // Fewer than a round: the block a failed write was meant for is not
     // written again before the resync.
     writes += CHECKED_BLOCKS / 2;
@@ -393,14 +405,9 @@ fn on_failing_disk(volume: &str, fault: impl FnOnce(&Faults), refused: impl Fn(&
         s["state"] == "degraded" && replica_entry(s, addrs[1]).is_some_and(|r| r["mode"] == "ERR")
     });
     checker.wait_acked(writes);
-    let n = refused(disk.faults());
-    assert!(
-        n > 0,
-        "the disk refused nothing: replica 1 was ejected for another reason"
-    );
-    eprintln!("the disk answered {n} requests with EIO");
+    eprintln!("{}", (fault.confirm)(&disk, &engine));
 
-    disk.faults().heal();
+    (fault.heal)(&disk);
     checker.run_to(writes + CHECKED_BLOCKS / 4);
     engine
         .ctl_timeout(&["replica", "add", addrs[1], "--wait"], LONG)
@@ -445,7 +452,15 @@ fn on_failing_disk(volume: &str, fault: impl FnOnce(&Faults), refused: impl Fn(&
 /// reads back, and every replica read alone holds the same image.
 #[test]
 fn a_replica_whose_disk_fails_writes_is_ejected_and_resynced_after_the_disk_heals() {
-    on_failing_disk("eiowrite", |f| f.fail_writes(true), Faults::refused_writes);
+    on_failing_disk(
+        "eiowrite",
+        DiskFault {
+            written_before: CHECKED_BLOCKS + 8,
+            make: |d| d.faults().fail_writes(true),
+            confirm: |d, _| refused("writes", d.faults().refused_writes()),
+            heal: |d| d.faults().heal(),
+        },
+    );
 }
 
 /// The disk under replica 1 fails every read (EIO). The first read the
@@ -455,5 +470,53 @@ fn a_replica_whose_disk_fails_writes_is_ejected_and_resynced_after_the_disk_heal
 /// reads back, and every replica read alone holds the same image.
 #[test]
 fn a_replica_whose_disk_fails_reads_is_ejected_and_resynced_after_the_disk_heals() {
-    on_failing_disk("eioread", |f| f.fail_reads(true), Faults::refused_reads);
+    on_failing_disk(
+        "eioread",
+        DiskFault {
+            written_before: CHECKED_BLOCKS + 8,
+            make: |d| d.faults().fail_reads(true),
+            confirm: |d, _| refused("reads", d.faults().refused_reads()),
+            heal: |d| d.faults().heal(),
+        },
+    );
+}
+
+/// The filesystem under replica 1 fills up (another file takes every free
+/// block) while a quarter of the checked blocks were ever written: the
+/// first write to a block the replica's data file never held fails with
+/// ENOSPC, the replica answers it "no space left", the engine ejects it
+/// and acknowledges the write from the two others; writes go on. The file
+/// is removed; replica 1 is added back and resynced while writes go on.
+/// Every acknowledged and flushed write reads back, and every replica read
+/// alone holds the same image.
+#[test]
+fn a_replica_whose_disk_fills_up_is_ejected_and_resynced_after_space_is_freed() {
+    on_failing_disk(
+        "fulldisk",
+        DiskFault {
+            written_before: CHECKED_BLOCKS / 4,
+            make: |d| {
+                let took = d.fill();
+                eprintln!("the ballast took the disk's last {} KiB", took / 1024);
+            },
+            confirm: |_, engine| {
+                let log = engine.log_tail();
+                assert!(
+                    log.contains("no space left on the replica's disk"),
+                    "replica 1 was ejected, but not for a full disk; engine stderr:\n{log}"
+                );
+                "replica 1 answered \"no space left\"".to_string()
+            },
+            heal: EioDisk::unfill,
+        },
+    );
+}
+
+/// Panics unless the disk refused some requests.
+fn refused(what: &str, n: u64) -> String {
+    assert!(
+        n > 0,
+        "the disk refused no {what}: replica 1 was ejected for another reason"
+    );
+    format!("the disk answered {n} {what} with EIO")
 }

@@ -1,6 +1,7 @@
 //! A disk that fails with EIO on demand, for the fault matrix: a FUSE file
 //! served by the test process, a loop device over it, ext4 on the loop
-//! device, mounted on a directory that holds a replica's `--dir`.
+//! device, mounted on a directory that holds a replica's `--dir`. Being a
+//! small filesystem of its own, it can also be filled ([`EioDisk::fill`]).
 //!
 //! ```text
 //! replica ─ ext4 (DIR) ─ /dev/loopN ─ FUSE file (this module, a thread of the test) ─ backing file
@@ -435,6 +436,43 @@ impl EioDisk {
         );
         self.mount = Some(mount_ext4(loopdev, &self.dir));
         format!("{}{}", fsck.stdout, fsck.stderr)
+    }
+}
+
+/// The file [`EioDisk::fill`] creates, in [`EioDisk::dir`].
+pub const BALLAST: &str = "ballast";
+
+impl EioDisk {
+    /// Fills ext4: [`BALLAST`] takes every free block (the root reserve
+    /// too: replicas run as root), so the next write that needs a new block
+    /// fails with ENOSPC while blocks already allocated can be rewritten.
+    /// Returns the bytes it took. Panics when the file cannot be made.
+    pub fn fill(&self) -> u64 {
+        use nix::fcntl::{FallocateFlags, fallocate};
+        let path = self.dir.join(BALLAST);
+        let file =
+            File::create(&path).unwrap_or_else(|e| panic!("creating {}: {e}", path.display()));
+        let mut len: i64 = 0;
+        // Large steps, then single blocks: what is left after the last
+        // large step that fit.
+        for step in [1i64 << 20, 4096] {
+            loop {
+                match fallocate(&file, FallocateFlags::empty(), len, step) {
+                    Ok(()) => len += step,
+                    Err(nix::errno::Errno::ENOSPC) => break,
+                    Err(e) => panic!("filling {}: {e}", path.display()),
+                }
+            }
+        }
+        file.sync_all()
+            .unwrap_or_else(|e| panic!("syncing {}: {e}", path.display()));
+        len as u64
+    }
+
+    /// Frees what [`Self::fill`] took.
+    pub fn unfill(&self) {
+        let path = self.dir.join(BALLAST);
+        std::fs::remove_file(&path).unwrap_or_else(|e| panic!("removing {}: {e}", path.display()));
     }
 }
 
