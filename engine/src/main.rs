@@ -33,7 +33,9 @@ struct ServeArgs {
     /// Volume name (also the NBD export name).
     #[arg(long)]
     volume: String,
-    /// Volume size (bytes or 512M, 10G, ...).
+    /// Volume size (bytes or 512M, 10G, ...). Replicas that hold less are
+    /// grown to it; when one holds more (an expansion that did not
+    /// finish), the volume takes that size.
     #[arg(long, value_parser = zebu_proto::size::parse)]
     size: u64,
     /// Replica address HOST:PORT (repeat for each replica).

@@ -193,7 +193,15 @@ impl Volume {
             }
         }
         self.record_ejected().await;
-        // The system snapshot has served its purpose: fold it back.
+        // The system snapshot has served its purpose.
+        self.fold_system_snapshot(snap).await;
+        Ok(())
+    }
+
+    /// Deletes system snapshot `snap` (a rebuild's) on every live replica,
+    /// folding it back into the head. A replica that fails keeps it (its
+    /// next engine folds it); the volume is unaffected either way.
+    pub(super) async fn fold_system_snapshot(&self, snap: &str) {
         for (rid, c) in self.live_members() {
             let (n, epoch, session) = (snap.to_owned(), self.epoch, self.member_session(rid));
             if let Err(e) = c
@@ -210,7 +218,6 @@ impl Volume {
                 tracing::warn!(error = %e, "could not delete the rebuild snapshot");
             }
         }
-        Ok(())
     }
 
     /// Writes the current set of ejected replica ids to every live replica.

@@ -224,12 +224,20 @@ impl Volume {
                 opts.replicas
             )));
         }
+        // Volumes only grow, and an expansion that a crash interrupted left
+        // some replicas at the new size: the volume is as large as its
+        // largest replica, and the others grow to it below (finishing the
+        // expansion; the caller's retry of it then changes nothing).
+        let mut size = opts.size;
         for (c, info) in &reachable {
-            if info.size > opts.size {
-                return Err(VolumeError::Invalid(format!(
-                    "replica {} holds {} bytes, more than --size {}: pass the volume's real size",
-                    c.addr, info.size, opts.size
-                )));
+            if info.size > size {
+                tracing::warn!(
+                    replica = %c.addr,
+                    replica_size = info.size,
+                    requested = opts.size,
+                    "a replica holds more than --size (an expansion did not finish); serving the larger size and growing the others"
+                );
+                size = info.size;
             }
         }
         let epoch = reachable.iter().map(|(_, i)| i.epoch).max().unwrap_or(0) + 1;
@@ -242,8 +250,8 @@ impl Volume {
                 .await;
             match info {
                 Ok(mut info) => {
-                    if info.size < opts.size {
-                        let (size, session) = (opts.size, info.session);
+                    if info.size < size {
+                        let session = info.session;
                         info = c
                             .call("growing to the volume size", |mut cl| async move {
                                 cl.expand(pb::ExpandRequest {
@@ -318,7 +326,7 @@ impl Volume {
         }
         let volume = Arc::new_cyclic(|me| Volume {
             name: opts.name.clone(),
-            size: AtomicU64::new(opts.size),
+            size: AtomicU64::new(size),
             epoch,
             io_timeout: opts.io_timeout,
             inner: Mutex::new(Inner {
@@ -346,6 +354,12 @@ impl Volume {
             volume.feed(&mut inner, |sm, out| sm.set_rw(rid, out))?;
         }
         volume.record_ejected().await;
+        // A rebuild that a crash interrupted left its system snapshot on
+        // every replica (the resyncs above copied it where it was missing).
+        for leftover in src_info.chain.iter().filter(|l| !l.head && !l.user_created) {
+            tracing::info!(snapshot = %leftover.name, "folding back the snapshot of an unfinished rebuild");
+            volume.fold_system_snapshot(&leftover.name).await;
+        }
         volume.spawn_watchdog();
         Ok(volume)
     }
