@@ -569,6 +569,7 @@ impl Controller {
                     x.state = ReplicaState::Ready;
                 }
             })?;
+            zebu_proto::crash::point("csi.create-volume.partial");
         }
         Ok(v)
     }
@@ -681,6 +682,7 @@ impl Controller {
                         ),
                     )
                 })?;
+            zebu_proto::crash::point("csi.delete-volume.partial");
         }
         match self.store().delete_volume(&v.id, None) {
             Ok(()) | Err(StoreError::NotFound { .. }) => Ok(()),

@@ -13,50 +13,6 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use zebu_proto::csi as pb;
 
-const MIB: i64 = 1 << 20;
-
-async fn create(ep: &str, name: &str, replicas: u32, extra: &[(&str, &str)]) -> pb::Volume {
-    let mut ctl = controller(ep).await;
-    let end = Instant::now() + Duration::from_secs(60);
-    loop {
-        let r = ctl
-            .create_volume(pb::CreateVolumeRequest {
-                name: name.into(),
-                capacity_range: Some(pb::CapacityRange {
-                    required_bytes: 128 * MIB,
-                    limit_bytes: 0,
-                }),
-                volume_capabilities: vec![mount_cap()],
-                parameters: [("numberOfReplicas".to_owned(), replicas.to_string())]
-                    .into_iter()
-                    .chain(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())))
-                    .collect(),
-                ..Default::default()
-            })
-            .await;
-        match r {
-            Ok(r) => return r.into_inner().volume.expect("volume"),
-            // Node plugins are still registering.
-            Err(s) if s.code() == tonic::Code::ResourceExhausted && Instant::now() < end => {
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-            Err(s) => panic!("CreateVolume: {s}"),
-        }
-    }
-}
-
-async fn detach_and_delete(ep: &str, a: &Attached) {
-    detach(ep, a).await;
-    controller(ep)
-        .await
-        .delete_volume(pb::DeleteVolumeRequest {
-            volume_id: a.volume.clone(),
-            ..Default::default()
-        })
-        .await
-        .expect("DeleteVolume");
-}
-
 async fn get(ep: &str, volume: &str) -> pb::ControllerGetVolumeResponse {
     controller(ep)
         .await

@@ -363,30 +363,7 @@ fn statefulset_flow_on_three_nodes() {
         n2.child.id() as i32,
         n3.child.id() as i32,
     ];
-    let others: Vec<i32> = pids_mentioning(&root)
-        .into_iter()
-        .filter(|p| !drivers.contains(p))
-        .collect();
-    let cmdlines: Vec<String> = others
-        .iter()
-        .map(|p| {
-            String::from_utf8_lossy(
-                &std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default(),
-            )
-            .replace('\0', " ")
-        })
-        .collect();
-    assert!(others.is_empty(), "processes left: {cmdlines:?}");
-    assert!(
-        mounts_under(&root).is_empty(),
-        "mounts left: {:?}",
-        mounts_under(&root)
-    );
-    assert!(
-        loops_under(&root).is_empty(),
-        "loop devices left: {:?}",
-        loops_under(&root)
-    );
+    assert_nothing_left(&root, &drivers);
     standalone.stop();
     n2.stop();
     n3.stop();

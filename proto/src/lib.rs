@@ -6,9 +6,12 @@
 //! - [`agent`]: the node agent (process supervision) and node registry.
 //! - [`csi`]: the Container Storage Interface the CSI driver serves.
 //! - [`size`]: parsing of human-readable sizes.
+//! - [`crash`]: crash points, where the fault matrix kills a process at
+//!   one exact step of a control operation.
 //! - [`wire`]: the data path's messages decoded from (and large payloads
 //!   sent as) HTTP/2 frames directly, below tonic's codec.
 
+pub mod crash;
 pub mod duration;
 pub mod ready;
 pub mod size;

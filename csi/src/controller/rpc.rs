@@ -350,6 +350,7 @@ impl CsiController for Controller {
         let v = self.fresh_addresses(&v).await?;
         let mut agent = self.inner.agents.client(&r.node_id).await?;
         let e = self.start_engine(&mut agent, &r.node_id, &v).await?;
+        zebu_proto::crash::point("csi.publish.engine-started");
         let att = Attachment {
             node: r.node_id.clone(),
             engine_address: e.control_address,

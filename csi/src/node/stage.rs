@@ -95,6 +95,7 @@ impl NodeService {
             rec.device = Some(att.device.clone());
             self.store(rec)?;
         }
+        zebu_proto::crash::point("csi.node-stage.attached");
         if let Access::Mount {
             fs_type,
             mount_flags,

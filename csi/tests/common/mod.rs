@@ -50,11 +50,25 @@ pub struct Driver {
     /// The ready line it printed.
     pub ready: String,
     pub node_id: String,
+    /// Where its stderr goes.
+    pub log: PathBuf,
 }
 
 impl Driver {
     /// Starts `zebu-csi standalone` with `disks` disk dirs under `root`.
     pub fn standalone(root: &Path, node_id: &str, disks: usize, extra: &[&str]) -> Driver {
+        Self::standalone_crashing_at(root, node_id, disks, extra, None)
+    }
+
+    /// [`Driver::standalone`], killing itself at crash point `crash_at`
+    /// (`zebu_proto::crash`) when given; see [`Driver::wait_crashed_at`].
+    pub fn standalone_crashing_at(
+        root: &Path,
+        node_id: &str,
+        disks: usize,
+        extra: &[&str],
+        crash_at: Option<&str>,
+    ) -> Driver {
         let socket = root.join("csi.sock");
         let mut args: Vec<String> = vec![
             "standalone".into(),
@@ -70,7 +84,11 @@ impl Driver {
             args.push(root.join(format!("disk{i}")).display().to_string());
         }
         args.extend(extra.iter().map(|s| s.to_string()));
-        Driver::spawn(&args, socket, node_id, &root.join("standalone.log"))
+        let mut cmd = Command::new(csi_bin());
+        if let Some(point) = crash_at {
+            cmd.env(zebu_proto::crash::ENV, point);
+        }
+        Driver::spawn_cmd(cmd, &args, socket, node_id, &root.join("standalone.log"))
     }
 
     /// Starts `zebu-csi node` joining the controller at `controller`.
@@ -142,8 +160,23 @@ impl Driver {
     }
 
     fn spawn(args: &[String], socket: PathBuf, node_id: &str, log: &Path) -> Driver {
-        let log_file = std::fs::File::create(log).expect("create driver log");
-        let mut child = Command::new(csi_bin())
+        Driver::spawn_cmd(Command::new(csi_bin()), args, socket, node_id, log)
+    }
+
+    fn spawn_cmd(
+        mut cmd: Command,
+        args: &[String],
+        socket: PathBuf,
+        node_id: &str,
+        log: &Path,
+    ) -> Driver {
+        // Appended: a restarted driver keeps its predecessor's log.
+        let log_file = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log)
+            .expect("open the driver log");
+        let mut child = cmd
             .args(args)
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
@@ -167,7 +200,32 @@ impl Driver {
             socket,
             ready: line.trim().to_owned(),
             node_id: node_id.into(),
+            log: log.to_owned(),
         }
+    }
+
+    /// Waits (up to a minute) for it to die at the crash point `point` it
+    /// was started with; panics, with its log, when it did not.
+    pub fn wait_crashed_at(&mut self, point: &str) {
+        use std::os::unix::process::ExitStatusExt;
+        let start = std::time::Instant::now();
+        let status = loop {
+            if let Some(st) = self.child.try_wait().expect("waiting for zebu-csi") {
+                break st;
+            }
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(60),
+                "zebu-csi never reached crash point {point}; log:\n{}",
+                std::fs::read_to_string(&self.log).unwrap_or_default()
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        };
+        let log = std::fs::read_to_string(&self.log).unwrap_or_default();
+        assert!(
+            status.signal() == Some(libc::SIGKILL)
+                && log.contains(&format!("{}={point}:", zebu_proto::crash::ENV)),
+            "zebu-csi ended with {status} instead of dying at crash point {point}; log:\n{log}"
+        );
     }
 
     /// SIGTERM and wait (the agent leaves its replicas and engines running).
@@ -365,24 +423,52 @@ pub async fn attach(ctl_ep: &str, node: &Driver, volume: &str, root: &Path) -> A
     })
     .await
     .expect("NodeStageVolume");
-    nd.node_publish_volume(pb::NodePublishVolumeRequest {
-        volume_id: volume.into(),
-        publish_context: publish.publish_context.clone(),
-        staging_target_path: staging.display().to_string(),
-        target_path: target.display().to_string(),
-        volume_capability: Some(mount_cap()),
-        ..Default::default()
-    })
-    .await
-    .expect("NodePublishVolume");
-    Attached {
+    let a = Attached {
         volume: volume.into(),
         staging,
         target,
         node_endpoint: node.endpoint.clone(),
         node_id: node.node_id.clone(),
         publish_context: publish.publish_context,
-    }
+    };
+    publish_target(&a).await;
+    a
+}
+
+/// NodePublishVolume of a staged volume to its target path.
+pub async fn publish_target(a: &Attached) {
+    self::node(&a.node_endpoint)
+        .await
+        .node_publish_volume(pb::NodePublishVolumeRequest {
+            volume_id: a.volume.clone(),
+            publish_context: a.publish_context.clone(),
+            staging_target_path: a.staging.display().to_string(),
+            target_path: a.target.display().to_string(),
+            volume_capability: Some(mount_cap()),
+            ..Default::default()
+        })
+        .await
+        .expect("NodePublishVolume");
+}
+
+/// Asserts that no process but `drivers` mentions `root`, and that no
+/// mount or loop device under it is left.
+pub fn assert_nothing_left(root: &Path, drivers: &[i32]) {
+    let others: Vec<String> = pids_mentioning(root)
+        .into_iter()
+        .filter(|p| !drivers.contains(p))
+        .map(|p| {
+            String::from_utf8_lossy(
+                &std::fs::read(format!("/proc/{p}/cmdline")).unwrap_or_default(),
+            )
+            .replace('\0', " ")
+        })
+        .collect();
+    assert!(others.is_empty(), "processes left: {others:?}");
+    let mounts = mounts_under(root);
+    assert!(mounts.is_empty(), "mounts left: {mounts:?}");
+    let loops = loops_under(root);
+    assert!(loops.is_empty(), "loop devices left: {loops:?}");
 }
 
 pub async fn detach(ctl_ep: &str, a: &Attached) {
@@ -522,4 +608,61 @@ pub fn cluster_flags(root: &Path, kubeconfig: &Path, namespace: &str) -> Vec<Str
     ]
     .map(str::to_owned)
     .to_vec()
+}
+
+/// CreateVolume of a 128 MiB mount volume named `name` with `replicas`
+/// replicas and the parameters `extra`.
+pub fn create_request(
+    name: &str,
+    replicas: u32,
+    extra: &[(&str, &str)],
+) -> pb::CreateVolumeRequest {
+    pb::CreateVolumeRequest {
+        name: name.into(),
+        capacity_range: Some(pb::CapacityRange {
+            required_bytes: 128 << 20,
+            limit_bytes: 0,
+        }),
+        volume_capabilities: vec![mount_cap()],
+        parameters: [("numberOfReplicas".to_owned(), replicas.to_string())]
+            .into_iter()
+            .chain(extra.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+            .collect(),
+        ..Default::default()
+    }
+}
+
+/// Creates the volume of [`create_request`], retrying (up to a minute)
+/// while node plugins are still registering.
+pub async fn create(ep: &str, name: &str, replicas: u32, extra: &[(&str, &str)]) -> pb::Volume {
+    let mut ctl = controller(ep).await;
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        match ctl
+            .create_volume(create_request(name, replicas, extra))
+            .await
+        {
+            Ok(r) => return r.into_inner().volume.expect("volume"),
+            Err(s)
+                if s.code() == tonic::Code::ResourceExhausted
+                    && std::time::Instant::now() < end =>
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+            }
+            Err(s) => panic!("CreateVolume: {s}"),
+        }
+    }
+}
+
+/// Unpublishes and unstages `a`, then deletes its volume.
+pub async fn detach_and_delete(ep: &str, a: &Attached) {
+    detach(ep, a).await;
+    controller(ep)
+        .await
+        .delete_volume(pb::DeleteVolumeRequest {
+            volume_id: a.volume.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("DeleteVolume");
 }

@@ -25,7 +25,10 @@ impl Volume {
                 })
                 .await;
             match r {
-                Ok(_) => any_ok = true,
+                Ok(_) => {
+                    any_ok = true;
+                    zebu_proto::crash::point("engine.snapshot.partial");
+                }
                 Err(ClientError::Call { status, .. })
                     if status.code() == tonic::Code::AlreadyExists =>
                 {
@@ -124,7 +127,10 @@ impl Volume {
                 })
                 .await;
             match r {
-                Ok(_) => found = true,
+                Ok(_) => {
+                    found = true;
+                    zebu_proto::crash::point("engine.snapshot-delete.partial");
+                }
                 Err(ClientError::Call { status, .. }) if status.code() == tonic::Code::NotFound => {
                 }
                 Err(e) => self.fail_member(rid, &e)?,
@@ -179,7 +185,10 @@ impl Volume {
                     })
                     .await;
                 match r {
-                    Ok(_) => break,
+                    Ok(_) => {
+                        zebu_proto::crash::point("engine.revert.partial");
+                        break;
+                    }
                     // The replica may not have seen our stream close yet.
                     Err(ClientError::Call { status, .. })
                         if status.code() == tonic::Code::FailedPrecondition && attempt < 100 =>
@@ -256,8 +265,9 @@ impl Volume {
                     .await
                 })
                 .await;
-            if let Err(e) = r {
-                self.fail_member(rid, &e)?;
+            match r {
+                Ok(_) => zebu_proto::crash::point("engine.expand.partial"),
+                Err(e) => self.fail_member(rid, &e)?,
             }
         }
         self.size.store(size, Ordering::Release);

@@ -64,7 +64,18 @@ impl Replica {
     /// Starts a replica listening on `ip` (port 0), in network namespace
     /// `netns` when given.
     pub fn start_in(netns: Option<&str>, ip: &str, dir: &Path, size: Option<&str>) -> Replica {
-        let mut c = in_netns(netns, &replica_bin());
+        Self::launch(in_netns(netns, &replica_bin()), ip, dir, size)
+    }
+
+    /// [`Replica::start`], the process killing itself at crash point
+    /// `point` (`zebu_proto::crash`); see [`Replica::wait_crashed_at`].
+    pub fn start_crashing_at(dir: &Path, size: Option<&str>, point: &str) -> Replica {
+        let mut c = Command::new(replica_bin());
+        c.env(zebu_proto::crash::ENV, point);
+        Self::launch(c, "127.0.0.1", dir, size)
+    }
+
+    fn launch(mut c: Command, ip: &str, dir: &Path, size: Option<&str>) -> Replica {
         c.arg("--dir")
             .arg(dir)
             .args(["--listen", &format!("{ip}:0")]);
@@ -86,6 +97,11 @@ impl Replica {
 
     pub fn kill9(&mut self) {
         self.server.kill9();
+    }
+
+    /// Waits for it to die at the crash point it was started with.
+    pub fn wait_crashed_at(&mut self, point: &str) {
+        self.server.wait_crashed_at(point);
     }
 
     /// Sends a signal (e.g. SIGSTOP to make the replica hang).
@@ -155,9 +171,37 @@ impl Engine {
         replicas: &[&str],
         extra: &[&str],
     ) -> Engine {
+        let c = in_netns(netns, &engine_bin());
+        Self::launch(c, netns, ip, tmp, volume, size, replicas, extra)
+    }
+
+    /// [`Engine::start`], the process killing itself at crash point
+    /// `point` (`zebu_proto::crash`); see [`Engine::wait_crashed_at`].
+    pub fn start_crashing_at(
+        tmp: &Path,
+        volume: &str,
+        size: &str,
+        replicas: &[&str],
+        point: &str,
+    ) -> Engine {
+        let mut c = Command::new(engine_bin());
+        c.env(zebu_proto::crash::ENV, point);
+        Self::launch(c, None, "127.0.0.1", tmp, volume, size, replicas, &[])
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn launch(
+        mut c: Command,
+        netns: Option<&str>,
+        ip: &str,
+        tmp: &Path,
+        volume: &str,
+        size: &str,
+        replicas: &[&str],
+        extra: &[&str],
+    ) -> Engine {
         let n = rand_u64() % 1_000_000;
         let socket = tmp.join(format!("nbd-{n}.sock"));
-        let mut c = in_netns(netns, &engine_bin());
         c.args(["--volume", volume, "--size", size]);
         for r in replicas {
             c.args(["--replica", r]);
@@ -214,6 +258,11 @@ impl Engine {
 
     pub fn kill9(&mut self) {
         self.server.kill9();
+    }
+
+    /// Waits for it to die at the crash point it was started with.
+    pub fn wait_crashed_at(&mut self, point: &str) {
+        self.server.wait_crashed_at(point);
     }
 
     /// SIGTERM and wait; asserts a clean exit (status 0).

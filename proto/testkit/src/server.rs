@@ -100,6 +100,39 @@ impl Server {
         nix::unistd::Pid::from_raw(self.child.as_ref().expect("process already stopped").id() as i32)
     }
 
+    /// Waits (up to [`DEADLINE`]) for the process to kill itself at crash
+    /// point `point` (`zebu_proto::crash`, started with `ZEBU_CRASH_AT`).
+    /// Panics, with the log's tail, if it is still running, exited another
+    /// way, or died without logging that crash point.
+    pub fn wait_crashed_at(&mut self, point: &str) {
+        use std::os::unix::process::ExitStatusExt;
+        let mut c = self.child.take().expect("process already stopped");
+        let start = Instant::now();
+        let status = loop {
+            if let Some(st) = c.try_wait().expect("waiting for the process") {
+                break st;
+            }
+            if start.elapsed() > DEADLINE {
+                let _ = c.kill();
+                reap(&mut c);
+                panic!(
+                    "{} never reached crash point {point} within {DEADLINE:?}; its log:\n{}",
+                    self.name,
+                    self.log_tail()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        let tail = self.log_tail();
+        assert!(
+            status.signal() == Some(libc::SIGKILL)
+                && tail.contains(&format!("{}={point}:", zebu_proto::crash::ENV)),
+            "{} {} instead of dying at crash point {point}; its log:\n{tail}",
+            self.name,
+            describe_exit(status)
+        );
+    }
+
     /// SIGKILL and reap.
     pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {

@@ -282,6 +282,7 @@ pub async fn sync_layers(
             })?;
             progress.update(|st| st.bytes_done += m.bytes_written - last.bytes_written);
             last = m;
+            zebu_proto::crash::point("engine.rebuild.pulling");
         }
         progress.update(|st| {
             st.blocks_copied += last.blocks_written;

@@ -136,6 +136,7 @@ impl Store {
                     .await?;
                 }
                 b += n;
+                zebu_proto::crash::point("replica.merge.copying");
             }
         }
         self.sync_layer(&into, "syncing the merged layer").await?;
