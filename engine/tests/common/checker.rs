@@ -30,6 +30,13 @@ impl Checker {
     /// Connects to `engine`'s volume; writes blocks `0..blocks` (write `n`
     /// goes to block `n % blocks`, data `pattern(seed + n)`) once told to.
     pub fn start(engine: &Engine, blocks: u64, seed: u64) -> Checker {
+        Self::start_from(engine, vec![0u8; (blocks * BS) as usize], seed)
+    }
+
+    /// [`Checker::start`] on blocks that must hold `expect` now (what an
+    /// earlier checker's [`Checker::finish`] returned).
+    pub fn start_from(engine: &Engine, expect: Vec<u8>, seed: u64) -> Checker {
+        let blocks = expect.len() as u64 / BS;
         let limit = Arc::new(AtomicU64::new(0));
         let acked = Arc::new(AtomicU64::new(0));
         let stop = Arc::new(AtomicBool::new(false));
@@ -37,7 +44,7 @@ impl Checker {
         let (l, a, s) = (limit.clone(), acked.clone(), stop.clone());
         let thread = std::thread::spawn(move || {
             let bs = BS as usize;
-            let mut expect = vec![0u8; blocks as usize * bs];
+            let mut expect = expect;
             let mut n = 0u64;
             while !s.load(Ordering::SeqCst) {
                 if n >= l.load(Ordering::SeqCst) {

@@ -64,7 +64,19 @@ impl Replica {
     /// Starts a replica listening on `ip` (port 0), in network namespace
     /// `netns` when given.
     pub fn start_in(netns: Option<&str>, ip: &str, dir: &Path, size: Option<&str>) -> Replica {
-        Self::launch(in_netns(netns, &replica_bin()), ip, dir, size)
+        Self::launch(
+            in_netns(netns, &replica_bin()),
+            &format!("{ip}:0"),
+            dir,
+            size,
+        )
+    }
+
+    /// Starts the replica again on its directory and address (after it
+    /// was killed).
+    pub fn restart(&mut self) {
+        let addr = self.addr.clone();
+        *self = Self::launch(Command::new(replica_bin()), &addr, &self.dir, None);
     }
 
     /// [`Replica::start`], the process killing itself at crash point
@@ -72,13 +84,11 @@ impl Replica {
     pub fn start_crashing_at(dir: &Path, size: Option<&str>, point: &str) -> Replica {
         let mut c = Command::new(replica_bin());
         c.env(zebu_proto::crash::ENV, point);
-        Self::launch(c, "127.0.0.1", dir, size)
+        Self::launch(c, "127.0.0.1:0", dir, size)
     }
 
-    fn launch(mut c: Command, ip: &str, dir: &Path, size: Option<&str>) -> Replica {
-        c.arg("--dir")
-            .arg(dir)
-            .args(["--listen", &format!("{ip}:0")]);
+    fn launch(mut c: Command, listen: &str, dir: &Path, size: Option<&str>) -> Replica {
+        c.arg("--dir").arg(dir).args(["--listen", listen]);
         if let Some(s) = size {
             c.args(["--size", s]);
         }

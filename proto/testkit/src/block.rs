@@ -144,8 +144,22 @@ impl Mount {
 
     /// Unmounts now; asserts success.
     pub fn umount(mut self) {
-        // On failure the guard is dropped still "mounted" and retries.
-        run(Command::new("umount").arg(&self.dir), LONG).expect_ok();
+        // A process killed a moment ago may still hold files below (the
+        // kernel closes an io_uring's files after the process is reaped):
+        // retried while the target is busy. On failure the guard is
+        // dropped still "mounted" and retries.
+        let start = std::time::Instant::now();
+        loop {
+            let r = run(Command::new("umount").arg(&self.dir), LONG);
+            if r.ok() {
+                break;
+            }
+            if !r.stderr.contains("busy") || start.elapsed() > LONG {
+                r.expect_ok();
+                unreachable!("expect_ok panics on a failed run");
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
         self.mounted = false;
     }
 }
