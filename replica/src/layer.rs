@@ -106,14 +106,24 @@ impl Layer {
         Ok(Layer {
             id,
             data: Arc::new(data),
-            crcs: RwLock::new(CrcMap::map(&crc, blocks, Space::Reserve)?),
+            // A new, empty file: nothing old to be unwritten.
+            crcs: RwLock::new(CrcMap::map(&crc, blocks, Space::Reserve, true)?),
             crc: Arc::new(crc),
             index: RwLock::new(ExtentIndex::new(blocks)),
         })
     }
 
     /// Opens layer `id` and rebuilds its index with SEEK_DATA/SEEK_HOLE.
-    pub fn open(dir: &Path, id: u64, size: u64, block_size: u32) -> io::Result<Layer> {
+    /// `crc_written`: its CRC file is known to be written in full on disk
+    /// (see [`crate::crcmap`]); when it is not, it is rewritten in place
+    /// first (unless the disk is full: then it stays not written).
+    pub fn open(
+        dir: &Path,
+        id: u64,
+        size: u64,
+        block_size: u32,
+        crc_written: bool,
+    ) -> io::Result<Layer> {
         let (data_path, crc_path) = paths(dir, id);
         let data = open_data(&data_path, false).map_err(|e| {
             io::Error::new(
@@ -151,7 +161,21 @@ impl Layer {
             index.insert(first, last - first);
             pos = end;
         }
-        let crcs = CrcMap::map(&crc, size / bs, Space::TryReserve).map_err(|e| {
+        let crc_written = crc_written
+            || match crate::crcmap::write_in_place(&crc) {
+                Ok(()) => true,
+                Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => {
+                    tracing::warn!(path = %crc_path.display(), "no space to rewrite the CRC file in full; it is synced at every flush");
+                    false
+                }
+                Err(e) => {
+                    return Err(io::Error::new(
+                        e.kind(),
+                        format!("rewriting CRC file {}: {e}", crc_path.display()),
+                    ));
+                }
+            };
+        let crcs = CrcMap::map(&crc, size / bs, Space::TryReserve, crc_written).map_err(|e| {
             io::Error::new(
                 e.kind(),
                 format!("mapping CRC file {}: {e}", crc_path.display()),
@@ -258,9 +282,16 @@ impl Layer {
     pub fn grow_crcs(&self, blocks: u64) -> io::Result<()> {
         let mut map = self.crcs.write().unwrap_or_else(|p| p.into_inner());
         if blocks > map.entries() {
-            *map = CrcMap::map(&self.crc, blocks, Space::Reserve)?;
+            *map = CrcMap::map(&self.crc, blocks, Space::Reserve, map.written())?;
         }
         Ok(())
+    }
+
+    /// Its CRC file is written in full on disk: writing its dirty pages
+    /// back before a cache flush of the disk makes them durable (see
+    /// [`crate::crcmap`]); otherwise it must be `fdatasync`'ed.
+    pub fn crc_written(&self) -> bool {
+        self.crc_map().written()
     }
 
     fn crc_map(&self) -> RwLockReadGuard<'_, CrcMap> {

@@ -118,6 +118,11 @@ pub struct Meta {
     /// [`crate::session`]); 0 before the first.
     #[serde(default)]
     pub session: u64,
+    /// Every layer's CRC file is written in full on disk (no holes, no
+    /// unwritten extents: see [`crate::crcmap`]). False for a replica made
+    /// before that rule until it rewrote them at its next start.
+    #[serde(default)]
+    pub crc_files_written: bool,
 }
 
 /// Current [`Meta::format`].
@@ -334,17 +339,22 @@ mod tests {
             attached: false,
             last_clean_scrub_unix: 1_700_000_000,
             session: 7,
+            crc_files_written: true,
         };
         store.save(&meta).unwrap();
         assert_eq!(store.load().unwrap().unwrap(), meta);
         // A record written before replicas recorded their scrubs: never scrubbed.
         let mut old = serde_json::to_value(&meta).unwrap();
         old.as_object_mut().unwrap().remove("last_clean_scrub_unix");
+        old.as_object_mut().unwrap().remove("crc_files_written");
         store
             .db
             .insert(KEY, serde_json::to_vec(&old).unwrap())
             .unwrap();
-        assert_eq!(store.load().unwrap().unwrap().last_clean_scrub_unix, 0);
+        let loaded = store.load().unwrap().unwrap();
+        assert_eq!(loaded.last_clean_scrub_unix, 0);
+        // ... nor rewrote its CRC files in full.
+        assert!(!loaded.crc_files_written);
         store.db.insert(KEY, b"{not json".to_vec()).unwrap();
         let err = store.load().unwrap_err();
         assert!(matches!(err, MetaError::Corrupt { .. }), "{err}");
@@ -381,6 +391,7 @@ mod tests {
             attached: true,
             last_clean_scrub_unix: 0,
             session: 0,
+            crc_files_written: true,
         };
         let record = serde_json::to_vec(&meta).unwrap().len();
         assert!(record > 800, "{record}");

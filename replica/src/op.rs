@@ -35,6 +35,15 @@ pub enum Op {
         /// File to sync.
         file: Arc<File>,
     },
+    /// Write the file's dirty pages back and wait for them
+    /// (`sync_file_range` with `WAIT_BEFORE | WRITE | WAIT_AFTER`): no
+    /// metadata, no cache flush of the disk. Durable once a later
+    /// [`Op::Fsync`] on the same disk flushed its cache, for blocks written
+    /// on disk before (see `crcmap`).
+    WriteBack {
+        /// File to write back.
+        file: Arc<File>,
+    },
 }
 
 impl Op {
@@ -42,7 +51,7 @@ impl Op {
     pub fn buf(&self) -> Option<&AlignedBuf> {
         match self {
             Op::Read { buf, .. } | Op::Write { buf, .. } => Some(buf),
-            Op::Fsync { .. } => None,
+            Op::Fsync { .. } | Op::WriteBack { .. } => None,
         }
     }
 }
@@ -56,6 +65,8 @@ pub enum Completion {
     Write,
     /// The file's data is durable.
     Fsync,
+    /// The file's dirty pages reached the disk (not its cache's end).
+    WrittenBack,
 }
 
 /// An operation and where to send its result.

@@ -361,6 +361,18 @@ fn entry_for(req: &mut Request, token: u64, fixed: bool) -> (squeue::Entry, usiz
                 .build();
             (e.user_data(token), 0)
         }
+        Op::WriteBack { file } => {
+            // Length 0: from the offset to the end of the file.
+            let e = opcode::SyncFileRange::new(types::Fd(file.as_raw_fd()), 0)
+                .offset(0)
+                .flags(
+                    libc::SYNC_FILE_RANGE_WAIT_BEFORE
+                        | libc::SYNC_FILE_RANGE_WRITE
+                        | libc::SYNC_FILE_RANGE_WAIT_AFTER,
+                )
+                .build();
+            (e.user_data(token), 0)
+        }
     }
 }
 
@@ -382,6 +394,7 @@ fn finish(flight: InFlight, res: i32) {
             Op::Read { buf, .. } => Completion::Read(buf),
             Op::Write { .. } => Completion::Write,
             Op::Fsync { .. } => Completion::Fsync,
+            Op::WriteBack { .. } => Completion::WrittenBack,
         })
     };
     let _ = req.done.send(result);

@@ -29,24 +29,6 @@ fn content(round: u64, b: u64) -> Vec<u8> {
     pattern(round * BLOCKS + b, BS as usize)
 }
 
-/// Writes each of `blocks` (its `round` content) as a request of its own,
-/// asserts that all succeeded, and records them in `image`.
-async fn write_blocks(io: &mut Io, image: &mut BTreeMap<u64, Vec<u8>>, round: u64, blocks: &[u64]) {
-    let reqs = blocks
-        .iter()
-        .map(|&b| write_req(b * BS, content(round, b)))
-        .collect();
-    for (resp, &b) in io.batch(reqs).await.iter().zip(blocks) {
-        assert_eq!(
-            status(resp),
-            pb::IoStatus::IoOk,
-            "write of block {b}: {}",
-            resp.message
-        );
-        image.insert(b, content(round, b));
-    }
-}
-
 /// Asserts that `resp` failed with an I/O error that says to restart.
 fn assert_refused_until_restart(what: &str, resp: &pb::IoResponse) {
     assert_eq!(
@@ -88,13 +70,13 @@ fn a_failed_flush_is_final_until_a_restart(allocate_after_flush: bool) {
         write_blocks(
             &mut io,
             &mut flushed,
-            0,
             &[0, 1, 2, 3, 4, 5, 6, 7, 100, 101],
+            |b| content(0, b),
         )
         .await;
         let resp = io.one(flush_req()).await;
         assert_eq!(status(&resp), pb::IoStatus::IoOk, "{}", resp.message);
-        write_blocks(&mut io, &mut flushed, 1, &[2, 200, 201]).await;
+        write_blocks(&mut io, &mut flushed, &[2, 200, 201], |b| content(1, b)).await;
         let resp = io.one(flush_req()).await;
         assert_eq!(status(&resp), pb::IoStatus::IoOk, "{}", resp.message);
 
@@ -106,7 +88,7 @@ fn a_failed_flush_is_final_until_a_restart(allocate_after_flush: bool) {
             more.push(300);
         }
         let mut after = BTreeMap::new();
-        write_blocks(&mut io, &mut after, 2, &more).await;
+        write_blocks(&mut io, &mut after, &more, |b| content(2, b)).await;
         for (b, new) in after {
             let old = flushed.get(&b).cloned().unwrap_or(vec![0; BS as usize]);
             unflushed.insert(b, (old, new));
@@ -214,7 +196,7 @@ fn a_failed_flush_is_final_until_a_restart(allocate_after_flush: bool) {
         }
         // The replica serves again.
         let mut again = BTreeMap::new();
-        write_blocks(&mut io, &mut again, 4, &[5, 400]).await;
+        write_blocks(&mut io, &mut again, &[5, 400], |b| content(4, b)).await;
         let resp = io.one(flush_req()).await;
         assert_eq!(status(&resp), pb::IoStatus::IoOk, "{}", resp.message);
     });

@@ -1,7 +1,10 @@
 //! A disk that fails with EIO on demand, for the fault matrix: a FUSE file
 //! served by the test process, a loop device over it, ext4 on the loop
 //! device, mounted on a directory that holds a replica's `--dir`. Being a
-//! small filesystem of its own, it can also be filled ([`EioDisk::fill`]).
+//! small filesystem of its own, it can also be filled ([`EioDisk::fill`]),
+//! and lose power ([`Faults::cut_power`], [`EioDisk::power_cycle`]): every
+//! write since the disk's last cache flush is undone, as a disk with a
+//! volatile write cache may do.
 //!
 //! ```text
 //! replica ─ ext4 (DIR) ─ /dev/loopN ─ FUSE file (this module, a thread of the test) ─ backing file
@@ -25,6 +28,11 @@
 //!   left running rather than joined, never hanging the test.
 //! * The FUSE handlers never panic on what the kernel sends: an inode,
 //!   offset or length they cannot serve is answered with an error.
+//! * A cache flush of the disk is an FSYNC of the FUSE file (the loop
+//!   device turns every flush, and the flush that emulates FUA, into one).
+//!   Every write served since the last one is recorded with what it
+//!   overwrote, so that [`EioDisk::power_cycle`] can undo exactly the
+//!   writes a power cut may lose: all of them (the worst case).
 //!
 //! # What reaches the replica, and when
 //!
@@ -82,6 +90,10 @@ pub struct Faults {
     writes: AtomicBool,
     refused_reads: AtomicU64,
     refused_writes: AtomicU64,
+    /// Writes served since the last cache flush, oldest first, each with
+    /// the bytes it overwrote. Held while a write is served, so that
+    /// overlapping writes are recorded in the order they landed.
+    unflushed: std::sync::Mutex<Vec<(u64, Vec<u8>)>>,
 }
 
 impl Faults {
@@ -94,6 +106,13 @@ impl Faults {
     /// served (`false`).
     pub fn fail_writes(&self, fail: bool) {
         self.writes.store(fail, Ordering::SeqCst);
+    }
+
+    /// The power goes: from now on nothing reaches the disk (writes and
+    /// flushes fail with EIO) until [`EioDisk::power_cycle`] undoes what
+    /// was not flushed and powers it on again.
+    pub fn cut_power(&self) {
+        self.fail_writes(true);
     }
 
     /// Serves everything again.
@@ -110,6 +129,10 @@ impl Faults {
     /// Writes and flushes answered with EIO so far.
     pub fn refused_writes(&self) -> u64 {
         self.refused_writes.load(Ordering::SeqCst)
+    }
+
+    fn unflushed(&self) -> std::sync::MutexGuard<'_, Vec<(u64, Vec<u8>)>> {
+        self.unflushed.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Whether a read arriving now fails (and counts it).
@@ -257,8 +280,17 @@ impl Filesystem for EioFs {
             reply.error(Errno::EIO);
             return;
         }
+        let mut unflushed = self.faults.unflushed();
+        let mut old = vec![0u8; data.len()];
+        if let Err(e) = self.backing.read_exact_at(&mut old, offset) {
+            reply.error(errno(&e));
+            return;
+        }
         match self.backing.write_all_at(data, offset) {
-            Ok(()) => reply.written(written),
+            Ok(()) => {
+                unflushed.push((offset, old));
+                reply.written(written)
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -275,8 +307,13 @@ impl Filesystem for EioFs {
             reply.error(Errno::EIO);
             return;
         }
+        let mut unflushed = self.faults.unflushed();
         match self.backing.sync_data() {
-            Ok(()) => reply.ok(),
+            Ok(()) => {
+                // What reached the disk before this flush is durable.
+                unflushed.clear();
+                reply.ok()
+            }
             Err(e) => reply.error(errno(&e)),
         }
     }
@@ -362,6 +399,8 @@ pub struct EioDisk {
     loopdev: Option<LoopDev>,
     fuse: Option<FuseFile>,
     faults: Arc<Faults>,
+    /// The file holding the disk's content.
+    backing: PathBuf,
     /// Where ext4 is mounted: put the replica's `--dir` below it.
     pub dir: PathBuf,
 }
@@ -378,15 +417,11 @@ impl EioDisk {
             loopdev: None,
             fuse: None,
             faults: Arc::clone(&faults),
+            backing: root.join("disk.img"),
             dir: root.join("ext4"),
         };
         let fuse_dir = root.join("fuse");
-        disk.fuse = Some(FuseFile::mount(
-            &fuse_dir,
-            &root.join("disk.img"),
-            size,
-            faults,
-        ));
+        disk.fuse = Some(FuseFile::mount(&fuse_dir, &disk.backing, size, faults));
         let loopdev = LoopDev::attach(&fuse_dir.join(FILE_NAME));
         // 4 KiB blocks (mke2fs would pick 1 KiB for a small disk); every
         // inode table and the journal written now, not by a background
@@ -417,10 +452,57 @@ impl EioDisk {
     /// e2fsck leaves errors uncorrected (exit status above 1).
     pub fn remount(&mut self) -> String {
         self.faults.heal();
+        self.cycle(false)
+    }
+
+    /// After [`Faults::cut_power`]: unmounts ext4 (what it writes then is
+    /// lost), undoes every write since the disk's last cache flush, powers
+    /// the disk on, drops the loop device's cached blocks, checks ext4 and
+    /// mounts it again: what a machine sees when it boots after a power
+    /// cut. Returns e2fsck's output and the bytes undone. Nothing may hold a
+    /// file below [`Self::dir`] open. Panics as [`Self::remount`] does.
+    pub fn power_cycle(&mut self) -> (String, u64) {
+        if let Some(mount) = self.mount.take() {
+            mount.umount();
+        }
+        let undone = self.undo_unflushed();
+        self.faults.heal();
+        (self.cycle(true), undone)
+    }
+
+    /// Restores what every unflushed write overwrote, newest first.
+    fn undo_unflushed(&self) -> u64 {
+        let backing = File::options()
+            .write(true)
+            .open(&self.backing)
+            .unwrap_or_else(|e| panic!("opening {}: {e}", self.backing.display()));
+        let mut unflushed = self.faults.unflushed();
+        let mut undone = 0;
+        for (offset, old) in unflushed.drain(..).rev() {
+            backing
+                .write_all_at(&old, offset)
+                .unwrap_or_else(|e| panic!("undoing a write at {offset}: {e}"));
+            undone += old.len() as u64;
+        }
+        undone
+    }
+
+    /// Unmounts ext4 if mounted, drops the loop device's cached blocks when
+    /// `drop_cache`, checks ext4 and mounts it again.
+    fn cycle(&mut self, drop_cache: bool) -> String {
         if let Some(mount) = self.mount.take() {
             mount.umount();
         }
         let loopdev = self.loopdev.as_ref().expect("the loop device is attached");
+        if drop_cache {
+            run(
+                Command::new("blockdev")
+                    .arg("--flushbufs")
+                    .arg(&loopdev.dev),
+                LONG,
+            )
+            .expect_ok();
+        }
         let fsck = run(
             Command::new("e2fsck").args(["-f", "-y"]).arg(&loopdev.dev),
             LONG,

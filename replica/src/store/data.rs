@@ -360,7 +360,12 @@ impl Store {
         Ok(())
     }
 
-    /// fdatasyncs the data and CRC files of `layers`.
+    /// Makes every write to `layers` acknowledged so far durable, with one
+    /// cache flush of the disk per layer: the dirty pages of each CRC file
+    /// are written back first (no cache flush; `sync_file_range`), then
+    /// the data files are `fdatasync`ed, whose cache flush covers the CRC
+    /// pages too. That holds for CRC files written in full on disk (see
+    /// [`crate::crcmap`]); any other CRC file is `fdatasync`ed as well.
     ///
     /// A failure is final for this process: the kernel reports a failed
     /// writeback once and marks the pages clean, so a second fdatasync
@@ -369,17 +374,27 @@ impl Store {
     /// and never marks a clean stop; restarted, it recomputes its CRCs
     /// from the disk and the engine resyncs it.
     pub(super) async fn sync_layers(&self, layers: &[Arc<Layer>]) -> Result<()> {
-        let ops = layers.iter().flat_map(|l| {
-            [
-                Op::Fsync {
-                    file: l.data.clone(),
-                },
-                Op::Fsync {
-                    file: l.crc.clone(),
-                },
-            ]
+        let write_back = layers
+            .iter()
+            .filter(|l| l.crc_written())
+            .map(|l| Op::WriteBack {
+                file: l.crc.clone(),
+            });
+        let fsync = layers.iter().flat_map(|l| {
+            let crc = (!l.crc_written()).then(|| Op::Fsync {
+                file: l.crc.clone(),
+            });
+            std::iter::once(Op::Fsync {
+                file: l.data.clone(),
+            })
+            .chain(crc)
         });
-        if let Err(e) = self.io.run(ops).await {
+        // Both steps run even when the first fails: the replica is then
+        // poisoned anyway, and the fdatasync still commits (or aborts) the
+        // filesystem's journal, as a restart will find it.
+        let written_back = self.io.run(write_back).await;
+        let done = self.io.run(fsync).await.and(written_back);
+        if let Err(e) = done {
             self.sync_failed.store(true, Ordering::Release);
             tracing::error!(error = %e, "a cache flush of the replica's disk failed: refusing all I/O until restarted");
             return Err(io_err("syncing layer files")(e));

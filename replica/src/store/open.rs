@@ -84,6 +84,7 @@ impl Store {
                     attached: false,
                     last_clean_scrub_unix: 0,
                     session: 0,
+                    crc_files_written: true,
                 };
                 meta_store.save(&meta)?;
                 (
@@ -107,13 +108,19 @@ impl Store {
                 }
                 let mut entries = Vec::with_capacity(meta.chain.len());
                 for lm in &meta.chain {
-                    let layer =
-                        Layer::open(&dir, lm.id, meta.size, meta.block_size).map_err(|e| {
-                            StoreError::FailedPrecondition(format!(
-                                "replica in {} is damaged: {e}",
-                                dir.display()
-                            ))
-                        })?;
+                    let layer = Layer::open(
+                        &dir,
+                        lm.id,
+                        meta.size,
+                        meta.block_size,
+                        meta.crc_files_written,
+                    )
+                    .map_err(|e| {
+                        StoreError::FailedPrecondition(format!(
+                            "replica in {} is damaged: {e}",
+                            dir.display()
+                        ))
+                    })?;
                     entries.push(Entry {
                         meta: lm.clone(),
                         layer: Arc::new(layer),
@@ -146,6 +153,10 @@ impl Store {
             }
         }
         meta.clean = false;
+        // Recomputed at every start: a layer opened on a full disk may not
+        // be written in full (its CRC file is then synced at every flush,
+        // and rewritten at the next start).
+        meta.crc_files_written = entries.iter().all(|e| e.layer.crc_written());
         meta_store.save(&meta)?;
 
         let chain = Chain {

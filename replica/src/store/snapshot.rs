@@ -24,17 +24,7 @@ impl Store {
                 )));
             }
             let head = chain.head().clone();
-            self.io
-                .run([
-                    Op::Fsync {
-                        file: head.data.clone(),
-                    },
-                    Op::Fsync {
-                        file: head.crc.clone(),
-                    },
-                ])
-                .await
-                .map_err(io_err("syncing the head before freezing it"))?;
+            self.sync_layers(std::slice::from_ref(&head)).await?;
             let id = self.meta().next_layer_id;
             let layer = Layer::create(&self.dir, id, chain.size, self.block_size)
                 .map_err(io_err("creating a new head layer"))?;
@@ -139,7 +129,7 @@ impl Store {
                 zebu_proto::crash::point("replica.merge.copying");
             }
         }
-        self.sync_layer(&into, "syncing the merged layer").await?;
+        self.sync_layers(std::slice::from_ref(&into)).await?;
         {
             let mut chain = self.chain.write().await;
             let from_id = from.id;
@@ -188,22 +178,6 @@ impl Store {
             .await
     }
 
-    /// fsyncs a layer's data and CRC files.
-    pub(super) async fn sync_layer(&self, layer: &Arc<Layer>, what: &'static str) -> Result<()> {
-        self.io
-            .run([
-                Op::Fsync {
-                    file: layer.data.clone(),
-                },
-                Op::Fsync {
-                    file: layer.crc.clone(),
-                },
-            ])
-            .await
-            .map_err(io_err(what))?;
-        Ok(())
-    }
-
     /// Deletes the system snapshot `snap` (named `name`) right below the
     /// head by copying the head's blocks down into it and making it the head:
     /// the head is the smaller layer (e.g. the writes made during a rebuild),
@@ -243,7 +217,7 @@ impl Store {
                     b += n;
                 }
             }
-            self.sync_layer(&snap, "syncing the folded layer").await?;
+            self.sync_layers(std::slice::from_ref(&snap)).await?;
             let (snap_id, head_id) = (snap.id, head.id);
             self.update_meta(|m| {
                 m.chain.retain(|l| l.id != head_id);

@@ -229,3 +229,26 @@ pub fn flush_req() -> pb::IoRequest {
 pub fn status(r: &pb::IoResponse) -> pb::IoStatus {
     pb::IoStatus::try_from(r.status).unwrap()
 }
+
+/// Writes each of `blocks` (`content(block)`) as a request of its own,
+/// asserts that all succeeded, and records them in `image`.
+pub async fn write_blocks(
+    io: &mut Io,
+    image: &mut std::collections::BTreeMap<u64, Vec<u8>>,
+    blocks: &[u64],
+    content: impl Fn(u64) -> Vec<u8>,
+) {
+    let reqs = blocks
+        .iter()
+        .map(|&b| write_req(b * BS, content(b)))
+        .collect();
+    for (resp, &b) in io.batch(reqs).await.iter().zip(blocks) {
+        assert_eq!(
+            status(resp),
+            zebu_proto::replica::IoStatus::IoOk,
+            "write of block {b}: {}",
+            resp.message
+        );
+        image.insert(b, content(b));
+    }
+}
