@@ -1,0 +1,504 @@
+#!/usr/bin/env python3
+"""Helpers and report writer of benches/user_path.sh (python3 stdlib only).
+
+Subcommands (the shell script calls them; none needs to be run by hand):
+
+  procs WORK [--driver PID]     pid, kind and command line of every process
+                                whose command line mentions WORK, or that is a
+                                descendant of PID (never this process or its
+                                parent)
+  cpu WORK OUT [--driver PID]   CPU snapshot of the Zebu processes among them
+                                (zebu-replica, zebu-engine, zebu-nbd-fuse,
+                                zebu-csi): utime + stime per pid, as JSON
+  nbd-uri CLI_STATE VOLUME_ID   the NBD URI ControllerPublishVolume returned
+                                for an attached volume (its publish context,
+                                as `zebu volume attach` recorded it)
+  record RAW ...                parses one run (fio JSON or pgbench output),
+                                appends one JSON line of raw results to RAW
+  show RAW                      prints one line about the last run in RAW
+  report RAW META OUT_BASE      medians, ratios; writes OUT_BASE.json and
+                                OUT_BASE.md and prints the Markdown (META:
+                                KEY<tab>VALUE lines, `note` repeatable)
+
+Ratios are taken round by round (zebu-3 in round 2 over local in round 2),
+then the median over the rounds is reported with the range.
+"""
+
+import argparse
+import json
+import os
+import re
+import statistics
+import sys
+
+ZEBU_KINDS = ("zebu-replica", "zebu-engine", "zebu-nbd-fuse", "zebu-csi")
+SYSTEMS = ["local", "zebu-3", "zebu-3-nbd", "three-copies"]
+SCENARIOS = ["randwrite-qd32", "fsync-qd1", "pgbench"]
+NBD_URI_KEY = "zebu.csi.dev/nbd-uri"
+
+
+# ------------------------------------------------------------ processes --
+def _read(path, mode="r"):
+    try:
+        with open(path, mode) as f:
+            return f.read()
+    except OSError:
+        return None
+
+
+def _stat_fields(pid):
+    """Fields of /proc/PID/stat after the command name (field 3 first)."""
+    s = _read(f"/proc/{pid}/stat")
+    if not s or ")" not in s:
+        return None
+    return s[s.rindex(")") + 2:].split()
+
+
+def _all_pids():
+    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
+
+
+def matching_processes(work, driver=None):
+    """{pid: (kind, cmdline)} of the processes whose command line mentions
+    `work`, or that descend from `driver`; never this process or its parent."""
+    me = {os.getpid(), os.getppid()}
+    parents, cmdlines = {}, {}
+    for pid in _all_pids():
+        raw = _read(f"/proc/{pid}/cmdline", "rb")
+        st = _stat_fields(pid)
+        if raw is None or st is None:
+            continue
+        parents[pid] = int(st[1])
+        cmdlines[pid] = raw.rstrip(b"\0").split(b"\0") if raw else []
+    out = {}
+    for pid, argv in cmdlines.items():
+        if pid in me or not argv:
+            continue
+        line = b" ".join(argv).decode("utf-8", "replace")
+        hit = work in line
+        if not hit and driver:
+            p, seen = parents.get(pid), 0
+            while p and p > 1 and seen < 64:
+                if p == driver:
+                    hit = True
+                    break
+                p, seen = parents.get(p), seen + 1
+        if driver and pid == driver:
+            hit = True
+        if hit:
+            kind = os.path.basename(argv[0].decode("utf-8", "replace"))
+            out[pid] = (kind, line)
+    return out
+
+
+def cmd_procs(a):
+    for pid, (kind, line) in sorted(matching_processes(a.work, a.driver).items()):
+        print(f"{pid}\t{kind}\t{line}")
+
+
+def cmd_cpu(a):
+    snap = {}
+    for pid, (kind, _) in matching_processes(a.work, a.driver).items():
+        if kind not in ZEBU_KINDS:
+            continue
+        st = _stat_fields(pid)
+        if st is None:
+            continue
+        # fields 14 (utime), 15 (stime), 22 (starttime); st[0] is field 3
+        snap[str(pid)] = {"kind": kind, "ticks": int(st[11]) + int(st[12]), "start": st[19]}
+    with open(a.out, "w", encoding="utf-8") as f:
+        json.dump({"clk_tck": os.sysconf("SC_CLK_TCK"), "procs": snap}, f)
+
+
+def cmd_nbd_uri(a):
+    name = "".join(c if c.isalnum() or c in "-_." else f"%{ord(c):02X}" for c in a.volume)
+    path = os.path.join(a.cli_state, "attachments", f"{name}.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            rec = json.load(f)
+    except (OSError, ValueError) as e:
+        sys.exit(f"user_path: cannot read the attachment record {path}: {e}")
+    uri = rec.get("publish_context", {}).get(NBD_URI_KEY)
+    if not uri:
+        sys.exit(f"user_path: {path} has no publish_context {NBD_URI_KEY}")
+    print(uri)
+
+
+# ---------------------------------------------------------------- record --
+def cpu_delta(before_path, after_path):
+    """CPU µs of the Zebu processes between two snapshots, by kind. A process
+    started in between counts from zero; one gone by the second is lost."""
+    with open(before_path, encoding="utf-8") as f:
+        before = json.load(f)
+    with open(after_path, encoding="utf-8") as f:
+        after = json.load(f)
+    tck = after["clk_tck"]
+    by_kind, gone = {}, []
+    for pid, a in after["procs"].items():
+        b = before["procs"].get(pid)
+        base = b["ticks"] if b and b["start"] == a["start"] else 0
+        by_kind[a["kind"]] = by_kind.get(a["kind"], 0) + (a["ticks"] - base) * 1e6 / tck
+    for pid, b in before["procs"].items():
+        if pid not in after["procs"]:
+            gone.append(f"{b['kind']} {pid}")
+    return sum(by_kind.values()), by_kind, gone, len(after["procs"])
+
+
+def load_fio_json(path):
+    """fio's JSON output; fio's nbd engine prints lines before it."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    m = re.search(r"^\{", text, re.M)
+    if not m:
+        raise ValueError(f"no JSON in {path}")
+    return json.loads(text[m.start():])
+
+
+def p50_us(d):
+    """The median of a fio latency block (lat_ns, else clat_ns), in µs."""
+    for key in ("lat_ns", "clat_ns"):
+        v = (d.get(key) or {}).get("percentile", {}).get("50.000000")
+        if v:
+            return v / 1000.0
+    return None
+
+
+def fio_figures(path, copies):
+    j = load_fio_json(path)
+    jobs = j.get("jobs") or []
+    if not jobs:
+        raise ValueError("fio reported no job")
+    for job in jobs:
+        if job.get("error"):
+            raise ValueError(f"fio job {job.get('jobname')} failed with error {job['error']}")
+    iops = sum(job["write"]["iops"] for job in jobs)
+    ios = sum(job["write"]["total_ios"] for job in jobs)
+    runtime = max(job["write"].get("runtime", 0) for job in jobs) / 1000.0
+    first = jobs[0]
+    sync = first.get("sync") or {}
+    return {
+        "value": iops / copies,
+        "total_iops": iops,
+        "ios": ios / copies,
+        "total_ios": ios,
+        "runtime_s": runtime,
+        "p50_us": p50_us(first["write"]),
+        "sync_p50_us": p50_us(sync) if sync else None,
+        "fio_jobs": len(jobs),
+    }
+
+
+def pgbench_figures(path):
+    with open(path, encoding="utf-8", errors="replace") as f:
+        text = f.read()
+    tps = re.search(r"^tps = ([0-9.]+) \(without initial connection time\)", text, re.M)
+    n = re.search(r"^number of transactions actually processed: ([0-9]+)", text, re.M)
+    lat = re.search(r"^latency average = ([0-9.]+) ms", text, re.M)
+    failed = re.search(r"^number of failed transactions: ([0-9]+)", text, re.M)
+    if not tps or not n:
+        raise ValueError(f"no 'tps =' or transaction count in the pgbench output {path}")
+    return {
+        "value": float(tps.group(1)),
+        "ios": int(n.group(1)),
+        "total_ios": int(n.group(1)),
+        "mean_latency_us": float(lat.group(1)) * 1000 if lat else None,
+        "failed_transactions": int(failed.group(1)) if failed else None,
+    }
+
+
+def cmd_record(a):
+    row = {"system": a.system, "scenario": a.scenario, "round": a.round,
+           "unit": "TPS" if a.kind == "pgbench" else "IOPS", "copies": a.copies,
+           "rc": a.rc, "command": a.command.strip(), "output": a.result, "ok": False}
+    err = None
+    if a.rc != 0:
+        err = f"exit status {a.rc}"
+    else:
+        try:
+            row.update(pgbench_figures(a.result) if a.kind == "pgbench" else fio_figures(a.result, a.copies))
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            err = str(e)
+    if err is None and a.cpu_before and a.cpu_after:
+        try:
+            us, by_kind, gone, nprocs = cpu_delta(a.cpu_before, a.cpu_after)
+            row["cpu_us"] = us
+            row["cpu_us_by_kind"] = by_kind
+            row["zebu_processes"] = nprocs
+            if gone:
+                row["cpu_processes_gone"] = gone
+            row["cpu_us_per_io"] = us / row["ios"] if row.get("ios") else None
+        except (OSError, ValueError, KeyError) as e:
+            err = f"CPU snapshot: {e}"
+    if err is None:
+        row["ok"] = True
+    else:
+        row["error"] = err
+    with open(a.raw, "a", encoding="utf-8") as f:
+        f.write(json.dumps(row) + "\n")
+    if err is not None:
+        sys.exit(f"user_path: {a.system} {a.scenario} round {a.round}: {err}")
+
+
+def cmd_show(a):
+    """One line about the last run recorded in RAW."""
+    with open(a.raw, encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    r = json.loads(lines[-1])
+    if not r.get("ok"):
+        print(f"    FAILED: {r.get('error')}")
+        return
+    text = f"    {r['value']:,.0f} {r['unit']}"
+    if r.get("copies", 1) > 1:
+        text += " per copy"
+    if r.get("p50_us") is not None:
+        text += f", p50 {r['p50_us']:,.0f} µs"
+    if r.get("sync_p50_us") is not None:
+        text += f", sync p50 {r['sync_p50_us']:,.0f} µs"
+    if r.get("cpu_us_per_io") is not None:
+        text += f", Zebu CPU {r['cpu_us_per_io']:.1f} µs per I/O"
+    print(text)
+
+
+# ---------------------------------------------------------------- report --
+def median(values):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def spread(values):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None
+    return {"median": statistics.median(values), "min": min(values), "max": max(values),
+            "per_round": values}
+
+
+def fnum(v, digits=None):
+    if v is None:
+        return "-"
+    if digits is None:
+        digits = 0 if abs(v) >= 100 else 1 if abs(v) >= 10 else 2
+    return f"{v:,.{digits}f}"
+
+
+def fratio(r):
+    if not r:
+        return "-"
+    if len(r["per_round"]) == 1:
+        return f"{r['median']:.2f}"
+    return f"{r['median']:.2f} [{r['min']:.2f}–{r['max']:.2f}]"
+
+
+def summarize(rows):
+    ok = [r for r in rows if r.get("ok")]
+    by = {}
+    for r in ok:
+        by.setdefault(r["scenario"], {}).setdefault(r["system"], {})[r["round"]] = r
+
+    def ratio(sc, num, den):
+        a, b = by.get(sc, {}).get(num, {}), by.get(sc, {}).get(den, {})
+        return spread([a[k]["value"] / b[k]["value"] for k in sorted(a) if k in b and b[k]["value"]])
+
+    summary, ratios = {}, {}
+    for sc in SCENARIOS:
+        if sc not in by:
+            continue
+        summary[sc] = {}
+        for sys_ in SYSTEMS:
+            runs = by[sc].get(sys_)
+            if not runs:
+                continue
+            rs = [runs[k] for k in sorted(runs)]
+            summary[sc][sys_] = {
+                "unit": rs[0]["unit"],
+                "rounds": len(rs),
+                "value": spread([r["value"] for r in rs]),
+                "p50_us": median([r.get("p50_us") for r in rs]),
+                "sync_p50_us": median([r.get("sync_p50_us") for r in rs]),
+                "mean_latency_us": median([r.get("mean_latency_us") for r in rs]),
+                "cpu_us_per_io": median([r.get("cpu_us_per_io") for r in rs]),
+                "vs_local": ratio(sc, sys_, "local") if sys_ != "local" else None,
+            }
+        ratios[sc] = {
+            "zebu-3/local": ratio(sc, "zebu-3", "local"),
+            "zebu-3/zebu-3-nbd": ratio(sc, "zebu-3", "zebu-3-nbd"),
+            "zebu-3/three-copies": ratio(sc, "zebu-3", "three-copies"),
+        }
+    return summary, ratios
+
+
+def render_md(meta, summary, ratios, rows):
+    m = meta
+    out = ["# User path: a filesystem on a Zebu volume against the local disk", ""]
+    out.append(f"Command: `{m.get('command', '?')}`")
+    out.append("")
+    out.append(f"- Machine: {m.get('nproc', '?')} CPUs ({m.get('cpu_model', '?')}), kernel {m.get('kernel', '?')}, "
+               f"work dir on {m.get('disk_source', '?')} ({m.get('disk_fs', '?')}); load average at start {m.get('loadavg_start', '?')}, "
+               f"at end {m.get('loadavg_end', '?')}")
+    out.append(f"- Commit {m.get('commit', '?')}; binaries {m.get('bin_dir', '?')} ({m.get('profile', '?')}); "
+               f"{m.get('fio_version', '?')}; {m.get('postgres_version', 'no PostgreSQL')}")
+    out.append(f"- {m.get('date', '?')}: {m.get('rounds', '?')} round(s) of {m.get('seconds', '?')} s per fio run; "
+               f"fio files {m.get('file_size', '?')} (randwrite), {m.get('fsync_size', '?')} (fsync); "
+               + (f"pgbench scale {m.get('pg_scale')}, {m.get('pg_seconds')} s, 8 clients, 2 threads; " if m.get("pgbench") else "no pgbench; ")
+               + f"Zebu volumes {m.get('volume_size', '?')}, 3 replicas; {m.get('duration_s', '?')} s in all")
+    out.append("")
+    out.append("Systems: `local` a directory on the work dir's filesystem; `zebu-3` ext4 on a Zebu volume "
+               "attached by `zebu-csi standalone` through the `zebu` CLI (bridge, loop device, ext4); "
+               "`zebu-3-nbd` fio's nbd engine on the engine's NBD socket of a second 3-replica volume, "
+               "attached `--block` (no filesystem, no bridge in the path); `three-copies` the local "
+               "filesystem taking three copies (three fio jobs on three files at once), per-copy rate = total / 3. "
+               "CPU: utime + stime of every Zebu process of the run (driver, replicas, engines, bridges) "
+               "around the fio or pgbench command, over the writes (transactions) it completed; the loop "
+               "device's and FUSE's kernel work in kernel threads is not counted. Ratios: per round, then the "
+               "median [min–max] over rounds.")
+    out.append("")
+    titles = {
+        "randwrite-qd32": "randwrite-qd32: fio 4 KiB random write, O_DIRECT, libaio, QD32",
+        "fsync-qd1": "fsync-qd1: fio 4 KiB sequential write + fdatasync each, QD1 (nbd: write + NBD FLUSH)",
+        "pgbench": "pgbench: TPC-B-like, 8 clients, 2 threads",
+    }
+    for sc in SCENARIOS:
+        if sc not in summary:
+            continue
+        out.append(f"## {titles[sc]}")
+        out.append("")
+        if sc == "pgbench":
+            out.append("| system | TPS | mean latency µs | CPU µs per transaction | × local |")
+            out.append("|---|---:|---:|---:|---:|")
+        elif sc == "fsync-qd1":
+            out.append("| system | IOPS | write p50 µs | fdatasync / flush p50 µs | CPU µs per write | × local |")
+            out.append("|---|---:|---:|---:|---:|---:|")
+        else:
+            out.append("| system | IOPS | p50 µs | CPU µs per write | × local |")
+            out.append("|---|---:|---:|---:|---:|")
+        for sys_ in SYSTEMS:
+            s = summary[sc].get(sys_)
+            if not s:
+                continue
+            v = fnum(s["value"]["median"], 0)
+            vs = fratio(s["vs_local"]) if sys_ != "local" else "1"
+            cpu = fnum(s["cpu_us_per_io"])
+            if sc == "pgbench":
+                out.append(f"| {sys_} | {v} | {fnum(s['mean_latency_us'], 0)} | {cpu} | {vs} |")
+            elif sc == "fsync-qd1":
+                out.append(f"| {sys_} | {v} | {fnum(s['p50_us'], 0)} | {fnum(s['sync_p50_us'], 0)} | {cpu} | {vs} |")
+            else:
+                out.append(f"| {sys_} | {v} | {fnum(s['p50_us'], 0)} | {cpu} | {vs} |")
+        r = ratios.get(sc, {})
+        extra = [f"{k}: {fratio(v)}" for k, v in r.items() if k != "zebu-3/local" and v]
+        if extra:
+            out.append("")
+            out.append("; ".join(extra) + ".")
+        out.append("")
+    kinds = [k for k in ZEBU_KINDS if any(k in (r.get("cpu_us_by_kind") or {}) for r in rows if r.get("ok"))]
+    if kinds:
+        out.append("## Zebu CPU µs per I/O by process")
+        out.append("")
+        out.append("Medians over the rounds; per write (fio) or per transaction (pgbench).")
+        out.append("")
+        out.append("| scenario | system | " + " | ".join(kinds) + " | all |")
+        out.append("|---|---|" + "---:|" * (len(kinds) + 1))
+        for sc in SCENARIOS:
+            for sys_ in ("zebu-3", "zebu-3-nbd"):
+                rs = [r for r in rows if r.get("ok") and r["scenario"] == sc and r["system"] == sys_
+                      and r.get("cpu_us_by_kind") is not None and r.get("ios")]
+                if not rs:
+                    continue
+                cells = [fnum(median([r["cpu_us_by_kind"].get(k, 0) / r["ios"] for r in rs])) for k in kinds]
+                out.append(f"| {sc} | {sys_} | " + " | ".join(cells)
+                           + f" | {fnum(median([r.get('cpu_us_per_io') for r in rs]))} |")
+        out.append("")
+    out.append("## Ratios")
+    out.append("")
+    out.append("| scenario | zebu-3 / local | zebu-3 / zebu-3-nbd | zebu-3 / three-copies |")
+    out.append("|---|---:|---:|---:|")
+    for sc in SCENARIOS:
+        if sc in ratios:
+            r = ratios[sc]
+            out.append(f"| {sc} | {fratio(r['zebu-3/local'])} | {fratio(r['zebu-3/zebu-3-nbd'])} | "
+                       f"{fratio(r['zebu-3/three-copies'])} |")
+    out.append("")
+    failed = [r for r in rows if not r.get("ok")]
+    if failed:
+        out.append("## Failed runs")
+        out.append("")
+        for r in failed:
+            out.append(f"- {r['system']} {r['scenario']} round {r['round']}: {r.get('error', '?')}")
+        out.append("")
+    notes = m.get("notes") or []
+    if notes:
+        out.append("## Notes")
+        out.append("")
+        out.extend(f"- {n}" for n in notes)
+        out.append("")
+    return "\n".join(out)
+
+
+def cmd_report(a):
+    rows = []
+    with open(a.raw, encoding="utf-8") as f:
+        for line in f:
+            if line.strip():
+                rows.append(json.loads(line))
+    meta = {"notes": []}
+    with open(a.meta, encoding="utf-8") as f:
+        for line in f:
+            key, _, value = line.rstrip("\n").partition("\t")
+            if key == "note":
+                meta["notes"].append(value)
+            elif key:
+                meta[key] = value
+    meta["pgbench"] = meta.get("pgbench") == "1"
+    summary, ratios = summarize(rows)
+    md = render_md(meta, summary, ratios, rows)
+    with open(a.out_base + ".json", "w", encoding="utf-8") as f:
+        json.dump({"meta": meta, "summary": summary, "ratios": ratios, "runs": rows}, f, indent=1)
+        f.write("\n")
+    with open(a.out_base + ".md", "w", encoding="utf-8") as f:
+        f.write(md + "\n")
+    print(md)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("procs")
+    p.add_argument("work")
+    p.add_argument("--driver", type=int)
+    p.set_defaults(fn=cmd_procs)
+    p = sub.add_parser("cpu")
+    p.add_argument("work")
+    p.add_argument("out")
+    p.add_argument("--driver", type=int)
+    p.set_defaults(fn=cmd_cpu)
+    p = sub.add_parser("nbd-uri")
+    p.add_argument("cli_state")
+    p.add_argument("volume")
+    p.set_defaults(fn=cmd_nbd_uri)
+    p = sub.add_parser("record")
+    p.add_argument("raw")
+    p.add_argument("--system", required=True, choices=SYSTEMS)
+    p.add_argument("--scenario", required=True, choices=SCENARIOS)
+    p.add_argument("--round", required=True, type=int)
+    p.add_argument("--kind", required=True, choices=["fio", "pgbench"])
+    p.add_argument("--result", required=True, help="fio JSON output or pgbench stdout")
+    p.add_argument("--rc", type=int, default=0)
+    p.add_argument("--copies", type=int, default=1)
+    p.add_argument("--command", default="")
+    p.add_argument("--cpu-before")
+    p.add_argument("--cpu-after")
+    p.set_defaults(fn=cmd_record)
+    p = sub.add_parser("show")
+    p.add_argument("raw")
+    p.set_defaults(fn=cmd_show)
+    p = sub.add_parser("report")
+    p.add_argument("raw")
+    p.add_argument("meta")
+    p.add_argument("out_base", help="writes OUT_BASE.json and OUT_BASE.md")
+    p.set_defaults(fn=cmd_report)
+    a = ap.parse_args()
+    a.fn(a)
+
+
+if __name__ == "__main__":
+    main()
