@@ -346,18 +346,14 @@ impl Store {
             let mut d = self.dirty.lock().unwrap_or_else(|p| p.into_inner());
             d.drain().map(|(_, l)| l).collect()
         };
-        self.sync_layers(&layers).await?;
-        // The revision only ranks replicas at crash recovery, and one
-        // recorded too low is harmless (the replica is resynced from a
-        // fresher one, which holds every flushed write too): so it is
-        // written without a second cache flush of the disk per FLUSH.
-        // The next durable save (at the latest, the clean close) carries it.
-        let rev = self.revision.load(Ordering::Acquire);
-        if rev > self.meta().revision {
-            self.update_meta_with(|m| m.revision = m.revision.max(rev), false)
-                .await?;
-        }
-        Ok(())
+        // The revision is not saved here: it only ranks replicas at crash
+        // recovery, a live replica reports it from memory, and one recorded
+        // too low is harmless (the replica is resynced from a fresher one,
+        // which holds every flushed write too). Every metadata save carries
+        // it (`update_meta`), at the latest the clean close. Saving it
+        // at every FLUSH cost a thread hop and a write of sled's log before
+        // the FLUSH could return.
+        self.sync_layers(&layers).await
     }
 
     /// Makes every write to `layers` acknowledged so far durable, with one

@@ -358,30 +358,20 @@ impl Store {
     /// Applies `f` to the metadata record and saves it durably (on a
     /// blocking thread: sled's flush is synchronous).
     async fn update_meta(&self, f: impl FnOnce(&mut Meta)) -> Result<()> {
-        self.update_meta_with(f, true).await
-    }
-
-    /// [`Store::update_meta`], or with `durable` false,
-    /// [`MetaStore::save_unsynced`].
-    async fn update_meta_with(&self, f: impl FnOnce(&mut Meta), durable: bool) -> Result<()> {
         let snapshot = {
             let mut m = self.meta();
+            // Every save carries the revision of the writes completed so far.
+            m.revision = m.revision.max(self.revision.load(Ordering::Acquire));
             f(&mut m);
             m.clone()
         };
         let store = self.meta_store.clone();
-        tokio::task::spawn_blocking(move || {
-            if durable {
-                store.save(&snapshot)
-            } else {
-                store.save_unsynced(&snapshot)
-            }
-        })
-        .await
-        .map_err(|e| StoreError::Io {
-            context: "saving metadata".into(),
-            source: io::Error::other(e.to_string()),
-        })??;
+        tokio::task::spawn_blocking(move || store.save(&snapshot))
+            .await
+            .map_err(|e| StoreError::Io {
+                context: "saving metadata".into(),
+                source: io::Error::other(e.to_string()),
+            })??;
         Ok(())
     }
 }
