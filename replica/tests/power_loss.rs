@@ -169,3 +169,46 @@ fn flushed_writes_and_their_crcs_survive_a_power_cut() {
     });
     assert!(r.terminate().success(), "a clean stop after the restart");
 }
+
+/// Bytes the process `pid` (all its threads, io_uring's workers included)
+/// has sent to storage, from `/proc/PID/io`.
+fn write_bytes(pid: nix::unistd::Pid) -> u64 {
+    let io = std::fs::read_to_string(format!("/proc/{pid}/io")).expect("/proc/PID/io");
+    io.lines()
+        .find_map(|l| l.strip_prefix("write_bytes:"))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("a write_bytes line")
+}
+
+/// A FLUSH writes back the CRC pages stored into since the last one, 4 KiB
+/// each, not the large folios the kernel may cache a file in: a write of
+/// one block and a FLUSH cost the replica its data block and one CRC page,
+/// however large the CRC file (1 MiB here). Counted by the kernel, not
+/// timed.
+#[test]
+fn a_flush_writes_back_only_the_crc_pages_written_since_the_last() {
+    let _serial = serial();
+    let tmp = tempdir();
+    let dir = tmp.path().join("r");
+    let r = Replica::start(&dir, Some("1G"), ENGINE);
+    let pid = r.server.pid();
+    block_on(async {
+        let mut c = r.client().await;
+        c.open(pb::OpenRequest { epoch: 1 }).await.unwrap();
+        let mut io = Io::open(&mut c, 1).await;
+        let mut image = BTreeMap::new();
+        // Far apart: each in a CRC page of its own, and neither page was
+        // touched before.
+        for (i, block) in [10u64, 150_000].into_iter().enumerate() {
+            let before = write_bytes(pid);
+            write_blocks(&mut io, &mut image, &[block], |b| content(i as u64, b)).await;
+            flush(&mut io).await;
+            let cost = write_bytes(pid) - before;
+            assert!(
+                cost <= 2 * BS,
+                "writing block {block} and a FLUSH made the replica write {cost} bytes; \
+                 expected its 4 KiB and one 4 KiB CRC page"
+            );
+        }
+    });
+}
