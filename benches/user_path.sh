@@ -175,6 +175,10 @@ work=$(mktemp -d "$base/zebu-user-path.XXXXXX")
 # path than a Unix socket takes would put it outside the work dir.
 ((${#work} <= 46)) || { rmdir "$work"; die "the work dir $work is too long for the engine's socket path: set USER_PATH_TMP to a shorter directory"; }
 chmod 711 "$work" # the postgres user reaches its directories through it
+if ((pgbench)) && ! runuser -u postgres -- test -x "$work"; then
+  rmdir "$work"
+  die "the postgres user cannot reach $work (a directory above it is not searchable by others): chmod o+x it, or set USER_PATH_TMP to a directory postgres can reach"
+fi
 cd "$work"        # a directory the postgres user may be in
 mkdir -p "$work/logs" "$work/out" "$work/local" "$work/three" "$work/mnt" "$work/disk0" "$work/disk1" "$work/disk2"
 raw=$work/out/raw.jsonl meta=$work/out/meta.tsv
