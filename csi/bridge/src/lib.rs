@@ -42,10 +42,15 @@
 //!   size is always sent on connections that know the new size (servers such
 //!   as nbdkit range-check against the size they announced at connect).
 //! * The size never decreases while the bridge runs.
-//! * The FUSE session thread never waits on the network: it validates a
-//!   request, copies a WRITE's payload, spawns a task and returns; tasks reply
-//!   when NBD answers. Every request gets exactly one reply (fuser replies
+//! * The FUSE session thread never waits for an NBD reply: it validates a
+//!   request, writes it to a connection's socket (a WRITE's payload straight
+//!   from the session's buffer, never copied) and returns; the connection's
+//!   reader task replies to the kernel when NBD answers, with no hop to
+//!   another task. The socket write is the only wait (the server's
+//!   back-pressure). Every request gets exactly one reply (fuser replies
 //!   `EIO` from a dropped reply object).
+//! * A request holds the pool it was sent on until its reply is in, so a
+//!   pool replaced by a resize closes its connections only after that.
 //! * Files are opened `FOPEN_DIRECT_IO` (+ parallel direct writes): no page
 //!   cache in the FUSE layer; whatever caches sits above (the loop device).
 
@@ -65,7 +70,9 @@ use fuser::{
 };
 use tracing::{debug, error, info, warn};
 
-use self::nbd_client::{NbdError, NbdPool, NbdUri};
+use bytes::Bytes;
+
+use self::nbd_client::{Done, MAX_REQUEST, NbdError, NbdPool, NbdUri};
 
 /// Default number of NBD connections (used when the server allows several).
 pub const DEFAULT_CONNECTIONS: usize = 4;
@@ -221,6 +228,20 @@ impl Shared {
     }
 }
 
+/// `done` as a request's [`Done`], holding `pool` until it runs: a pool
+/// closes its connections when dropped (see its `Drop`), and one replaced
+/// by a resize must stay open until the replies of its requests are in.
+fn holding(
+    pool: &Arc<NbdPool>,
+    done: impl FnOnce(Result<Bytes, NbdError>) + Send + 'static,
+) -> Done {
+    let pool = Arc::clone(pool);
+    Box::new(move |r| {
+        done(r);
+        drop(pool);
+    })
+}
+
 fn errno(e: &NbdError) -> Errno {
     Errno::from_i32(e.errno())
 }
@@ -359,15 +380,28 @@ impl Filesystem for BridgeFs {
             reply.data(&[]);
             return;
         }
-        self.shared.rt.spawn(async move {
-            match pool.read(offset, len, file_size).await {
-                Ok(data) => reply.data(&data),
-                Err(e) => {
-                    warn!(offset, len, "read: {e}");
-                    reply.error(errno(&e));
-                }
+        let done = move |r: Result<Bytes, NbdError>| match r {
+            Ok(data) => reply.data(&data),
+            Err(e) => {
+                warn!(offset, len, "read: {e}");
+                reply.error(errno(&e));
             }
-        });
+        };
+        match u32::try_from(len) {
+            // One NBD request (every read the kernel sends): on the wire
+            // before this returns; the connection's reader task replies.
+            Ok(one) if one <= MAX_REQUEST => self.shared.rt.block_on(pool.submit_read(
+                offset,
+                one,
+                file_size,
+                holding(&pool, done),
+            )),
+            _ => {
+                self.shared
+                    .rt
+                    .spawn(async move { done(pool.read(offset, len, file_size).await) });
+            }
+        }
     }
 
     fn write(
@@ -408,17 +442,31 @@ impl Filesystem for BridgeFs {
             reply.written(0);
             return;
         }
-        // The buffer belongs to the session loop: copy it once.
-        let data = data.to_vec();
-        self.shared.rt.spawn(async move {
-            match pool.write(offset, &data, file_size).await {
-                Ok(()) => reply.written(written),
-                Err(e) => {
-                    warn!(offset, len = data.len(), "write: {e}");
-                    reply.error(errno(&e));
-                }
+        let len = data.len();
+        let done = move |r: Result<(), NbdError>| match r {
+            Ok(()) => reply.written(written),
+            Err(e) => {
+                warn!(offset, len, "write: {e}");
+                reply.error(errno(&e));
             }
-        });
+        };
+        if written <= MAX_REQUEST {
+            // One NBD request (every write the kernel sends): written to the
+            // socket from the session loop's buffer before this returns, so
+            // the payload is never copied; the reader task replies.
+            self.shared.rt.block_on(pool.submit_write(
+                offset,
+                data,
+                file_size,
+                holding(&pool, move |r| done(r.map(drop))),
+            ));
+        } else {
+            // The buffer belongs to the session loop: copy it once.
+            let data = data.to_vec();
+            self.shared
+                .rt
+                .spawn(async move { done(pool.write(offset, &data, file_size).await) });
+        }
     }
 
     fn flush(
@@ -529,15 +577,15 @@ impl BridgeFs {
             return;
         }
         let pool = self.shared.pool();
-        self.shared.rt.spawn(async move {
-            match pool.flush().await {
-                Ok(()) => reply.ok(),
+        self.shared
+            .rt
+            .block_on(pool.submit_flush(holding(&pool, move |r| match r {
+                Ok(_) => reply.ok(),
                 Err(e) => {
                     warn!("flush: {e}");
                     reply.error(errno(&e));
                 }
-            }
-        });
+            })));
     }
 }
 

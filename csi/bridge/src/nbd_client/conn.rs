@@ -17,10 +17,15 @@ use super::handshake::{BoxWrite, ExportInfo, handshake, open_socket};
 use super::uri::NbdUri;
 use super::{NbdError, Result, io_err, put_header};
 
+/// What receives a request's result: called exactly once, with the reply
+/// (on the connection's reader task) or with the failure that ended the
+/// request (on whichever thread saw it).
+pub type Done = Box<dyn FnOnce(Result<Bytes>) + Send>;
+
 struct Pending {
     /// Payload length of a READ; 0 for every other command.
     read_len: u32,
-    tx: oneshot::Sender<Result<Bytes>>,
+    done: Done,
 }
 
 /// One transmission-phase connection: requests are pipelined, replies are
@@ -80,7 +85,7 @@ impl Connection {
         }
         let drained: Vec<Pending> = self.lock_pending().drain().map(|(_, p)| p).collect();
         for p in drained {
-            let _ = p.tx.send(Err(NbdError::Disconnected(why.to_owned())));
+            (p.done)(Err(NbdError::Disconnected(why.to_owned())));
         }
     }
 
@@ -120,18 +125,18 @@ impl Connection {
             } else if p.read_len > 0 {
                 let mut buf = BytesMut::zeroed(p.read_len as usize);
                 if let Err(e) = r.read_exact(&mut buf).await {
-                    let _ = p.tx.send(Err(NbdError::Disconnected(e.to_string())));
+                    (p.done)(Err(NbdError::Disconnected(e.to_string())));
                     return Err(io_err("reading NBD read data")(e));
                 }
                 Ok(buf.freeze())
             } else {
                 Ok(Bytes::new())
             };
-            // The caller may have gone away (cancelled); nothing to do then.
-            let _ = p.tx.send(result);
+            (p.done)(result);
         }
     }
 
+    /// Sends one request and waits for its reply.
     pub(super) async fn request(
         &self,
         cmd: u16,
@@ -139,18 +144,49 @@ impl Connection {
         len: u32,
         payload: Option<&[u8]>,
     ) -> Result<Bytes> {
+        let (tx, rx) = oneshot::channel();
+        self.send(
+            cmd,
+            offset,
+            len,
+            payload,
+            Box::new(move |r| {
+                // The caller may have gone away (cancelled); nothing to do then.
+                let _ = tx.send(r);
+            }),
+        )
+        .await;
+        match rx.await {
+            Ok(r) => r,
+            Err(_) => Err(self.disconnected()),
+        }
+    }
+
+    /// Sends one request and returns once it is written to the socket;
+    /// `done` receives its result (see [`Done`]). Nothing is borrowed past
+    /// the return, so `payload` may be a buffer the caller reuses.
+    pub(super) async fn send(
+        &self,
+        cmd: u16,
+        offset: u64,
+        len: u32,
+        payload: Option<&[u8]>,
+        done: Done,
+    ) {
         if self.dead.load(Ordering::SeqCst) {
-            return Err(self.disconnected());
+            return done(Err(self.disconnected()));
         }
         let handle = self.next_handle.fetch_add(1, Ordering::Relaxed);
-        let (tx, rx) = oneshot::channel();
         let read_len = if cmd == CMD_READ { len } else { 0 };
-        self.lock_pending().insert(handle, Pending { read_len, tx });
+        self.lock_pending()
+            .insert(handle, Pending { read_len, done });
         // Checked again after registering: kill() may have drained the map
         // between the first check and the insert.
         if self.dead.load(Ordering::SeqCst) {
-            self.lock_pending().remove(&handle);
-            return Err(self.disconnected());
+            if let Some(p) = self.lock_pending().remove(&handle) {
+                (p.done)(Err(self.disconnected()));
+            }
+            return;
         }
         let mut hdr = BytesMut::with_capacity(28);
         put_header(&mut hdr, 0, cmd, handle, offset, len);
@@ -169,13 +205,9 @@ impl Connection {
             .await
         };
         if let Err(e) = sent {
-            // The stream may be desynchronized: the connection is done.
+            // The stream may be desynchronized: the connection is done (and
+            // every pending request, this one included, fails).
             self.kill(&format!("sending a request: {e}"));
-            return Err(self.disconnected());
-        }
-        match rx.await {
-            Ok(r) => r,
-            Err(_) => Err(self.disconnected()),
         }
     }
 }

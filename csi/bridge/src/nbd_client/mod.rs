@@ -46,6 +46,7 @@ mod handshake;
 mod pool;
 mod uri;
 
+pub use conn::Done;
 pub use handshake::{ExportInfo, probe};
 pub use pool::NbdPool;
 pub use uri::{NbdAddress, NbdUri};

@@ -10,7 +10,7 @@ use tokio::io::AsyncWriteExt;
 use tracing::debug;
 use zebu_nbd::{CMD_DISC, CMD_FLUSH, CMD_READ, CMD_TRIM, CMD_WRITE, CMD_WRITE_ZEROES};
 
-use super::conn::Connection;
+use super::conn::{Connection, Done};
 use super::handshake::ExportInfo;
 use super::uri::NbdUri;
 use super::{MAX_REQUEST, NbdError, Result, put_header};
@@ -164,6 +164,65 @@ impl NbdPool {
             .map(|_| ())
     }
 
+    /// [`Self::read`] of at most [`MAX_REQUEST`] bytes without waiting for
+    /// the reply: returns once the request is on the wire (or failed), and
+    /// `done` receives the data (on the connection's reader task).
+    pub async fn submit_read(&self, offset: u64, len: u32, size: u64, done: Done) {
+        if let Err(e) = self.check_one(offset, len, size) {
+            return done(Err(e));
+        }
+        match self.pick() {
+            Ok(c) => c.send(CMD_READ, offset, len, None, done).await,
+            Err(e) => done(Err(e)),
+        }
+    }
+
+    /// [`Self::write`] of at most [`MAX_REQUEST`] bytes without waiting for
+    /// the reply: `data` is written to the socket before this returns, so
+    /// it is never copied; `done` receives the result.
+    pub async fn submit_write(&self, offset: u64, data: &[u8], size: u64, done: Done) {
+        if self.info.read_only() {
+            return done(Err(NbdError::Server {
+                errno: libc::EROFS as u32,
+            }));
+        }
+        let Ok(len) = u32::try_from(data.len()) else {
+            return done(Err(NbdError::Unsupported(format!(
+                "a write of {} bytes is more than one request carries",
+                data.len()
+            ))));
+        };
+        if let Err(e) = self.check_one(offset, len, size) {
+            return done(Err(e));
+        }
+        match self.pick() {
+            Ok(c) => c.send(CMD_WRITE, offset, len, Some(data), done).await,
+            Err(e) => done(Err(e)),
+        }
+    }
+
+    /// [`Self::flush`] without waiting for the reply; `done` receives the
+    /// result.
+    pub async fn submit_flush(&self, done: Done) {
+        if !self.info.can_flush() {
+            return done(Ok(Bytes::new()));
+        }
+        match self.pick() {
+            Ok(c) => c.send(CMD_FLUSH, 0, 0, None, done).await,
+            Err(e) => done(Err(e)),
+        }
+    }
+
+    /// The range check of a request sent as one piece.
+    fn check_one(&self, offset: u64, len: u32, size: u64) -> Result<()> {
+        if len > MAX_REQUEST {
+            return Err(NbdError::Unsupported(format!(
+                "{len} bytes are more than one request of at most {MAX_REQUEST} carries"
+            )));
+        }
+        self.check_range(offset, u64::from(len), size)
+    }
+
     /// Zeroes `len` bytes at `offset`, letting the server deallocate them
     /// (`NBD_CMD_WRITE_ZEROES` without `NO_HOLE`): reads return zeros after.
     pub async fn write_zeroes(&self, offset: u64, len: u64, size: u64) -> Result<()> {
@@ -221,7 +280,8 @@ impl Drop for NbdPool {
     /// Closes every connection for writing: the server sees end-of-file and
     /// closes its side, which ends the reply reader task (it holds the
     /// connection, so without this the connection would live forever). No
-    /// request can be running: each holds a reference to the pool.
+    /// request can be running: each holds a reference to the pool (the
+    /// `submit_*` callers' [`Done`] holds one until the reply).
     fn drop(&mut self) {
         for c in &self.conns {
             c.closing.store(true, Ordering::SeqCst);
