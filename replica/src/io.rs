@@ -210,9 +210,11 @@ fn run_blocking(op: Op) -> io::Result<Completion> {
             Ok(Completion::Fsync)
         }
         // No sync_file_range here: fdatasync does more, never less.
-        Op::WriteBack { file } => {
-            file.sync_data()?;
-            Ok(Completion::WrittenBack)
+        Op::WriteBackThenSync { pages, data } => {
+            let pages = pages.sync_data();
+            data.sync_data()?;
+            pages?;
+            Ok(Completion::Fsync)
         }
     }
 }
@@ -259,6 +261,11 @@ mod tests {
         let (_dir, file) = direct_file(1 << 20);
         let io = IoEngine::start(kind).unwrap();
         assert_eq!(io.kind(), kind, "backend fell back");
+        roundtrip_on(&io, &file).await;
+    }
+
+    /// Writes, syncs and reads back 64 blocks of `file` (1 MiB).
+    async fn roundtrip_on(io: &IoEngine, file: &Arc<File>) {
         let mut ops = Vec::new();
         for i in 0..64u64 {
             let data = vec![i as u8; 4096];
@@ -277,7 +284,7 @@ mod tests {
                 .map(|_| AlignedBuf::copy_from(&[0xAB; 4096]))
                 .collect::<Vec<_>>(),
         );
-        assert_blocks(&io, &file, 64, |i| i as u8).await;
+        assert_blocks(io, file, 64, |i| i as u8).await;
         // Reading past the end of the file is a short read, reported as an error.
         let err = io
             .run([Op::Read {
@@ -361,6 +368,47 @@ mod tests {
             0
         };
         assert_eq!(ring.fixed_submitted(), expected);
+    }
+
+    /// A write-back-then-sync succeeds on files, and when its first step
+    /// fails (a pipe has no pages to write back) the second still runs and
+    /// the error is reported, once, for the pair; the ring keeps working
+    /// (no completion of the pair is left behind to be taken for another
+    /// request's).
+    async fn write_back_then_sync(kind: EngineKind) {
+        let (_dir, data) = direct_file(1 << 20);
+        let io = IoEngine::start(kind).unwrap();
+        let pages = Arc::new(tempfile::tempfile().unwrap());
+        pages.write_all_at(&[7; 8192], 0).unwrap();
+        let done = io
+            .run([Op::WriteBackThenSync {
+                pages: pages.clone(),
+                data: data.clone(),
+            }])
+            .await
+            .unwrap();
+        assert!(matches!(done[..], [Completion::Fsync]), "{done:?}");
+        let (pipe, _w) = nix::unistd::pipe().unwrap();
+        let pipe = Arc::new(File::from(pipe));
+        for _ in 0..3 {
+            io.run([Op::WriteBackThenSync {
+                pages: pipe.clone(),
+                data: data.clone(),
+            }])
+            .await
+            .unwrap_err();
+            roundtrip_on(&io, &data).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn uring_write_back_then_sync() {
+        write_back_then_sync(EngineKind::Uring).await;
+    }
+
+    #[tokio::test]
+    async fn threads_write_back_then_sync() {
+        write_back_then_sync(EngineKind::Threads).await;
     }
 
     #[tokio::test]

@@ -35,14 +35,18 @@ pub enum Op {
         /// File to sync.
         file: Arc<File>,
     },
-    /// Write the file's dirty pages back and wait for them
-    /// (`sync_file_range` with `WAIT_BEFORE | WRITE | WAIT_AFTER`): no
-    /// metadata, no cache flush of the disk. Durable once a later
-    /// [`Op::Fsync`] on the same disk flushed its cache, for blocks written
-    /// on disk before (see `crcmap`).
-    WriteBack {
-        /// File to write back.
-        file: Arc<File>,
+    /// Write `pages`'s dirty pages back and wait for them
+    /// (`sync_file_range` with `WAIT_BEFORE | WRITE | WAIT_AFTER`: no
+    /// metadata, no cache flush of the disk), then fdatasync `data`, whose
+    /// cache flush of the same disk makes both durable (for `pages` written
+    /// on disk before: see `crcmap`). The fdatasync runs even when the
+    /// write-back failed; the result is the first failure. io_uring runs the
+    /// two as one linked chain, with no trip back to the replica between.
+    WriteBackThenSync {
+        /// File whose dirty pages are written back (a CRC file).
+        pages: Arc<File>,
+        /// File to fdatasync (the data file on the same disk).
+        data: Arc<File>,
     },
 }
 
@@ -51,7 +55,7 @@ impl Op {
     pub fn buf(&self) -> Option<&AlignedBuf> {
         match self {
             Op::Read { buf, .. } | Op::Write { buf, .. } => Some(buf),
-            Op::Fsync { .. } | Op::WriteBack { .. } => None,
+            Op::Fsync { .. } | Op::WriteBackThenSync { .. } => None,
         }
     }
 }
@@ -63,10 +67,9 @@ pub enum Completion {
     Read(AlignedBuf),
     /// A write completed in full.
     Write,
-    /// The file's data is durable.
+    /// The file's data is durable (for [`Op::WriteBackThenSync`]: both
+    /// files').
     Fsync,
-    /// The file's dirty pages reached the disk (not its cache's end).
-    WrittenBack,
 }
 
 /// An operation and where to send its result.

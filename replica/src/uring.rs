@@ -35,6 +35,10 @@ use tokio::sync::Notify;
 use crate::buf::{AlignedBuf, Arena};
 use crate::op::{Completion, Op, Request};
 
+/// Marks the `user_data` of the first entry of a linked pair (the token of
+/// the pair's request is in the low bits).
+const LINKED: u64 = 1 << 63;
+
 /// Submission-queue depth of the ring.
 const RING_ENTRIES: u32 = 512;
 /// Most requests in flight in the kernel at once; more wait in a backlog.
@@ -235,14 +239,26 @@ impl State {
         });
         let fixed = self.registered && req.op.buf().is_some_and(AlignedBuf::in_arena);
         self.fixed += u64::from(fixed);
-        let (entry, expected) = entry_for(&mut req, idx as u64, fixed);
-        self.table[idx] = Some(InFlight { req, expected });
-        // SAFETY: the entry points at the buffer and fd owned by table[idx],
-        // which stays in place until the completion for this token is reaped.
-        while unsafe { self.ring.submission().push(&entry) }.is_err() {
+        let (entry, linked, expected) = entries_for(&mut req, idx as u64, fixed);
+        let entries: &[squeue::Entry] = match &linked {
+            None => &[entry],
+            Some(second) => &[entry, second.clone()],
+        };
+        self.table[idx] = Some(InFlight {
+            req,
+            expected,
+            pending: entries.len() as u8,
+            first: 0,
+            last: 0,
+        });
+        // All or none, so a linked pair is never split by a submission.
+        // SAFETY: the entries point at the buffers and fds owned by
+        // table[idx], which stays in place until every completion for this
+        // token is reaped.
+        while unsafe { self.ring.submission().push_multiple(entries) }.is_err() {
             self.submit_pushed();
         }
-        self.unsubmitted += 1;
+        self.unsubmitted += entries.len();
     }
 
     /// Hands every pushed entry to the kernel.
@@ -266,11 +282,23 @@ impl State {
         } = self;
         let mut n = 0;
         for cqe in ring.completion() {
-            let idx = cqe.user_data() as usize;
-            if let Some(flight) = table.get_mut(idx).and_then(Option::take) {
+            let token = cqe.user_data();
+            let idx = (token & !LINKED) as usize;
+            let Some(flight) = table.get_mut(idx).and_then(Option::as_mut) else {
+                continue;
+            };
+            if token & LINKED != 0 {
+                flight.first = cqe.result();
+            } else {
+                flight.last = cqe.result();
+            }
+            flight.pending = flight.pending.saturating_sub(1);
+            if flight.pending == 0
+                && let Some(flight) = table[idx].take()
+            {
                 free.push(idx);
                 n += 1;
-                finish(flight, cqe.result());
+                finish(flight);
             }
         }
         n
@@ -322,11 +350,23 @@ impl Drop for State {
 struct InFlight {
     req: Request,
     expected: usize,
+    /// Completions still to come: 2 for a linked pair, else 1.
+    pending: u8,
+    /// The result of a linked pair's first entry (0 for a single entry).
+    first: i32,
+    /// The result of the (last) entry.
+    last: i32,
 }
 
-/// The entry for a request; `fixed` when its buffer is an arena slot and
-/// the arena is registered with the ring (as buffer 0).
-fn entry_for(req: &mut Request, token: u64, fixed: bool) -> (squeue::Entry, usize) {
+/// The entries for a request — one, or two linked ones, the first with
+/// `token | LINKED` — and the bytes it must transfer; `fixed` when its
+/// buffer is an arena slot and the arena is registered with the ring (as
+/// buffer 0).
+fn entries_for(
+    req: &mut Request,
+    token: u64,
+    fixed: bool,
+) -> (squeue::Entry, Option<squeue::Entry>, usize) {
     match &mut req.op {
         Op::Read { file, offset, buf } => {
             let len = buf.len();
@@ -340,7 +380,7 @@ fn entry_for(req: &mut Request, token: u64, fixed: bool) -> (squeue::Entry, usiz
                     .offset(*offset)
                     .build()
             };
-            (e.user_data(token), len)
+            (e.user_data(token), None, len)
         }
         Op::Write { file, offset, buf } => {
             let (fd, data) = (types::Fd(file.as_raw_fd()), buf.as_slice());
@@ -353,31 +393,44 @@ fn entry_for(req: &mut Request, token: u64, fixed: bool) -> (squeue::Entry, usiz
                     .offset(*offset)
                     .build()
             };
-            (e.user_data(token), data.len())
+            (e.user_data(token), None, data.len())
         }
         Op::Fsync { file } => {
             let e = opcode::Fsync::new(types::Fd(file.as_raw_fd()))
                 .flags(types::FsyncFlags::DATASYNC)
                 .build();
-            (e.user_data(token), 0)
+            (e.user_data(token), None, 0)
         }
-        Op::WriteBack { file } => {
+        Op::WriteBackThenSync { pages, data } => {
             // Length 0: from the offset to the end of the file.
-            let e = opcode::SyncFileRange::new(types::Fd(file.as_raw_fd()), 0)
+            let write_back = opcode::SyncFileRange::new(types::Fd(pages.as_raw_fd()), 0)
                 .offset(0)
                 .flags(
                     libc::SYNC_FILE_RANGE_WAIT_BEFORE
                         | libc::SYNC_FILE_RANGE_WRITE
                         | libc::SYNC_FILE_RANGE_WAIT_AFTER,
                 )
+                .build()
+                // A hard link: the fdatasync starts when the write-back
+                // ends, failed or not.
+                .flags(squeue::Flags::IO_HARDLINK)
+                .user_data(token | LINKED);
+            let sync = opcode::Fsync::new(types::Fd(data.as_raw_fd()))
+                .flags(types::FsyncFlags::DATASYNC)
                 .build();
-            (e.user_data(token), 0)
+            (write_back, Some(sync.user_data(token)), 0)
         }
     }
 }
 
-fn finish(flight: InFlight, res: i32) {
-    let InFlight { req, expected } = flight;
+fn finish(flight: InFlight) {
+    // A linked pair fails with its first entry's failure, if any.
+    let res = if flight.first < 0 {
+        flight.first
+    } else {
+        flight.last
+    };
+    let InFlight { req, expected, .. } = flight;
     let result = if res < 0 {
         Err(io::Error::from_raw_os_error(-res))
     } else if (res as usize) < expected {
@@ -393,8 +446,7 @@ fn finish(flight: InFlight, res: i32) {
         Ok(match req.op {
             Op::Read { buf, .. } => Completion::Read(buf),
             Op::Write { .. } => Completion::Write,
-            Op::Fsync { .. } => Completion::Fsync,
-            Op::WriteBack { .. } => Completion::WrittenBack,
+            Op::Fsync { .. } | Op::WriteBackThenSync { .. } => Completion::Fsync,
         })
     };
     let _ = req.done.send(result);

@@ -357,11 +357,12 @@ impl Store {
     }
 
     /// Makes every write to `layers` acknowledged so far durable, with one
-    /// cache flush of the disk per layer: the dirty pages of each CRC file
-    /// are written back first (no cache flush; `sync_file_range`), then
-    /// the data files are `fdatasync`ed, whose cache flush covers the CRC
-    /// pages too. That holds for CRC files written in full on disk (see
-    /// [`crate::crcmap`]); any other CRC file is `fdatasync`ed as well.
+    /// cache flush of the disk per layer: the dirty pages of its CRC file
+    /// are written back (no cache flush; `sync_file_range`), then its data
+    /// file is `fdatasync`ed, whose cache flush covers the CRC pages too —
+    /// one linked chain in io_uring ([`Op::WriteBackThenSync`]). That holds
+    /// for CRC files written in full on disk (see [`crate::crcmap`]); any
+    /// other CRC file is `fdatasync`ed as well.
     ///
     /// A failure is final for this process: the kernel reports a failed
     /// writeback once and marks the pages clean, so a second fdatasync
@@ -370,26 +371,18 @@ impl Store {
     /// and never marks a clean stop; restarted, it recomputes its CRCs
     /// from the disk and the engine resyncs it.
     pub(super) async fn sync_layers(&self, layers: &[Arc<Layer>]) -> Result<()> {
-        let write_back = layers
-            .iter()
-            .filter(|l| l.crc_written())
-            .map(|l| Op::WriteBack {
-                file: l.crc.clone(),
-            });
-        let fsync = layers.iter().flat_map(|l| {
-            let crc = (!l.crc_written()).then(|| Op::Fsync {
-                file: l.crc.clone(),
-            });
-            std::iter::once(Op::Fsync {
-                file: l.data.clone(),
-            })
-            .chain(crc)
+        let ops = layers.iter().flat_map(|l| {
+            let (crc, data) = (l.crc.clone(), l.data.clone());
+            if l.crc_written() {
+                vec![Op::WriteBackThenSync { pages: crc, data }]
+            } else {
+                vec![Op::Fsync { file: crc }, Op::Fsync { file: data }]
+            }
         });
-        // Both steps run even when the first fails: the replica is then
-        // poisoned anyway, and the fdatasync still commits (or aborts) the
+        // Every op runs even when another fails: the replica is then
+        // poisoned anyway, and each fdatasync still commits (or aborts) the
         // filesystem's journal, as a restart will find it.
-        let written_back = self.io.run(write_back).await;
-        let done = self.io.run(fsync).await.and(written_back);
+        let done = self.io.run(ops).await;
         if let Err(e) = done {
             self.sync_failed.store(true, Ordering::Release);
             tracing::error!(error = %e, "a cache flush of the replica's disk failed: refusing all I/O until restarted");
