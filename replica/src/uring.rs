@@ -35,10 +35,6 @@ use tokio::sync::Notify;
 use crate::buf::{AlignedBuf, Arena};
 use crate::op::{Completion, Op, Request};
 
-/// Marks the `user_data` of the first entry of a linked pair (the token of
-/// the pair's request is in the low bits).
-const LINKED: u64 = 1 << 63;
-
 /// Submission-queue depth of the ring.
 const RING_ENTRIES: u32 = 512;
 /// Most requests in flight in the kernel at once; more wait in a backlog.
@@ -240,16 +236,19 @@ impl State {
         let fixed = self.registered && req.op.buf().is_some_and(AlignedBuf::in_arena);
         self.fixed += u64::from(fixed);
         let (entry, linked, expected) = entries_for(&mut req, idx as u64, fixed);
-        let entries: &[squeue::Entry] = match &linked {
-            None => &[entry],
-            Some(second) => &[entry, second.clone()],
+        let pair;
+        let entries: &[squeue::Entry] = match linked {
+            None => std::slice::from_ref(&entry),
+            Some(second) => {
+                pair = [entry, second];
+                &pair
+            }
         };
         self.table[idx] = Some(InFlight {
             req,
             expected,
             pending: entries.len() as u8,
-            first: 0,
-            last: 0,
+            result: 0,
         });
         // All or none, so a linked pair is never split by a submission.
         // SAFETY: the entries point at the buffers and fds owned by
@@ -282,15 +281,13 @@ impl State {
         } = self;
         let mut n = 0;
         for cqe in ring.completion() {
-            let token = cqe.user_data();
-            let idx = (token & !LINKED) as usize;
+            let idx = cqe.user_data() as usize;
             let Some(flight) = table.get_mut(idx).and_then(Option::as_mut) else {
                 continue;
             };
-            if token & LINKED != 0 {
-                flight.first = cqe.result();
-            } else {
-                flight.last = cqe.result();
+            // A linked pair keeps the first failure it sees.
+            if flight.result >= 0 {
+                flight.result = cqe.result();
             }
             flight.pending = flight.pending.saturating_sub(1);
             if flight.pending == 0
@@ -350,16 +347,16 @@ impl Drop for State {
 struct InFlight {
     req: Request,
     expected: usize,
-    /// Completions still to come: 2 for a linked pair, else 1.
+    /// Completions still to come (the slot is freed only after the last):
+    /// 2 for a linked pair, whose entries share the token, else 1.
     pending: u8,
-    /// The result of a linked pair's first entry (0 for a single entry).
-    first: i32,
-    /// The result of the (last) entry.
-    last: i32,
+    /// The result: the entry's, or a linked pair's first failure (else
+    /// its last entry's).
+    result: i32,
 }
 
-/// The entries for a request — one, or two linked ones, the first with
-/// `token | LINKED` — and the bytes it must transfer; `fixed` when its
+/// The entries for a request — one, or two linked ones with the same
+/// token — and the bytes it must transfer; `fixed` when its
 /// buffer is an arena slot and the arena is registered with the ring (as
 /// buffer 0).
 fn entries_for(
@@ -414,7 +411,7 @@ fn entries_for(
                 // A hard link: the fdatasync starts when the write-back
                 // ends, failed or not.
                 .flags(squeue::Flags::IO_HARDLINK)
-                .user_data(token | LINKED);
+                .user_data(token);
             let sync = opcode::Fsync::new(types::Fd(data.as_raw_fd()))
                 .flags(types::FsyncFlags::DATASYNC)
                 .build();
@@ -424,13 +421,12 @@ fn entries_for(
 }
 
 fn finish(flight: InFlight) {
-    // A linked pair fails with its first entry's failure, if any.
-    let res = if flight.first < 0 {
-        flight.first
-    } else {
-        flight.last
-    };
-    let InFlight { req, expected, .. } = flight;
+    let InFlight {
+        req,
+        expected,
+        result: res,
+        ..
+    } = flight;
     let result = if res < 0 {
         Err(io::Error::from_raw_os_error(-res))
     } else if (res as usize) < expected {

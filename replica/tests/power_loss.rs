@@ -30,11 +30,6 @@ fn content(round: u64, b: u64) -> Vec<u8> {
     pattern(round * BLOCKS + b + 7, BS as usize)
 }
 
-async fn flush(io: &mut Io) {
-    let resp = io.one(flush_req()).await;
-    assert_eq!(status(&resp), pb::IoStatus::IoOk, "FLUSH: {}", resp.message);
-}
-
 /// Every block of `path` is allocated and written (no hole, no unwritten
 /// extent), as `filefrag -v` reports it: writing a page of it back then
 /// changes no filesystem metadata.
@@ -86,12 +81,12 @@ fn flushed_writes_and_their_crcs_survive_a_power_cut() {
             |b| content(0, b),
         )
         .await;
-        flush(&mut io).await;
+        io.flush().await;
         write_blocks(&mut io, &mut flushed, &[2, 200, 201, 1500], |b| {
             content(1, b)
         })
         .await;
-        flush(&mut io).await;
+        io.flush().await;
         // Not flushed: overwrites and a new block.
         write_blocks(&mut io, &mut unflushed, &[3, 101, 300], |b| content(2, b)).await;
     });
@@ -202,7 +197,7 @@ fn a_flush_writes_back_only_the_crc_pages_written_since_the_last() {
         for (i, block) in [10u64, 150_000].into_iter().enumerate() {
             let before = write_bytes(pid);
             write_blocks(&mut io, &mut image, &[block], |b| content(i as u64, b)).await;
-            flush(&mut io).await;
+            io.flush().await;
             let cost = write_bytes(pid) - before;
             assert!(
                 cost <= 2 * BS,

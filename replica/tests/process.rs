@@ -45,7 +45,7 @@ async fn flushed_data_survives_sigkill(engine: &str) {
             assert_eq!(status(&resp), pb::IoStatus::IoOk, "{}", resp.message);
         }
     }
-    assert_eq!(status(&io.one(flush_req()).await), pb::IoStatus::IoOk);
+    io.flush().await;
     // Re-read everything from the running replica to know the final content
     // (overlapping writes of one batch have no defined order).
     let mut expect: HashMap<u64, Bytes> = HashMap::new();
@@ -867,7 +867,7 @@ async fn an_idle_replica_sends_its_disk_no_cache_flushes() {
     assert_eq!(status(&resp), pb::IoStatus::IoOk, "{}", resp.message);
     // The count sees this replica's flushes: a FLUSH request sends one.
     let before = disk_flushes(&mnt);
-    assert_eq!(status(&io.one(flush_req()).await), pb::IoStatus::IoOk);
+    io.flush().await;
     assert!(disk_flushes(&mnt) > before, "a FLUSH reached the disk");
     // Commit whatever the filesystem still holds (timestamps), so that
     // nothing but the replica could flush from here on.
@@ -1155,7 +1155,7 @@ async fn a_replica_that_cannot_lock_memory_warns_and_serves_all_sizes() {
     for resp in io.batch(reqs).await {
         assert_eq!(status(&resp), pb::IoStatus::IoOk, "{}", resp.message);
     }
-    assert_eq!(status(&io.one(flush_req()).await), pb::IoStatus::IoOk);
+    io.flush().await;
     for (o, d) in &writes {
         let resp = io.one(read_req(*o, d.len() as u64)).await;
         assert_eq!(status(&resp), pb::IoStatus::IoOk, "{}", resp.message);

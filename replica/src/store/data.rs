@@ -373,17 +373,17 @@ impl Store {
     pub(super) async fn sync_layers(&self, layers: &[Arc<Layer>]) -> Result<()> {
         let ops = layers.iter().flat_map(|l| {
             let (crc, data) = (l.crc.clone(), l.data.clone());
-            if l.crc_written() {
-                vec![Op::WriteBackThenSync { pages: crc, data }]
+            let (op, then) = if l.crc_written() {
+                (Op::WriteBackThenSync { pages: crc, data }, None)
             } else {
-                vec![Op::Fsync { file: crc }, Op::Fsync { file: data }]
-            }
+                (Op::Fsync { file: crc }, Some(Op::Fsync { file: data }))
+            };
+            std::iter::once(op).chain(then)
         });
         // Every op runs even when another fails: the replica is then
         // poisoned anyway, and each fdatasync still commits (or aborts) the
         // filesystem's journal, as a restart will find it.
-        let done = self.io.run(ops).await;
-        if let Err(e) = done {
+        if let Err(e) = self.io.run(ops).await {
             self.sync_failed.store(true, Ordering::Release);
             tracing::error!(error = %e, "a cache flush of the replica's disk failed: refusing all I/O until restarted");
             return Err(io_err("syncing layer files")(e));

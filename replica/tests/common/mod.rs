@@ -165,6 +165,12 @@ impl Io {
         self.batch(vec![r]).await.remove(0)
     }
 
+    /// Sends a FLUSH and asserts that it succeeded.
+    pub async fn flush(&mut self) {
+        let resp = self.one(flush_req()).await;
+        assert_eq!(status(&resp), pb::IoStatus::IoOk, "FLUSH: {}", resp.message);
+    }
+
     /// Sends `r` on a stream a later `Open` superseded and asserts that it
     /// was refused: answered as stale, or the stream ended with a status
     /// that says it was superseded.
