@@ -51,43 +51,25 @@
 //!   `EIO` from a dropped reply object).
 //! * A request holds the pool it was sent on until its reply is in, so a
 //!   pool replaced by a resize closes its connections only after that.
-//! * Files are opened `FOPEN_DIRECT_IO` (+ parallel direct writes): no page
-//!   cache in the FUSE layer; whatever caches sits above (the loop device).
+//! * The filesystem itself (one file, its attributes, the checks every
+//!   request passes, direct I/O) is `zebu_fuse_file`'s, which the engine
+//!   uses to serve its own volume too; this crate is its NBD backend.
 
 pub mod nbd_client;
 
-use std::ffi::{OsStr, OsString};
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
-
-use fuser::{
-    Config, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, INodeNo, InitFlags,
-    KernelConfig, LockOwner, MountOption, OpenAccMode, OpenFlags, ReplyAttr, ReplyData,
-    ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
-    Request, SessionACL, WriteFlags,
-};
-use tracing::{debug, error, info, warn};
+use std::time::Duration;
 
 use bytes::Bytes;
+use tracing::{debug, error, info, warn};
+use zebu_fuse_file::{Errno, FileError, ReplyData, ReplyEmpty, ReplyWrite, SizeNotifier};
 
 use self::nbd_client::{Done, MAX_REQUEST, NbdError, NbdPool, NbdUri};
 
 /// Default number of NBD connections (used when the server allows several).
 pub const DEFAULT_CONNECTIONS: usize = 4;
-
-/// How long cached attributes of the file and directory stay valid in the
-/// kernel. Resizes also invalidate them explicitly; this bounds staleness if
-/// that notification is lost.
-const ATTR_TTL: Duration = Duration::from_secs(1);
-
-const INO_ROOT: INodeNo = INodeNo(1);
-const INO_FILE: INodeNo = INodeNo(2);
-
-const FALLOC_FL_KEEP_SIZE: i32 = 0x01;
-const FALLOC_FL_PUNCH_HOLE: i32 = 0x02;
-const FALLOC_FL_ZERO_RANGE: i32 = 0x10;
 
 /// What [`run`] needs.
 #[derive(Debug, Clone)]
@@ -113,6 +95,9 @@ pub enum BridgeError {
     /// Talking to the NBD server failed.
     #[error("NBD: {0}")]
     Nbd(#[from] NbdError),
+    /// Mounting the file failed.
+    #[error("{0}")]
+    File(#[from] FileError),
     /// Setting up the runtime, signals, the pid file, or the mount failed.
     #[error("{context}: {source}")]
     Io {
@@ -129,73 +114,24 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> BridgeError {
     move |source| BridgeError::Io { context, source }
 }
 
-/// State shared by the FUSE handlers and the signal task.
-struct Shared {
+/// The export as the file's backend; also what the signal task resizes.
+struct NbdBackend {
     /// The connections in use; `pool.info().size` is the served file size.
     pool: RwLock<Arc<NbdPool>>,
     uri: NbdUri,
     connections: usize,
     rt: tokio::runtime::Handle,
-    name: OsString,
-    uid: u32,
-    gid: u32,
-    started: SystemTime,
 }
 
-impl Shared {
+impl NbdBackend {
     fn pool(&self) -> Arc<NbdPool> {
         // A poisoned lock only means a panic elsewhere; the Arc is still valid.
         self.pool.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
-    fn file_attr(&self, pool: &NbdPool) -> FileAttr {
-        let size = pool.info().size;
-        FileAttr {
-            ino: INO_FILE,
-            size,
-            blocks: size.div_ceil(512),
-            atime: self.started,
-            mtime: self.started,
-            ctime: self.started,
-            crtime: self.started,
-            kind: FileType::RegularFile,
-            perm: if pool.info().read_only() {
-                0o400
-            } else {
-                0o600
-            },
-            nlink: 1,
-            uid: self.uid,
-            gid: self.gid,
-            rdev: 0,
-            blksize: 4096,
-            flags: 0,
-        }
-    }
-
-    fn dir_attr(&self) -> FileAttr {
-        FileAttr {
-            ino: INO_ROOT,
-            size: 0,
-            blocks: 0,
-            atime: self.started,
-            mtime: self.started,
-            ctime: self.started,
-            crtime: self.started,
-            kind: FileType::Directory,
-            perm: 0o700,
-            nlink: 2,
-            uid: self.uid,
-            gid: self.gid,
-            rdev: 0,
-            blksize: 4096,
-            flags: 0,
-        }
-    }
-
     /// Re-reads the export size over new connections; switches to them if
     /// the export grew. Returns the size now served.
-    async fn resize(&self, notifier: &fuser::Notifier) -> Result<u64, NbdError> {
+    async fn resize(&self, notifier: &SizeNotifier) -> Result<u64, NbdError> {
         let old = self.pool();
         let old_size = old.info().size;
         let new = NbdPool::connect(&self.uri, self.connections).await?;
@@ -214,15 +150,7 @@ impl Shared {
             return Ok(old_size);
         }
         *self.pool.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
-        // Attributes only (offset < 0): there is no page cache to drop.
-        match notifier.inval_inode(INO_FILE, -1, 0) {
-            Ok(()) => {}
-            // The kernel has not looked the file up yet: nothing cached.
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {}
-            Err(e) => {
-                warn!("invalidating cached attributes: {e} (they expire within {ATTR_TTL:?})")
-            }
-        }
+        notifier.size_changed();
         info!(old_size, new_size, "export grew; serving the new size");
         Ok(new_size)
     }
@@ -246,140 +174,22 @@ fn errno(e: &NbdError) -> Errno {
     Errno::from_i32(e.errno())
 }
 
-struct BridgeFs {
-    shared: Arc<Shared>,
-}
-
-impl Filesystem for BridgeFs {
-    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> io::Result<()> {
-        // Let the kernel send direct I/O of one caller as concurrent requests.
-        if config.add_capabilities(InitFlags::FUSE_ASYNC_DIO).is_err() {
-            debug!("kernel lacks FUSE_ASYNC_DIO");
-        }
-        Ok(())
+// Every request arrives checked against `size()`, which reads the pool in
+// use; the pool a request is then sent on is that one or a newer, larger
+// one (the size never decreases), so the server never sees a request
+// outside the size it announced on that connection.
+impl zebu_fuse_file::Backend for NbdBackend {
+    fn size(&self) -> u64 {
+        self.pool().info().size
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        if parent == INO_ROOT && name == self.shared.name {
-            let pool = self.shared.pool();
-            reply.entry(
-                &ATTR_TTL,
-                &self.shared.file_attr(&pool),
-                fuser::Generation(0),
-            );
-        } else {
-            reply.error(Errno::ENOENT);
-        }
+    fn read_only(&self) -> bool {
+        self.pool().info().read_only()
     }
 
-    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match ino {
-            INO_ROOT => reply.attr(&ATTR_TTL, &self.shared.dir_attr()),
-            INO_FILE => reply.attr(&ATTR_TTL, &self.shared.file_attr(&self.shared.pool())),
-            _ => reply.error(Errno::ENOENT),
-        }
-    }
-
-    fn setattr(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _mode: Option<u32>,
-        _uid: Option<u32>,
-        _gid: Option<u32>,
-        size: Option<u64>,
-        _atime: Option<fuser::TimeOrNow>,
-        _mtime: Option<fuser::TimeOrNow>,
-        _ctime: Option<SystemTime>,
-        _fh: Option<FileHandle>,
-        _crtime: Option<SystemTime>,
-        _chgtime: Option<SystemTime>,
-        _bkuptime: Option<SystemTime>,
-        _flags: Option<fuser::BsdFileFlags>,
-        reply: ReplyAttr,
-    ) {
-        // Mode, owner and times are fixed; a size change is refused (the size
-        // is the export's), setting the current size is a no-op.
-        match ino {
-            INO_ROOT => reply.attr(&ATTR_TTL, &self.shared.dir_attr()),
-            INO_FILE => {
-                let pool = self.shared.pool();
-                match size {
-                    Some(s) if s != pool.info().size => reply.error(Errno::EPERM),
-                    _ => reply.attr(&ATTR_TTL, &self.shared.file_attr(&pool)),
-                }
-            }
-            _ => reply.error(Errno::ENOENT),
-        }
-    }
-
-    fn readdir(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectory,
-    ) {
-        if ino != INO_ROOT {
-            reply.error(Errno::ENOTDIR);
-            return;
-        }
-        let entries: [(INodeNo, FileType, &OsStr); 3] = [
-            (INO_ROOT, FileType::Directory, OsStr::new(".")),
-            (INO_ROOT, FileType::Directory, OsStr::new("..")),
-            (
-                INO_FILE,
-                FileType::RegularFile,
-                self.shared.name.as_os_str(),
-            ),
-        ];
-        for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
-            if reply.add(*ino, i as u64 + 1, *kind, name) {
-                break;
-            }
-        }
-        reply.ok();
-    }
-
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if ino != INO_FILE {
-            reply.error(Errno::EISDIR);
-            return;
-        }
-        if flags.acc_mode() != OpenAccMode::O_RDONLY && self.shared.pool().info().read_only() {
-            reply.error(Errno::EROFS);
-            return;
-        }
-        reply.opened(
-            FileHandle(0),
-            FopenFlags::FOPEN_DIRECT_IO | FopenFlags::FOPEN_PARALLEL_DIRECT_WRITES,
-        );
-    }
-
-    fn read(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        size: u32,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        reply: ReplyData,
-    ) {
-        if ino != INO_FILE {
-            reply.error(Errno::EISDIR);
-            return;
-        }
-        let pool = self.shared.pool();
+    fn read(&self, offset: u64, len: u64, reply: ReplyData) {
+        let pool = self.pool();
         let file_size = pool.info().size;
-        // Short read at the end of the file (direct I/O: the caller sees it).
-        let len = u64::from(size).min(file_size.saturating_sub(offset));
-        if len == 0 {
-            reply.data(&[]);
-            return;
-        }
         let done = move |r: Result<Bytes, NbdError>| match r {
             Ok(data) => reply.data(&data),
             Err(e) => {
@@ -390,59 +200,23 @@ impl Filesystem for BridgeFs {
         match u32::try_from(len) {
             // One NBD request (every read the kernel sends): on the wire
             // before this returns; the connection's reader task replies.
-            Ok(one) if one <= MAX_REQUEST => self.shared.rt.block_on(pool.submit_read(
-                offset,
-                one,
-                file_size,
-                holding(&pool, done),
-            )),
+            Ok(one) if one <= MAX_REQUEST => {
+                self.rt
+                    .block_on(pool.submit_read(offset, one, file_size, holding(&pool, done)))
+            }
             _ => {
-                self.shared
-                    .rt
+                self.rt
                     .spawn(async move { done(pool.read(offset, len, file_size).await) });
             }
         }
     }
 
-    fn write(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        data: &[u8],
-        _write_flags: WriteFlags,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        reply: ReplyWrite,
-    ) {
-        if ino != INO_FILE {
-            reply.error(Errno::EISDIR);
-            return;
-        }
-        let pool = self.shared.pool();
+    fn write(&self, offset: u64, data: &[u8], reply: ReplyWrite) {
+        let pool = self.pool();
         let file_size = pool.info().size;
-        if pool.info().read_only() {
-            reply.error(Errno::EROFS);
-            return;
-        }
-        let Ok(written) = u32::try_from(data.len()) else {
-            reply.error(Errno::EINVAL);
-            return;
-        };
-        match offset.checked_add(data.len() as u64) {
-            Some(end) if end <= file_size => {}
-            // The file cannot grow by writing past its end.
-            _ => {
-                reply.error(Errno::ENOSPC);
-                return;
-            }
-        }
-        if data.is_empty() {
-            reply.written(0);
-            return;
-        }
         let len = data.len();
+        // The caller checked that the length fits in a u32.
+        let written = len as u32;
         let done = move |r: Result<(), NbdError>| match r {
             Ok(()) => reply.written(written),
             Err(e) => {
@@ -454,7 +228,7 @@ impl Filesystem for BridgeFs {
             // One NBD request (every write the kernel sends): written to the
             // socket from the session loop's buffer before this returns, so
             // the payload is never copied; the reader task replies.
-            self.shared.rt.block_on(pool.submit_write(
+            self.rt.block_on(pool.submit_write(
                 offset,
                 data,
                 file_size,
@@ -463,102 +237,27 @@ impl Filesystem for BridgeFs {
         } else {
             // The buffer belongs to the session loop: copy it once.
             let data = data.to_vec();
-            self.shared
-                .rt
+            self.rt
                 .spawn(async move { done(pool.write(offset, &data, file_size).await) });
         }
     }
 
-    fn flush(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        _lock_owner: LockOwner,
-        reply: ReplyEmpty,
-    ) {
-        self.sync(ino, reply);
+    fn flush(&self, reply: ReplyEmpty) {
+        let pool = self.pool();
+        self.rt
+            .block_on(pool.submit_flush(holding(&pool, move |r| match r {
+                Ok(_) => reply.ok(),
+                Err(e) => {
+                    warn!("flush: {e}");
+                    reply.error(errno(&e));
+                }
+            })));
     }
 
-    fn fsync(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        _datasync: bool,
-        reply: ReplyEmpty,
-    ) {
-        self.sync(ino, reply);
-    }
-
-    fn getxattr(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _name: &OsStr,
-        _size: u32,
-        reply: ReplyXattr,
-    ) {
-        // No extended attributes (and no warning per lookup of security.*).
-        reply.error(Errno::ENODATA);
-    }
-
-    fn listxattr(&self, _req: &Request, _ino: INodeNo, size: u32, reply: ReplyXattr) {
-        if size == 0 {
-            reply.size(0);
-        } else {
-            reply.data(&[]);
-        }
-    }
-
-    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        let blocks = self.shared.pool().info().size / 4096;
-        reply.statfs(blocks, 0, 0, 2, 0, 4096, 255, 4096);
-    }
-
-    fn fallocate(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        offset: u64,
-        length: u64,
-        mode: i32,
-        reply: ReplyEmpty,
-    ) {
-        if ino != INO_FILE {
-            reply.error(Errno::EISDIR);
-            return;
-        }
-        let pool = self.shared.pool();
+    fn write_zeroes(&self, offset: u64, len: u64, reply: ReplyEmpty) {
+        let pool = self.pool();
         let file_size = pool.info().size;
-        let Some(end) = offset.checked_add(length) else {
-            reply.error(Errno::EINVAL);
-            return;
-        };
-        let keep_size = mode & FALLOC_FL_KEEP_SIZE != 0;
-        if end > file_size && !keep_size {
-            // Would grow the file.
-            reply.error(Errno::ENOSPC);
-            return;
-        }
-        let end = end.min(file_size);
-        let len = end.saturating_sub(offset);
-        let zero = match mode & !FALLOC_FL_KEEP_SIZE {
-            // Preallocation: the export is all there already.
-            0 => false,
-            FALLOC_FL_PUNCH_HOLE if keep_size => true,
-            FALLOC_FL_ZERO_RANGE => true,
-            _ => {
-                reply.error(Errno::EOPNOTSUPP);
-                return;
-            }
-        };
-        if !zero || len == 0 {
-            reply.ok();
-            return;
-        }
-        self.shared.rt.spawn(async move {
+        self.rt.spawn(async move {
             match pool.write_zeroes(offset, len, file_size).await {
                 Ok(()) => reply.ok(),
                 Err(e) => {
@@ -570,62 +269,10 @@ impl Filesystem for BridgeFs {
     }
 }
 
-impl BridgeFs {
-    fn sync(&self, ino: INodeNo, reply: ReplyEmpty) {
-        if ino != INO_FILE {
-            reply.ok();
-            return;
-        }
-        let pool = self.shared.pool();
-        self.shared
-            .rt
-            .block_on(pool.submit_flush(holding(&pool, move |r| match r {
-                Ok(_) => reply.ok(),
-                Err(e) => {
-                    warn!("flush: {e}");
-                    reply.error(errno(&e));
-                }
-            })));
-    }
-}
-
-/// Splits `MOUNTDIR/NAME`.
-fn split_file(file: &Path) -> Result<(PathBuf, OsString), BridgeError> {
-    let bad = |why: &str| BridgeError::InvalidArgument(format!("--file {}: {why}", file.display()));
-    let name = file
-        .file_name()
-        .ok_or_else(|| bad("no file name (expected MOUNTDIR/NAME)"))?;
-    if name == "." || name == ".." {
-        return Err(bad("the file name cannot be . or .."));
-    }
-    let dir = match file.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-        _ => PathBuf::from("."),
-    };
-    if !dir.is_dir() {
-        return Err(bad("the mount directory does not exist"));
-    }
-    Ok((dir, name.to_owned()))
-}
-
-fn write_pidfile(path: &Path) -> Result<(), BridgeError> {
+fn write_pidfile(path: &std::path::Path) -> Result<(), BridgeError> {
     let ctx = format!("writing the pid file {}", path.display());
     let pid = format!("{}\n", std::process::id());
     zebu_common::durable::write(path, pid.as_bytes(), 0o644).map_err(io_err(&ctx))
-}
-
-/// Unmounts `dir`; lazily when it is busy (a loop device holds the file: the
-/// bridge then keeps serving until the last user lets go).
-fn unmount(unmounter: &mut fuser::SessionUnmounter, dir: &Path) {
-    match unmounter.unmount() {
-        Ok(()) => info!("unmounted {}", dir.display()),
-        Err(e) => {
-            warn!("unmounting {}: {e}; unmounting lazily", dir.display());
-            if let Err(e) = nix::mount::umount2(dir, nix::mount::MntFlags::MNT_DETACH) {
-                error!("lazy unmount of {}: {e}", dir.display());
-            }
-        }
-    }
 }
 
 /// Serves the export `opts.uri` as the file `opts.file` until the filesystem
@@ -638,7 +285,8 @@ pub fn run(opts: BridgeOptions) -> Result<(), BridgeError> {
             "--connections must be at least 1".into(),
         ));
     }
-    let (dir, name) = split_file(&opts.file)?;
+    zebu_fuse_file::split_file(&opts.file)
+        .map_err(|e| BridgeError::InvalidArgument(format!("--file {e}")))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .thread_name("zebu-nbd-fuse")
@@ -665,51 +313,23 @@ pub fn run(opts: BridgeOptions) -> Result<(), BridgeError> {
         connections = pool.connections(),
         "connected"
     );
-    // /proc/self belongs to the effective uid and gid.
-    let (uid, gid) = std::fs::metadata("/proc/self")
-        .map(|m| {
-            use std::os::unix::fs::MetadataExt;
-            (m.uid(), m.gid())
-        })
-        .map_err(io_err("reading /proc/self"))?;
-    let shared = Arc::new(Shared {
+    let backend = Arc::new(NbdBackend {
         pool: RwLock::new(Arc::new(pool)),
         uri,
         connections: opts.connections,
         rt: rt.handle().clone(),
-        name,
-        uid,
-        gid,
-        started: SystemTime::now(),
     });
+    let mut mounted = zebu_fuse_file::mount(Arc::clone(&backend), &opts.file, "zebu-nbd-fuse")?;
+    let notifier = mounted.notifier();
+    let mut unmounter = mounted.unmounter();
+    let dir = mounted.dir().to_owned();
 
-    let mut config = Config::default();
-    config.mount_options = vec![
-        MountOption::FSName("zebu-nbd-fuse".into()),
-        MountOption::Subtype("zebu-nbd-fuse".into()),
-        MountOption::NoDev,
-        MountOption::NoSuid,
-        MountOption::NoExec,
-        MountOption::NoAtime,
-    ];
-    config.acl = SessionACL::Owner;
-    config.n_threads = Some(1);
-    let fs = BridgeFs {
-        shared: Arc::clone(&shared),
-    };
-    let mut session = fuser::Session::new(fs, &dir, &config)
-        .map_err(io_err(format!("mounting FUSE on {}", dir.display())))?;
-    let notifier = session.notifier();
-    let mut unmounter = session.unmount_callable();
-    info!(file = %opts.file.display(), "mounted");
-
-    let ctl_shared = Arc::clone(&shared);
-    let ctl_dir = dir.clone();
+    let ctl_backend = Arc::clone(&backend);
     let control = rt.spawn(async move {
         loop {
             tokio::select! {
                 _ = usr1.recv() => {
-                    match ctl_shared.resize(&notifier).await {
+                    match ctl_backend.resize(&notifier).await {
                         Ok(size) => debug!(size, "resize request handled"),
                         Err(e) => error!("resize: cannot re-read the export size: {e}"),
                     }
@@ -718,24 +338,21 @@ pub fn run(opts: BridgeOptions) -> Result<(), BridgeError> {
                 _ = int.recv() => break,
             }
         }
-        info!("termination signal; unmounting {}", ctl_dir.display());
-        let d = ctl_dir.clone();
-        let _ = tokio::task::spawn_blocking(move || unmount(&mut unmounter, &d)).await;
+        info!("termination signal; unmounting {}", dir.display());
+        let _ = tokio::task::spawn_blocking(move || unmounter.unmount()).await;
     });
 
     if let Some(p) = &opts.pidfile
         && let Err(e) = write_pidfile(p)
     {
         control.abort();
-        if let Err(ue) = session.unmount() {
-            warn!("unmounting after a failed start: {ue}");
-        }
+        mounted.unmount();
         return Err(e);
     }
 
-    let served = session.run();
+    let served = mounted.run();
     control.abort();
-    let pool = shared.pool();
+    let pool = backend.pool();
     rt.block_on(pool.disconnect());
     drop(pool);
     rt.shutdown_timeout(Duration::from_secs(5));
@@ -753,44 +370,29 @@ mod tests {
     use super::*;
 
     #[test]
-    fn file_argument_is_split_and_checked() {
+    fn bad_uri_file_and_connection_count_are_refused_before_mounting() {
         let dir = tempfile::tempdir().unwrap();
-        let (d, n) = split_file(&dir.path().join("disk")).unwrap();
-        assert_eq!(d, dir.path());
-        assert_eq!(n, "disk");
-        assert!(split_file(&dir.path().join("missing/disk")).is_err());
-        assert!(split_file(Path::new("/")).is_err());
-    }
-
-    #[test]
-    fn bad_uri_and_connection_count_are_refused_before_mounting() {
-        let dir = tempfile::tempdir().unwrap();
-        let e = run(BridgeOptions {
-            uri: "http://x".into(),
-            file: dir.path().join("disk"),
+        let opts = |uri: &str, file: PathBuf, connections| BridgeOptions {
+            uri: uri.into(),
+            file,
             pidfile: None,
-            connections: 1,
-        })
-        .unwrap_err();
+            connections,
+        };
+        let e = run(opts("http://x", dir.path().join("disk"), 1)).unwrap_err();
         assert!(
             matches!(e, BridgeError::Nbd(NbdError::InvalidUri { .. })),
             "{e}"
         );
-        let e = run(BridgeOptions {
-            uri: "nbd+unix:///?socket=/nonexistent/sock".into(),
-            file: dir.path().join("disk"),
-            pidfile: None,
-            connections: 0,
-        })
-        .unwrap_err();
+        let sock = "nbd+unix:///?socket=/nonexistent/sock";
+        let e = run(opts(sock, dir.path().join("disk"), 0)).unwrap_err();
         assert!(matches!(e, BridgeError::InvalidArgument(_)), "{e}");
-        let e = run(BridgeOptions {
-            uri: "nbd+unix:///?socket=/nonexistent/sock".into(),
-            file: dir.path().join("disk"),
-            pidfile: None,
-            connections: 1,
-        })
-        .unwrap_err();
+        let e = run(opts(sock, dir.path().join("missing/disk"), 1)).unwrap_err();
+        assert!(matches!(e, BridgeError::InvalidArgument(_)), "{e}");
+        assert!(
+            e.to_string().contains("mount directory does not exist"),
+            "{e}"
+        );
+        let e = run(opts(sock, dir.path().join("disk"), 1)).unwrap_err();
         assert!(e.to_string().contains("/nonexistent/sock"), "{e}");
     }
 }
