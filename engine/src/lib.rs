@@ -9,7 +9,8 @@
 //!   [`batch`]: the stream's requests framed as gRPC messages without
 //!   copying large payloads.
 //! - [`rebuild`]: CRC-diff layer copy between replicas (rebuild, resync).
-//! - [`frontend`]: the NBD server.
+//! - [`frontend`]: the NBD server, and the volume as a file on a FUSE mount
+//!   (for a loop device).
 //! - [`control`]: the control gRPC service and status rendering.
 //! - [`stats`]: I/O counters and latency percentiles.
 

@@ -8,6 +8,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Parser, Subcommand};
 
 use zebu_engine::control::{EngineService, scrub_json, status_json, status_table};
+use zebu_engine::frontend::file::FileFrontend;
 use zebu_engine::frontend::nbd;
 use zebu_engine::volume::{Device, Volume, VolumeOptions};
 use zebu_proto::engine as epb;
@@ -44,6 +45,11 @@ struct ServeArgs {
     /// NBD listen address: unix:PATH or tcp:HOST:PORT (repeatable).
     #[arg(long = "nbd", required = true)]
     nbd: Vec<String>,
+    /// Also serve the volume as the file MOUNTDIR/NAME on a private FUSE
+    /// mount over MOUNTDIR (an existing directory), for a loop device: the
+    /// node's block device with no other process on the path.
+    #[arg(long)]
+    file: Option<std::path::PathBuf>,
     /// Control API listen address HOST:PORT (port 0 picks a free port).
     #[arg(long)]
     listen: String,
@@ -209,6 +215,9 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    if let Some(file) = &args.file {
+        zebu_fuse_file::split_file(file).context("--file")?;
+    }
     let mut listeners = Vec::new();
     for addr in &args.nbd {
         listeners.push(
@@ -273,6 +282,18 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             },
         );
     let grpc = tokio::spawn(grpc);
+    let file = match &args.file {
+        Some(path) => Some(
+            FileFrontend::start(
+                device.clone(),
+                path,
+                tokio::runtime::Handle::current(),
+                volume.size_changes(),
+            )
+            .with_context(|| format!("serving the volume as {}", path.display()))?,
+        ),
+        None => None,
+    };
 
     let line = zebu_proto::ready::EngineReady {
         volume: args.volume.clone(),
@@ -298,6 +319,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     schedule.abort();
     let _ = stop_tx.send(true);
     while servers.join_next().await.is_some() {}
+    if let Some(file) = file {
+        file.stop().await;
+    }
     volume
         .shutdown()
         .await

@@ -72,6 +72,12 @@ fn engine_refuses_bad_command_lines() {
         ("--scrub-interval", "0h", "invalid interval"),
         ("--scrub-rate", "100K", "use at least 1m"),
         ("--scrub-rate", "fast", "--scrub-rate"),
+        (
+            "--file",
+            "/nonexistent-zebu-dir/disk",
+            "mount directory does not exist",
+        ),
+        ("--file", "/", "no file name"),
     ];
     for (flag, bad, named) in cases {
         // The case's flag replaces the good --nbd, or comes after it.

@@ -1,7 +1,8 @@
 //! Frontends that export the volume as a block device.
 //!
-//! A frontend speaks a block protocol to clients (today: NBD, see [`nbd`]) and
-//! forwards every I/O to a [`BlockDevice`]. Frontends know nothing about
+//! A frontend speaks a block protocol to clients (NBD, see [`nbd`]; a file on
+//! a FUSE mount for a loop device, see [`file`]) and forwards every I/O to a
+//! [`BlockDevice`]. Frontends know nothing about
 //! replication: the engine plugs its replicated volume in by implementing
 //! [`BlockDevice`].
 //!
@@ -52,6 +53,7 @@ use std::future::Future;
 
 use bytes::Bytes;
 
+pub mod file;
 pub mod nbd;
 
 /// What a frontend serves: a block device of fixed size.

@@ -148,6 +148,9 @@ pub struct Volume {
     scrub_record: Mutex<scrub::Record>,
     stats: IoStats,
     nbd_clients: AtomicU32,
+    /// The size after every change (an expansion), for frontends that tell
+    /// their clients.
+    resized: tokio::sync::watch::Sender<u64>,
     me: Weak<Volume>,
 }
 
@@ -346,6 +349,7 @@ impl Volume {
             scrub_record: Mutex::new(Default::default()),
             stats: IoStats::default(),
             nbd_clients: AtomicU32::new(0),
+            resized: tokio::sync::watch::Sender::new(size),
             me: me.clone(),
         });
         for (c, info) in members {
@@ -371,6 +375,11 @@ impl Volume {
     /// The volume name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// The volume's size, seen changing after each expansion.
+    pub fn size_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.resized.subscribe()
     }
 
     /// The epoch this engine took.

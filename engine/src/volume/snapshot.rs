@@ -143,15 +143,15 @@ impl Volume {
         }
     }
 
-    /// Reverts every replica to snapshot `name`. Refused while NBD clients
-    /// are connected.
+    /// Reverts every replica to snapshot `name`. Refused while clients use
+    /// the volume (NBD connections, opens of its file).
     pub async fn revert(&self, name: &str) -> Result<(), VolumeError> {
         let _c = self.control_lock.lock().await;
         self.check_no_rebuild("revert")?;
         let clients = self.nbd_clients.load(Ordering::Acquire);
         if clients > 0 {
             return Err(VolumeError::Precondition(format!(
-                "revert needs the volume detached: {clients} NBD client(s) are connected; disconnect them first"
+                "revert needs the volume detached: {clients} client(s) use it (NBD connections or opens of its file); detach them first"
             )));
         }
         let _quiet = self.gate.write().await;
@@ -271,6 +271,7 @@ impl Volume {
             }
         }
         self.size.store(size, Ordering::Release);
+        self.resized.send_replace(size);
         Ok(())
     }
 }

@@ -87,9 +87,19 @@ pub struct LoopDev {
 impl LoopDev {
     /// `losetup --find --show FILE` (buffered I/O).
     pub fn attach(file: &Path) -> LoopDev {
+        Self::attach_with(file, "--direct-io=off")
+    }
+
+    /// `losetup --find --show --direct-io=on FILE`, as the driver attaches
+    /// a file served with direct I/O.
+    pub fn attach_direct(file: &Path) -> LoopDev {
+        Self::attach_with(file, "--direct-io=on")
+    }
+
+    fn attach_with(file: &Path, direct_io: &str) -> LoopDev {
         let r = run(
             Command::new("losetup")
-                .args(["--find", "--show", "--direct-io=off"])
+                .args(["--find", "--show", direct_io])
                 .arg(file),
             SHORT,
         )
