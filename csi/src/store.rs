@@ -293,6 +293,10 @@ pub struct Attachment {
     pub engine_address: String,
     /// Path of the engine's NBD Unix socket on that node.
     pub nbd_socket: String,
+    /// The file the engine serves the volume as on that node (for a loop
+    /// device); empty when it serves none (engines started before).
+    #[serde(default)]
+    pub file: String,
     /// Epoch the engine was started with (fences older engines).
     pub epoch: u64,
     /// Published read-only (ControllerPublishVolume's `readonly`).

@@ -124,15 +124,18 @@ fn assert_fully_detached(state_dir: &Path, att: &Attached) {
         att.fuse_dir.display()
     );
     // The bridge exits once unmounted; a zombie (not yet reaped) counts as gone.
-    let stat =
-        std::fs::read_to_string(format!("/proc/{}/stat", att.nbdfuse_pid)).unwrap_or_default();
+    let stat = std::fs::read_to_string(format!(
+        "/proc/{}/stat",
+        att.nbdfuse_pid.expect("a FUSE server pid")
+    ))
+    .unwrap_or_default();
     let state = stat
         .rfind(')')
         .and_then(|i| stat[i + 1..].split_whitespace().next());
     assert!(
         matches!(state, None | Some("Z") | Some("X")) || !stat.contains("zebu-nbd-fuse"),
         "bridge (pid {}) still running: {stat}",
-        att.nbdfuse_pid
+        att.nbdfuse_pid.expect("a FUSE server pid")
     );
     assert!(
         !state_dir.join("attach.json").exists(),
@@ -167,7 +170,7 @@ fn xfs_on_bridge_grows_online_and_data_lands_in_the_export() {
     assert_eq!(a.att.backend, Backend::Bridge);
     assert_eq!(a.att.size_bytes, small);
     assert_eq!(getsize64(a.device()), small);
-    assert_runs_bridge(a.att.nbdfuse_pid);
+    assert_runs_bridge(a.att.nbdfuse_pid.expect("the bridge pid"));
     // Attaching again returns the same, still valid attachment.
     let again = rt()
         .block_on(attach::attach_with(Backend::Bridge, &nbd.uri, &state))
@@ -389,7 +392,7 @@ fn shrink_is_refused_and_nbdfuse_cannot_refresh() {
     assert_eq!(getsize64(a.device()), 96 * MIB);
     // The bridge itself refuses too, and says so in its log.
     nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(a.att.nbdfuse_pid),
+        nix::unistd::Pid::from_raw(a.att.nbdfuse_pid.expect("the bridge pid")),
         nix::sys::signal::Signal::SIGUSR1,
     )
     .expect("SIGUSR1");

@@ -87,15 +87,18 @@ fn assert_fully_detached(state_dir: &Path, att: &Attached) {
         att.fuse_dir.display()
     );
     // nbdfuse exits once unmounted; a zombie (not yet reaped) counts as gone.
-    let stat =
-        std::fs::read_to_string(format!("/proc/{}/stat", att.nbdfuse_pid)).unwrap_or_default();
+    let stat = std::fs::read_to_string(format!(
+        "/proc/{}/stat",
+        att.nbdfuse_pid.expect("a FUSE server pid")
+    ))
+    .unwrap_or_default();
     let state = stat
         .rfind(')')
         .and_then(|i| stat[i + 1..].split_whitespace().next());
     assert!(
         matches!(state, None | Some("Z") | Some("X")) || !stat.contains("nbdfuse"),
         "nbdfuse (pid {}) still running: {stat}",
-        att.nbdfuse_pid
+        att.nbdfuse_pid.expect("a FUSE server pid")
     );
     assert!(
         !state_dir.join("attach.json").exists(),

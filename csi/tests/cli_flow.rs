@@ -102,6 +102,7 @@ fn the_cli_drives_the_whole_volume_life() {
     let mnt = root.join("mnt");
     let mnt_s = mnt.display().to_string();
     z.ok(&["volume", "attach", &v, "--mount", &mnt_s]);
+    assert_served_by_the_engine(&root);
     std::fs::write(mnt.join("hello"), b"from the cli").expect("write");
     nix::unistd::sync();
     let replicas = z.json(&["replica", "list", &v]);
@@ -261,7 +262,7 @@ fn the_cli_drives_the_whole_volume_life() {
     z.ok(&["volume", "detach", &v]);
 
     // Online expansion: xfs grows while mounted and in use (the device
-    // grows in place through the FUSE bridge, then xfs_growfs).
+    // grows in place through the engine's file, then xfs_growfs).
     let x = z.ok(&[
         "volume", "create", "xfs-data", "--size", "320M", "--fstype", "xfs",
     ]);
@@ -315,6 +316,42 @@ fn the_cli_drives_the_whole_volume_life() {
 }
 
 /// Runs `cmd` and requires success.
+/// The attached device reads the file the engine serves itself: the
+/// attachment record under `root` says so, the engine's FUSE mount is
+/// there, and no bridge runs for it.
+fn assert_served_by_the_engine(root: &Path) {
+    let out = Command::new("find")
+        .arg(root)
+        .args(["-name", "attach.json"])
+        .output()
+        .expect("find");
+    let records: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|p| std::fs::read_to_string(p).expect("read attach.json"))
+        .collect();
+    assert_eq!(records.len(), 1, "{records:?}");
+    let rec: serde_json::Value = serde_json::from_str(&records[0]).expect("attach.json");
+    assert_eq!(rec["backend"], "engine", "{rec}");
+    assert!(rec["nbdfuse_pid"].is_null(), "{rec}");
+    let root = root.display().to_string();
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    let engine_mounts = mounts
+        .lines()
+        .filter(|l| l.contains(" - fuse zebu-engine ") && l.contains(&root))
+        .count();
+    // The engine's own mount and its bind at the attachment's state dir.
+    assert_eq!(engine_mounts, 2, "{mounts}");
+    let bridges = Command::new("pgrep")
+        .args(["-f", &format!("zebu-nbd-fuse .*{root}")])
+        .output()
+        .expect("pgrep");
+    assert!(
+        bridges.stdout.is_empty(),
+        "a bridge runs: {}",
+        String::from_utf8_lossy(&bridges.stdout)
+    );
+}
+
 fn must_run(cmd: &mut Command) {
     let out = cmd
         .output()

@@ -663,7 +663,7 @@ fn expand_is_refused_while_published_and_done_by_reattaching_when_not() {
         .unwrap()
         .set_len(192 * MIB)
         .unwrap();
-    // Published: the device grows in place (the FUSE bridge); ext4 then
+    // Published: the device grows in place (the bridge over nbdkit's export); ext4 then
     // grows online where the plugin has CAP_SYS_RESOURCE, and is refused
     // with that reason where it has not (this machine's root).
     let cap_sys_resource = std::fs::read_to_string("/proc/self/status")

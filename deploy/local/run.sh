@@ -74,7 +74,7 @@ vol=$(zebu volume create demo-data --size 1G --replicas 3 --fstype ext4)
 vols+=("$vol")
 run zebu volume get "$vol"
 
-say "attaching it: ControllerPublish (engine starts) → NodeStage (zebu-nbd-fuse + loop, mkfs.ext4, mount) → NodePublish (bind)"
+say "attaching it: ControllerPublish (engine starts) → NodeStage (loop over the engine's file, mkfs.ext4, mount) → NodePublish (bind)"
 run zebu volume attach "$vol" --mount "$work/data"
 for i in 1 2 3; do head -c 4M /dev/urandom >"$work/data/file$i"; done
 echo "written before the snapshot" >"$work/data/note"

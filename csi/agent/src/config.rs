@@ -33,6 +33,15 @@ pub(crate) fn engine_socket(engines_dir: &Path, volume_id: &str) -> PathBuf {
         .join(format!("{volume_id}.sock"))
 }
 
+/// The file `volume_id`'s engine serves the volume as, for a loop device:
+/// `disk` in a directory of its own beside the engine's NBD socket (the
+/// engine mounts FUSE over that directory).
+pub(crate) fn engine_file(socket: &Path) -> PathBuf {
+    let mut dir = socket.as_os_str().to_owned();
+    dir.push(".file");
+    PathBuf::from(dir).join("disk")
+}
+
 /// How the agent is set up.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AgentConfig {

@@ -56,6 +56,14 @@ impl Agent {
         if let Some(parent) = Path::new(&socket).parent() {
             create_dir(parent)?;
         }
+        let file = engine_file(Path::new(&socket));
+        if let Some(dir) = file.parent() {
+            create_dir(dir)?;
+        }
+        let file = file
+            .to_str()
+            .ok_or_else(|| AgentError::Config(format!("{file:?} is not UTF-8")))?
+            .to_owned();
         let key = Key {
             kind: Kind::Engine,
             id: req.volume_id.clone(),
@@ -70,6 +78,7 @@ impl Agent {
             nbd_socket: socket,
             scrub_interval: req.scrub_interval.clone(),
             scrub_rate: req.scrub_rate.clone(),
+            file,
         };
         if let Some(proc) = self.proc(&key) {
             let snap = proc.snapshot();

@@ -74,7 +74,7 @@ mod service;
 mod supervise;
 
 pub use config::{AgentConfig, DEFAULT_MAX_VOLUMES, find_binary};
-use config::{MAX_SOCKET_PATH, engine_socket};
+use config::{MAX_SOCKET_PATH, engine_file, engine_socket};
 pub use error::AgentError;
 pub use service::AgentService;
 
@@ -183,6 +183,23 @@ fn remove_file_quietly(path: &Path) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => warn!(path = %path.display(), error = %e, "cannot remove"),
+    }
+}
+
+/// Removes a stopped engine's file directory. An engine that was killed
+/// leaves its FUSE mount there, dead (every access fails with `ENOTCONN`):
+/// it is detached first. Failures are logged; the next engine of the volume
+/// detaches a dead mount itself.
+fn remove_mount_dir(dir: &Path) {
+    if let Err(nix::errno::Errno::ENOTCONN) = nix::sys::statfs::statfs(dir)
+        && let Err(e) = nix::mount::umount2(dir, nix::mount::MntFlags::MNT_DETACH)
+    {
+        warn!(path = %dir.display(), error = %e, "cannot detach a dead FUSE mount");
+    }
+    match std::fs::remove_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => warn!(path = %dir.display(), error = %e, "cannot remove"),
     }
 }
 
@@ -349,7 +366,14 @@ impl Agent {
                 }
                 remove_file_quietly(&proc.log);
             }
-            Spec::Engine { nbd_socket, .. } => remove_file_quietly(Path::new(nbd_socket)),
+            Spec::Engine {
+                nbd_socket, file, ..
+            } => {
+                remove_file_quietly(Path::new(nbd_socket));
+                if let Some(dir) = Path::new(file).parent().filter(|_| !file.is_empty()) {
+                    remove_mount_dir(dir);
+                }
+            }
         }
         record::remove(&proc.file)
     }

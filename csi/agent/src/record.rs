@@ -87,6 +87,10 @@ pub(crate) enum Spec {
         /// `--scrub-rate`, empty for the engine's default.
         #[serde(default)]
         scrub_rate: String,
+        /// `--file`: the engine serves the volume as this file too (on a
+        /// FUSE mount over its directory); empty in records from before.
+        #[serde(default)]
+        file: String,
     },
 }
 
@@ -146,6 +150,7 @@ impl Spec {
                 nbd_socket,
                 scrub_interval,
                 scrub_rate,
+                file,
             } => {
                 let mut a = vec![
                     "--volume".into(),
@@ -165,6 +170,7 @@ impl Spec {
                     ("--io-timeout", io_timeout),
                     ("--scrub-interval", scrub_interval),
                     ("--scrub-rate", scrub_rate),
+                    ("--file", file),
                 ] {
                     if !v.is_empty() {
                         a.push(flag.into());
@@ -422,10 +428,12 @@ impl Proc {
                 size_bytes,
                 replica_addresses,
                 nbd_socket,
+                file,
                 ..
             } => Some(pb::EngineProcess {
                 volume_id: volume_id.clone(),
                 nbd_socket: nbd_socket.clone(),
+                file: file.clone(),
                 control_address: if s.running {
                     s.rec.address.clone()
                 } else {
@@ -513,6 +521,7 @@ mod tests {
             nbd_socket: "/s/v.sock".into(),
             scrub_interval: "7d".into(),
             scrub_rate: String::new(),
+            file: "/s/v.file/disk".into(),
         };
         assert_eq!(
             spec.args("127.0.0.1"),
@@ -532,7 +541,9 @@ mod tests {
                 "--io-timeout",
                 "3s",
                 "--scrub-interval",
-                "7d"
+                "7d",
+                "--file",
+                "/s/v.file/disk"
             ]
         );
     }

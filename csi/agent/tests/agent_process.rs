@@ -447,7 +447,7 @@ async fn engines_serve_and_processes_survive_an_agent_restart() {
             .find(|e| e.running && e.pid != eng.pid)
     })
     .await;
-    assert_eq!(eng2.restarts, 1);
+    assert_eq!(eng2.restarts, 1, "{eng2:?}");
     assert!(eng2.epoch > eng.epoch, "{eng2:?}");
     assert_eq!(eng2.replica_addresses, addrs);
     assert_eq!(nbd_size(&eng2.nbd_socket).await, 64 * MIB);

@@ -9,6 +9,9 @@ pub const DRIVER_NAME: &str = "zebu.csi.dev";
 pub const PUBLISH_NBD_URI: &str = "zebu.csi.dev/nbd-uri";
 /// `publish_context` key: `host:port` of the engine's control API.
 pub const PUBLISH_ENGINE: &str = "zebu.csi.dev/engine";
+/// `publish_context` key: the file the engine serves the volume as on the
+/// node (on a FUSE mount of its own), for the node's loop device.
+pub const PUBLISH_FILE: &str = "zebu.csi.dev/file";
 
 /// `volume_context` key: filesystem type the volume was created for (the
 /// node formats with it when the capability names none).

@@ -165,9 +165,98 @@ pub(super) async fn start_server(
         device: PathBuf::new(),
         fuse_dir: layout.fuse_dir.clone(),
         backing_file: layout.backing.clone(),
-        nbdfuse_pid: pid,
+        nbdfuse_pid: Some(pid),
         size_bytes: expected,
         backend,
+    })
+}
+
+/// [`Backend::Engine`]: bind-mounts the directory of the engine's file
+/// (`file`, named like `STATE_DIR/fuse/disk`) onto `STATE_DIR/fuse` and
+/// waits until the file shows the export's size. Records the attachment
+/// before the mount, so a failure is cleaned up. Returns an [`Attached`]
+/// without a device yet.
+pub(super) async fn bind_engine_file(
+    layout: &Layout,
+    file: &Path,
+    nbd_uri: &str,
+    expected: u64,
+    ctx: &str,
+) -> Result<Attached> {
+    if file.file_name() != layout.backing.file_name() {
+        return Err(precondition(
+            ctx,
+            format!(
+                "the engine's file {} is not named {:?}",
+                file.display(),
+                layout.backing.file_name().unwrap_or_default()
+            ),
+        ));
+    }
+    let dir = file
+        .parent()
+        .filter(|d| d.is_absolute())
+        .ok_or_else(|| precondition(ctx, format!("{}: not an absolute path", file.display())))?
+        .to_owned();
+    let rec = StateRecord {
+        version: STATE_VERSION,
+        nbd_uri: nbd_uri.to_owned(),
+        fuse_dir: layout.fuse_dir.clone(),
+        backing_file: layout.backing.clone(),
+        nbdfuse_pid: None,
+        device: None,
+        size_bytes: expected,
+        backend: Backend::Engine,
+    };
+    write_state(layout, &rec, ctx)?;
+    let (from, to) = (dir.clone(), layout.fuse_dir.clone());
+    let c = format!("{ctx}: bind-mounting {} at {}", dir.display(), to.display());
+    blocking(ctx, move || {
+        nix::mount::mount(
+            Some(&from),
+            &to,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(sys_err(&c))
+    })
+    .await?;
+    // The engine answers at once: its file exists as soon as it is ready.
+    let shown =
+        match tokio::time::timeout(COMMAND_TIMEOUT, tokio::fs::metadata(&layout.backing)).await {
+            Ok(Ok(m)) => m.len(),
+            Ok(Err(e)) => {
+                return Err(precondition(
+                    ctx,
+                    format!("the engine's file {}: {e}", file.display()),
+                ));
+            }
+            Err(_) => {
+                return Err(AttachError::NotReady {
+                    context: ctx.to_owned(),
+                    what: format!("the engine to answer for {}", file.display()),
+                    timeout: COMMAND_TIMEOUT,
+                });
+            }
+        };
+    if shown < expected {
+        return Err(precondition(
+            ctx,
+            format!(
+                "the engine's file {} shows {shown} bytes, its export {expected}",
+                file.display()
+            ),
+        ));
+    }
+    Ok(Attached {
+        nbd_uri: nbd_uri.to_owned(),
+        device: PathBuf::new(),
+        fuse_dir: layout.fuse_dir.clone(),
+        backing_file: layout.backing.clone(),
+        nbdfuse_pid: None,
+        size_bytes: shown,
+        backend: Backend::Engine,
     })
 }
 

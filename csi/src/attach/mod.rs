@@ -6,20 +6,31 @@
 //! # How a volume becomes a block device
 //!
 //! `zebu-engine` exports a volume as NBD on a unix socket
-//! (`nbd+unix:///NAME?socket=PATH`). Kernels without the `nbd` driver (the
-//! usual case in managed/containerised nodes) cannot attach it directly, so
-//! [`attach`] starts Zebu's FUSE bridge `zebu-nbd-fuse` ([`Backend::Bridge`],
-//! crate [`zebu_nbd_fuse`]) to expose the export as a regular file on a private
-//! FUSE mount, and a loop device over that file:
+//! (`nbd+unix:///NAME?socket=PATH`), and, started by the agent, also serves
+//! it as a regular file on a FUSE mount of its own (`zebu-engine --file`).
+//! Kernels without the `nbd` driver (the usual case in managed or
+//! containerised nodes) cannot attach NBD directly, so [`attach`] puts a loop
+//! device over that file ([`Backend::Engine`]), bind-mounting its directory
+//! at `STATE_DIR/fuse` so every backend has the same layout:
+//!
+//! ```text
+//! filesystem ─ /dev/loopN ─ STATE_DIR/fuse/disk (bind of the engine's FUSE mount) ─ zebu-engine
+//! ```
+//!
+//! No process and no socket sit between the kernel and the engine. When the
+//! engine serves no file (`publish_context` names none), [`attach`] starts
+//! Zebu's FUSE bridge `zebu-nbd-fuse` ([`Backend::Bridge`], crate
+//! [`zebu_nbd_fuse`]), which serves the NBD export as the same file:
 //!
 //! ```text
 //! filesystem ─ /dev/loopN ─ STATE_DIR/fuse/disk (FUSE) ─ zebu-nbd-fuse ─ NBD socket ─ zebu-engine
 //! ```
 //!
-//! The bridge can grow the file while it is in use: [`refresh_size`] then
-//! grows the loop device online. libnbd's `nbdfuse` ([`Backend::Nbdfuse`],
-//! through [`attach_with`]) serves the same layout without online growth;
-//! [`detach`] does not care which one runs.
+//! Both grow the file while it is in use (the engine by itself, the bridge
+//! on `SIGUSR1`): [`refresh_size`] then grows the loop device online.
+//! libnbd's `nbdfuse` ([`Backend::Nbdfuse`], through [`attach_with`]) serves
+//! the same layout without online growth; [`detach`] does not care which one
+//! runs.
 //!
 //! The code is split by concern: `state` (the state record and layout),
 //! `teardown` (detach), `refresh` (online growth of the device), `fuse`
@@ -35,7 +46,7 @@
 //! | path                  | what                                         |
 //! |-----------------------|----------------------------------------------|
 //! | `attach.json`         | [`Attached`] record                          |
-//! | `fuse/`               | FUSE mount point (mode 0700)                 |
+//! | `fuse/`               | FUSE mount point (mode 0700), or the bind of the engine's |
 //! | `fuse/disk`           | the export as a file (backing the loop)      |
 //! | `nbdfuse.pid`         | written by the FUSE server once it serves    |
 //! | `nbdfuse.log`         | the FUSE server's stdout/stderr              |
@@ -45,9 +56,12 @@
 //!
 //! # Limits (read before relying on this)
 //!
-//! * **Online expansion needs [`Backend::Bridge`]** (what [`attach`] uses):
+//! * **Online expansion needs [`Backend::Engine`] or [`Backend::Bridge`]** (what [`attach`] uses):
 //!   nbdfuse asks the server for the export size once, when it connects, so
 //!   with it a grown export becomes visible only after unstage + stage.
+//! * The engine's file lives as long as the engine: an engine that dies
+//!   leaves a dead mount, and the volume's I/O fails until it is re-staged
+//!   (a re-stage finds the attachment broken and attaches afresh).
 //! * The FUSE server process (nbdfuse or zebu-nbd-fuse) must outlive the node plugin process. It is started
 //!   in its own process group, so a plugin crash or restart (same container)
 //!   does not kill it; a container restart that kills every process in the
@@ -294,6 +308,11 @@ pub enum Backend {
     /// needs only FUSE and loop support (no libnbd), and grows online
     /// ([`refresh_size`]).
     Bridge,
+    /// The file the engine itself serves the volume as (on a FUSE mount of
+    /// its own, `zebu-engine --file`), bind-mounted at `STATE_DIR/fuse`, +
+    /// loop device: no process or socket between the kernel and the engine.
+    /// Grows online (the engine shows its new size itself).
+    Engine,
     /// The kernel `nbd` driver via `nbd-client`. Not supported yet.
     KernelNbd,
 }
@@ -324,8 +343,9 @@ pub struct Attached {
     pub fuse_dir: PathBuf,
     /// The file nbdfuse serves and the loop device reads (`STATE_DIR/fuse/disk`).
     pub backing_file: PathBuf,
-    /// The FUSE server's process id (nbdfuse or zebu-nbd-fuse).
-    pub nbdfuse_pid: i32,
+    /// The FUSE server's process id (nbdfuse or zebu-nbd-fuse); `None` with
+    /// [`Backend::Engine`] (the engine serves the file).
+    pub nbdfuse_pid: Option<i32>,
     /// Device size in bytes (the export size when the FUSE server connected,
     /// or at the last [`refresh_size`]).
     pub size_bytes: u64,
@@ -333,11 +353,20 @@ pub struct Attached {
     pub backend: Backend,
 }
 
-/// Attaches `nbd_uri` with [`Backend::Bridge`] (Zebu's own FUSE bridge:
-/// faster than nbdfuse here and able to grow while mounted); see
-/// [`attach_with`].
-pub async fn attach(nbd_uri: &str, state_dir: &Path) -> Result<Attached> {
-    attach_with(Backend::Bridge, nbd_uri, state_dir).await
+/// Attaches the volume the engine exports as `nbd_uri`: with
+/// [`Backend::Engine`] when the engine serves it as `engine_file` (what
+/// `ControllerPublishVolume` says), else with [`Backend::Bridge`] (Zebu's
+/// own FUSE bridge: faster than nbdfuse here and able to grow while
+/// mounted); see [`attach_with`].
+pub async fn attach(
+    nbd_uri: &str,
+    engine_file: Option<&Path>,
+    state_dir: &Path,
+) -> Result<Attached> {
+    match engine_file {
+        Some(file) => attach_from(Backend::Engine, nbd_uri, Some(file), state_dir).await,
+        None => attach_with(Backend::Bridge, nbd_uri, state_dir).await,
+    }
 }
 
 /// Makes the NBD export `nbd_uri` available as a block device.
@@ -360,12 +389,29 @@ pub async fn attach(nbd_uri: &str, state_dir: &Path) -> Result<Attached> {
 /// export's size, then `losetup --find --show --direct-io=off fuse/disk`
 /// (`--direct-io=on` for the bridge, which serves the file with direct I/O).
 /// On failure everything already created is torn down again.
+///
+/// [`Backend::Engine`] needs the engine's file: use [`attach`].
 pub async fn attach_with(backend: Backend, nbd_uri: &str, state_dir: &Path) -> Result<Attached> {
+    attach_from(backend, nbd_uri, None, state_dir).await
+}
+
+async fn attach_from(
+    backend: Backend,
+    nbd_uri: &str,
+    engine_file: Option<&Path>,
+    state_dir: &Path,
+) -> Result<Attached> {
     let ctx = format!("attaching {nbd_uri} (state dir {})", state_dir.display());
-    let program = match backend {
-        Backend::KernelNbd => return Err(AttachError::KernelNbdNotSupported { context: ctx }),
-        Backend::Nbdfuse => PathBuf::from("nbdfuse"),
-        Backend::Bridge => bridge_binary(&ctx)?,
+    let program = match (backend, engine_file) {
+        (Backend::KernelNbd, _) => {
+            return Err(AttachError::KernelNbdNotSupported { context: ctx });
+        }
+        (Backend::Nbdfuse, _) => PathBuf::from("nbdfuse"),
+        (Backend::Bridge, _) => bridge_binary(&ctx)?,
+        (Backend::Engine, Some(file)) => file.to_owned(),
+        (Backend::Engine, None) => {
+            return Err(precondition(&ctx, "the engine serves no file to attach"));
+        }
     };
     if !nbd_uri.starts_with("nbd") || !nbd_uri.contains("://") {
         return Err(precondition(
@@ -405,7 +451,7 @@ pub async fn attach_with(backend: Backend, nbd_uri: &str, state_dir: &Path) -> R
     cleanup(&layout, &ctx).await?;
 
     let expected = match backend {
-        Backend::Bridge => bridge_export_size(nbd_uri, &ctx).await?,
+        Backend::Bridge | Backend::Engine => bridge_export_size(nbd_uri, &ctx).await?,
         _ => export_size(nbd_uri).await?,
     };
     std::fs::DirBuilder::new()
@@ -420,7 +466,11 @@ pub async fn attach_with(backend: Backend, nbd_uri: &str, state_dir: &Path) -> R
         })
         .map_err(io_err(&ctx))?;
 
-    let mut att = match start_server(&layout, backend, &program, nbd_uri, expected, &ctx).await {
+    let started = match backend {
+        Backend::Engine => bind_engine_file(&layout, &program, nbd_uri, expected, &ctx).await,
+        _ => start_server(&layout, backend, &program, nbd_uri, expected, &ctx).await,
+    };
+    let mut att = match started {
         Ok(att) => att,
         Err(e) => {
             if let Err(ce) = cleanup(&layout, &ctx).await {
@@ -429,7 +479,8 @@ pub async fn attach_with(backend: Backend, nbd_uri: &str, state_dir: &Path) -> R
             return Err(e);
         }
     };
-    match losetup(&layout.backing, backend == Backend::Bridge, &ctx).await {
+    let direct_io = matches!(backend, Backend::Bridge | Backend::Engine);
+    match losetup(&layout.backing, direct_io, &ctx).await {
         Ok(device) => att.device = device,
         Err(e) => {
             if let Err(ce) = cleanup(&layout, &ctx).await {
@@ -443,7 +494,7 @@ pub async fn attach_with(backend: Backend, nbd_uri: &str, state_dir: &Path) -> R
         nbd_uri: att.nbd_uri.clone(),
         fuse_dir: att.fuse_dir.clone(),
         backing_file: att.backing_file.clone(),
-        nbdfuse_pid: Some(att.nbdfuse_pid),
+        nbdfuse_pid: att.nbdfuse_pid,
         device: Some(att.device.clone()),
         size_bytes: att.size_bytes,
         backend,

@@ -1,11 +1,15 @@
 //! Refreshing an attached device's size after the export grew: the
-//! bridge is told to reconnect (`SIGUSR1`) and the loop device re-reads
-//! the file ([`refresh_size`]).
+//! bridge is told to reconnect (`SIGUSR1`; the engine's own file shows the
+//! new size by itself) and the loop device re-reads the file
+//! ([`refresh_size`]).
 
 use super::*;
 
 /// Makes an attached device show the export's current size (after the
 /// engine grew the volume) and returns the device size in bytes.
+///
+/// [`Backend::Engine`]: as below, without the signal (the engine drops the
+/// kernel's cached size of its file when it grows).
 ///
 /// [`Backend::Bridge`]: asks the export's size over a new NBD connection,
 /// sends `SIGUSR1` to `zebu-nbd-fuse` (which reconnects and serves the new
@@ -48,7 +52,7 @@ pub async fn refresh_size(state_dir: &Path) -> Result<u64> {
             }
             return Ok(device_size);
         }
-        Backend::Bridge => {}
+        Backend::Bridge | Backend::Engine => {}
     }
     if export < rec.size_bytes {
         return Err(precondition(
@@ -60,16 +64,15 @@ pub async fn refresh_size(state_dir: &Path) -> Result<u64> {
             ),
         ));
     }
-    match kill(Pid::from_raw(att.nbdfuse_pid), Signal::SIGUSR1) {
-        Ok(()) => {}
-        Err(e) => {
-            return Err(sys_err(&format!(
-                "{ctx}: signalling {BRIDGE_BINARY} (pid {})",
-                att.nbdfuse_pid
-            ))(e));
-        }
+    // The engine shows its new size by itself; the bridge reconnects to see it.
+    if let Some(pid) = att.nbdfuse_pid.filter(|_| rec.backend == Backend::Bridge)
+        && let Err(e) = kill(Pid::from_raw(pid), Signal::SIGUSR1)
+    {
+        return Err(sys_err(&format!(
+            "{ctx}: signalling {BRIDGE_BINARY} (pid {pid})"
+        ))(e));
     }
-    // Each stat goes to the bridge once its cached attributes are
+    // Each stat goes to the FUSE server once its cached attributes are
     // invalidated (right after it switched) or expired (1 s).
     let deadline = Instant::now() + READY_TIMEOUT;
     let mut delay = Duration::from_millis(5);

@@ -94,10 +94,17 @@ pub(super) async fn check_attached(layout: &Layout, rec: &StateRecord) -> Result
             layout.backing.display()
         ));
     }
-    let pid = rec.nbdfuse_pid.ok_or("no nbdfuse pid recorded")?;
-    if !is_our_server(pid, &layout.backing) {
-        return Err(format!("the FUSE server (pid {pid}) is gone"));
-    }
+    // The engine serves its file itself: no server of ours to check.
+    let pid = match rec.backend {
+        Backend::Engine => None,
+        _ => {
+            let pid = rec.nbdfuse_pid.ok_or("no nbdfuse pid recorded")?;
+            if !is_our_server(pid, &layout.backing) {
+                return Err(format!("the FUSE server (pid {pid}) is gone"));
+            }
+            Some(pid)
+        }
+    };
     let mounts = read_mountinfo().map_err(|e| e.to_string())?;
     if !mounts
         .iter()

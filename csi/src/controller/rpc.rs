@@ -304,13 +304,17 @@ impl CsiController for Controller {
             )));
         }
         let context = |a: &Attachment| {
-            HashMap::from([
+            let mut c = HashMap::from([
                 (
                     PUBLISH_NBD_URI.to_owned(),
                     format!("nbd+unix:///?socket={}", a.nbd_socket),
                 ),
                 (PUBLISH_ENGINE.to_owned(), a.engine_address.clone()),
-            ])
+            ]);
+            if !a.file.is_empty() {
+                c.insert(PUBLISH_FILE.to_owned(), a.file.clone());
+            }
+            c
         };
         if let Some(a) = &v.attachment {
             if a.node == r.node_id && a.readonly != r.readonly {
@@ -355,6 +359,7 @@ impl CsiController for Controller {
             node: r.node_id.clone(),
             engine_address: e.control_address,
             nbd_socket: e.nbd_socket,
+            file: e.file,
             epoch: e.epoch,
             readonly: r.readonly,
         };

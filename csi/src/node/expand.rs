@@ -154,7 +154,7 @@ impl NodeService {
         let id = rec.volume_id.clone();
         let device = if reattach {
             attach::detach(dir).await.map_err(attach_status)?;
-            let att = attach::attach(&rec.nbd_uri, dir)
+            let att = attach::attach(&rec.nbd_uri, rec.engine_file.as_deref(), dir)
                 .await
                 .map_err(attach_status)?;
             rec.device = Some(att.device.clone());

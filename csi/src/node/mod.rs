@@ -7,11 +7,13 @@
 //!
 //! ControllerPublishVolume starts the volume's engine on this node and
 //! returns a `publish_context` naming its NBD socket
-//! ([`PUBLISH_NBD_URI`](zebu_common::context::PUBLISH_NBD_URI)) and its control
-//! address ([`PUBLISH_ENGINE`](zebu_common::context::PUBLISH_ENGINE)). Then:
+//! ([`PUBLISH_NBD_URI`](zebu_common::context::PUBLISH_NBD_URI)), its control
+//! address ([`PUBLISH_ENGINE`](zebu_common::context::PUBLISH_ENGINE)) and the
+//! file it serves the volume as ([`PUBLISH_FILE`](zebu_common::context::PUBLISH_FILE)). Then:
 //!
-//! * **NodeStageVolume** attaches the export as a block device
-//!   ([`attach::attach`]: the FUSE bridge + loop). Mount access: makes the
+//! * **NodeStageVolume** attaches the volume as a block device
+//!   ([`attach::attach`]: a loop device over the engine's file; the FUSE
+//!   bridge when the engine serves none). Mount access: makes the
 //!   filesystem if the device is blank (never reformats) and mounts it at
 //!   the staging path. Block access: nothing more.
 //! * **NodePublishVolume** bind-mounts the staging mount onto the target
@@ -25,7 +27,7 @@
 //!
 //! Each staged volume has a directory `STATE_DIR/node/<volume id>/` holding
 //! the node record (`volume.json`: staging path, access type, filesystem,
-//! NBD URI, engine address, device, publish targets) and the attach state.
+//! NBD URI, engine address and file, device, publish targets) and the attach state.
 //! Nothing is kept only in memory, so a restarted plugin carries on.
 //!
 //! # Invariants
@@ -80,7 +82,7 @@ use zebu_proto::csi::volume_capability::{AccessType, MountVolume};
 
 use crate::attach::{self, AttachError, VolumeStats};
 use record::{Access, RecordError, Records, Target, VolumeRecord};
-use zebu_common::context::{PUBLISH_ENGINE, PUBLISH_NBD_URI};
+use zebu_common::context::{PUBLISH_ENGINE, PUBLISH_FILE, PUBLISH_NBD_URI};
 
 /// How long NodeGetVolumeStats waits for the engine's `Status`.
 pub const ENGINE_STATUS_TIMEOUT: Duration = Duration::from_secs(5);
@@ -238,6 +240,20 @@ fn nbd_uri(
         )));
     }
     Ok(uri.to_owned())
+}
+
+/// The engine's file from `publish_context`, if it names one: an absolute
+/// path.
+fn engine_file(
+    ctx: &std::collections::HashMap<String, String>,
+) -> Result<Option<std::path::PathBuf>, Status> {
+    match ctx.get(PUBLISH_FILE).map(String::as_str) {
+        None | Some("") => Ok(None),
+        Some(f) if f.starts_with('/') => Ok(Some(f.into())),
+        Some(f) => Err(Status::invalid_argument(format!(
+            "publish_context {PUBLISH_FILE} = {f:?} is not an absolute path"
+        ))),
+    }
 }
 
 fn engine_addr(ctx: &std::collections::HashMap<String, String>) -> Result<Option<String>, Status> {

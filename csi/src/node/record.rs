@@ -77,6 +77,10 @@ pub struct VolumeRecord {
     pub nbd_uri: String,
     /// The engine's control address (`host:port`), if the controller gave one.
     pub engine: Option<String>,
+    /// The file the engine serves the volume as, if the controller named
+    /// one (the device is then a loop device over it, no bridge).
+    #[serde(default)]
+    pub engine_file: Option<PathBuf>,
     /// The block device, once attached.
     pub device: Option<PathBuf>,
     /// Publish targets.
@@ -92,6 +96,7 @@ impl VolumeRecord {
         read_only: bool,
         nbd_uri: &str,
         engine: Option<String>,
+        engine_file: Option<PathBuf>,
     ) -> VolumeRecord {
         VolumeRecord {
             version: RECORD_VERSION,
@@ -101,6 +106,7 @@ impl VolumeRecord {
             read_only,
             nbd_uri: nbd_uri.to_owned(),
             engine,
+            engine_file,
             device: None,
             targets: BTreeMap::new(),
         }
@@ -265,6 +271,7 @@ mod tests {
             false,
             "nbd+unix:///?socket=/s",
             Some("127.0.0.1:1".into()),
+            Some("/e/v.sock.file/disk".into()),
         );
         rec.targets.insert("/t1".into(), Target { read_only: true });
         records.store(&rec).unwrap();
@@ -280,7 +287,15 @@ mod tests {
     fn a_record_of_another_volume_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let records = Records::new(dir.path());
-        let rec = VolumeRecord::new("a", Path::new("/s"), Access::Block, false, "nbd://x", None);
+        let rec = VolumeRecord::new(
+            "a",
+            Path::new("/s"),
+            Access::Block,
+            false,
+            "nbd://x",
+            None,
+            None,
+        );
         records.store(&rec).unwrap();
         std::fs::rename(dir.path().join("node/a"), dir.path().join("node/b")).unwrap();
         assert!(records.load("b").is_err());

@@ -28,6 +28,7 @@ impl NodeService {
         }
         let uri = nbd_uri(&req.publish_context, id)?;
         let engine = engine_addr(&req.publish_context)?;
+        let engine_file = engine_file(&req.publish_context)?;
         let _op = self.ops.begin(id)?;
 
         let (mut rec, fresh) = match self.load(id)? {
@@ -58,14 +59,23 @@ impl NodeService {
                     )));
                 }
                 let mut rec = rec;
-                if rec.engine != engine {
+                if rec.engine != engine || rec.engine_file != engine_file {
                     rec.engine = engine;
+                    rec.engine_file = engine_file;
                     self.store(&rec)?;
                 }
                 (rec, false)
             }
             None => {
-                let rec = VolumeRecord::new(id, &staging, cap.access, cap.read_only, &uri, engine);
+                let rec = VolumeRecord::new(
+                    id,
+                    &staging,
+                    cap.access,
+                    cap.read_only,
+                    &uri,
+                    engine,
+                    engine_file,
+                );
                 self.store(&rec)?;
                 (rec, true)
             }
@@ -88,7 +98,7 @@ impl NodeService {
     /// Idempotent: every step checks what is already there.
     pub(super) async fn do_stage(&self, rec: &mut VolumeRecord) -> Result<(), Status> {
         let dir = self.dir(&rec.volume_id)?;
-        let att = attach::attach(&rec.nbd_uri, &dir)
+        let att = attach::attach(&rec.nbd_uri, rec.engine_file.as_deref(), &dir)
             .await
             .map_err(attach_status)?;
         if rec.device.as_ref() != Some(&att.device) {

@@ -169,6 +169,10 @@ pub struct AttachmentSpec {
     pub engine_address: String,
     /// The engine's NBD Unix socket on that node.
     pub nbd_socket: String,
+    /// The file the engine serves the volume as on that node, for a loop
+    /// device; empty when it serves none.
+    #[serde(default)]
+    pub file: String,
     /// The engine's epoch (fences older engines).
     pub epoch: u64,
     /// Published read-only.
@@ -398,6 +402,7 @@ impl From<&VolumeRecord> for ZebuVolumeSpec {
                 node: a.node.clone(),
                 engine_address: a.engine_address.clone(),
                 nbd_socket: a.nbd_socket.clone(),
+                file: a.file.clone(),
                 epoch: a.epoch,
                 readonly: a.readonly,
             }),
@@ -469,6 +474,7 @@ impl ZebuVolumeSpec {
                 node: a.node.clone(),
                 engine_address: a.engine_address.clone(),
                 nbd_socket: a.nbd_socket.clone(),
+                file: a.file.clone(),
                 epoch: a.epoch,
                 readonly: a.readonly,
             }),
@@ -654,6 +660,7 @@ mod tests {
                 node: "node-a".into(),
                 engine_address: "127.0.0.1:2".into(),
                 nbd_socket: "/run/e.sock".into(),
+                file: String::new(),
                 epoch: 4,
                 readonly: false,
             }),

@@ -61,6 +61,7 @@ pub fn volume(id: &str, name: &str) -> VolumeRecord {
             node: "node-b".to_owned(),
             engine_address: "127.0.0.12:7100".to_owned(),
             nbd_socket: "/run/zebu/vol.sock".to_owned(),
+            file: "/run/zebu/vol.sock.file/disk".to_owned(),
             epoch: 7,
             readonly: false,
         }),
