@@ -10,9 +10,13 @@
 //!
 //! * The FUSE session thread never waits for I/O: it checks a request
 //!   (`zebu_fuse_file` does), copies a write's payload once into a
-//!   [`Bytes`], hands the request to the engine's runtime as a task and
-//!   reads the next one; the task replies to the kernel when the device
-//!   answers.
+//!   [`Bytes`], queues it for the engine's runtime and reads the next one.
+//!   One task on the runtime drains the queue and drives every queued
+//!   request's device future (as an NBD connection's task does), replying
+//!   to the kernel when the device answers. The queue wakes that task only
+//!   when it waits, so requests the kernel sends together reach the device
+//!   together (one wake-up, one batch per replica link), not one task and
+//!   one wake-up each.
 //! * An open of the file counts as a client of the device (as an NBD
 //!   connection does) until it is released, so a revert is refused while a
 //!   loop device holds the file.
@@ -26,8 +30,9 @@ use std::path::Path;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures::stream::{FuturesUnordered, StreamExt};
 use tokio::runtime::Handle;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tracing::warn;
 use zebu_fuse_file::{Errno, FileError, ReplyData, ReplyEmpty, ReplyWrite};
 
@@ -37,9 +42,121 @@ use super::{BlockDevice, DeviceError};
 /// any block size, below `u32::MAX`).
 const MAX_ZEROES: u64 = 1 << 30;
 
+/// A request on its way from the session thread to the runtime.
+enum Op {
+    Read {
+        offset: u64,
+        len: u32,
+        reply: ReplyData,
+    },
+    Write {
+        offset: u64,
+        data: Bytes,
+        reply: ReplyWrite,
+    },
+    Flush {
+        reply: ReplyEmpty,
+    },
+    Zeroes {
+        offset: u64,
+        len: u64,
+        reply: ReplyEmpty,
+    },
+}
+
 struct DeviceFile<D> {
     device: Arc<D>,
-    rt: Handle,
+    queue: mpsc::UnboundedSender<Op>,
+}
+
+impl<D> DeviceFile<D> {
+    fn queue(&self, op: Op) {
+        // The runtime is gone only while the engine exits.
+        if let Err(mpsc::error::SendError(op)) = self.queue.send(op) {
+            match op {
+                Op::Read { reply, .. } => reply.error(Errno::ESHUTDOWN),
+                Op::Write { reply, .. } => reply.error(Errno::ESHUTDOWN),
+                Op::Flush { reply } | Op::Zeroes { reply, .. } => reply.error(Errno::ESHUTDOWN),
+            }
+        }
+    }
+}
+
+/// Drives every queued request on `device` until the session ends (its
+/// sender dropped) and the last request is answered.
+async fn serve<D: BlockDevice>(device: Arc<D>, mut queue: mpsc::UnboundedReceiver<Op>) {
+    let mut running = FuturesUnordered::new();
+    let mut arrived = Vec::with_capacity(64);
+    loop {
+        tokio::select! {
+            biased;
+            n = queue.recv_many(&mut arrived, 256) => {
+                if n == 0 {
+                    break;
+                }
+                running.extend(arrived.drain(..).map(|op| execute(device.as_ref(), op)));
+            }
+            Some(()) = running.next(), if !running.is_empty() => {}
+        }
+    }
+    while running.next().await.is_some() {}
+}
+
+async fn execute<D: BlockDevice>(device: &D, op: Op) {
+    match op {
+        Op::Read { offset, len, reply } => match device.read(offset, len).await {
+            Ok(data) if data.len() == len as usize => reply.data(&data),
+            Ok(data) => {
+                warn!(
+                    offset,
+                    len,
+                    got = data.len(),
+                    "read: short buffer from the device"
+                );
+                reply.error(Errno::EIO);
+            }
+            Err(e) => {
+                warn!(offset, len, "read: {e}");
+                reply.error(errno(&e, false));
+            }
+        },
+        Op::Write {
+            offset,
+            data,
+            reply,
+        } => {
+            let len = data.len();
+            match device.write(offset, data, false).await {
+                // `zebu_fuse_file` passes only writes whose length fits a u32.
+                Ok(()) => reply.written(len as u32),
+                Err(e) => {
+                    warn!(offset, len, "write: {e}");
+                    reply.error(errno(&e, true));
+                }
+            }
+        }
+        Op::Flush { reply } => match device.flush().await {
+            Ok(()) => reply.ok(),
+            Err(e) => {
+                warn!("flush: {e}");
+                reply.error(errno(&e, true));
+            }
+        },
+        Op::Zeroes { offset, len, reply } => {
+            let end = offset + len;
+            let mut at = offset;
+            while at < end {
+                let n = MAX_ZEROES.min(end - at);
+                if let Err(e) = device.write_zeroes(at, n as u32, false).await {
+                    warn!(offset = at, len = n, "zeroing: {e}");
+                    reply.error(errno(&e, true));
+                    return;
+                }
+                at += n;
+            }
+            reply.ok();
+        }
+    }
 }
 
 fn errno(e: &DeviceError, writing: bool) -> Errno {
@@ -66,77 +183,28 @@ impl<D: BlockDevice> zebu_fuse_file::Backend for DeviceFile<D> {
 
     fn read(&self, offset: u64, len: u64, reply: ReplyData) {
         // The kernel asks for at most `max_read` (a u32) bytes at once.
-        let Ok(len) = u32::try_from(len) else {
-            reply.error(Errno::EINVAL);
-            return;
-        };
-        let device = Arc::clone(&self.device);
-        self.rt.spawn(async move {
-            match device.read(offset, len).await {
-                Ok(data) if data.len() == len as usize => reply.data(&data),
-                Ok(data) => {
-                    warn!(
-                        offset,
-                        len,
-                        got = data.len(),
-                        "read: short buffer from the device"
-                    );
-                    reply.error(Errno::EIO);
-                }
-                Err(e) => {
-                    warn!(offset, len, "read: {e}");
-                    reply.error(errno(&e, false));
-                }
-            }
-        });
+        match u32::try_from(len) {
+            Ok(len) => self.queue(Op::Read { offset, len, reply }),
+            Err(_) => reply.error(Errno::EINVAL),
+        }
     }
 
     fn write(&self, offset: u64, data: &[u8], reply: ReplyWrite) {
         // The session's buffer is reused for the next request: copy it once.
         let data = Bytes::copy_from_slice(data);
-        let device = Arc::clone(&self.device);
-        self.rt.spawn(async move {
-            let len = data.len();
-            match device.write(offset, data, false).await {
-                // `zebu_fuse_file` passes only writes whose length fits a u32.
-                Ok(()) => reply.written(len as u32),
-                Err(e) => {
-                    warn!(offset, len, "write: {e}");
-                    reply.error(errno(&e, true));
-                }
-            }
+        self.queue(Op::Write {
+            offset,
+            data,
+            reply,
         });
     }
 
     fn flush(&self, reply: ReplyEmpty) {
-        let device = Arc::clone(&self.device);
-        self.rt.spawn(async move {
-            match device.flush().await {
-                Ok(()) => reply.ok(),
-                Err(e) => {
-                    warn!("flush: {e}");
-                    reply.error(errno(&e, true));
-                }
-            }
-        });
+        self.queue(Op::Flush { reply });
     }
 
     fn write_zeroes(&self, offset: u64, len: u64, reply: ReplyEmpty) {
-        let device = Arc::clone(&self.device);
-        self.rt.spawn(async move {
-            let end = offset + len;
-            let mut at = offset;
-            while at < end {
-                let n = MAX_ZEROES.min(end - at);
-                if let Err(e) = device.write_zeroes(at, n as u32, false).await {
-                    warn!(offset = at, len = n, "zeroing: {e}");
-                    reply.error(errno(&e, true));
-                    return;
-                }
-                at += n;
-            }
-            reply.ok();
-        });
+        self.queue(Op::Zeroes { offset, len, reply });
     }
 
     fn opened(&self) {
@@ -164,9 +232,10 @@ impl FileFrontend {
         rt: Handle,
         mut sizes: watch::Receiver<u64>,
     ) -> Result<FileFrontend, FileError> {
+        let (queue, requests) = mpsc::unbounded_channel();
         let backend = Arc::new(DeviceFile {
-            device,
-            rt: rt.clone(),
+            device: Arc::clone(&device),
+            queue,
         });
         let mut mounted = zebu_fuse_file::mount(backend, file, "zebu-engine")?;
         let notifier = mounted.notifier();
@@ -180,6 +249,7 @@ impl FileFrontend {
                 }
             })
             .map_err(FileError::Serve)?;
+        rt.spawn(serve(device, requests));
         let sizes = rt.spawn(async move {
             sizes.mark_unchanged();
             while sizes.changed().await.is_ok() {
