@@ -343,11 +343,11 @@ def render_md(meta, summary, ratios, rows):
                + f"Zebu volumes {m.get('volume_size', '?')}, 3 replicas; {m.get('duration_s', '?')} s in all")
     out.append("")
     out.append("Systems: `local` a directory on the work dir's filesystem; `zebu-3` ext4 on a Zebu volume "
-               "attached by `zebu-csi standalone` through the `zebu` CLI (bridge, loop device, ext4); "
+               "attached by `zebu-csi standalone` through the `zebu` CLI (the engine's FUSE file, loop device, ext4); "
                "`zebu-3-nbd` fio's nbd engine on the engine's NBD socket of a second 3-replica volume, "
-               "attached `--block` (no filesystem, no bridge in the path); `three-copies` the local "
+               "attached `--block` (no filesystem, FUSE file or loop device in the path); `three-copies` the local "
                "filesystem taking three copies (three fio jobs on three files at once), per-copy rate = total / 3. "
-               "CPU: utime + stime of every Zebu process of the run (driver, replicas, engines, bridges) "
+               "CPU: utime + stime of every Zebu process of the run (driver, replicas, engines, and bridges where one runs) "
                "around the fio or pgbench command, over the writes (transactions) it completed; the loop "
                "device's and FUSE's kernel work in kernel threads is not counted. Ratios: per round, then the "
                "median [min–max] over rounds.")

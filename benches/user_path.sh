@@ -10,12 +10,12 @@
 #   zebu-3        ext4 on a 3-replica volume: `zebu-csi standalone` (replicas
 #                 on three directories of that same disk), `zebu volume create
 #                 --replicas 3 --fstype ext4`, `zebu volume attach --mount`
-#                 (bridge, loop device, ext4, as a Kubernetes node does)
+#                 (the engine's file, loop device, ext4, as a Kubernetes node does)
 #   zebu-3-nbd    fio's nbd engine on the engine's NBD socket of a second
 #                 3-replica volume (created --block, attached with `zebu volume
 #                 attach --block` so the driver starts its engine; the socket
 #                 is the nbd-uri of its publish context); no filesystem,
-#                 bridge or loop device in the path. fio scenarios only.
+#                 file or loop device in the path. fio scenarios only.
 #   three-copies  the local filesystem taking three copies: the same fio job
 #                 on three files at once (three jobs, --group_reporting); its
 #                 figure is per copy (total / 3). fio scenarios only.
@@ -31,7 +31,7 @@
 #                   server start, `pgbench -c 8 -j 2 -T 20`, a stop. local and
 #                   zebu-3 only; --no-pgbench skips it.
 # For every Zebu run, utime + stime of every Zebu process (zebu-csi, replicas,
-# engines, bridges; read by pid from /proc around the run) over the writes
+# engines, bridges where one runs; read by pid from /proc around the run) over the writes
 # (transactions) completed: CPU µs per I/O.
 #
 # Modes: default 3 rounds x 10 s per fio run, pgbench scale 20 for 20 s;
