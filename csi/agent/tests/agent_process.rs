@@ -74,6 +74,8 @@ impl Drop for Cleanup {
         for pid in pids_mentioning(self.dir.path()) {
             let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
         }
+        // Engines killed above leave their FUSE mounts behind, dead.
+        zebu_testkit::unmount_all_under(self.dir.path());
     }
 }
 

@@ -19,7 +19,7 @@ use zebu_proto::csi::node_client::NodeClient;
 use zebu_proto::csi::volume_capability::{AccessMode, AccessType, MountVolume, access_mode::Mode};
 
 #[allow(unused_imports)]
-pub use zebu_testkit::{poll, require_tool, runtime as rt, serial, tempdir};
+pub use zebu_testkit::{mounts_under, poll, require_tool, runtime as rt, serial, tempdir};
 
 /// The node-side tools every attach needs.
 pub fn require_node_tools() {
@@ -299,17 +299,6 @@ pub fn pids_with(words: &[&str]) -> Vec<i32> {
     out
 }
 
-/// Mount points under `path`.
-pub fn mounts_under(path: &Path) -> Vec<String> {
-    let needle = path.display().to_string();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
-        .filter(|m| m.starts_with(&needle))
-        .collect()
-}
-
 /// Loop devices backed by files under `path`.
 pub fn loops_under(path: &Path) -> Vec<String> {
     let out = Command::new("losetup")
@@ -336,11 +325,7 @@ pub fn scrub(root: &Path) {
     for d in &loops {
         let _ = Command::new("losetup").args(["-d", d]).status();
     }
-    let mut m = mounts_under(root);
-    m.sort_by_key(|b| std::cmp::Reverse(b.len()));
-    for p in m {
-        let _ = Command::new("umount").args(["-l", &p]).status();
-    }
+    zebu_testkit::unmount_all_under(root);
     for pid in pids_mentioning(root) {
         let _ = nix::sys::signal::kill(
             nix::unistd::Pid::from_raw(pid),

@@ -181,3 +181,25 @@ impl Drop for Mount {
         }
     }
 }
+
+/// Mount points under `path` (itself included), deepest first.
+pub fn mounts_under(path: &Path) -> Vec<String> {
+    let needle = path.display().to_string();
+    let mut m: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.split(' ').nth(4).map(str::to_owned))
+        .filter(|m| m.starts_with(&needle))
+        .collect();
+    m.sort_by_key(|b| std::cmp::Reverse(b.len()));
+    m
+}
+
+/// Lazily unmounts every mount under `path`, deepest first: what a test
+/// leaves when it kills the processes serving them (a killed FUSE server's
+/// mount stays behind, dead).
+pub fn unmount_all_under(path: &Path) {
+    for m in mounts_under(path) {
+        run_quiet(Command::new("umount").args(["-l", &m]), SHORT);
+    }
+}

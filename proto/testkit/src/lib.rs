@@ -35,7 +35,7 @@ pub mod kube;
 pub mod nbd;
 pub mod server;
 
-pub use block::{FuseExport, LoopDev, Mount};
+pub use block::{FuseExport, LoopDev, Mount, mounts_under, unmount_all_under};
 pub use command::{Bg, Run, cmd, reap, run, run_quiet};
 pub use data::{all_zero, assert_same, pattern, rand_u64, write_file};
 pub use eio_disk::{EioDisk, Faults};
