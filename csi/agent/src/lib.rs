@@ -187,15 +187,10 @@ fn remove_file_quietly(path: &Path) {
 }
 
 /// Removes a stopped engine's file directory. An engine that was killed
-/// leaves its FUSE mount there, dead (every access fails with `ENOTCONN`):
-/// it is detached first. Failures are logged; the next engine of the volume
-/// detaches a dead mount itself.
+/// leaves its FUSE mount there, dead: it is detached first. Failures are
+/// logged; the next engine of the volume detaches a dead mount itself.
 fn remove_mount_dir(dir: &Path) {
-    if let Err(nix::errno::Errno::ENOTCONN) = nix::sys::statfs::statfs(dir)
-        && let Err(e) = nix::mount::umount2(dir, nix::mount::MntFlags::MNT_DETACH)
-    {
-        warn!(path = %dir.display(), error = %e, "cannot detach a dead FUSE mount");
-    }
+    zebu_fuse_file::detach_if_dead(dir);
     match std::fs::remove_dir(dir) {
         Ok(()) => {}
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}

@@ -59,6 +59,7 @@ pub mod nbd_client;
 
 use std::io;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -116,8 +117,14 @@ fn io_err(context: impl Into<String>) -> impl FnOnce(io::Error) -> BridgeError {
 
 /// The export as the file's backend; also what the signal task resizes.
 struct NbdBackend {
-    /// The connections in use; `pool.info().size` is the served file size.
+    /// The connections in use.
     pool: RwLock<Arc<NbdPool>>,
+    /// The served file size: the size `pool` announced, stored after the
+    /// pool was swapped in (so a request checked against it is sent on a
+    /// pool that knows it), read without the lock on every request.
+    size: AtomicU64,
+    /// The export's read-only flag at connect.
+    read_only: bool,
     uri: NbdUri,
     connections: usize,
     rt: tokio::runtime::Handle,
@@ -150,6 +157,7 @@ impl NbdBackend {
             return Ok(old_size);
         }
         *self.pool.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(new);
+        self.size.store(new_size, Ordering::Release);
         notifier.size_changed();
         info!(old_size, new_size, "export grew; serving the new size");
         Ok(new_size)
@@ -174,17 +182,17 @@ fn errno(e: &NbdError) -> Errno {
     Errno::from_i32(e.errno())
 }
 
-// Every request arrives checked against `size()`, which reads the pool in
-// use; the pool a request is then sent on is that one or a newer, larger
-// one (the size never decreases), so the server never sees a request
-// outside the size it announced on that connection.
+// Every request arrives checked against `size()`, stored only once the
+// pool that announced it was in use; the pool a request is then sent on is
+// that one or a newer, larger one (the size never decreases), so the server
+// never sees a request outside the size it announced on that connection.
 impl zebu_fuse_file::Backend for NbdBackend {
     fn size(&self) -> u64 {
-        self.pool().info().size
+        self.size.load(Ordering::Acquire)
     }
 
     fn read_only(&self) -> bool {
-        self.pool().info().read_only()
+        self.read_only
     }
 
     fn read(&self, offset: u64, len: u64, reply: ReplyData) {
@@ -314,6 +322,8 @@ pub fn run(opts: BridgeOptions) -> Result<(), BridgeError> {
         "connected"
     );
     let backend = Arc::new(NbdBackend {
+        size: AtomicU64::new(pool.info().size),
+        read_only: pool.info().read_only(),
         pool: RwLock::new(Arc::new(pool)),
         uri,
         connections: opts.connections,

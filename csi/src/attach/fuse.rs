@@ -173,7 +173,8 @@ pub(super) async fn start_server(
 
 /// [`Backend::Engine`]: bind-mounts the directory of the engine's file
 /// (`file`, named like `STATE_DIR/fuse/disk`) onto `STATE_DIR/fuse` and
-/// waits until the file shows the export's size. Records the attachment
+/// checks (one `stat`, bounded by [`COMMAND_TIMEOUT`]) that the file shows
+/// at least the export's size. Records the attachment
 /// before the mount, so a failure is cleaned up. Returns an [`Attached`]
 /// without a device yet.
 pub(super) async fn bind_engine_file(

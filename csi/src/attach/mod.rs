@@ -402,7 +402,8 @@ async fn attach_from(
     state_dir: &Path,
 ) -> Result<Attached> {
     let ctx = format!("attaching {nbd_uri} (state dir {})", state_dir.display());
-    let program = match (backend, engine_file) {
+    // What serves the file: a FUSE server to start, or the engine's file.
+    let server = match (backend, engine_file) {
         (Backend::KernelNbd, _) => {
             return Err(AttachError::KernelNbdNotSupported { context: ctx });
         }
@@ -467,8 +468,8 @@ async fn attach_from(
         .map_err(io_err(&ctx))?;
 
     let started = match backend {
-        Backend::Engine => bind_engine_file(&layout, &program, nbd_uri, expected, &ctx).await,
-        _ => start_server(&layout, backend, &program, nbd_uri, expected, &ctx).await,
+        Backend::Engine => bind_engine_file(&layout, &server, nbd_uri, expected, &ctx).await,
+        _ => start_server(&layout, backend, &server, nbd_uri, expected, &ctx).await,
     };
     let mut att = match started {
         Ok(att) => att,

@@ -133,18 +133,24 @@ pub fn split_file(file: &Path) -> Result<(PathBuf, OsString), FileError> {
         Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
         _ => PathBuf::from("."),
     };
-    // statfs always asks the server (a stat may be answered from cached
-    // attributes), so a dead connection shows at once.
-    if let Err(nix::errno::Errno::ENOTCONN) = nix::sys::statfs::statfs(&dir) {
-        warn!("{}: a dead FUSE mount; detaching it", dir.display());
-        if let Err(e) = nix::mount::umount2(&dir, nix::mount::MntFlags::MNT_DETACH) {
-            warn!("detaching the dead mount on {}: {e}", dir.display());
-        }
-    }
+    detach_if_dead(&dir);
     if !dir.is_dir() {
         return Err(bad("the mount directory does not exist"));
     }
     Ok((dir, name.to_owned()))
+}
+
+/// Detaches a dead FUSE mount on `dir` (its server was killed: every
+/// access fails with `ENOTCONN`); anything else is left alone. `statfs`
+/// always asks the server (a `stat` may be answered from cached
+/// attributes), so a dead connection shows at once. Failures are logged.
+pub fn detach_if_dead(dir: &Path) {
+    if let Err(nix::errno::Errno::ENOTCONN) = nix::sys::statfs::statfs(dir) {
+        warn!("{}: a dead FUSE mount; detaching it", dir.display());
+        if let Err(e) = nix::mount::umount2(dir, nix::mount::MntFlags::MNT_DETACH) {
+            warn!("detaching the dead mount on {}: {e}", dir.display());
+        }
+    }
 }
 
 /// A mounted file, not served yet: [`Mounted::run`] serves it.
