@@ -48,8 +48,9 @@
 //!   disk and that is durable (the file was synced after the zeros).
 //! - Entries are accessed as [`AtomicU32`]: a rebuild may read entries on
 //!   another thread while the runtime thread stores them.
-//! - All `unsafe` of this module is the mapping's lifetime: the pointer is
-//!   valid for `entries` entries from [`CrcMap::map`] until drop.
+//! - All `unsafe` of this module is the mapping's lifetime (the pointer is
+//!   valid for `entries` entries from [`CrcMap::map`] until drop) and one
+//!   system call nix does not wrap ([`start_write_back`]).
 
 use std::fs::File;
 use std::io;
@@ -294,6 +295,30 @@ pub fn write_in_place(file: &File) -> io::Result<()> {
         at += n as u64;
     }
     file.sync_data()
+}
+
+/// Starts writing `file`'s dirty pages back and returns without waiting
+/// (`sync_file_range` with `WRITE` only): nothing is made durable, no
+/// metadata is written and the disk's cache is not flushed. A later wait on
+/// the file (the FLUSH's write-back, or `fdatasync`) waits for these writes
+/// and reports one that failed: the kernel keeps a write-back error for
+/// the next wait on each open file.
+///
+/// Called on the runtime thread: it only queues the pages' writes to the
+/// disk. Through io_uring it would go to a worker thread, a thread wake-up
+/// per call (measured on the commit-like load it serves: about 8% more CPU
+/// per write and FLUSH, for no faster FLUSH).
+pub fn start_write_back(file: &File) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // Offset 0, length 0: the whole file.
+    // SAFETY: a system call on an fd that `file` keeps open; it touches no
+    // memory of this process.
+    let rc = unsafe { libc::sync_file_range(file.as_raw_fd(), 0, 0, libc::SYNC_FILE_RANGE_WRITE) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Asks the kernel to drop `file`'s clean cached pages that nothing maps

@@ -294,6 +294,12 @@ impl Layer {
         self.crc_map().written()
     }
 
+    /// Starts writing the CRC file's dirty pages back, without waiting
+    /// ([`crate::crcmap::start_write_back`]).
+    pub fn start_crc_write_back(&self) -> io::Result<()> {
+        crate::crcmap::start_write_back(&self.crc)
+    }
+
     fn crc_map(&self) -> RwLockReadGuard<'_, CrcMap> {
         self.crcs.read().unwrap_or_else(|p| p.into_inner())
     }

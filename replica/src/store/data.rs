@@ -86,7 +86,21 @@ impl Store {
         self.write_blocks_with_crcs(&head, offset, payload, crcs)
             .await?;
         self.revision.fetch_max(revision, Ordering::AcqRel);
+        self.write_back_ahead(&head);
         Ok(())
+    }
+
+    /// Starts writing `layer`'s CRC pages back when the write that just
+    /// completed looks like a commit ([`crate::writeback`]). Nothing waits
+    /// for it, and a failure needs no handling here: the next FLUSH waits
+    /// for these writes and reports one that failed, and pages whose
+    /// write-back did not start are still dirty for the FLUSH to write.
+    fn write_back_ahead(&self, layer: &Layer) {
+        if self.ahead.wrote()
+            && let Err(e) = layer.start_crc_write_back()
+        {
+            tracing::debug!(error = %e, "starting a CRC file's write-back failed; the FLUSH writes it");
+        }
     }
 
     /// Writes whole blocks into `layer` (data, then CRCs, then the index).
@@ -327,6 +341,7 @@ impl Store {
     /// Makes every completed write durable.
     pub async fn flush(&self, epoch: u64) -> Result<()> {
         self.check_epoch(epoch)?;
+        self.ahead.flushed();
         self.flush_all(false).await
     }
 

@@ -57,6 +57,7 @@ use crate::layer::{Layer, block_crcs, block_crcs_and_total};
 use crate::meta::{FORMAT, LayerMeta, MergeMeta, Meta, MetaError, MetaStore, SledMeta};
 use crate::order::{Ticket, WriteOrder};
 use crate::session::{SessionGuard, Sessions, Superseded};
+use crate::writeback::WriteBackAhead;
 
 mod data;
 mod fencing;
@@ -325,6 +326,8 @@ pub struct Store {
     sync_failed: std::sync::atomic::AtomicBool,
     write_order: Arc<WriteOrder>,
     sessions: Sessions,
+    /// When a write starts its CRC pages' write-back ahead of the FLUSH.
+    ahead: WriteBackAhead,
 }
 
 fn now_unix() -> i64 {

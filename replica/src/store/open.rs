@@ -183,6 +183,7 @@ impl Store {
             closed: std::sync::atomic::AtomicBool::new(false),
             sync_failed: std::sync::atomic::AtomicBool::new(false),
             write_order: Arc::default(),
+            ahead: WriteBackAhead::default(),
         })
     }
 
