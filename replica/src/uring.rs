@@ -141,6 +141,12 @@ impl Ring {
         Ok(Ring { shared })
     }
 
+    /// Whether no request is in the kernel or waiting for a slot.
+    pub fn idle(&self) -> bool {
+        let st = self.shared.lock();
+        st.in_flight() == 0 && st.backlog.is_empty()
+    }
+
     /// Queues requests; their results arrive on their oneshot channels. The
     /// entries are submitted when the reaper next runs, together with every
     /// other request queued before then.

@@ -375,9 +375,12 @@ impl Store {
     /// cache flush of the disk per layer: the dirty pages of its CRC file
     /// are written back (no cache flush; `sync_file_range`), then its data
     /// file is `fdatasync`ed, whose cache flush covers the CRC pages too —
-    /// one linked chain in io_uring ([`Op::WriteBackThenSync`]). That holds
-    /// for CRC files written in full on disk (see [`crate::crcmap`]); any
-    /// other CRC file is `fdatasync`ed as well.
+    /// one linked chain in io_uring ([`Op::WriteBackThenSync`]), or, when
+    /// no other I/O is in flight, both on this thread, which then waits for
+    /// the disk instead of a worker thread
+    /// ([`IoEngine::run_here_if_idle`]). That holds for CRC files written
+    /// in full on disk (see [`crate::crcmap`]); any other CRC file is
+    /// `fdatasync`ed as well.
     ///
     /// A failure is final for this process: the kernel reports a failed
     /// writeback once and marks the pages clean, so a second fdatasync
@@ -397,8 +400,13 @@ impl Store {
         });
         // Every op runs even when another fails: the replica is then
         // poisoned anyway, and each fdatasync still commits (or aborts) the
-        // filesystem's journal, as a restart will find it.
-        if let Err(e) = self.io.run(ops).await {
+        // filesystem's journal, as a restart will find it. At rest, on this
+        // thread (no worker thread to wake: `IoEngine::run_here_if_idle`).
+        let done = match self.io.run_here_if_idle(ops.collect()) {
+            Ok(done) => done,
+            Err(ops) => self.io.run(ops).await,
+        };
+        if let Err(e) = done {
             self.sync_failed.store(true, Ordering::Release);
             tracing::error!(error = %e, "a cache flush of the replica's disk failed: refusing all I/O until restarted");
             return Err(io_err("syncing layer files")(e));
