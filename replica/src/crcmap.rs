@@ -306,7 +306,7 @@ pub fn write_in_place(file: &File) -> io::Result<()> {
 ///
 /// Called on the runtime thread: it only queues the pages' writes to the
 /// disk. Through io_uring it would go to a worker thread, a thread wake-up
-/// per call (measured on the commit-like load it serves: about 8% more CPU
+/// per call (measured on the commit-like load it serves: about 7% more CPU
 /// per write and FLUSH, for no faster FLUSH).
 pub fn start_write_back(file: &File) -> io::Result<()> {
     sync_file_range(file, libc::SYNC_FILE_RANGE_WRITE)

@@ -4,8 +4,8 @@
 //! - [`store`]: the layer chain and every operation on it.
 //! - [`layer`]: one layer's files and index; [`extent`]: the index;
 //!   [`crcmap`]: the CRC file mapped into memory (its `unsafe` is the
-//!   mapping's lifetime and starting the file's write-back); [`writeback`]: when a write starts its CRC
-//!   pages' write-back ahead of the FLUSH.
+//!   mapping's lifetime and the file's write-back); [`writeback`]: when a
+//!   write starts its CRC pages' write-back ahead of the FLUSH.
 //! - [`io`]: the I/O backends, taking [`op`]s; [`uring`]: the io_uring
 //!   ring; [`buf`]: aligned buffers and the registered arena (with `uring`,
 //!   all other `unsafe`).
