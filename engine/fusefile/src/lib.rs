@@ -33,7 +33,7 @@
 //! * The file is opened `FOPEN_DIRECT_IO` + `FOPEN_PARALLEL_DIRECT_WRITES`,
 //!   and `FUSE_ASYNC_DIO` is asked for: no page cache in the FUSE layer, and
 //!   concurrent direct I/O from the loop device reaches the backend as
-//!   concurrent requests.
+//!   concurrent requests, up to [`MAX_BACKGROUND`] at once.
 //! * One session thread reads the kernel's requests; a backend must not
 //!   block it on I/O (it starts the I/O and replies from wherever the I/O
 //!   completes).
@@ -56,6 +56,18 @@ use tracing::{debug, error, info, warn};
 /// kernel. A resize also invalidates them explicitly; this bounds staleness
 /// if that notification is lost.
 const ATTR_TTL: Duration = Duration::from_secs(1);
+
+/// Most requests the kernel keeps outstanding at the backend for
+/// asynchronous direct I/O (FUSE's "background" requests, which is what a
+/// loop device with direct I/O sends); beyond it, the submitter sleeps until
+/// one is answered. At fuser's default, 16, a loop device at QD32 reached
+/// the backend 16 requests at a time and its worker was put to sleep and
+/// woken again for every reply. Measured through ext4 on the engine's file
+/// (4 KiB random writes, QD32, 3 replicas, alternating pairs): 128 wrote
+/// 37% more and cost 27% less CPU per write over Zebu's processes. 128 is a
+/// loop device's queue depth, so the loop device never waits for the file;
+/// the engine takes up to 256 requests from one NBD connection, too.
+pub const MAX_BACKGROUND: u16 = 128;
 
 const INO_ROOT: INodeNo = INodeNo(1);
 const INO_FILE: INodeNo = INodeNo(2);
@@ -336,6 +348,13 @@ impl<B: Backend> Filesystem for FileFs<B> {
         // Let the kernel send direct I/O of one caller as concurrent requests.
         if config.add_capabilities(InitFlags::FUSE_ASYNC_DIO).is_err() {
             debug!("kernel lacks FUSE_ASYNC_DIO");
+        }
+        // Let that many reach the backend at once (see MAX_BACKGROUND).
+        if let Err(nearest) = config.set_max_background(MAX_BACKGROUND) {
+            debug!(
+                nearest,
+                "the kernel config refused {MAX_BACKGROUND} background requests"
+            );
         }
         Ok(())
     }
