@@ -33,7 +33,10 @@ import sys
 
 ZEBU_KINDS = ("zebu-replica", "zebu-engine", "zebu-nbd-fuse", "zebu-csi")
 SYSTEMS = ["local", "zebu-3", "zebu-3-nbd", "three-copies"]
-SCENARIOS = ["randwrite-qd32", "fsync-qd1", "pgbench"]
+SCENARIOS = ["randwrite-qd32", "write-qd1", "fsync-qd1", "pgbench"]
+# The issue's latency target: a QD1 write through the filesystem at most
+# this much slower (p50) than the local disk's.
+QD1_EXTRA_TARGET_US = 150
 NBD_URI_KEY = "zebu.csi.dev/nbd-uri"
 
 
@@ -289,6 +292,15 @@ def fratio(r):
     return f"{r['median']:.2f} [{r['min']:.2f}–{r['max']:.2f}]"
 
 
+def fspread(r):
+    """A spread of plain figures (not ratios): median [min–max]."""
+    if not r:
+        return "-"
+    if len(r["per_round"]) == 1:
+        return fnum(r["median"], 0)
+    return f"{fnum(r['median'], 0)} [{fnum(r['min'], 0)}–{fnum(r['max'], 0)}]"
+
+
 def summarize(rows):
     ok = [r for r in rows if r.get("ok")]
     by = {}
@@ -298,6 +310,11 @@ def summarize(rows):
     def ratio(sc, num, den):
         a, b = by.get(sc, {}).get(num, {}), by.get(sc, {}).get(den, {})
         return spread([a[k]["value"] / b[k]["value"] for k in sorted(a) if k in b and b[k]["value"]])
+
+    def p50_over_local(sc, sys_):
+        a, b = by.get(sc, {}).get(sys_, {}), by.get(sc, {}).get("local", {})
+        return spread([a[k]["p50_us"] - b[k]["p50_us"] for k in sorted(a)
+                       if k in b and a[k].get("p50_us") is not None and b[k].get("p50_us") is not None])
 
     summary, ratios = {}, {}
     for sc in SCENARIOS:
@@ -318,6 +335,7 @@ def summarize(rows):
                 "mean_latency_us": median([r.get("mean_latency_us") for r in rs]),
                 "cpu_us_per_io": median([r.get("cpu_us_per_io") for r in rs]),
                 "vs_local": ratio(sc, sys_, "local") if sys_ != "local" else None,
+                "p50_over_local_us": p50_over_local(sc, sys_) if sys_ != "local" else None,
             }
         ratios[sc] = {
             "zebu-3/local": ratio(sc, "zebu-3", "local"),
@@ -338,7 +356,7 @@ def render_md(meta, summary, ratios, rows):
     out.append(f"- Commit {m.get('commit', '?')}; binaries {m.get('bin_dir', '?')} ({m.get('profile', '?')}); "
                f"{m.get('fio_version', '?')}; {m.get('postgres_version', 'no PostgreSQL')}")
     out.append(f"- {m.get('date', '?')}: {m.get('rounds', '?')} round(s) of {m.get('seconds', '?')} s per fio run; "
-               f"fio files {m.get('file_size', '?')} (randwrite), {m.get('fsync_size', '?')} (fsync); "
+               f"fio files {m.get('file_size', '?')} (randwrite-qd32, write-qd1), {m.get('fsync_size', '?')} (fsync); "
                + (f"pgbench scale {m.get('pg_scale')}, {m.get('pg_seconds')} s, 8 clients, 2 threads; " if m.get("pgbench") else "no pgbench; ")
                + f"Zebu volumes {m.get('volume_size', '?')}, 3 replicas; {m.get('duration_s', '?')} s in all")
     out.append("")
@@ -354,6 +372,7 @@ def render_md(meta, summary, ratios, rows):
     out.append("")
     titles = {
         "randwrite-qd32": "randwrite-qd32: fio 4 KiB random write, O_DIRECT, libaio, QD32",
+        "write-qd1": "write-qd1: fio 4 KiB random write, O_DIRECT, psync, QD1",
         "fsync-qd1": "fsync-qd1: fio 4 KiB sequential write + fdatasync each, QD1 (nbd: write + NBD FLUSH)",
         "pgbench": "pgbench: TPC-B-like, 8 clients, 2 threads",
     }
@@ -367,6 +386,9 @@ def render_md(meta, summary, ratios, rows):
             out.append("|---|---:|---:|---:|---:|")
         elif sc == "fsync-qd1":
             out.append("| system | IOPS | write p50 µs | fdatasync / flush p50 µs | CPU µs per write | × local |")
+            out.append("|---|---:|---:|---:|---:|---:|")
+        elif sc == "write-qd1":
+            out.append("| system | IOPS | p50 µs | p50 − local's, µs | CPU µs per write | × local |")
             out.append("|---|---:|---:|---:|---:|---:|")
         else:
             out.append("| system | IOPS | p50 µs | CPU µs per write | × local |")
@@ -382,10 +404,16 @@ def render_md(meta, summary, ratios, rows):
                 out.append(f"| {sys_} | {v} | {fnum(s['mean_latency_us'], 0)} | {cpu} | {vs} |")
             elif sc == "fsync-qd1":
                 out.append(f"| {sys_} | {v} | {fnum(s['p50_us'], 0)} | {fnum(s['sync_p50_us'], 0)} | {cpu} | {vs} |")
+            elif sc == "write-qd1":
+                extra_us = fspread(s["p50_over_local_us"]) if sys_ != "local" else "0"
+                out.append(f"| {sys_} | {v} | {fnum(s['p50_us'], 0)} | {extra_us} | {cpu} | {vs} |")
             else:
                 out.append(f"| {sys_} | {v} | {fnum(s['p50_us'], 0)} | {cpu} | {vs} |")
         r = ratios.get(sc, {})
         extra = [f"{k}: {fratio(v)}" for k, v in r.items() if k != "zebu-3/local" and v]
+        if sc == "write-qd1" and summary[sc].get("zebu-3", {}).get("p50_over_local_us"):
+            extra.append(f"zebu-3's p50 over local's: {fspread(summary[sc]['zebu-3']['p50_over_local_us'])} µs "
+                         f"(target: at most {QD1_EXTRA_TARGET_US} µs)")
         if extra:
             out.append("")
             out.append("; ".join(extra) + ".")

@@ -22,6 +22,9 @@
 # Scenarios (one fio job or one pgbench run each):
 #   randwrite-qd32  4 KiB random writes, O_DIRECT, libaio, QD32, on a file
 #                   written once beforehand (256M; --smoke 32M)
+#   write-qd1       4 KiB random writes, O_DIRECT, psync (QD1), on the same
+#                   file: the latency of one write; the report gives each
+#                   system's p50 minus local's, round by round
 #   fsync-qd1       4 KiB sequential writes, each followed by fdatasync, QD1
 #                   (psync; 64M file; the nbd system: NBD WRITE then FLUSH)
 #   pgbench         PostgreSQL (Debian's; installed with apt-get when
@@ -99,7 +102,7 @@ if ((smoke)); then
   rounds=1 seconds=2 pg_scale=1 pg_seconds=3 file_mb=32 fsync_mb=8 vol_size=1G nbd_vol_size=256M
 fi
 systems=(local zebu-3 zebu-3-nbd three-copies)
-scenarios=(randwrite-qd32 fsync-qd1)
+scenarios=(randwrite-qd32 write-qd1 fsync-qd1)
 ((pgbench)) && scenarios+=(pgbench)
 
 # ---------------------------------------------------------- prerequisites --
@@ -385,10 +388,10 @@ say "zebu-3-nbd: fio's nbd engine on $nbd_uri"
 
 declare -A dir_of=([local]=$work/local [zebu-3]=$work/mnt/bench [three-copies]=$work/three)
 file_of() { # scenario -> file name
-  case $1 in randwrite-qd32) echo randwrite.dat ;; fsync-qd1) echo fsync.dat ;; esac
+  case $1 in randwrite-qd32 | write-qd1) echo randwrite.dat ;; fsync-qd1) echo fsync.dat ;; esac
 }
 size_of() { # scenario -> MiB
-  case $1 in randwrite-qd32) echo "$file_mb" ;; fsync-qd1) echo "$fsync_mb" ;; esac
+  case $1 in randwrite-qd32 | write-qd1) echo "$file_mb" ;; fsync-qd1) echo "$fsync_mb" ;; esac
 }
 
 run_logged() { # log cmd...: runs cmd (recorded as cur_pid for the EXIT trap), returns its status
@@ -464,9 +467,11 @@ fio_args() { # system scenario -> fio arguments, one per line (output options ex
   local common=(--bs=4k --time_based "--runtime=$seconds" --lat_percentiles=1 "--size=${mb}M")
   case $sc in
     randwrite-qd32) common+=(--rw=randwrite --iodepth=32) ;;
+    write-qd1) common+=(--rw=randwrite --iodepth=1) ;;
     fsync-qd1) common+=(--rw=write --iodepth=1) ;;
   esac
   local fs=(--ioengine=libaio --direct=1)
+  [[ $sc == write-qd1 ]] && fs=(--ioengine=psync --direct=1)
   [[ $sc == fsync-qd1 ]] && fs=(--ioengine=psync --fdatasync=1)
   case $s in
     local | zebu-3) printf '%s\n' "--name=$sc" "${common[@]}" "${fs[@]}" "--filename=${dir_of[$s]}/$f" ;;
