@@ -284,21 +284,22 @@ def fnum(v, digits=None):
     return f"{v:,.{digits}f}"
 
 
-def fratio(r):
+def fspan(r, fmt):
+    """A spread as its median [min–max], each figure formatted by fmt."""
     if not r:
         return "-"
     if len(r["per_round"]) == 1:
-        return f"{r['median']:.2f}"
-    return f"{r['median']:.2f} [{r['min']:.2f}–{r['max']:.2f}]"
+        return fmt(r["median"])
+    return f"{fmt(r['median'])} [{fmt(r['min'])}–{fmt(r['max'])}]"
+
+
+def fratio(r):
+    return fspan(r, lambda v: f"{v:.2f}")
 
 
 def fspread(r):
-    """A spread of plain figures (not ratios): median [min–max]."""
-    if not r:
-        return "-"
-    if len(r["per_round"]) == 1:
-        return fnum(r["median"], 0)
-    return f"{fnum(r['median'], 0)} [{fnum(r['min'], 0)}–{fnum(r['max'], 0)}]"
+    """A spread of plain figures (not ratios), in whole units."""
+    return fspan(r, lambda v: fnum(v, 0))
 
 
 def summarize(rows):
@@ -307,14 +308,17 @@ def summarize(rows):
     for r in ok:
         by.setdefault(r["scenario"], {}).setdefault(r["system"], {})[r["round"]] = r
 
-    def ratio(sc, num, den):
+    def per_round(sc, num, den, f):
+        """f(num's run, den's run) for every round both ran, as a spread (None: skipped)."""
         a, b = by.get(sc, {}).get(num, {}), by.get(sc, {}).get(den, {})
-        return spread([a[k]["value"] / b[k]["value"] for k in sorted(a) if k in b and b[k]["value"]])
+        return spread([f(a[k], b[k]) for k in sorted(a) if k in b])
+
+    def ratio(sc, num, den):
+        return per_round(sc, num, den, lambda x, y: x["value"] / y["value"] if y["value"] else None)
 
     def p50_over_local(sc, sys_):
-        a, b = by.get(sc, {}).get(sys_, {}), by.get(sc, {}).get("local", {})
-        return spread([a[k]["p50_us"] - b[k]["p50_us"] for k in sorted(a)
-                       if k in b and a[k].get("p50_us") is not None and b[k].get("p50_us") is not None])
+        return per_round(sc, sys_, "local", lambda x, y: x["p50_us"] - y["p50_us"]
+                         if x.get("p50_us") is not None and y.get("p50_us") is not None else None)
 
     summary, ratios = {}, {}
     for sc in SCENARIOS:

@@ -470,9 +470,12 @@ fio_args() { # system scenario -> fio arguments, one per line (output options ex
     write-qd1) common+=(--rw=randwrite --iodepth=1) ;;
     fsync-qd1) common+=(--rw=write --iodepth=1) ;;
   esac
-  local fs=(--ioengine=libaio --direct=1)
-  [[ $sc == write-qd1 ]] && fs=(--ioengine=psync --direct=1)
-  [[ $sc == fsync-qd1 ]] && fs=(--ioengine=psync --fdatasync=1)
+  local fs
+  case $sc in
+    write-qd1) fs=(--ioengine=psync --direct=1) ;;
+    fsync-qd1) fs=(--ioengine=psync --fdatasync=1) ;;
+    *) fs=(--ioengine=libaio --direct=1) ;;
+  esac
   case $s in
     local | zebu-3) printf '%s\n' "--name=$sc" "${common[@]}" "${fs[@]}" "--filename=${dir_of[$s]}/$f" ;;
     zebu-3-nbd)

@@ -1,9 +1,8 @@
 //! The FUSE file passes a loop device's queue on: with fio writing at QD32
 //! through a loop device with direct I/O over the file (as a node attaches a
-//! volume), the backend holds 32 writes at once. A kernel left at its
-//! default number of background requests (16 as fuser asks for it) lets no
-//! more than that reach the backend, and the loop device's worker sleeps
-//! until one is answered.
+//! volume), the backend holds 32 writes at once. With fuser's default of 16
+//! background requests, the kernel lets no more than 16 reach the backend,
+//! and the loop device's worker sleeps until one is answered.
 //!
 //! The backend answers no write until it holds [`DEPTH`] of them; then it
 //! answers them all and every later one at once. The test fails if the
