@@ -9,7 +9,9 @@ Subcommands (the shell script calls them; none needs to be run by hand):
                                 parent)
   cpu WORK OUT [--driver PID]   CPU snapshot of the Zebu processes among them
                                 (zebu-replica, zebu-engine, zebu-nbd-fuse,
-                                zebu-csi): utime + stime per pid, as JSON
+                                zebu-csi): utime + stime and the sleeps
+                                (voluntary context switches) of its threads
+                                per pid, as JSON
   nbd-uri CLI_STATE VOLUME_ID   the NBD URI ControllerPublishVolume returned
                                 for an attached volume (its publish context,
                                 as `zebu volume attach` recorded it)
@@ -55,6 +57,22 @@ def _stat_fields(pid):
     if not s or ")" not in s:
         return None
     return s[s.rindex(")") + 2:].split()
+
+
+def _sleeps(pid):
+    """Voluntary context switches of the threads `pid` has now: each one is
+    the thread going to sleep to wait for something. A thread that ended is
+    no longer counted (Zebu's long-lived threads do the I/O)."""
+    total = 0
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for tid in tids:
+        m = re.search(r"^voluntary_ctxt_switches:\s*(\d+)", _read(f"/proc/{pid}/task/{tid}/status") or "", re.M)
+        if m:
+            total += int(m.group(1))
+    return total
 
 
 def _all_pids():
@@ -108,7 +126,8 @@ def cmd_cpu(a):
         if st is None:
             continue
         # fields 14 (utime), 15 (stime), 22 (starttime); st[0] is field 3
-        snap[str(pid)] = {"kind": kind, "ticks": int(st[11]) + int(st[12]), "start": st[19]}
+        snap[str(pid)] = {"kind": kind, "ticks": int(st[11]) + int(st[12]), "start": st[19],
+                          "sleeps": _sleeps(pid)}
     with open(a.out, "w", encoding="utf-8") as f:
         json.dump({"clk_tck": os.sysconf("SC_CLK_TCK"), "procs": snap}, f)
 
@@ -129,22 +148,28 @@ def cmd_nbd_uri(a):
 
 # ---------------------------------------------------------------- record --
 def cpu_delta(before_path, after_path):
-    """CPU µs of the Zebu processes between two snapshots, by kind. A process
-    started in between counts from zero; one gone by the second is lost."""
+    """CPU µs and sleeps of the Zebu processes between two snapshots, by kind.
+    A process started in between counts from zero; one gone by the second is
+    lost. Sleeps are None when a snapshot predates them."""
     with open(before_path, encoding="utf-8") as f:
         before = json.load(f)
     with open(after_path, encoding="utf-8") as f:
         after = json.load(f)
     tck = after["clk_tck"]
-    by_kind, gone = {}, []
+    by_kind, sleeps, gone = {}, {}, []
     for pid, a in after["procs"].items():
         b = before["procs"].get(pid)
-        base = b["ticks"] if b and b["start"] == a["start"] else 0
-        by_kind[a["kind"]] = by_kind.get(a["kind"], 0) + (a["ticks"] - base) * 1e6 / tck
+        same = b is not None and b["start"] == a["start"]
+        by_kind[a["kind"]] = by_kind.get(a["kind"], 0) + (a["ticks"] - (b["ticks"] if same else 0)) * 1e6 / tck
+        base = b.get("sleeps") if same else 0
+        if sleeps is not None and a.get("sleeps") is not None and base is not None:
+            sleeps[a["kind"]] = sleeps.get(a["kind"], 0) + max(a["sleeps"] - base, 0)
+        else:
+            sleeps = None
     for pid, b in before["procs"].items():
         if pid not in after["procs"]:
             gone.append(f"{b['kind']} {pid}")
-    return sum(by_kind.values()), by_kind, gone, len(after["procs"])
+    return sum(by_kind.values()), by_kind, sleeps, gone, len(after["procs"])
 
 
 def load_fio_json(path):
@@ -223,9 +248,12 @@ def cmd_record(a):
             err = str(e)
     if err is None and a.cpu_before and a.cpu_after:
         try:
-            us, by_kind, gone, nprocs = cpu_delta(a.cpu_before, a.cpu_after)
+            us, by_kind, sleeps, gone, nprocs = cpu_delta(a.cpu_before, a.cpu_after)
             row["cpu_us"] = us
             row["cpu_us_by_kind"] = by_kind
+            if sleeps is not None:
+                row["sleeps_by_kind"] = sleeps
+                row["sleeps_per_io"] = sum(sleeps.values()) / row["ios"] if row.get("ios") else None
             row["zebu_processes"] = nprocs
             if gone:
                 row["cpu_processes_gone"] = gone
@@ -338,6 +366,7 @@ def summarize(rows):
                 "sync_p50_us": median([r.get("sync_p50_us") for r in rs]),
                 "mean_latency_us": median([r.get("mean_latency_us") for r in rs]),
                 "cpu_us_per_io": median([r.get("cpu_us_per_io") for r in rs]),
+                "sleeps_per_io": median([r.get("sleeps_per_io") for r in rs]),
                 "vs_local": ratio(sc, sys_, "local") if sys_ != "local" else None,
                 "p50_over_local_us": p50_over_local(sc, sys_) if sys_ != "local" else None,
             }
@@ -347,6 +376,27 @@ def summarize(rows):
             "zebu-3/three-copies": ratio(sc, "zebu-3", "three-copies"),
         }
     return summary, ratios
+
+
+def by_process_table(rows, field, total_field, title, caption):
+    """A table of `field` ({kind: amount}) per I/O by Zebu process, medians
+    over the rounds, per scenario and Zebu system; empty when no run has it."""
+    kinds = [k for k in ZEBU_KINDS if any(k in (r.get(field) or {}) for r in rows if r.get("ok"))]
+    if not kinds:
+        return []
+    out = [f"## {title}", "", caption, "",
+           "| scenario | system | " + " | ".join(kinds) + " | all |",
+           "|---|---|" + "---:|" * (len(kinds) + 1)]
+    for sc in SCENARIOS:
+        for sys_ in ("zebu-3", "zebu-3-nbd"):
+            rs = [r for r in rows if r.get("ok") and r["scenario"] == sc and r["system"] == sys_
+                  and r.get(field) is not None and r.get("ios")]
+            if not rs:
+                continue
+            cells = [fnum(median([r[field].get(k, 0) / r["ios"] for r in rs])) for k in kinds]
+            out.append(f"| {sc} | {sys_} | " + " | ".join(cells) + f" | {fnum(median([r.get(total_field) for r in rs]))} |")
+    out.append("")
+    return out
 
 
 def render_md(meta, summary, ratios, rows):
@@ -422,24 +472,14 @@ def render_md(meta, summary, ratios, rows):
             out.append("")
             out.append("; ".join(extra) + ".")
         out.append("")
-    kinds = [k for k in ZEBU_KINDS if any(k in (r.get("cpu_us_by_kind") or {}) for r in rows if r.get("ok"))]
-    if kinds:
-        out.append("## Zebu CPU µs per I/O by process")
-        out.append("")
-        out.append("Medians over the rounds; per write (fio) or per transaction (pgbench).")
-        out.append("")
-        out.append("| scenario | system | " + " | ".join(kinds) + " | all |")
-        out.append("|---|---|" + "---:|" * (len(kinds) + 1))
-        for sc in SCENARIOS:
-            for sys_ in ("zebu-3", "zebu-3-nbd"):
-                rs = [r for r in rows if r.get("ok") and r["scenario"] == sc and r["system"] == sys_
-                      and r.get("cpu_us_by_kind") is not None and r.get("ios")]
-                if not rs:
-                    continue
-                cells = [fnum(median([r["cpu_us_by_kind"].get(k, 0) / r["ios"] for r in rs])) for k in kinds]
-                out.append(f"| {sc} | {sys_} | " + " | ".join(cells)
-                           + f" | {fnum(median([r.get('cpu_us_per_io') for r in rs]))} |")
-        out.append("")
+    out.extend(by_process_table(rows, "cpu_us_by_kind", "cpu_us_per_io", "Zebu CPU µs per I/O by process",
+                                "Medians over the rounds; per write (fio) or per transaction (pgbench)."))
+    out.extend(by_process_table(
+        rows, "sleeps_by_kind", "sleeps_per_io", "Zebu sleeps per I/O by process",
+        "Voluntary context switches of the processes' threads (each a thread going to sleep to wait, "
+        "and being woken again), medians over the rounds, per write or transaction. On a virtual machine "
+        "each one can cost an exit to the hypervisor when the CPU idles; benches/README.md has what that "
+        "costs here."))
     out.append("## Ratios")
     out.append("")
     out.append("| scenario | zebu-3 / local | zebu-3 / zebu-3-nbd | zebu-3 / three-copies |")

@@ -35,7 +35,8 @@
 #                   zebu-3 only; --no-pgbench skips it.
 # For every Zebu run, utime + stime of every Zebu process (zebu-csi, replicas,
 # engines, bridges where one runs; read by pid from /proc around the run) over the writes
-# (transactions) completed: CPU µs per I/O.
+# (transactions) completed: CPU µs per I/O; and their threads' voluntary context
+# switches (sleeps) per I/O.
 #
 # Modes: default 3 rounds x 10 s per fio run, pgbench scale 20 for 20 s;
 # --quick 1 round x 5 s, pgbench scale 5 for 5 s; --smoke (CI) 1 round x 2 s,
