@@ -36,7 +36,9 @@
 # For every Zebu run, utime + stime of every Zebu process (zebu-csi, replicas,
 # engines, bridges where one runs; read by pid from /proc around the run) over the writes
 # (transactions) completed: CPU µs per I/O; and their threads' voluntary context
-# switches (sleeps) per I/O.
+# switches (sleeps) per I/O. For local and three-copies, fio's own system time
+# per write: the kernel's CPU for writing one copy, and three, before any of
+# Zebu's work.
 #
 # Modes: default 3 rounds x 10 s per fio run, pgbench scale 20 for 20 s;
 # --quick 1 round x 5 s, pgbench scale 5 for 5 s; --smoke (CI) 1 round x 2 s,

@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
-"""Tests of user_path.py's CPU and sleep accounting and its by-process
-tables, on snapshots made here. Run: python3 benches/user_path_test.py"""
+"""Tests of user_path.py's CPU and sleep accounting, its by-process tables
+and the kernel's CPU per write read from fio's output, on inputs made here.
+Run: python3 benches/user_path_test.py"""
 import json
 import os
 import tempfile
@@ -73,6 +74,36 @@ class ByProcessTable(unittest.TestCase):
     def test_runs_without_the_field_give_no_table(self):
         rows = [{"ok": True, "scenario": "write-qd1", "system": "zebu-3", "round": 0, "ios": 100}]
         self.assertEqual(user_path.by_process_table(rows, "sleeps_by_kind", "sleeps_per_io", "T", "C"), [])
+
+
+class KernelBound(unittest.TestCase):
+    def fio_json(self, jobs):
+        d = tempfile.TemporaryDirectory()
+        self.addCleanup(d.cleanup)
+        path = os.path.join(d.name, "fio.json")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump({"jobs": [{"jobname": f"j{i}", "error": 0, "sys_cpu": sys_cpu, "job_runtime": ms,
+                                 "write": {"iops": ios / (ms / 1000), "total_ios": ios, "runtime": ms,
+                                           "clat_ns": {"percentile": {"50.000000": 100_000}}}}
+                                for i, (sys_cpu, ms, ios) in enumerate(jobs)]}, f)
+        return path
+
+    def test_system_time_per_write_counts_every_copy(self):
+        # --group_reporting: one job whose runtime is the three jobs' sum;
+        # 30% of 15 s is 4.5 s of system time over 150,000 copies = 50,000 writes
+        fig = user_path.fio_figures(self.fio_json([(30.0, 15_000, 150_000)]), 3)
+        self.assertAlmostEqual(fig["kernel_us_per_io"], 90.0)
+        fig = user_path.fio_figures(self.fio_json([(10.0, 5_000, 50_000)]), 1)
+        self.assertAlmostEqual(fig["kernel_us_per_io"], 10.0)
+
+    def test_the_bound_names_both_and_the_target(self):
+        summary = {"local": {"kernel_us_per_io": user_path.spread([9.0, 8.0, 10.0])},
+                   "three-copies": {"kernel_us_per_io": user_path.spread([27.0])}}
+        (line,) = user_path.kernel_bound(summary)
+        self.assertIn("9.00 [8.00–10.0] µs for one copy (local)", line)
+        self.assertIn("27.0 µs for three (three-copies)", line)
+        self.assertIn(f"target of {user_path.CPU_TARGET_US} µs", line)
+        self.assertEqual(user_path.kernel_bound({"local": summary["local"]}), [])
 
 
 if __name__ == "__main__":
