@@ -162,11 +162,12 @@ def cpu_delta(before_path, after_path):
     by_kind, sleeps, gone = {}, {}, []
     for pid, a in after["procs"].items():
         b = before["procs"].get(pid)
-        same = b is not None and b["start"] == a["start"]
-        by_kind[a["kind"]] = by_kind.get(a["kind"], 0) + (a["ticks"] - (b["ticks"] if same else 0)) * 1e6 / tck
-        base = b.get("sleeps") if same else 0
-        if sleeps is not None and a.get("sleeps") is not None and base is not None:
-            sleeps[a["kind"]] = sleeps.get(a["kind"], 0) + max(a["sleeps"] - base, 0)
+        if b is None or b["start"] != a["start"]:
+            b = {"ticks": 0, "sleeps": 0}  # started in between: from zero
+        kind = a["kind"]
+        by_kind[kind] = by_kind.get(kind, 0) + (a["ticks"] - b["ticks"]) * 1e6 / tck
+        if sleeps is not None and a.get("sleeps") is not None and b.get("sleeps") is not None:
+            sleeps[kind] = sleeps.get(kind, 0) + max(a["sleeps"] - b["sleeps"], 0)
         else:
             sleeps = None
     for pid, b in before["procs"].items():
