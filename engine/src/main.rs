@@ -72,6 +72,14 @@ struct ServeArgs {
     /// (e.g. 64M); 0 is no limit.
     #[arg(long, default_value = "64M", value_parser = zebu_proto::size::parse_rate)]
     scrub_rate: u64,
+    /// While this process has I/O, and for this long after its last
+    /// request, hold the node's CPUs out of idle states (a CPU latency
+    /// request of 0 us on /dev/cpu_dma_latency): each step of an I/O wakes
+    /// the next, and a CPU woken from a halt or a deep C-state adds its
+    /// exit latency to every step. Idle CPUs poll meanwhile. off: never.
+    #[arg(long, env = "ZEBU_KEEP_CPUS_AWAKE", default_value = zebu_proto::awake::DEFAULT_LINGER,
+          value_parser = zebu_proto::duration::parse_interval)]
+    keep_cpus_awake: std::option::Option<Duration>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -233,6 +241,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
 
+    zebu_proto::awake::start(args.keep_cpus_awake);
     let volume = Volume::start(VolumeOptions {
         name: args.volume.clone(),
         size: args.size,

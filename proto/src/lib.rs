@@ -6,11 +6,14 @@
 //! - [`agent`]: the node agent (process supervision) and node registry.
 //! - [`csi`]: the Container Storage Interface the CSI driver serves.
 //! - [`size`]: parsing of human-readable sizes.
+//! - [`awake`]: keeping the node's CPUs out of idle states while I/O is
+//!   active.
 //! - [`crash`]: crash points, where the fault matrix kills a process at
 //!   one exact step of a control operation.
 //! - [`wire`]: the data path's messages decoded from (and large payloads
 //!   sent as) HTTP/2 frames directly, below tonic's codec.
 
+pub mod awake;
 pub mod crash;
 pub mod duration;
 pub mod ready;

@@ -29,6 +29,14 @@ struct Args {
     /// I/O backend; uring falls back to threads with a warning when unavailable.
     #[arg(long, value_enum, default_value_t = EngineKind::Uring)]
     io_engine: EngineKind,
+    /// While this process has I/O, and for this long after its last
+    /// request, hold the node's CPUs out of idle states (a CPU latency
+    /// request of 0 us on /dev/cpu_dma_latency): each step of an I/O wakes
+    /// the next, and a CPU woken from a halt or a deep C-state adds its
+    /// exit latency to every step. Idle CPUs poll meanwhile. off: never.
+    #[arg(long, env = "ZEBU_KEEP_CPUS_AWAKE", default_value = zebu_proto::awake::DEFAULT_LINGER,
+          value_parser = zebu_proto::duration::parse_interval)]
+    keep_cpus_awake: std::option::Option<std::time::Duration>,
 }
 
 // One runtime thread: the replica's work per request is short (decode, CRC,
@@ -53,6 +61,7 @@ async fn main() -> anyhow::Result<()> {
         .await?
         .with_context(|| format!("opening the replica in {}", args.dir.display()))?;
     let store = Arc::new(store);
+    zebu_proto::awake::start(args.keep_cpus_awake);
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding the gRPC listener on {}", args.listen))?;

@@ -412,6 +412,7 @@ async fn run_stream(
             msg = inbound.next(), if inbound_open && in_flight.len() < MAX_IN_FLIGHT => {
                 match msg {
                     Some(Ok(batch)) => {
+                        zebu_proto::awake::touch();
                         for r in batch {
                             // Writes and unmaps take their place in the
                             // order as they arrive (see `order`).

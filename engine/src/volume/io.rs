@@ -13,6 +13,7 @@ impl Volume {
         len: u32,
         payload: Bytes,
     ) -> Result<Bytes, DeviceError> {
+        zebu_proto::awake::touch();
         let _gate = self.gate.read().await;
         let start = Instant::now();
         let rx = {

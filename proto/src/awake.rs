@@ -1,0 +1,250 @@
+//! Keeping the node's CPUs awake while I/O is active.
+//!
+//! A write through Zebu passes several threads and processes (the kernel's
+//! loop device, the engine, three replicas, the disk's completion), and each
+//! hands the write on by waking the next. A CPU that went idle in between
+//! must first come back from its idle state: a halted vCPU of a virtual
+//! machine costs a round trip through the hypervisor, a deep C-state of a
+//! physical CPU tens of microseconds, and a busy host adds its own queueing
+//! to both. While this process has I/O, and for `linger` after its last
+//! request, it holds a CPU latency request of 0 µs through the kernel's PM
+//! QoS interface (`/dev/cpu_dma_latency`, as `tuned`'s latency profiles
+//! and DPDK do), so idle CPUs poll for work instead of entering an idle
+//! state; at other times it asks for nothing. The polling shows as idle
+//! time, not as this process's CPU.
+//!
+//! Invariants:
+//! - The request is 0 from the first [`Awake::touch`] after a release until
+//!   `linger` has passed with no touch; the releaser then writes the
+//!   kernel's "no constraint" value, and the next touch writes 0 again.
+//! - A touch costs an atomic store and load while the request is held;
+//!   only a touch that finds it released takes the lock and writes.
+//! - Hold and release are decided under one lock, and the releaser clears
+//!   the held flag before it reads the last touch, so a touch racing a
+//!   release either is seen by the releaser (which keeps holding) or sees
+//!   the flag cleared (and writes 0 after the release).
+//! - A failed write is logged once and turns the mechanism off for the
+//!   process; it never affects I/O.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::SeqCst};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+/// The kernel's PM QoS device for CPU latency.
+pub const DEVICE: &str = "/dev/cpu_dma_latency";
+/// What the flag defaults to: long enough to hold through the gaps of a
+/// queue-depth-one stream or a database's commits, short enough that an
+/// idle volume lets the CPUs sleep at once.
+pub const DEFAULT_LINGER: &str = "2ms";
+/// The request while I/O is active: no idle state with any exit latency.
+const HOLD_US: i32 = 0;
+/// The kernel's "no constraint" value (`PM_QOS_CPU_LATENCY_DEFAULT_VALUE`).
+const RELEASE_US: i32 = 2_000_000_000;
+
+/// A CPU latency request held while I/O is active.
+pub struct Awake {
+    linger: Duration,
+    base: Instant,
+    /// Time of the last touch, in nanoseconds since `base`.
+    last: AtomicU64,
+    /// The request is 0 (or the mechanism is off: nothing to do).
+    held: AtomicBool,
+    /// The device; `None` once a write failed.
+    dev: Mutex<Option<File>>,
+    /// Wakes the releaser when the request is taken.
+    taken: Notify,
+}
+
+impl Awake {
+    /// Opens the QoS device at `path` (a request of "no constraint" until
+    /// the first touch). [`Self::release_when_idle`] must run for the
+    /// request ever to be released.
+    pub fn open(path: &Path, linger: Duration) -> io::Result<Arc<Self>> {
+        let dev = std::fs::OpenOptions::new().write(true).open(path)?;
+        Ok(Arc::new(Awake {
+            linger,
+            base: Instant::now(),
+            last: AtomicU64::new(0),
+            held: AtomicBool::new(false),
+            dev: Mutex::new(Some(dev)),
+            taken: Notify::new(),
+        }))
+    }
+
+    /// Records I/O now; takes the request if it is not held.
+    pub fn touch(&self) {
+        self.last.store(self.now(), SeqCst);
+        if self.held.load(SeqCst) {
+            return;
+        }
+        let mut dev = self.lock();
+        if self.held.load(SeqCst) {
+            return;
+        }
+        write(&mut dev, HOLD_US);
+        self.held.store(true, SeqCst);
+        drop(dev);
+        self.taken.notify_one();
+    }
+
+    /// Releases the request each time `linger` passes with no touch; runs
+    /// until the process ends.
+    pub async fn release_when_idle(self: Arc<Self>) {
+        loop {
+            while !self.held.load(SeqCst) {
+                self.taken.notified().await;
+            }
+            loop {
+                let due = self.last.load(SeqCst).saturating_add(nanos(self.linger));
+                let now = self.now();
+                if now < due {
+                    tokio::time::sleep(Duration::from_nanos(due - now)).await;
+                    continue;
+                }
+                let mut dev = self.lock();
+                if dev.is_none() {
+                    // Off after a failed write: `held` stays set for good.
+                    return;
+                }
+                self.held.store(false, SeqCst);
+                let idle_since = self.last.load(SeqCst);
+                if self.now() >= idle_since.saturating_add(nanos(self.linger)) {
+                    write(&mut dev, RELEASE_US);
+                    break;
+                }
+                // Touched meanwhile: the request is still 0.
+                self.held.store(true, SeqCst);
+            }
+        }
+    }
+
+    fn now(&self) -> u64 {
+        nanos(self.base.elapsed())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Option<File>> {
+        // The guarded file has no invariant a panic could break.
+        self.dev.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn nanos(d: Duration) -> u64 {
+    u64::try_from(d.as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// Writes a request value; on failure, warns and closes the device.
+fn write(dev: &mut Option<File>, us: i32) {
+    let Some(f) = dev.as_mut() else { return };
+    if let Err(e) = f.write_all(&us.to_ne_bytes()) {
+        tracing::warn!(error = %e, device = DEVICE, "cannot change the CPU latency request; \
+                       CPUs may sleep deeply between the steps of an I/O from now on");
+        *dev = None;
+    }
+}
+
+/// This process's request, once [`start`] ran.
+static AWAKE: OnceLock<Arc<Awake>> = OnceLock::new();
+
+/// Holds the CPUs awake while this process's I/O is active and for `linger`
+/// after; `None` (the flag's `off`) does nothing. Spawns the releaser on the
+/// current tokio runtime. Without access to [`DEVICE`] (not root, no such
+/// device) it logs why and carries on.
+pub fn start(linger: Option<Duration>) {
+    let Some(linger) = linger else { return };
+    match Awake::open(Path::new(DEVICE), linger) {
+        Ok(a) => {
+            if AWAKE.set(a.clone()).is_ok() {
+                tokio::spawn(a.release_when_idle());
+            }
+        }
+        Err(e) => tracing::info!(error = %e, device = DEVICE,
+            "cannot ask the kernel to keep CPUs awake during I/O; \
+             I/O works, with more latency where CPUs sleep deeply"),
+    }
+}
+
+/// Records I/O for this process's request ([`start`]); nothing without one.
+pub fn touch() {
+    if let Some(a) = AWAKE.get() {
+        a.touch();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The values written so far to a file standing in for the device.
+    fn written(path: &Path) -> Vec<i32> {
+        std::fs::read(path)
+            .unwrap()
+            .chunks_exact(4)
+            .map(|c| i32::from_ne_bytes(c.try_into().unwrap()))
+            .collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn held_while_touched_and_released_after_the_linger() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("qos");
+        std::fs::write(&path, b"").unwrap();
+        let linger = Duration::from_millis(2);
+        let a = Awake::open(&path, linger).unwrap();
+        tokio::spawn(a.clone().release_when_idle());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert!(written(&path).is_empty(), "nothing asked before any I/O");
+
+        a.touch();
+        assert_eq!(written(&path), [HOLD_US]);
+        // Touched every millisecond for 20 ms: held throughout, one write.
+        for _ in 0..20 {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            a.touch();
+        }
+        assert_eq!(written(&path), [HOLD_US]);
+        // (The timer's resolution is a millisecond: a release is due 2 ms
+        // after the last touch, and comes within the next tick.)
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert_eq!(written(&path), [HOLD_US], "not before the linger");
+        tokio::time::sleep(Duration::from_millis(3)).await;
+        assert_eq!(written(&path), [HOLD_US, RELEASE_US]);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(written(&path), [HOLD_US, RELEASE_US], "idle: no writes");
+
+        a.touch();
+        a.touch();
+        tokio::time::sleep(Duration::from_millis(4)).await;
+        assert_eq!(
+            written(&path),
+            [HOLD_US, RELEASE_US, HOLD_US, RELEASE_US],
+            "held again by the next I/O, released again"
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_write_turns_it_off_without_failing_anything() {
+        // /dev/full takes no bytes: every write fails with ENOSPC.
+        let a = Awake::open(Path::new("/dev/full"), Duration::from_millis(1)).unwrap();
+        let releaser = tokio::spawn(a.clone().release_when_idle());
+        a.touch();
+        a.touch();
+        assert!(a.lock().is_none(), "closed after the failure");
+        assert!(a.held.load(SeqCst), "no touch takes the lock again");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        assert!(releaser.is_finished(), "the releaser has nothing to do");
+    }
+
+    #[test]
+    fn a_missing_device_is_an_error_to_report() {
+        let e = Awake::open(Path::new("/nonexistent/qos"), Duration::from_millis(1))
+            .err()
+            .expect("no such device");
+        assert_eq!(e.kind(), io::ErrorKind::NotFound);
+    }
+}
