@@ -17,6 +17,11 @@ Subcommands (the shell script calls them; none needs to be run by hand):
                                 as `zebu volume attach` recorded it)
   record RAW ...                parses one run (fio JSON or pgbench output),
                                 appends one JSON line of raw results to RAW
+  awake -- CMD...               runs CMD holding a CPU latency request of 0 us
+                                (/dev/cpu_dma_latency), as Zebu's engines and
+                                replicas do while they have I/O, so the
+                                baselines run with the CPUs as awake as Zebu's
+                                (without access, CMD runs anyway and it says so)
   show RAW                      prints one line about the last run in RAW
   report RAW META OUT_BASE      medians, ratios; writes OUT_BASE.json and
                                 OUT_BASE.md and prints the Markdown (META:
@@ -31,6 +36,8 @@ import json
 import os
 import re
 import statistics
+import struct
+import subprocess
 import sys
 
 ZEBU_KINDS = ("zebu-replica", "zebu-engine", "zebu-nbd-fuse", "zebu-csi")
@@ -133,6 +140,28 @@ def cmd_cpu(a):
                           "sleeps": _sleeps(pid)}
     with open(a.out, "w", encoding="utf-8") as f:
         json.dump({"clk_tck": os.sysconf("SC_CLK_TCK"), "procs": snap}, f)
+
+
+QOS_DEVICE = "/dev/cpu_dma_latency"
+
+
+def cmd_awake(a):
+    cmd = a.command[1:] if a.command[:1] == ["--"] else a.command
+    if not cmd:
+        sys.exit("user_path.py awake: no command given")
+    fd = None
+    try:
+        fd = os.open(QOS_DEVICE, os.O_WRONLY)
+        os.write(fd, struct.pack("i", 0))
+    except OSError as e:
+        print(f"user_path: the baseline runs with the CPUs free to idle: cannot hold {QOS_DEVICE} ({e})",
+              file=sys.stderr)
+    try:
+        rc = subprocess.call(cmd)
+    finally:
+        if fd is not None:
+            os.close(fd)
+    sys.exit(rc)
 
 
 def cmd_nbd_uri(a):
@@ -433,7 +462,7 @@ def render_md(meta, summary, ratios, rows):
     out.append("")
     out.append(f"- Machine: {m.get('nproc', '?')} CPUs ({m.get('cpu_model', '?')}), kernel {m.get('kernel', '?')}, "
                f"work dir on {m.get('disk_source', '?')} ({m.get('disk_fs', '?')}); load average at start {m.get('loadavg_start', '?')}, "
-               f"at end {m.get('loadavg_end', '?')}")
+               f"at end {m.get('loadavg_end', '?')}; CPU idle driver/governor: states {m.get('cpuidle', '?')}")
     out.append(f"- Commit {m.get('commit', '?')}; binaries {m.get('bin_dir', '?')} ({m.get('profile', '?')}); "
                f"{m.get('fio_version', '?')}; {m.get('postgres_version', 'no PostgreSQL')}")
     out.append(f"- {m.get('date', '?')}: {m.get('rounds', '?')} round(s) of {m.get('seconds', '?')} s per fio run; "
@@ -446,6 +475,9 @@ def render_md(meta, summary, ratios, rows):
                "`zebu-3-nbd` fio's nbd engine on the engine's NBD socket of a second 3-replica volume, "
                "attached `--block` (no filesystem, FUSE file or loop device in the path); `three-copies` the local "
                "filesystem taking three copies (three fio jobs on three files at once), per-copy rate = total / 3. "
+               "Zebu's engines and replicas keep the CPUs out of idle states while they have I/O (`--keep-cpus-awake`, "
+               "default 2ms); fio and pgbench on `local` and `three-copies` run holding the same request, so both sides "
+               "meet CPUs equally awake. "
                "CPU: utime + stime of every Zebu process of the run (driver, replicas, engines, and bridges where one runs) "
                "around the fio or pgbench command, over the writes (transactions) it completed; the loop "
                "device's and FUSE's kernel work in kernel threads is not counted. Ratios: per round, then the "
@@ -589,6 +621,9 @@ def main():
     p.add_argument("--cpu-before")
     p.add_argument("--cpu-after")
     p.set_defaults(fn=cmd_record)
+    p = sub.add_parser("awake")
+    p.add_argument("command", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=cmd_awake)
     p = sub.add_parser("show")
     p.add_argument("raw")
     p.set_defaults(fn=cmd_show)

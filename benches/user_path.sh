@@ -339,6 +339,7 @@ meta_put cpu_model "$(awk -F': ' '/^model name/ {print $2; exit}' /proc/cpuinfo)
 meta_put disk_source "$(findmnt -n -o SOURCE -T "$work")"
 meta_put disk_fs "$(findmnt -n -o FSTYPE -T "$work")"
 meta_put loadavg_start "$(cut -d' ' -f1-3 /proc/loadavg)"
+meta_put cpuidle "$(cat /sys/devices/system/cpu/cpuidle/current_driver 2>/dev/null || echo none)/$(cat /sys/devices/system/cpu/cpuidle/current_governor_ro 2>/dev/null || echo none): $(cat /sys/devices/system/cpu/cpu0/cpuidle/state*/name 2>/dev/null | paste -sd, -)"
 commit=$(git -C "$root" rev-parse --short HEAD 2>/dev/null || echo unknown)
 [[ -n $(git -C "$root" status --porcelain 2>/dev/null) ]] && commit+=" (with uncommitted changes)"
 meta_put commit "$commit"
@@ -512,12 +513,16 @@ run_one() { # system scenario round
     python3 "$helper" cpu "$work" "$out.cpu0" --driver "$driver_pid"
     cpu=(--cpu-before "$out.cpu0" --cpu-after "$out.cpu1")
   fi
+  # The baselines hold the CPUs as awake as Zebu's processes do during I/O
+  # (--keep-cpus-awake), so neither side gains from the other's idle states.
+  local awake=()
+  [[ $s == local || $s == three-copies ]] && awake=(python3 "$helper" awake --)
   echo "-- round $r: $s $sc"
   if [[ $sc == pgbench ]]; then
-    run_logged "$out.log" timeout -k 10 $((pg_seconds + 300)) "${as_pg[@]}" "$pgbin/pgbench" "${args[@]}" || rc=$?
+    run_logged "$out.log" ${awake[@]+"${awake[@]}"} timeout -k 10 $((pg_seconds + 300)) "${as_pg[@]}" "$pgbin/pgbench" "${args[@]}" || rc=$?
     cp "$out.log" "$out.txt"
   else
-    run_logged "$out.log" timeout -k 10 $((seconds + 300)) fio "${args[@]}" --output-format=json "--output=$out.json" || rc=$?
+    run_logged "$out.log" ${awake[@]+"${awake[@]}"} timeout -k 10 $((seconds + 300)) fio "${args[@]}" --output-format=json "--output=$out.json" || rc=$?
   fi
   [[ $s == zebu-3* ]] && python3 "$helper" cpu "$work" "$out.cpu1" --driver "$driver_pid"
   if [[ $sc == pgbench ]]; then

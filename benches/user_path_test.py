@@ -1,9 +1,12 @@
 #!/usr/bin/env python3
 """Tests of user_path.py's CPU and sleep accounting, its by-process tables
-and the kernel's CPU per write read from fio's output, on inputs made here.
+and the kernel's CPU per write read from fio's output, on inputs made here;
+and the baselines' CPU latency request (`awake`), against the kernel.
 Run: python3 benches/user_path_test.py"""
 import json
 import os
+import subprocess
+import sys
 import tempfile
 import unittest
 
@@ -104,6 +107,27 @@ class KernelBound(unittest.TestCase):
         self.assertIn("27.0 µs for three (three-copies)", line)
         self.assertIn(f"target of {user_path.CPU_TARGET_US} µs", line)
         self.assertEqual(user_path.kernel_bound({"local": summary["local"]}), [])
+
+
+READ_LIMIT = ("import struct; print(struct.unpack('i', open('/dev/cpu_dma_latency', 'rb').read(4))[0])")
+
+
+@unittest.skipUnless(os.access(user_path.QOS_DEVICE, os.W_OK), "needs root and /dev/cpu_dma_latency")
+class Awake(unittest.TestCase):
+    def run_awake(self, *cmd):
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run([sys.executable, os.path.join(here, "user_path.py"), "awake", "--", *cmd],
+                              capture_output=True, text=True, check=False)
+
+    def test_the_command_runs_with_the_limit_at_zero_and_its_status_comes_back(self):
+        r = self.run_awake(sys.executable, "-c", READ_LIMIT + "; raise SystemExit(3)")
+        self.assertEqual(r.returncode, 3, r.stderr)
+        self.assertEqual(r.stdout.strip(), "0")
+
+    def test_no_command_is_an_error(self):
+        r = self.run_awake()
+        self.assertNotEqual(r.returncode, 0)
+        self.assertIn("no command", r.stderr)
 
 
 if __name__ == "__main__":
