@@ -77,9 +77,9 @@ struct ServeArgs {
     /// request of 0 us on /dev/cpu_dma_latency): each step of an I/O wakes
     /// the next, and a CPU woken from a halt or a deep C-state adds its
     /// exit latency to every step. Idle CPUs poll meanwhile. off: never.
-    #[arg(long, env = "ZEBU_KEEP_CPUS_AWAKE", default_value = zebu_proto::awake::DEFAULT_LINGER,
-          value_parser = zebu_proto::duration::parse_interval)]
-    keep_cpus_awake: std::option::Option<Duration>,
+    /// Default: $ZEBU_KEEP_CPUS_AWAKE, else 2ms.
+    #[arg(long, value_parser = zebu_proto::awake::parse_linger)]
+    keep_cpus_awake: Option<zebu_proto::awake::Linger>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -223,6 +223,9 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let linger = zebu_proto::awake::linger(args.keep_cpus_awake)
+        .map_err(anyhow::Error::msg)
+        .context("--keep-cpus-awake")?;
     if let Some(file) = &args.file {
         zebu_fuse_file::split_file(file).context("--file")?;
     }
@@ -241,7 +244,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
 
-    zebu_proto::awake::start(args.keep_cpus_awake);
+    zebu_proto::awake::start(linger);
     let volume = Volume::start(VolumeOptions {
         name: args.volume.clone(),
         size: args.size,

@@ -72,6 +72,7 @@ fn engine_refuses_bad_command_lines() {
         ("--scrub-interval", "0h", "invalid interval"),
         ("--scrub-rate", "100K", "use at least 1m"),
         ("--scrub-rate", "fast", "--scrub-rate"),
+        ("--keep-cpus-awake", "soon", "--keep-cpus-awake"),
         (
             "--file",
             "/nonexistent-zebu-dir/disk",

@@ -12,6 +12,7 @@ mod common;
 
 use common::*;
 use std::path::Path;
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 const DEVICE: &str = "/dev/cpu_dma_latency";
@@ -111,5 +112,22 @@ fn an_engine_holds_the_cpus_awake_while_its_volume_has_io() {
     );
     nbd_write_file(&engine.uri(), &src);
     assert_eq!(limit(), NO_CONSTRAINT, "off: nothing asked during I/O");
+    // The variable set is no serving flag given to `ctl`.
+    engine.ctl_ok(&["status"]);
     engine.stop();
+
+    let r = run(
+        Command::new(engine_bin())
+            .env("ZEBU_KEEP_CPUS_AWAKE", "soon")
+            .args(["--volume", "awake", "--size", "64M", "--replica", addrs[0]])
+            .args(["--nbd", "tcp:127.0.0.1:0", "--listen", "127.0.0.1:0"]),
+        SHORT,
+    )
+    .expect_fail();
+    assert!(
+        r.stderr
+            .contains("ZEBU_KEEP_CPUS_AWAKE: invalid interval \"soon\""),
+        "unclear message: {}",
+        r.stderr
+    );
 }

@@ -38,10 +38,38 @@ use tokio::time::Instant;
 
 /// The kernel's PM QoS device for CPU latency.
 pub const DEVICE: &str = "/dev/cpu_dma_latency";
-/// What the flag defaults to: long enough to hold through the gaps of a
-/// queue-depth-one stream or a database's commits, short enough that an
-/// idle volume lets the CPUs sleep at once.
+/// The linger where no flag gives one: long enough to hold through the
+/// gaps of a queue-depth-one stream or a database's commits, short enough
+/// that an idle volume lets the CPUs sleep at once.
 pub const DEFAULT_LINGER: &str = "2ms";
+/// The environment variable that sets the linger where no flag does, so a
+/// driver's environment reaches every engine and replica it starts. Read
+/// by [`linger`], not by clap: clap would count it as a serving flag given
+/// to `zebu-engine ctl`.
+pub const ENV: &str = "ZEBU_KEEP_CPUS_AWAKE";
+
+/// How long after its last request a process keeps the CPUs awake; `None`
+/// is `off`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Linger(pub Option<Duration>);
+
+/// Parses a `--keep-cpus-awake` value: a duration (`2ms`), or `off` (`0`).
+pub fn parse_linger(s: &str) -> Result<Linger, String> {
+    crate::duration::parse_interval(s).map(Linger)
+}
+
+/// The linger to use: the flag's, else [`ENV`]'s, else [`DEFAULT_LINGER`].
+pub fn linger(flag: Option<Linger>) -> Result<Linger, String> {
+    linger_with(flag, std::env::var(ENV).ok())
+}
+
+fn linger_with(flag: Option<Linger>, env: Option<String>) -> Result<Linger, String> {
+    match (flag, env) {
+        (Some(l), _) => Ok(l),
+        (None, Some(v)) => parse_linger(&v).map_err(|e| format!("{ENV}: {e}")),
+        (None, None) => parse_linger(DEFAULT_LINGER),
+    }
+}
 /// The request while I/O is active: no idle state with any exit latency.
 const HOLD_US: i32 = 0;
 /// The kernel's "no constraint" value (`PM_QOS_CPU_LATENCY_DEFAULT_VALUE`).
@@ -152,11 +180,11 @@ fn write(dev: &mut Option<File>, us: i32) {
 static AWAKE: OnceLock<Arc<Awake>> = OnceLock::new();
 
 /// Holds the CPUs awake while this process's I/O is active and for `linger`
-/// after; `None` (the flag's `off`) does nothing. Spawns the releaser on the
-/// current tokio runtime. Without access to [`DEVICE`] (not root, no such
-/// device) it logs why and carries on.
-pub fn start(linger: Option<Duration>) {
-    let Some(linger) = linger else { return };
+/// after; `off` does nothing. Spawns the releaser on the current tokio
+/// runtime. Without access to [`DEVICE`] (not root, no such device) it logs
+/// why and carries on.
+pub fn start(linger: Linger) {
+    let Linger(Some(linger)) = linger else { return };
     match Awake::open(Path::new(DEVICE), linger) {
         Ok(a) => {
             if AWAKE.set(a.clone()).is_ok() {
@@ -238,6 +266,22 @@ mod tests {
         assert!(a.held.load(SeqCst), "no touch takes the lock again");
         tokio::time::sleep(Duration::from_millis(5)).await;
         assert!(releaser.is_finished(), "the releaser has nothing to do");
+    }
+
+    #[test]
+    fn the_flag_wins_then_the_environment_then_the_default() {
+        let ms = |n| Linger(Some(Duration::from_millis(n)));
+        let flag = Some(ms(5));
+        assert_eq!(linger_with(flag, Some("off".into())), Ok(ms(5)));
+        assert_eq!(linger_with(None, Some("off".into())), Ok(Linger(None)));
+        assert_eq!(linger_with(None, Some("10ms".into())), Ok(ms(10)));
+        assert_eq!(linger_with(None, None), Ok(ms(2)));
+        let e = linger_with(None, Some("soon".into())).unwrap_err();
+        assert!(
+            e.starts_with("ZEBU_KEEP_CPUS_AWAKE: invalid interval"),
+            "{e}"
+        );
+        assert_eq!(parse_linger("0"), Ok(Linger(None)));
     }
 
     #[test]

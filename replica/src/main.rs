@@ -34,9 +34,9 @@ struct Args {
     /// request of 0 us on /dev/cpu_dma_latency): each step of an I/O wakes
     /// the next, and a CPU woken from a halt or a deep C-state adds its
     /// exit latency to every step. Idle CPUs poll meanwhile. off: never.
-    #[arg(long, env = "ZEBU_KEEP_CPUS_AWAKE", default_value = zebu_proto::awake::DEFAULT_LINGER,
-          value_parser = zebu_proto::duration::parse_interval)]
-    keep_cpus_awake: std::option::Option<std::time::Duration>,
+    /// Default: $ZEBU_KEEP_CPUS_AWAKE, else 2ms.
+    #[arg(long, value_parser = zebu_proto::awake::parse_linger)]
+    keep_cpus_awake: Option<zebu_proto::awake::Linger>,
 }
 
 // One runtime thread: the replica's work per request is short (decode, CRC,
@@ -51,6 +51,9 @@ async fn main() -> anyhow::Result<()> {
         tracing::warn!("could not tune the allocator; large I/O will be slower");
     }
     let args = Args::parse();
+    let linger = zebu_proto::awake::linger(args.keep_cpus_awake)
+        .map_err(anyhow::Error::msg)
+        .context("--keep-cpus-awake")?;
     let opts = OpenOptions {
         dir: args.dir.clone(),
         size: args.size,
@@ -61,7 +64,7 @@ async fn main() -> anyhow::Result<()> {
         .await?
         .with_context(|| format!("opening the replica in {}", args.dir.display()))?;
     let store = Arc::new(store);
-    zebu_proto::awake::start(args.keep_cpus_awake);
+    zebu_proto::awake::start(linger);
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding the gRPC listener on {}", args.listen))?;
