@@ -223,7 +223,7 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let linger = zebu_proto::awake::linger(args.keep_cpus_awake)
+    zebu_proto::awake::start(args.keep_cpus_awake)
         .map_err(anyhow::Error::msg)
         .context("--keep-cpus-awake")?;
     if let Some(file) = &args.file {
@@ -244,7 +244,6 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
 
-    zebu_proto::awake::start(linger);
     let volume = Volume::start(VolumeOptions {
         name: args.volume.clone(),
         size: args.size,

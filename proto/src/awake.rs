@@ -44,7 +44,7 @@ pub const DEVICE: &str = "/dev/cpu_dma_latency";
 pub const DEFAULT_LINGER: &str = "2ms";
 /// The environment variable that sets the linger where no flag does, so a
 /// driver's environment reaches every engine and replica it starts. Read
-/// by [`linger`], not by clap: clap would count it as a serving flag given
+/// by [`start`], not by clap: clap would count it as a serving flag given
 /// to `zebu-engine ctl`.
 pub const ENV: &str = "ZEBU_KEEP_CPUS_AWAKE";
 
@@ -58,11 +58,8 @@ pub fn parse_linger(s: &str) -> Result<Linger, String> {
     crate::duration::parse_interval(s).map(Linger)
 }
 
-/// The linger to use: the flag's, else [`ENV`]'s, else [`DEFAULT_LINGER`].
-pub fn linger(flag: Option<Linger>) -> Result<Linger, String> {
-    linger_with(flag, std::env::var(ENV).ok())
-}
-
+/// The linger to use: the flag's, else `env` ([`ENV`]'s), else
+/// [`DEFAULT_LINGER`].
 fn linger_with(flag: Option<Linger>, env: Option<String>) -> Result<Linger, String> {
     match (flag, env) {
         (Some(l), _) => Ok(l),
@@ -70,6 +67,7 @@ fn linger_with(flag: Option<Linger>, env: Option<String>) -> Result<Linger, Stri
         (None, None) => parse_linger(DEFAULT_LINGER),
     }
 }
+
 /// The request while I/O is active: no idle state with any exit latency.
 const HOLD_US: i32 = 0;
 /// The kernel's "no constraint" value (`PM_QOS_CPU_LATENCY_DEFAULT_VALUE`).
@@ -179,12 +177,16 @@ fn write(dev: &mut Option<File>, us: i32) {
 /// This process's request, once [`start`] ran.
 static AWAKE: OnceLock<Arc<Awake>> = OnceLock::new();
 
-/// Holds the CPUs awake while this process's I/O is active and for `linger`
-/// after; `off` does nothing. Spawns the releaser on the current tokio
-/// runtime. Without access to [`DEVICE`] (not root, no such device) it logs
-/// why and carries on.
-pub fn start(linger: Linger) {
-    let Linger(Some(linger)) = linger else { return };
+/// Holds the CPUs awake while this process's I/O is active and for its
+/// linger after: `flag`'s (`--keep-cpus-awake`), else [`ENV`]'s, else
+/// [`DEFAULT_LINGER`]; `off` does nothing. Spawns the releaser on the
+/// current tokio runtime. A bad value of [`ENV`] is an error naming it;
+/// without access to [`DEVICE`] (not root, no such device) it logs why and
+/// carries on.
+pub fn start(flag: Option<Linger>) -> Result<(), String> {
+    let Linger(Some(linger)) = linger_with(flag, std::env::var(ENV).ok())? else {
+        return Ok(());
+    };
     match Awake::open(Path::new(DEVICE), linger) {
         Ok(a) => {
             if AWAKE.set(a.clone()).is_ok() {
@@ -195,6 +197,7 @@ pub fn start(linger: Linger) {
             "cannot ask the kernel to keep CPUs awake during I/O; \
              I/O works, with more latency where CPUs sleep deeply"),
     }
+    Ok(())
 }
 
 /// Records I/O for this process's request ([`start`]); nothing without one.

@@ -51,7 +51,7 @@ async fn main() -> anyhow::Result<()> {
         tracing::warn!("could not tune the allocator; large I/O will be slower");
     }
     let args = Args::parse();
-    let linger = zebu_proto::awake::linger(args.keep_cpus_awake)
+    zebu_proto::awake::start(args.keep_cpus_awake)
         .map_err(anyhow::Error::msg)
         .context("--keep-cpus-awake")?;
     let opts = OpenOptions {
@@ -64,7 +64,6 @@ async fn main() -> anyhow::Result<()> {
         .await?
         .with_context(|| format!("opening the replica in {}", args.dir.display()))?;
     let store = Arc::new(store);
-    zebu_proto::awake::start(linger);
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .with_context(|| format!("binding the gRPC listener on {}", args.listen))?;
