@@ -7,15 +7,18 @@ Subcommands (the shell script calls them; none needs to be run by hand):
                                 whose command line mentions WORK, or that is a
                                 descendant of PID (never this process or its
                                 parent)
-  cpu WORK OUT [--driver PID]   CPU snapshot of the Zebu processes among them
+  cpu WORK OUT [--driver PID] [--kind K]...
+                                CPU snapshot of the Zebu processes among them
                                 (zebu-replica, zebu-engine, zebu-nbd-fuse,
-                                zebu-csi): utime + stime and the sleeps
+                                zebu-csi; or of the executables named with
+                                --kind): utime + stime and the sleeps
                                 (voluntary context switches) of its threads
                                 per pid, as JSON
   nbd-uri CLI_STATE VOLUME_ID   the NBD URI ControllerPublishVolume returned
                                 for an attached volume (its publish context,
                                 as `zebu volume attach` recorded it)
-  record RAW ...                parses one run (fio JSON or pgbench output),
+  record RAW ...                parses one run (fio JSON, pgbench output or
+                                replication-floor's JSON),
                                 appends one JSON line of raw results to RAW
   awake -- CMD...               runs CMD holding a CPU latency request of 0 us
                                 (/dev/cpu_dma_latency), as Zebu's engines and
@@ -41,7 +44,7 @@ import subprocess
 import sys
 
 ZEBU_KINDS = ("zebu-replica", "zebu-engine", "zebu-nbd-fuse", "zebu-csi")
-SYSTEMS = ["local", "zebu-3", "zebu-3-nbd", "three-copies"]
+SYSTEMS = ["local", "zebu-3", "zebu-3-nbd", "three-copies", "floor-3"]
 SCENARIOS = ["randwrite-qd32", "write-qd1", "fsync-qd1", "pgbench"]
 # The issue's latency target: a QD1 write through the filesystem at most
 # this much slower (p50) than the local disk's.
@@ -129,8 +132,9 @@ def cmd_procs(a):
 
 def cmd_cpu(a):
     snap = {}
+    kinds = a.kind or ZEBU_KINDS
     for pid, (kind, _) in matching_processes(a.work, a.driver).items():
-        if kind not in ZEBU_KINDS:
+        if kind not in kinds:
             continue
         st = _stat_fields(pid)
         if st is None:
@@ -256,6 +260,22 @@ def fio_figures(path, copies):
     }
 
 
+def floor_figures(path):
+    """replication-floor client's JSON: operations (writes, or commits of a
+    write and a flush) per second, p50, and the client's own CPU."""
+    with open(path, encoding="utf-8") as f:
+        j = json.load(f)
+    if not j.get("ops"):
+        raise ValueError(f"replication-floor reported no operation in {path}")
+    return {
+        "value": float(j["per_second"]),
+        "ios": int(j["ops"]),
+        "total_ios": int(j["ops"]),
+        "p50_us": float(j["p50_us"]),
+        "client_cpu_us": float(j["client_cpu_us"]),
+    }
+
+
 def pgbench_figures(path):
     with open(path, encoding="utf-8", errors="replace") as f:
         text = f.read()
@@ -283,12 +303,17 @@ def cmd_record(a):
         err = f"exit status {a.rc}"
     else:
         try:
-            row.update(pgbench_figures(a.result) if a.kind == "pgbench" else fio_figures(a.result, a.copies))
+            figures = {"pgbench": pgbench_figures, "floor": floor_figures}.get(a.kind)
+            row.update(figures(a.result) if figures else fio_figures(a.result, a.copies))
         except (OSError, ValueError, KeyError, TypeError) as e:
             err = str(e)
     if err is None and a.cpu_before and a.cpu_after:
         try:
             us, by_kind, sleeps, gone, nprocs = cpu_delta(a.cpu_before, a.cpu_after)
+            if row.get("client_cpu_us") is not None:
+                # the floor's client is gone by the second snapshot: its own figure
+                by_kind["client"] = row["client_cpu_us"]
+                us += row["client_cpu_us"]
             row["cpu_us"] = us
             row["cpu_us_by_kind"] = by_kind
             if sleeps is not None:
@@ -415,6 +440,8 @@ def summarize(rows):
             "zebu-3/local": ratio(sc, "zebu-3", "local"),
             "zebu-3/zebu-3-nbd": ratio(sc, "zebu-3", "zebu-3-nbd"),
             "zebu-3/three-copies": ratio(sc, "zebu-3", "three-copies"),
+            "zebu-3/floor-3": ratio(sc, "zebu-3", "floor-3"),
+            "zebu-3-nbd/floor-3": ratio(sc, "zebu-3-nbd", "floor-3"),
         }
     return summary, ratios
 
@@ -474,7 +501,11 @@ def render_md(meta, summary, ratios, rows):
                "attached by `zebu-csi standalone` through the `zebu` CLI (the engine's FUSE file, loop device, ext4); "
                "`zebu-3-nbd` fio's nbd engine on the engine's NBD socket of a second 3-replica volume, "
                "attached `--block` (no filesystem, FUSE file or loop device in the path); `three-copies` the local "
-               "filesystem taking three copies (three fio jobs on three files at once), per-copy rate = total / 3. "
+               "filesystem taking three copies (three fio jobs on three files at once), per-copy rate = total / 3; "
+               "`floor-3` the floor of the design's hops: `replication-floor` sending each 4 KiB write (write-qd1), "
+               "or a write and then a flush (fsync-qd1: one commit per I/O), over loopback TCP to three processes "
+               "that `pwrite` it O_DIRECT (and `fdatasync`) into files on the same disk, with blocking threads and "
+               "none of Zebu's code; its CPU is theirs and the client's. "
                "Zebu's engines and replicas keep the CPUs out of idle states while they have I/O (`--keep-cpus-awake`, "
                "default 2ms); fio and pgbench on `local` and `three-copies` run holding the same request, so both sides "
                "meet CPUs equally awake. "
@@ -515,6 +546,9 @@ def render_md(meta, summary, ratios, rows):
             cpu = fnum(s["cpu_us_per_io"])
             if sc == "pgbench":
                 out.append(f"| {sys_} | {v} | {fnum(s['mean_latency_us'], 0)} | {cpu} | {vs} |")
+            elif sc == "fsync-qd1" and sys_ == "floor-3":
+                # its p50 is of a whole commit, the write and the flush: said below
+                out.append(f"| {sys_} | {v} | - | - | {cpu} | {vs} |")
             elif sc == "fsync-qd1":
                 out.append(f"| {sys_} | {v} | {fnum(s['p50_us'], 0)} | {fnum(s['sync_p50_us'], 0)} | {cpu} | {vs} |")
             elif sc == "write-qd1":
@@ -529,6 +563,8 @@ def render_md(meta, summary, ratios, rows):
                          f"(target: at most {QD1_EXTRA_TARGET_US} µs)")
         if sc == "randwrite-qd32":
             extra.extend(kernel_bound(summary[sc]))
+        if sc == "fsync-qd1" and summary[sc].get("floor-3", {}).get("p50_us") is not None:
+            extra.append(f"floor-3's commit (write, then flush) p50: {fnum(summary[sc]['floor-3']['p50_us'], 0)} µs")
         if extra:
             out.append("")
             out.append("; ".join(extra) + ".")
@@ -543,13 +579,13 @@ def render_md(meta, summary, ratios, rows):
         "costs here."))
     out.append("## Ratios")
     out.append("")
-    out.append("| scenario | zebu-3 / local | zebu-3 / zebu-3-nbd | zebu-3 / three-copies |")
-    out.append("|---|---:|---:|---:|")
+    out.append("| scenario | zebu-3 / local | zebu-3 / zebu-3-nbd | zebu-3 / three-copies | zebu-3 / floor-3 |")
+    out.append("|---|---:|---:|---:|---:|")
     for sc in SCENARIOS:
         if sc in ratios:
             r = ratios[sc]
             out.append(f"| {sc} | {fratio(r['zebu-3/local'])} | {fratio(r['zebu-3/zebu-3-nbd'])} | "
-                       f"{fratio(r['zebu-3/three-copies'])} |")
+                       f"{fratio(r['zebu-3/three-copies'])} | {fratio(r.get('zebu-3/floor-3'))} |")
     out.append("")
     failed = [r for r in rows if not r.get("ok")]
     if failed:
@@ -592,7 +628,7 @@ def cmd_report(a):
     print(md)
 
 
-def main():
+def build_parser():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
     p = sub.add_parser("procs")
@@ -603,6 +639,7 @@ def main():
     p.add_argument("work")
     p.add_argument("out")
     p.add_argument("--driver", type=int)
+    p.add_argument("--kind", action="append", help="executable name to count (default: Zebu's)")
     p.set_defaults(fn=cmd_cpu)
     p = sub.add_parser("nbd-uri")
     p.add_argument("cli_state")
@@ -613,8 +650,8 @@ def main():
     p.add_argument("--system", required=True, choices=SYSTEMS)
     p.add_argument("--scenario", required=True, choices=SCENARIOS)
     p.add_argument("--round", required=True, type=int)
-    p.add_argument("--kind", required=True, choices=["fio", "pgbench"])
-    p.add_argument("--result", required=True, help="fio JSON output or pgbench stdout")
+    p.add_argument("--kind", required=True, choices=["fio", "pgbench", "floor"])
+    p.add_argument("--result", required=True, help="fio JSON output, pgbench stdout or replication-floor JSON")
     p.add_argument("--rc", type=int, default=0)
     p.add_argument("--copies", type=int, default=1)
     p.add_argument("--command", default="")
@@ -632,7 +669,11 @@ def main():
     p.add_argument("meta")
     p.add_argument("out_base", help="writes OUT_BASE.json and OUT_BASE.md")
     p.set_defaults(fn=cmd_report)
-    a = ap.parse_args()
+    return ap
+
+
+def main():
+    a = build_parser().parse_args()
     a.fn(a)
 
 

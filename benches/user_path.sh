@@ -19,6 +19,12 @@
 #   three-copies  the local filesystem taking three copies: the same fio job
 #                 on three files at once (three jobs, --group_reporting); its
 #                 figure is per copy (total / 3). fio scenarios only.
+#   floor-3       the floor of the design's hops: `replication-floor` (benches/
+#                 src/replication_floor) sends each 4 KiB write (and flush) over
+#                 loopback TCP to three processes that pwrite it O_DIRECT (and
+#                 fdatasync) into files on this disk, blocking threads, nothing
+#                 of Zebu. write-qd1 (one replicated write) and fsync-qd1 (a
+#                 replicated write, then a replicated flush) only.
 # Scenarios (one fio job or one pgbench run each):
 #   randwrite-qd32  4 KiB random writes, O_DIRECT, libaio, QD32, on a file
 #                   written once beforehand (256M; --smoke 32M)
@@ -104,7 +110,7 @@ fi
 if ((smoke)); then
   rounds=1 seconds=2 pg_scale=1 pg_seconds=3 file_mb=32 fsync_mb=8 vol_size=1G nbd_vol_size=256M
 fi
-systems=(local zebu-3 zebu-3-nbd three-copies)
+systems=(local zebu-3 zebu-3-nbd three-copies floor-3)
 scenarios=(randwrite-qd32 write-qd1 fsync-qd1)
 ((pgbench)) && scenarios+=(pgbench)
 
@@ -158,7 +164,7 @@ t_start=$(date +%s)
 date_tag=$(date +%F)
 profile="given with --bin-dir"
 if [[ -z $bin_dir ]]; then
-  pkgs=(-p zebu-csi -p zebu-cli -p zebu-nbd-fuse -p zebu-replica -p zebu-engine)
+  pkgs=(-p zebu-csi -p zebu-cli -p zebu-nbd-fuse -p zebu-replica -p zebu-engine -p zebu-benches)
   if ((debug)); then
     profile=debug build=(cargo build "${pkgs[@]}")
   else
@@ -171,7 +177,7 @@ if [[ -z $bin_dir ]]; then
   bin_dir=$tdir/$profile
 fi
 bin=$(cd "$bin_dir" 2>/dev/null && pwd) || die "no directory $bin_dir"
-for b in zebu-csi zebu zebu-nbd-fuse zebu-replica zebu-engine; do
+for b in zebu-csi zebu zebu-nbd-fuse zebu-replica zebu-engine replication-floor; do
   [[ -x $bin/$b ]] || die "no executable $bin/$b"
 done
 
@@ -191,7 +197,7 @@ raw=$work/out/raw.jsonl meta=$work/out/meta.tsv
 : >"$raw"
 : >"$meta"
 
-driver_pid="" cur_pid=""
+driver_pid="" cur_pid="" floor_pids=() floor_addrs=()
 vols=() attached=() pg_running=() failed=0
 declare -A pg_data=() pg_run=()
 pg_port=55432
@@ -292,6 +298,8 @@ teardown() {
     done
     vols=()
   fi
+  for l in ${floor_pids[@]+"${floor_pids[@]}"}; do kill -TERM "$l" 2>/dev/null; wait "$l" 2>/dev/null; done
+  floor_pids=()
   leftovers >"$kids" 2>/dev/null
   unmount_under_work nonfuse
   for l in $(loops_under_work); do losetup -d "$l" 2>/dev/null || echo "user_path: cannot detach $l" >&2; done
@@ -389,6 +397,20 @@ nbd_uri=$(python3 "$helper" nbd-uri "$work/cli" "$vol_nbd") || die "cannot find 
 [[ $nbd_uri == *"socket=$work/"* ]] || die "the engine's NBD socket is outside the work dir: $nbd_uri"
 meta_put nbd_uri "$nbd_uri"
 say "zebu-3-nbd: fio's nbd engine on $nbd_uri"
+
+say "floor-3: three replication-floor replicas on $work/floor (loopback TCP, O_DIRECT files of ${file_mb}M)"
+mkdir -p "$work/floor"
+for i in 1 2 3; do
+  "$bin/replication-floor" replica --listen 127.0.0.1:0 --file "$work/floor/$i.dat" --size "${file_mb}M" \
+    >"$work/logs/floor-$i.out" 2>"$work/logs/floor-$i.err" &
+  floor_pids+=($!)
+done
+for i in 1 2 3; do
+  wait_ready "${floor_pids[i - 1]}" "$work/logs/floor-$i.out" '^replication-floor replica: serving .* on ' 120 \
+    "user_path: replication-floor replica $i" || die "a replication-floor replica did not start"
+  floor_addrs+=("$(sed -n 's/^replication-floor replica: serving .* on //p' "$work/logs/floor-$i.out" | head -1)")
+done
+meta_put floor_replicas "${floor_addrs[*]}"
 
 declare -A dir_of=([local]=$work/local [zebu-3]=$work/mnt/bench [three-copies]=$work/three)
 file_of() { # scenario -> file name
@@ -499,7 +521,11 @@ run_one() { # system scenario round
   [[ $s == zebu-3* ]] && zebu_check
   [[ $s == three-copies ]] && copies=3
   sync_all
-  if [[ $sc == pgbench ]]; then
+  if [[ $s == floor-3 ]]; then
+    args=(client --mode "$([[ $sc == fsync-qd1 ]] && echo commit || echo write)" --seconds "$seconds"
+      --span "$(size_of "$sc")M" --output "$out.json")
+    for a in "${floor_addrs[@]}"; do args+=(--replica "$a"); done
+  elif [[ $sc == pgbench ]]; then
     pg_start "$s" || die "PostgreSQL did not start on $s: $(tail -n 5 "${pg_run[$s]}/server.log")"
     # what pgbench does before a run without -n, done before the CPU snapshot
     pg_as "$pgbin/psql" -X -q -h "${pg_run[$s]}" -p "$pg_port" -U postgres -d postgres \
@@ -512,20 +538,32 @@ run_one() { # system scenario round
   if [[ $s == zebu-3* ]]; then
     python3 "$helper" cpu "$work" "$out.cpu0" --driver "$driver_pid"
     cpu=(--cpu-before "$out.cpu0" --cpu-after "$out.cpu1")
+  elif [[ $s == floor-3 ]]; then
+    python3 "$helper" cpu "$work" "$out.cpu0" --kind replication-floor
+    cpu=(--cpu-before "$out.cpu0" --cpu-after "$out.cpu1")
   fi
   # The baselines hold the CPUs as awake as Zebu's processes do during I/O
   # (--keep-cpus-awake), so neither side gains from the other's idle states.
   local awake=()
-  [[ $s == local || $s == three-copies ]] && awake=(python3 "$helper" awake --)
+  [[ $s == local || $s == three-copies || $s == floor-3 ]] && awake=(python3 "$helper" awake --)
   echo "-- round $r: $s $sc"
-  if [[ $sc == pgbench ]]; then
+  if [[ $s == floor-3 ]]; then
+    run_logged "$out.log" ${awake[@]+"${awake[@]}"} timeout -k 10 $((seconds + 300)) "$bin/replication-floor" "${args[@]}" || rc=$?
+  elif [[ $sc == pgbench ]]; then
     run_logged "$out.log" ${awake[@]+"${awake[@]}"} timeout -k 10 $((pg_seconds + 300)) "${as_pg[@]}" "$pgbin/pgbench" "${args[@]}" || rc=$?
     cp "$out.log" "$out.txt"
   else
     run_logged "$out.log" ${awake[@]+"${awake[@]}"} timeout -k 10 $((seconds + 300)) fio "${args[@]}" --output-format=json "--output=$out.json" || rc=$?
   fi
   [[ $s == zebu-3* ]] && python3 "$helper" cpu "$work" "$out.cpu1" --driver "$driver_pid"
-  if [[ $sc == pgbench ]]; then
+  [[ $s == floor-3 ]] && python3 "$helper" cpu "$work" "$out.cpu1" --kind replication-floor
+  if [[ $s == floor-3 ]]; then
+    python3 "$helper" record "$raw" --system "$s" --scenario "$sc" --round "$r" --kind floor \
+      --result "$out.json" --rc "$rc" --command "$(printf '%q ' replication-floor "${args[@]}")" "${cpu[@]}" || {
+      failed=$((failed + 1))
+      tail -n 5 "$out.log" >&2
+    }
+  elif [[ $sc == pgbench ]]; then
     pg_stop "$s" || die "pg_ctl stop on $s failed: $(tail -n 5 "${pg_run[$s]}/ctl.log")"
     python3 "$helper" record "$raw" --system "$s" --scenario "$sc" --round "$r" --kind pgbench \
       --result "$out.txt" --rc "$rc" --command "$(printf '%q ' pgbench "${args[@]}")" ${cpu[@]+"${cpu[@]}"} || {
@@ -550,6 +588,7 @@ for ((round = 1; round <= rounds; round++)); do
   for sc in "${scenarios[@]}"; do
     for s in "${order[@]}"; do
       [[ $sc == pgbench && $s != local && $s != zebu-3 ]] && continue
+      [[ $s == floor-3 && $sc != write-qd1 && $sc != fsync-qd1 ]] && continue
       run_one "$s" "$sc" "$round"
     done
   done

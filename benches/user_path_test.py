@@ -109,6 +109,61 @@ class KernelBound(unittest.TestCase):
         self.assertEqual(user_path.kernel_bound({"local": summary["local"]}), [])
 
 
+class Floor(unittest.TestCase):
+    """The floor's figures: its JSON, the client's CPU added to its
+    replicas', and its ratios beside Zebu's."""
+
+    def setUp(self):
+        self.dir = tempfile.TemporaryDirectory()
+        self.addCleanup(self.dir.cleanup)
+
+    def record(self, system, scenario, rnd, result, kind, cpu=True):
+        raw = os.path.join(self.dir.name, "raw.jsonl")
+        args = ["record", raw, "--system", system, "--scenario", scenario, "--round", str(rnd),
+                "--kind", kind, "--result", result]
+        if cpu:
+            args += ["--cpu-before", snapshot(self.dir.name, "a", {7: ("replication-floor", 100, "5", 0)}),
+                     "--cpu-after", snapshot(self.dir.name, "b", {7: ("replication-floor", 130, "5", 60)})]
+        a = user_path.build_parser().parse_args(args)
+        a.fn(a)
+        with open(raw, encoding="utf-8") as f:
+            return [json.loads(line) for line in f]
+
+    def result(self, name, text):
+        path = os.path.join(self.dir.name, name)
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(text)
+        return path
+
+    def test_the_client_cpu_counts_with_the_replicas(self):
+        out = self.result("floor.json", '{"ops": 300, "per_second": 30.0, "p50_us": 350, "p99_us": 900, '
+                                        '"client_cpu_us": 60000}\n')
+        [row] = self.record("floor-3", "fsync-qd1", 1, out, "floor")
+        self.assertTrue(row["ok"], row)
+        self.assertEqual((row["value"], row["ios"], row["p50_us"]), (30.0, 300, 350.0))
+        # 30 ticks of the replicas (300,000 µs) + the client's 60,000 µs, over 300 commits
+        self.assertEqual(row["cpu_us_by_kind"], {"replication-floor": 300_000.0, "client": 60_000.0})
+        self.assertEqual(row["cpu_us_per_io"], 1200.0)
+
+    def test_no_operation_is_a_failed_run(self):
+        out = self.result("floor.json", '{"ops": 0, "per_second": 0, "p50_us": 0, "p99_us": 0, "client_cpu_us": 1}')
+        with self.assertRaises(SystemExit) as e:
+            self.record("floor-3", "write-qd1", 1, out, "floor", cpu=False)
+        self.assertIn("no operation", str(e.exception))
+
+    def test_ratios_and_the_report_name_the_floor(self):
+        rows = [{"ok": True, "scenario": "fsync-qd1", "system": s, "round": 1, "unit": "IOPS", "value": v,
+                 "ios": 100, "p50_us": p} for s, v, p in
+                (("local", 5000, 8), ("zebu-3", 1000, 17), ("zebu-3-nbd", 1200, 500), ("floor-3", 2500, 350))]
+        summary, ratios = user_path.summarize(rows)
+        self.assertEqual(ratios["fsync-qd1"]["zebu-3/floor-3"]["median"], 0.4)
+        self.assertEqual(ratios["fsync-qd1"]["zebu-3-nbd/floor-3"]["median"], 0.48)
+        md = user_path.render_md({"pgbench": False}, summary, ratios, rows)
+        self.assertIn("| floor-3 | 2,500 | - | - | - | 0.50 |", md)
+        self.assertIn("floor-3's commit (write, then flush) p50: 350 µs", md)
+        self.assertIn("| fsync-qd1 | 0.20 | 0.83 | - | 0.40 |", md)
+
+
 READ_LIMIT = ("import struct; print(struct.unpack('i', open('/dev/cpu_dma_latency', 'rb').read(4))[0])")
 
 
