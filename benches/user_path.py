@@ -311,9 +311,12 @@ def cmd_record(a):
         try:
             us, by_kind, sleeps, gone, nprocs = cpu_delta(a.cpu_before, a.cpu_after)
             if row.get("client_cpu_us") is not None:
-                # the floor's client is gone by the second snapshot: its own figure
+                # The floor's client is gone by the second snapshot: its own
+                # figure. Its replicas' threads per connection are too, and
+                # their sleeps with them: none are reported.
                 by_kind["client"] = row["client_cpu_us"]
                 us += row["client_cpu_us"]
+                sleeps = None
             row["cpu_us"] = us
             row["cpu_us_by_kind"] = by_kind
             if sleeps is not None:

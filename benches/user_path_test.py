@@ -144,6 +144,7 @@ class Floor(unittest.TestCase):
         # 30 ticks of the replicas (300,000 µs) + the client's 60,000 µs, over 300 commits
         self.assertEqual(row["cpu_us_by_kind"], {"replication-floor": 300_000.0, "client": 60_000.0})
         self.assertEqual(row["cpu_us_per_io"], 1200.0)
+        self.assertNotIn("sleeps_per_io", row)  # its threads per connection are gone by then
 
     def test_no_operation_is_a_failed_run(self):
         out = self.result("floor.json", '{"ops": 0, "per_second": 0, "p50_us": 0, "p99_us": 0, "client_cpu_us": 1}')
