@@ -310,7 +310,7 @@ def cmd_record(a):
     if err is None and a.cpu_before and a.cpu_after:
         try:
             us, by_kind, sleeps, gone, nprocs = cpu_delta(a.cpu_before, a.cpu_after)
-            if row.get("client_cpu_us") is not None:
+            if a.kind == "floor":
                 # The floor's client is gone by the second snapshot: its own
                 # figure. Its replicas' threads per connection are too, and
                 # their sleeps with them: none are reported.
@@ -588,7 +588,7 @@ def render_md(meta, summary, ratios, rows):
         if sc in ratios:
             r = ratios[sc]
             out.append(f"| {sc} | {fratio(r['zebu-3/local'])} | {fratio(r['zebu-3/zebu-3-nbd'])} | "
-                       f"{fratio(r['zebu-3/three-copies'])} | {fratio(r.get('zebu-3/floor-3'))} |")
+                       f"{fratio(r['zebu-3/three-copies'])} | {fratio(r['zebu-3/floor-3'])} |")
     out.append("")
     failed = [r for r in rows if not r.get("ok")]
     if failed:

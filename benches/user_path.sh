@@ -535,11 +535,12 @@ run_one() { # system scenario round
   else
     mapfile -t args < <(fio_args "$s" "$sc")
   fi
-  if [[ $s == zebu-3* ]]; then
-    python3 "$helper" cpu "$work" "$out.cpu0" --driver "$driver_pid"
-    cpu=(--cpu-before "$out.cpu0" --cpu-after "$out.cpu1")
-  elif [[ $s == floor-3 ]]; then
-    python3 "$helper" cpu "$work" "$out.cpu0" --kind replication-floor
+  # Whose CPU counts: Zebu's processes, or the floor's replicas.
+  local whose=()
+  [[ $s == zebu-3* ]] && whose=(--driver "$driver_pid")
+  [[ $s == floor-3 ]] && whose=(--kind replication-floor)
+  if ((${#whose[@]})); then
+    python3 "$helper" cpu "$work" "$out.cpu0" "${whose[@]}"
     cpu=(--cpu-before "$out.cpu0" --cpu-after "$out.cpu1")
   fi
   # The baselines hold the CPUs as awake as Zebu's processes do during I/O
@@ -555,8 +556,7 @@ run_one() { # system scenario round
   else
     run_logged "$out.log" ${awake[@]+"${awake[@]}"} timeout -k 10 $((seconds + 300)) fio "${args[@]}" --output-format=json "--output=$out.json" || rc=$?
   fi
-  [[ $s == zebu-3* ]] && python3 "$helper" cpu "$work" "$out.cpu1" --driver "$driver_pid"
-  [[ $s == floor-3 ]] && python3 "$helper" cpu "$work" "$out.cpu1" --kind replication-floor
+  ((${#whose[@]})) && python3 "$helper" cpu "$work" "$out.cpu1" "${whose[@]}"
   if [[ $s == floor-3 ]]; then
     python3 "$helper" record "$raw" --system "$s" --scenario "$sc" --round "$r" --kind floor \
       --result "$out.json" --rc "$rc" --command "$(printf '%q ' replication-floor "${args[@]}")" "${cpu[@]}" || {

@@ -6,12 +6,14 @@
 //!
 //! Nothing here is Zebu's: no gRPC, no tokio, no CRCs, no index, no FUSE or
 //! loop device. Each replica is one blocking thread per connection that
-//! reads a request (`read`), does it (`pwrite` of 4 KiB with `O_DIRECT`, or
-//! `fdatasync`) and answers one byte (`write`); the client sends each
-//! request to every replica, then waits for every answer. So a request
-//! costs each process one sleep and one wake-up, one TCP segment each way,
-//! and the disk's own work: what the user-path suite reports beside Zebu as
-//! the floor of a design with an engine and replica processes on TCP.
+//! reads a request (`read` of its header, and of a write's payload), does
+//! it (`pwrite` of 4 KiB with `O_DIRECT`, or `fdatasync`) and answers one
+//! byte (`write`); the client sends each request to every replica, then
+//! waits for every answer. So a request costs a replica a sleep for the
+//! request and one for the disk (woken by the disk's completion directly),
+//! one TCP segment each way, and the disk's own work: what the user-path
+//! suite reports beside Zebu as the floor of a design with an engine and
+//! replica processes on TCP.
 //!
 //! ```text
 //! replication-floor replica --listen 127.0.0.1:7201 --file /var/tmp/f1 --size 256M &
