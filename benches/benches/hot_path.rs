@@ -86,6 +86,7 @@ mod proto {
                     crc32: crc,
                     revision: 1_000_000 + i,
                     epoch: 3,
+                    alone: false,
                 })
                 .collect(),
         }

@@ -191,6 +191,7 @@ mod tests {
             payload,
             revision: id + 7,
             epoch: 3,
+            alone: id.is_multiple_of(2),
         }
     }
 

@@ -191,6 +191,8 @@ pub struct IoRequest {
     pub revision: u64,
     /// `IoRequest.epoch`.
     pub epoch: u64,
+    /// `IoRequest.alone`.
+    pub alone: bool,
 }
 
 impl From<pb::IoRequest> for IoRequest {
@@ -206,6 +208,7 @@ impl From<pb::IoRequest> for IoRequest {
             crc32: r.crc32,
             revision: r.revision,
             epoch: r.epoch,
+            alone: r.alone,
         }
     }
 }
@@ -344,7 +347,7 @@ fn decode_request(mut buf: Segments) -> Result<IoRequest, WireError> {
     while !buf.is_empty() {
         let (field, wt) = key(&mut buf)?;
         match field {
-            1..=4 | 6..=8 => {
+            1..=4 | 6..=9 => {
                 expect(wt, VARINT)?;
                 let v = buf.varint()?;
                 match field {
@@ -354,7 +357,9 @@ fn decode_request(mut buf: Segments) -> Result<IoRequest, WireError> {
                     4 => r.length = v as u32,
                     6 => r.crc32 = v as u32,
                     7 => r.revision = v,
-                    _ => r.epoch = v,
+                    8 => r.epoch = v,
+                    // prost reads any non-zero varint as true.
+                    _ => r.alone = v != 0,
                 }
             }
             5 => {
@@ -688,6 +693,7 @@ mod tests {
             && a.crc32 == b.crc32
             && a.revision == b.revision
             && a.epoch == b.epoch
+            && a.alone == b.alone
     }
 
     fn request() -> impl Strategy<Value = pb::IoRequest> {
@@ -700,9 +706,10 @@ mod tests {
             any::<u32>(),
             any::<u64>(),
             any::<u64>(),
+            any::<bool>(),
         )
             .prop_map(
-                |(id, op, offset, length, payload, crc32, revision, epoch)| pb::IoRequest {
+                |(id, op, offset, length, payload, crc32, revision, epoch, alone)| pb::IoRequest {
                     id,
                     op,
                     offset,
@@ -711,6 +718,7 @@ mod tests {
                     crc32,
                     revision,
                     epoch,
+                    alone,
                 },
             )
     }

@@ -94,6 +94,9 @@ impl Session {
             crc32,
             revision,
             epoch: self.epoch,
+            // The load keeps requests in flight side by side, as a busy
+            // engine does.
+            alone: false,
         }
     }
 }

@@ -505,6 +505,7 @@ impl Volume {
                             crc32: p.crc,
                             revision: p.revision,
                             epoch: self.epoch,
+                            alone: inner.pending.len() == 1,
                         };
                         let sent = inner
                             .members

@@ -24,6 +24,7 @@ fn seeds() -> Vec<Vec<u8>> {
         crc32: 0x1234_5678,
         revision: 3,
         epoch: 2,
+        alone: true,
     };
     let read = pb::IoRequest {
         id: u64::MAX,
@@ -53,6 +54,7 @@ fn to_pb(r: &IoRequest) -> pb::IoRequest {
         crc32: r.crc32,
         revision: r.revision,
         epoch: r.epoch,
+        alone: r.alone,
     }
 }
 
