@@ -90,18 +90,19 @@ impl IoEngine {
         rxs
     }
 
-    /// Runs a batch of syncs on the calling thread, blocking it, when the
-    /// io_uring ring has nothing in flight; otherwise, and always with the
-    /// thread pool, runs nothing and hands the batch back.
+    /// Runs a batch on the calling thread, blocking it, when the io_uring
+    /// ring has nothing in flight; otherwise, and always with the thread
+    /// pool, runs nothing and hands the batch back.
     ///
-    /// For operations io_uring cannot run without a kernel worker thread
-    /// (fdatasync, write-back): through the ring, each wakes an io-wq
-    /// worker, which wakes the runtime when it is done. A replica at rest
-    /// (a commit's FLUSH after its write) blocks for the cache flush
-    /// instead: measured, 4% more commits per second and 14% less CPU per
-    /// commit. With other I/O in flight the ring runs them, so the runtime
-    /// keeps serving while a FLUSH waits. Every operation runs even when
-    /// another fails; the first error wins.
+    /// For operations that io_uring cannot complete without a kernel worker
+    /// thread: a sync or a write-back wakes an io-wq worker, and a direct
+    /// write to a file on ext4 or XFS a completion worker, which then wakes
+    /// the runtime. A replica at rest (a commit's FLUSH after its write)
+    /// blocks for the cache flush instead: measured, 4% more commits per
+    /// second and 14% less CPU per commit; a lone write, see
+    /// [`crate::store::Placement`]. With other I/O in flight the ring runs
+    /// them, so the runtime keeps serving while a FLUSH waits. Every
+    /// operation runs even when another fails; the first error wins.
     pub fn run_here_if_idle(&self, ops: Vec<Op>) -> Result<io::Result<Vec<Completion>>, Vec<Op>> {
         match self {
             IoEngine::Uring(r) if r.idle() => {}

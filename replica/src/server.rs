@@ -43,7 +43,7 @@ use crate::order::Ticket;
 use crate::pull;
 use crate::session::Superseded;
 use crate::status::{io_status_of, status_of};
-use crate::store::{LayerStatus, ReplicaStatus, Store, StoreError};
+use crate::store::{LayerStatus, Placement, ReplicaStatus, Store, StoreError};
 use zebu_proto::wire;
 
 /// Most requests of one stream executing at once.
@@ -309,6 +309,7 @@ async fn handle(
     session: u64,
     r: wire::IoRequest,
     ticket: Option<Ticket>,
+    placement: Placement,
 ) -> pb::IoResponse {
     let _entered = match store.enter_session(session, r.epoch) {
         Ok(guard) => guard,
@@ -332,7 +333,15 @@ async fn handle(
                 let chunks = r.payload.chunks().map(|c| &c[..]);
                 let buf = AlignedBuf::copy_from_chunks(chunks, r.payload.len());
                 store
-                    .write_aligned(ticket(), r.offset, buf, r.crc32, r.epoch, r.revision)
+                    .write_aligned(
+                        ticket(),
+                        r.offset,
+                        buf,
+                        r.crc32,
+                        r.epoch,
+                        r.revision,
+                        placement,
+                    )
                     .await
                     .map(|_| None)
             }
@@ -413,7 +422,16 @@ async fn run_stream(
                 match msg {
                     Some(Ok(batch)) => {
                         zebu_proto::awake::touch();
+                        let at_rest = batch.len() == 1 && in_flight.is_empty();
                         for r in batch {
+                            // A commit's write that is the engine's only
+                            // outstanding I/O, arriving at a stream at rest,
+                            // may run on this thread (`Placement::HereIfIdle`).
+                            let placement = if r.alone && at_rest && store.writing_commits() {
+                                Placement::HereIfIdle
+                            } else {
+                                Placement::Queued
+                            };
                             // Writes and unmaps take their place in the
                             // order as they arrive (see `order`).
                             let ticket = matches!(
@@ -421,7 +439,7 @@ async fn run_stream(
                                 Ok(pb::Op::Write | pb::Op::Unmap)
                             )
                             .then(|| store.ticket(r.offset, r.length as u64));
-                            in_flight.push(handle(store.clone(), session, r, ticket));
+                            in_flight.push(handle(store.clone(), session, r, ticket, placement));
                         }
                     }
                     None => inbound_open = false,

@@ -70,6 +70,8 @@ struct State {
     stopped: bool,
     /// The arena is registered with this ring as buffer 0.
     registered: bool,
+    /// Requests taken into the ring so far.
+    taken: u64,
     /// Entries submitted as `READ_FIXED`/`WRITE_FIXED` so far.
     fixed: u64,
 }
@@ -133,6 +135,7 @@ impl Ring {
                 closed: false,
                 stopped: false,
                 registered,
+                taken: 0,
                 fixed: 0,
             }),
             kick: Notify::new(),
@@ -171,6 +174,11 @@ impl Ring {
     /// [`AlignedBuf`]s are written without pinning their pages per request.
     pub fn registered_buffers(&self) -> bool {
         self.shared.lock().registered
+    }
+
+    /// How many requests the ring has taken so far.
+    pub fn taken(&self) -> u64 {
+        self.shared.lock().taken
     }
 
     /// How many requests were submitted as fixed-buffer entries so far.
@@ -240,6 +248,7 @@ impl State {
             self.table.len() - 1
         });
         let fixed = self.registered && req.op.buf().is_some_and(AlignedBuf::in_arena);
+        self.taken += 1;
         self.fixed += u64::from(fixed);
         let (entry, linked, expected) = entries_for(&mut req, idx as u64, fixed);
         let pair;

@@ -58,6 +58,13 @@ impl WriteBackAhead {
         n <= AHEAD_WRITES && self.last_interval.load(Ordering::Relaxed) <= AHEAD_WRITES
     }
 
+    /// Whether the writes are commits now: the next write would start its
+    /// write-back ahead ([`Self::wrote`]).
+    pub fn in_commits(&self) -> bool {
+        self.since_flush.load(Ordering::Relaxed) < AHEAD_WRITES
+            && self.last_interval.load(Ordering::Relaxed) <= AHEAD_WRITES
+    }
+
     /// A FLUSH started: it closes the interval of the writes before it.
     pub fn flushed(&self) {
         let n = self.since_flush.swap(0, Ordering::Relaxed);
@@ -77,6 +84,7 @@ mod tests {
     #[test]
     fn nothing_before_the_first_flush() {
         let w = WriteBackAhead::default();
+        assert!(!w.in_commits());
         assert_eq!(started(&w, 3), 0);
     }
 
@@ -85,6 +93,7 @@ mod tests {
         let w = WriteBackAhead::default();
         w.flushed();
         for writes in [1, 2, 1, AHEAD_WRITES, 1] {
+            assert!(w.in_commits());
             assert_eq!(started(&w, writes), writes);
             w.flushed();
         }
@@ -97,7 +106,9 @@ mod tests {
     fn a_long_interval_starts_at_most_the_bound() {
         let w = WriteBackAhead::default();
         w.flushed();
-        assert_eq!(started(&w, 10_000), AHEAD_WRITES);
+        assert_eq!(started(&w, AHEAD_WRITES), AHEAD_WRITES);
+        assert!(!w.in_commits());
+        assert_eq!(started(&w, 10_000), 0);
     }
 
     #[test]
@@ -107,6 +118,7 @@ mod tests {
         started(&w, AHEAD_WRITES + 1);
         w.flushed();
         // The interval just closed was long: bulk writing, no write-back.
+        assert!(!w.in_commits());
         assert_eq!(started(&w, 2), 0);
         w.flushed();
         // That one was short: commits again.

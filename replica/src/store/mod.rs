@@ -67,6 +67,7 @@ mod snapshot;
 mod status;
 mod sync;
 
+pub use data::Placement;
 pub use fencing::StreamGuard;
 pub use open::OpenOptions;
 pub use scrub::ScrubReport;

@@ -174,7 +174,7 @@ impl Store {
             .iter()
             .flat_map(|c| c.to_le_bytes())
             .collect();
-        self.write_blocks_with_crcs(into, first * bs, buf, crcs)
+        self.write_blocks_with_crcs(into, first * bs, buf, crcs, Placement::Queued)
             .await
     }
 

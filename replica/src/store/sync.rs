@@ -133,7 +133,7 @@ impl Store {
         }
         let (chain, layer) = self.sync_target(name, epoch).await?;
         self.check_range(&chain, offset, data.len() as u64)?;
-        self.write_blocks_with_crcs(&layer, offset, data, crcs)
+        self.write_blocks_with_crcs(&layer, offset, data, crcs, Placement::Queued)
             .await
     }
 

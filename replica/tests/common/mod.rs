@@ -244,9 +244,16 @@ pub async fn write_blocks(
     blocks: &[u64],
     content: impl Fn(u64) -> Vec<u8>,
 ) {
+    // A lone write is marked as the engine marks its only outstanding I/O,
+    // so commit-like ones take the replica's at-rest path
+    // (`store::Placement::HereIfIdle`).
+    let alone = blocks.len() == 1;
     let reqs = blocks
         .iter()
-        .map(|&b| write_req(b * BS, content(b)))
+        .map(|&b| pb::IoRequest {
+            alone,
+            ..write_req(b * BS, content(b))
+        })
         .collect();
     for (resp, &b) in io.batch(reqs).await.iter().zip(blocks) {
         assert_eq!(
