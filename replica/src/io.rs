@@ -96,8 +96,8 @@ impl IoEngine {
     ///
     /// For operations that io_uring cannot complete without a kernel worker
     /// thread: a sync or a write-back wakes an io-wq worker, and a direct
-    /// write to a file on ext4 or XFS a completion worker, which then wakes
-    /// the runtime. A replica at rest (a commit's FLUSH after its write)
+    /// write to a file on ext4 a completion worker, which then wakes the
+    /// runtime. A replica at rest (a commit's FLUSH after its write)
     /// blocks for the cache flush instead: measured, 4% more commits per
     /// second and 14% less CPU per commit; a lone write, see
     /// [`crate::store::Placement`]. With other I/O in flight the ring runs

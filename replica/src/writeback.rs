@@ -55,14 +55,18 @@ impl WriteBackAhead {
     /// A write completed: whether to start writing its CRC pages back now.
     pub fn wrote(&self) -> bool {
         let n = self.since_flush.fetch_add(1, Ordering::Relaxed) + 1;
-        n <= AHEAD_WRITES && self.last_interval.load(Ordering::Relaxed) <= AHEAD_WRITES
+        self.commit(n)
     }
 
     /// Whether the writes are commits now: the next write would start its
     /// write-back ahead ([`Self::wrote`]).
     pub fn in_commits(&self) -> bool {
-        self.since_flush.load(Ordering::Relaxed) < AHEAD_WRITES
-            && self.last_interval.load(Ordering::Relaxed) <= AHEAD_WRITES
+        self.commit(self.since_flush.load(Ordering::Relaxed) + 1)
+    }
+
+    /// Whether the `n`th write since the last FLUSH is a commit's.
+    fn commit(&self, n: u64) -> bool {
+        n <= AHEAD_WRITES && self.last_interval.load(Ordering::Relaxed) <= AHEAD_WRITES
     }
 
     /// A FLUSH started: it closes the interval of the writes before it.
