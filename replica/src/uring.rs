@@ -208,12 +208,17 @@ async fn reap(shared: Arc<Shared>, efd: AsyncFd<EventFd>) {
         tokio::select! {
             _ = shared.kick.notified() => {}
             ready = efd.readable() => match ready {
-                // Reset the eventfd's counter; the read that finds it at zero
-                // (EAGAIN) clears the readiness, so the next wait sleeps.
+                // Reset the eventfd's counter, then clear the readiness this
+                // wake-up reported, so the next wait sleeps: a completion
+                // posted after the read signals the eventfd again and is a
+                // new readiness, which `clear_ready` leaves set. One read
+                // per wake-up; reading on until EAGAIN cost a second.
                 Ok(mut guard) => {
-                    let _: Result<io::Result<()>, _> = guard.try_io(|fd| loop {
-                        fd.get_ref().read().map_err(io::Error::from)?;
-                    });
+                    if let Err(e) = guard.get_inner().read() {
+                        // EAGAIN: a wake-up whose count an earlier read took.
+                        tracing::trace!(error = %e, "reading the io_uring eventfd");
+                    }
+                    guard.clear_ready();
                 }
                 Err(e) => {
                     tracing::error!(error = %e, "waiting for io_uring completions failed; \
