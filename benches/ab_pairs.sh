@@ -52,6 +52,8 @@ done
 [[ $pairs =~ ^[1-9][0-9]*$ && $seconds =~ ^[1-9][0-9]*$ ]] ||
   { echo "ab_pairs: --pairs and --seconds take positive integers" >&2; exit 2; }
 
+# shellcheck source=benches/lib.sh
+source "$(dirname "$0")/lib.sh"
 vol=$work/vol
 pids=() loop=""
 down() {
@@ -68,23 +70,19 @@ up() { # BINDIR
   mkdir -p "$vol/fm" "$vol/mnt"
   local i
   for i in 1 2 3; do
-    "$1/zebu-replica" --dir "$vol/r$i" --listen "127.0.0.1:1930$i" --size 1G >"$vol/r$i.log" 2>&1 &
+    "$1/zebu-replica" --dir "$vol/r$i" --listen "127.0.0.1:1930$i" --size 1G \
+      >"$vol/r$i.out" 2>"$vol/r$i.err" &
     pids+=($!)
   done
   for i in 1 2 3; do
-    until grep -q serving "$vol/r$i.log" 2>/dev/null; do
-      kill -0 "${pids[i - 1]}" 2>/dev/null || { echo "ab_pairs: replica $i exited: $(tail -n 3 "$vol/r$i.log")" >&2; exit 1; }
-      sleep 0.1
-    done
+    wait_ready "${pids[i - 1]}" "$vol/r$i.out" "$REPLICA_READY" 60 "ab_pairs: replica $i" || exit 1
   done
+  # The engine mounts its file before its ready line.
   "$1/zebu-engine" --volume ab --size 1G --replica 127.0.0.1:19301 --replica 127.0.0.1:19302 \
     --replica 127.0.0.1:19303 --nbd "unix:$vol/nbd.sock" --file "$vol/fm/disk" \
-    --listen 127.0.0.1:19300 >"$vol/engine.log" 2>&1 &
+    --listen 127.0.0.1:19300 >"$vol/engine.out" 2>"$vol/engine.err" &
   pids+=($!)
-  until grep -q "ready: nbd" "$vol/engine.log" 2>/dev/null && [[ -e $vol/fm/disk ]]; do
-    kill -0 "${pids[3]}" 2>/dev/null || { echo "ab_pairs: engine exited: $(tail -n 3 "$vol/engine.log")" >&2; exit 1; }
-    sleep 0.1
-  done
+  wait_ready "${pids[3]}" "$vol/engine.out" "$(engine_ready ab)" 60 "ab_pairs: the engine" || exit 1
   loop=$(losetup --direct-io=on -f --show "$vol/fm/disk")
   mkfs.ext4 -q "$loop"
   mount "$loop" "$vol/mnt"
