@@ -73,7 +73,8 @@ struct ServeArgs {
     #[arg(long, default_value = "64M", value_parser = zebu_proto::size::parse_rate)]
     scrub_rate: u64,
     /// While this process has I/O, and for this long after its last
-    /// request, hold the node's CPUs out of idle states (a CPU latency
+    /// request (up to 8 times as long after a long stretch of I/O), hold
+    /// the node's CPUs out of idle states (a CPU latency
     /// request of 0 us on /dev/cpu_dma_latency): each step of an I/O wakes
     /// the next, and a CPU woken from a halt or a deep C-state adds its
     /// exit latency to every step. Idle CPUs poll meanwhile. off: never.
