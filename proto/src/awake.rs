@@ -17,9 +17,8 @@
 //! - The request is 0 from the first [`Awake::touch`] after a release until
 //!   `linger` has passed with no touch, and at most [`MAX_NAPS`] lingers
 //!   after the last touch (the releaser naps longer while I/O goes on);
-//!   the releaser then
-//!   writes the kernel's "no constraint" value, and the next touch writes
-//!   0 again.
+//!   the releaser then writes the kernel's "no constraint" value, and the
+//!   next touch writes 0 again.
 //! - A touch costs an atomic store and load while the request is held;
 //!   only a touch that finds it released takes the lock and writes.
 //! - Hold and release are decided under one lock, and the releaser clears
